@@ -1,0 +1,381 @@
+"""Collecting: attach hooks, reduce watched tensors on their device, hand over once per step.
+
+Only the root module carries permanent hooks (to count steps and to find the end of
+backward). Per-layer hooks are registered at the start of a *measured* step and
+removed at its end, so steps that do not log cost one cheap hook call, not one per layer.
+
+Hooks observe and never modify: every hook returns ``None``, reads detached tensors,
+and uses no random numbers. Gradients of activations are read with tensor hooks
+(``Tensor.register_hook``), not full module backward hooks, which fail on in-place
+modules such as ``nn.ReLU(inplace=True)``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from . import stats
+from .config import Thresholds
+from .exceptions import GradWatchWarning
+from .layers import ActivationKind, Layer
+from .report import LayerStats, ParamStats, StepStats
+
+
+def iter_tensors(value: Any) -> Iterator[Tensor]:
+    """Floating-point tensors inside a module output (tensors, tuples, lists, dicts, nested)."""
+    if isinstance(value, Tensor):
+        if value.is_floating_point():
+            yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from iter_tensors(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from iter_tensors(v)
+
+
+def _queue_after_backward(callback: Callable[[], None]) -> None:
+    # The autograd engine runs queued callbacks once the whole backward pass is done, i.e. after
+    # every parameter's .grad has been accumulated (DDP and FSDP use the same mechanism).
+    torch.autograd.Variable._execution_engine.queue_callback(callback)
+
+
+@dataclass
+class _StepBuffers:
+    """Device tensors gathered during one measured step. Hooks write into the buffers of
+    the step that registered them, so a late backward never pollutes a newer step."""
+
+    histograms: bool
+    forward_order: Dict[str, None] = field(default_factory=dict)
+    backward_order: Dict[str, None] = field(default_factory=dict)
+    act: Dict[str, List[Tuple[int, Tensor]]] = field(default_factory=dict)
+    act_hist: Dict[str, Tensor] = field(default_factory=dict)
+    slope: Dict[str, List[Tensor]] = field(default_factory=dict)
+    out_grad: Dict[str, List[Tensor]] = field(default_factory=dict)
+    alive: Dict[str, Tensor] = field(default_factory=dict)
+    inputs: Dict[str, List[Optional[dict]]] = field(default_factory=dict)
+    params: Optional[Tensor] = None
+    param_names: List[str] = field(default_factory=list)
+    grad_hist: Dict[str, Tensor] = field(default_factory=dict)
+    backward_queued: bool = False
+
+
+@dataclass
+class StepData:
+    """What a measured step produced, on the host."""
+
+    stats: StepStats
+    act_histograms: Dict[str, List[float]]
+    grad_histograms: Dict[str, List[float]]
+
+
+class Collector:
+    """Attaches gradwatch's hooks to a model and turns measured steps into ``StepData``."""
+
+    def __init__(self, model: nn.Module, layers: List[Layer], params: List[Tuple[str, str, nn.Parameter]],
+                 *, thresholds: Thresholds, bins: int, hist_samples: int, dead_window: int,
+                 on_root_forward: Callable[[nn.Module], None], strict: bool = False) -> None:
+        self.model = model
+        self.layers = layers
+        self.params = params
+        self.thresholds = thresholds
+        self.bins = bins
+        self.hist_samples = hist_samples
+        self.dead_window = dead_window
+        self.strict = strict
+        self._on_root_forward = on_root_forward
+        self._root_handles: List[RemovableHandle] = []
+        self._step_handles: List[RemovableHandle] = []
+        self._buf: Optional[_StepBuffers] = None
+        self.enabled = False  # False during forwards gradwatch must ignore (eval forwards by default)
+        self._broken: set = set()
+        # The only state kept across steps: small per-layer tensors.
+        self._peak: Dict[str, Tensor] = {}
+        self._alive_ring: Dict[str, Deque[Tensor]] = {}
+
+    # ----------------------------------------------------------------- attach / detach
+    def attach(self) -> None:
+        self._root_handles.append(self.model.register_forward_pre_hook(self._root_pre_hook))
+        self._root_handles.append(self.model.register_forward_hook(self._root_hook))
+
+    def detach(self) -> None:
+        """Remove every hook. Safe to call twice."""
+        for h in self._root_handles + self._step_handles:
+            h.remove()
+        self._root_handles.clear()
+        self._step_handles.clear()
+        self.enabled = False
+
+    @property
+    def measuring(self) -> bool:
+        return self._buf is not None
+
+    # ----------------------------------------------------------------- step boundaries
+    def begin(self, *, histograms: bool) -> None:
+        """Start a measured step: register the per-layer hooks."""
+        self._remove_step_hooks()
+        self._buf = _StepBuffers(histograms=histograms)
+        for layer in self.layers:
+            if layer.spec.kind is ActivationKind.GENERIC:
+                self._step_handles.append(layer.module.register_forward_pre_hook(self._make_pre_hook(layer)))
+            self._step_handles.append(layer.module.register_forward_hook(self._make_hook(layer)))
+
+    def end(self, step: int) -> Optional[StepData]:
+        """Finish the measured step (if any): one host transfer, then plain numbers."""
+        self._remove_step_hooks()
+        buf, self._buf = self._buf, None
+        if buf is None or not (buf.forward_order or buf.params is not None):
+            return None
+        return self._summarise(step, buf)
+
+    def _remove_step_hooks(self) -> None:
+        for h in self._step_handles:
+            h.remove()
+        self._step_handles.clear()
+
+    # ----------------------------------------------------------------- root hooks
+    def _root_pre_hook(self, module: nn.Module, args: Any) -> None:
+        self._guarded("step counting", self._on_root_forward, module)
+
+    def _root_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        buf = self._buf
+        if buf is None or not self.enabled or not torch.is_grad_enabled():
+            return
+        for t in iter_tensors(output):
+            if t.requires_grad:
+                t.register_hook(self._make_backward_starter(buf))
+
+    def _make_backward_starter(self, buf: _StepBuffers) -> Callable[[Tensor], None]:
+        def hook(grad: Tensor) -> None:
+            if not buf.backward_queued:
+                buf.backward_queued = True
+                _queue_after_backward(lambda: self._guarded("parameter gradients", self._after_backward, buf))
+        return hook
+
+    def _after_backward(self, buf: _StepBuffers) -> None:
+        names, grads, weights = [], [], []
+        for pname, _, p in self.params:
+            g = p.grad
+            if g is None:
+                continue
+            if g.is_sparse:
+                g = g.coalesce()._values()
+            names.append(pname)
+            grads.append(g)
+            weights.append(p)
+        if not grads:
+            return
+        buf.param_names = names
+        buf.params = stats.grad_summaries(grads, weights)
+        if buf.histograms:
+            buf.grad_hist = {n: stats.histogram(g, self.bins, self.hist_samples) for n, g in zip(names, grads)}
+
+    # ----------------------------------------------------------------- layer hooks
+    def _make_pre_hook(self, layer: Layer) -> Callable[..., None]:
+        name = layer.name
+
+        def pre_hook(module: nn.Module, args: Any) -> None:
+            buf = self._buf
+            if buf is None or not self.enabled or name in self._broken:
+                return
+            cell = None
+            x = args[0] if args else None
+            if isinstance(x, Tensor) and x.is_floating_point() and x.requires_grad and torch.is_grad_enabled():
+                # Registered before the module runs, so that an in-place module still gives
+                # the gradient with respect to its *input* (autograd keeps hooks with the
+                # tensor version they were registered on).
+                cell = {"x_shape": x.shape}
+                x.register_hook(self._make_input_grad_hook(layer, buf, cell))
+            buf.inputs.setdefault(name, []).append(cell)
+        return pre_hook
+
+    def _make_hook(self, layer: Layer) -> Callable[..., None]:
+        name = layer.name
+
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            buf = self._buf
+            if buf is None or not self.enabled or name in self._broken:
+                return
+            self._guarded(name, self._on_forward, layer, buf, output)
+        return hook
+
+    def _on_forward(self, layer: Layer, buf: _StepBuffers, output: Any) -> None:
+        name, spec = layer.name, layer.spec
+        buf.forward_order.setdefault(name, None)
+        cell = buf.inputs[name].pop() if buf.inputs.get(name) else None
+        tensors = list(iter_tensors(output))
+        margin = self.thresholds.saturation_margin
+        for t in tensors:
+            lower, upper = (spec.lower, spec.upper) if spec.kind in (ActivationKind.BOUNDED,
+                                                                      ActivationKind.RECTIFIER) else (None, None)
+            buf.act.setdefault(name, []).append((t.numel(), stats.activation_summary(t, lower, upper, margin)))
+        if not tensors:
+            return
+        first = tensors[0]
+        if buf.histograms and name not in buf.act_hist:
+            buf.act_hist[name] = stats.histogram(first, self.bins, self.hist_samples)
+        if spec.tracks_dead_units and len(tensors) == 1:
+            alive = stats.active_units(first)
+            if alive is not None:
+                prev = buf.alive.get(name)
+                if prev is None:
+                    buf.alive[name] = alive
+                elif prev.shape == alive.shape:
+                    buf.alive[name] = prev | alive
+        if not torch.is_grad_enabled():
+            return
+        for t in tensors:
+            if t.requires_grad:
+                t.register_hook(self._make_output_grad_hook(name, buf))
+        if cell is not None and len(tensors) == 1 and first.shape == cell["x_shape"] and first.requires_grad:
+            cell["y"] = first.detach()
+            first.register_hook(lambda g: cell.__setitem__("g_out", g))
+
+    def _make_output_grad_hook(self, name: str, buf: _StepBuffers) -> Callable[[Tensor], None]:
+        def hook(grad: Tensor) -> None:
+            if name in self._broken:
+                return
+            buf.backward_order.setdefault(name, None)
+            g = stats.as_float(grad)
+            sumsq = (g * g).sum()
+            buf.out_grad.setdefault(name, []).append(
+                torch.stack([sumsq.double(), (~torch.isfinite(g)).any().double()]))
+        return hook
+
+    def _make_input_grad_hook(self, layer: Layer, buf: _StepBuffers, cell: dict) -> Callable[[Tensor], None]:
+        name = layer.name
+
+        def hook(grad_in: Tensor) -> None:
+            g_out, y = cell.pop("g_out", None), cell.pop("y", None)
+            if g_out is None or y is None or name in self._broken or grad_in.shape != y.shape:
+                return
+            summary = stats.slope_saturation(y, grad_in, g_out, self.thresholds.saturation_slope,
+                                             self._peak.get(name))
+            self._peak[name] = summary[2] if name not in self._peak else torch.maximum(self._peak[name], summary[2])
+            buf.slope.setdefault(name, []).append(summary)
+        return hook
+
+    # ----------------------------------------------------------------- summarise
+    def _summarise(self, step: int, buf: _StepBuffers) -> StepData:
+        # Update the dead-unit windows (device tensors), then gather every small tensor
+        # of this step into one list for a single host transfer.
+        dead_layers = []
+        for name, alive in buf.alive.items():
+            ring = self._alive_ring.setdefault(name, deque(maxlen=self.dead_window))
+            if ring and ring[-1].shape != alive.shape:
+                ring.clear()
+            ring.append(alive)
+            dead_layers.append((name, len(ring), 1.0 - torch.stack(list(ring)).any(dim=0).double().mean()))
+
+        tensors: List[Tensor] = []
+        index: Dict[Tuple[str, str], List[int]] = {}
+
+        def put(key: Tuple[str, str], t: Tensor) -> None:
+            index.setdefault(key, []).append(len(tensors))
+            tensors.append(t)
+
+        for name, parts in buf.act.items():
+            for _, t in parts:
+                put(("act", name), t)
+        for name, parts in buf.slope.items():
+            for t in parts:
+                put(("slope", name), t)
+        for name, parts in buf.out_grad.items():
+            for t in parts:
+                put(("grad", name), t)
+        for name, _, frac in dead_layers:
+            put(("dead", name), frac.reshape(1))
+        for name, t in buf.act_hist.items():
+            put(("act_hist", name), t)
+        for name, t in buf.grad_hist.items():
+            put(("grad_hist", name), t)
+        if buf.params is not None:
+            put(("params", ""), buf.params)
+        host = stats.to_host(tensors)
+
+        def get(kind: str, name: str) -> List[List[float]]:
+            return [host[i] for i in index.get((kind, name), [])]
+
+        by_name = {layer.name: layer for layer in self.layers}
+        windows = {name: n for name, n, _ in dead_layers}
+        layers: Dict[str, LayerStats] = {}
+        for name in buf.forward_order:
+            layer = by_name[name]
+            ls = LayerStats(name=name, type=layer.type_name, calls=len(get("act", name)))
+            _fill_activation(ls, [n for n, _ in buf.act.get(name, [])], get("act", name), layer)
+            slope = get("slope", name)
+            if slope and layer.spec.kind is ActivationKind.GENERIC:
+                valid = sum(s[0] for s in slope)
+                if valid > 0:
+                    ls.saturated_fraction = sum(s[1] for s in slope) / valid
+                    ls.saturation_method = "slope"
+            dead = get("dead", name)
+            if dead:
+                ls.dead_fraction, ls.dead_window = dead[0][0], windows[name]
+            grads = get("grad", name)
+            if grads:
+                ls.output_grad_norm = math.sqrt(sum(g[0] for g in grads))
+                ls.output_grad_nonfinite = any(g[1] > 0 for g in grads)
+            layers[name] = ls
+
+        params: Dict[str, ParamStats] = {}
+        if buf.params is not None:
+            flat = get("params", "")[0]
+            k = len(buf.param_names)
+            owner = {pname: (lname, p) for pname, lname, p in self.params}
+            for i, pname in enumerate(buf.param_names):
+                lname, p = owner[pname]
+                params[pname] = ParamStats(pname, lname, p.numel(), flat[i], flat[k + i], flat[2 * k + i])
+            per_layer: Dict[str, float] = {}
+            for ps in params.values():
+                per_layer[ps.layer] = per_layer.get(ps.layer, 0.0) + ps.grad_norm ** 2
+            for lname, sq in per_layer.items():
+                if lname in layers:
+                    layers[lname].grad_norm = math.sqrt(sq)
+        step_stats = StepStats(step=step, layers=layers, params=params, backward_order=list(buf.backward_order))
+        return StepData(step_stats,
+                        {n: get("act_hist", n)[0] for n in buf.act_hist},
+                        {n: get("grad_hist", n)[0] for n in buf.grad_hist})
+
+    # ----------------------------------------------------------------- failure isolation
+    def _guarded(self, where: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run gradwatch's own code so that a bug in it never breaks the user's training:
+        report it once as a GradWatchWarning and switch that layer off (``strict`` re-raises)."""
+        try:
+            return fn(*args)
+        except Exception as exc:  # noqa: BLE001 - isolation is the point
+            if self.strict:
+                raise
+            if where not in self._broken:
+                self._broken.add(where)
+                warnings.warn(f"gradwatch: internal error in {where} ({type(exc).__name__}: {exc}); "
+                              f"gradwatch stops measuring it, training continues unaffected.",
+                              GradWatchWarning, stacklevel=2)
+            return None
+
+
+def _fill_activation(ls: LayerStats, counts: List[int], parts: List[List[float]], layer: Layer) -> None:
+    if not parts:
+        return
+    f = {k: i for i, k in enumerate(stats.ACTIVATION_FIELDS)}
+    n, mean, var = stats.merge_moments([(c, p[f["mean"]], p[f["var"]]) for c, p in zip(counts, parts)])
+    ls.count, ls.mean, ls.std = n, mean, math.sqrt(var) if var >= 0 else math.nan
+    ls.min = min(p[f["min"]] for p in parts)
+    ls.max = max(p[f["max"]] for p in parts)
+    if n:
+        ls.zero_fraction = sum(p[f["zeros"]] for p in parts) / n
+        ls.nonfinite = int(sum(p[f["nonfinite"]] for p in parts))
+        spec = layer.spec
+        bounded = spec.kind is ActivationKind.BOUNDED or (spec.kind is ActivationKind.RECTIFIER
+                                                          and spec.upper is not None)
+        if bounded:
+            ls.saturated_fraction = sum(p[f["saturated"]] for p in parts) / n
+            ls.saturation_method = "bounds"

@@ -1,0 +1,182 @@
+"""Which modules gradwatch watches, and what kind of activation each one is.
+
+Recognising activations by type gives exact saturation bounds; anything else that
+*could* be an elementwise activation (a parameter-free leaf module written outside
+``torch.nn``, like a user's ``class Swish(nn.Module)``) is measured generically,
+from its local slope dy/dx, which needs no knowledge of the function.
+"""
+
+from __future__ import annotations
+
+import enum
+import fnmatch
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence, Tuple, Type, Union
+
+from torch import nn
+
+Selector = Union[str, Type[nn.Module]]
+"""A layer selector: a glob over qualified names (``"features.*"``) or a module type."""
+
+ROOT_NAME = "(model)"
+"""Display name of the root module (``named_modules()`` calls it ``""``)."""
+
+
+class ActivationKind(enum.Enum):
+    """How a watched module's output is interpreted."""
+
+    BOUNDED = "bounded"  # saturation = share of outputs near a known bound (Sigmoid, Tanh, ...)
+    RECTIFIER = "rectifier"  # exact zeros are the off side: dead units, not saturation (ReLU, ReLU6)
+    SMOOTH = "smooth"  # known activation without saturation bounds (LeakyReLU, ELU, GELU, ...)
+    GENERIC = "generic"  # unknown parameter-free leaf: slope-based saturation and dead units
+    NONE = "none"  # not an activation (Linear, Conv, norms, pooling, ...)
+
+
+# (lower bound, upper bound); None means unbounded on that side.
+_BOUNDED: Sequence[Tuple[Type[nn.Module], Tuple[Optional[float], Optional[float]]]] = (
+    (nn.Sigmoid, (0.0, 1.0)),
+    (nn.Tanh, (-1.0, 1.0)),
+    (nn.Hardsigmoid, (0.0, 1.0)),
+    (nn.Softsign, (-1.0, 1.0)),
+    (nn.LogSigmoid, (None, 0.0)),
+)
+_SMOOTH = (
+    nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
+    nn.Mish, nn.Softplus, nn.Hardswish, nn.Tanhshrink, nn.Softshrink, nn.Hardshrink,
+)
+# Leaf modules not worth a hook by default: they copy or drop values without transforming them.
+_SKIP_BY_DEFAULT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                    nn.FeatureAlphaDropout, nn.Identity, nn.Flatten, nn.Unflatten)
+
+
+@dataclass(frozen=True)
+class ActivationSpec:
+    kind: ActivationKind
+    lower: Optional[float] = None
+    upper: Optional[float] = None
+
+    @property
+    def tracks_dead_units(self) -> bool:
+        return self.kind in (ActivationKind.RECTIFIER, ActivationKind.GENERIC)
+
+
+def activation_spec(module: nn.Module) -> ActivationSpec:
+    """Classify ``module``: a known bounded activation, a rectifier, a generic candidate, or none."""
+    # ReLU6 subclasses Hardtanh, so it must be tested first: its zero side is a rectifier's.
+    if isinstance(module, nn.ReLU6):
+        return ActivationSpec(ActivationKind.RECTIFIER, None, 6.0)
+    if isinstance(module, nn.ReLU):
+        return ActivationSpec(ActivationKind.RECTIFIER)
+    if isinstance(module, nn.Hardtanh):
+        return ActivationSpec(ActivationKind.BOUNDED, float(module.min_val), float(module.max_val))
+    for cls, (lo, hi) in _BOUNDED:
+        if isinstance(module, cls):
+            return ActivationSpec(ActivationKind.BOUNDED, lo, hi)
+    if isinstance(module, _SMOOTH):
+        return ActivationSpec(ActivationKind.SMOOTH)
+    if _is_generic_candidate(module):
+        return ActivationSpec(ActivationKind.GENERIC)
+    return ActivationSpec(ActivationKind.NONE)
+
+
+def _is_generic_candidate(module: nn.Module) -> bool:
+    # Modules from torch itself are known; only user-written, stateless leaves may be
+    # elementwise activations. Whether a call really is shape-preserving is checked per call.
+    if type(module).__module__.startswith("torch."):
+        return False
+    has_children = next(module.children(), None) is not None
+    has_state = next(module.parameters(recurse=False), None) is not None or next(
+        module.buffers(recurse=False), None) is not None
+    return not has_children and not has_state
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One watched module."""
+
+    name: str
+    module: nn.Module
+    spec: ActivationSpec
+
+    @property
+    def type_name(self) -> str:
+        return type(self.module).__name__
+
+
+def display_name(qualified: str) -> str:
+    return qualified if qualified else ROOT_NAME
+
+
+def _matches(name: str, module: nn.Module, selectors: Sequence[Selector]) -> bool:
+    for sel in selectors:
+        if isinstance(sel, str):
+            if fnmatch.fnmatchcase(name, sel):
+                return True
+        elif isinstance(module, sel):
+            return True
+    return False
+
+
+def check_selectors(argument: str, selectors: object) -> Tuple[Selector, ...]:
+    """Validate ``include=``/``exclude=``: a str, a module type, or a sequence of them."""
+    if selectors is None:
+        return ()
+    items = (selectors,) if isinstance(selectors, (str, type)) else selectors
+    try:
+        items = tuple(items)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"{argument} must be a name pattern, an nn.Module subclass, or a list of them; "
+                        f"got {selectors!r}") from None
+    for item in items:
+        ok = isinstance(item, str) or (isinstance(item, type) and issubclass(item, nn.Module))
+        if not ok:
+            raise TypeError(f"{argument} entries must be name patterns (str) or nn.Module subclasses; "
+                            f"got {item!r}")
+    return items  # type: ignore[return-value]
+
+
+def select_layers(model: nn.Module, include: Sequence[Selector] = (),
+                  exclude: Sequence[Selector] = ()) -> list[Layer]:
+    """The modules to hook, in registration order.
+
+    Default: every leaf module except dropout/identity/flatten. With ``include``,
+    exactly the modules it matches (containers too). ``exclude`` always wins.
+    """
+    layers = []
+    for name, module in model.named_modules():
+        if include:
+            wanted = _matches(name, module, include)
+        else:
+            is_leaf = next(module.children(), None) is None
+            wanted = is_leaf and not isinstance(module, _SKIP_BY_DEFAULT)
+        if wanted and not _matches(name, module, exclude):
+            layers.append(Layer(display_name(name), module, activation_spec(module)))
+    return layers
+
+
+def select_parameters(model: nn.Module, include: Sequence[Selector] = (),
+                      exclude: Sequence[Selector] = ()) -> list[Tuple[str, str, nn.Parameter]]:
+    """``(parameter name, owning layer name, parameter)`` for parameters that train.
+
+    A parameter is selected by its owning module; with ``include``, an owner inside an
+    included container counts as included (``include="encoder"`` covers ``encoder.0.weight``).
+    """
+    owners = dict(model.named_modules())
+    out = []
+    for pname, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        owner_name = pname.rpartition(".")[0]
+        chain = _ancestors(owner_name)
+        if include and not any(_matches(n, owners[n], include) for n in chain):
+            continue
+        if any(_matches(n, owners[n], exclude) for n in chain):
+            continue
+        out.append((pname, display_name(owner_name), param))
+    return out
+
+
+def _ancestors(name: str) -> Iterable[str]:
+    """``"a.b.c"`` -> ``"a.b.c", "a.b", "a"``; the root is not included."""
+    parts = name.split(".") if name else []
+    return [".".join(parts[:i]) for i in range(len(parts), 0, -1)] or [""]

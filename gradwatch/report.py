@@ -1,0 +1,176 @@
+"""Plain records of what was measured and found; they render themselves.
+
+These are host-side Python numbers, produced once per logging step. ``Report``
+renders as a rich table in a terminal and converts to JSON-ready dicts.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Type
+
+from .exceptions import (
+    DeadUnitsWarning,
+    ExplodingGradientWarning,
+    GradWatchWarning,
+    NonFiniteWarning,
+    SaturationWarning,
+    VanishingGradientWarning,
+)
+
+
+class FindingKind(str, enum.Enum):
+    """What a finding is about; each kind has its own warning category."""
+
+    VANISHING = "vanishing"
+    EXPLODING = "exploding"
+    DEAD_UNITS = "dead_units"
+    SATURATION = "saturation"
+    NON_FINITE = "non_finite"
+
+    @property
+    def category(self) -> Type[GradWatchWarning]:
+        return _CATEGORY[self]
+
+
+_CATEGORY = {
+    FindingKind.VANISHING: VanishingGradientWarning,
+    FindingKind.EXPLODING: ExplodingGradientWarning,
+    FindingKind.DEAD_UNITS: DeadUnitsWarning,
+    FindingKind.SATURATION: SaturationWarning,
+    FindingKind.NON_FINITE: NonFiniteWarning,
+}
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One diagnosis: where, when, how bad, against which threshold, and what to do."""
+
+    kind: FindingKind
+    layer: str
+    step: int
+    value: float
+    threshold: float
+    message: str
+    advice: str
+
+    def __str__(self) -> str:
+        return f"[step {self.step}] {self.layer}: {self.message} {self.advice}"
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"kind": self.kind.value, "layer": self.layer, "step": self.step,
+                "value": _json_float(self.value), "threshold": self.threshold,
+                "message": self.message, "advice": self.advice}
+
+
+@dataclass
+class ParamStats:
+    """Gradient statistics of one parameter at one logging step."""
+
+    name: str
+    layer: str
+    numel: int
+    grad_norm: float
+    grad_max_abs: float
+    weight_norm: float
+
+    @property
+    def ratio(self) -> float:
+        """Gradient norm over weight norm: the relative size of one update before the learning rate."""
+        return self.grad_norm / self.weight_norm if self.weight_norm > 0 else math.nan
+
+    @property
+    def nonfinite(self) -> bool:
+        return not math.isfinite(self.grad_norm)
+
+
+@dataclass
+class LayerStats:
+    """What one watched module did at one logging step (several calls are merged)."""
+
+    name: str
+    type: str
+    calls: int = 0
+    count: int = 0
+    mean: float = math.nan
+    std: float = math.nan
+    min: float = math.nan
+    max: float = math.nan
+    zero_fraction: float = math.nan
+    nonfinite: int = 0
+    saturated_fraction: Optional[float] = None
+    saturation_method: Optional[str] = None  # "bounds" or "slope"
+    dead_fraction: Optional[float] = None
+    dead_window: int = 0  # batches the dead-unit verdict covers
+    output_grad_norm: Optional[float] = None
+    output_grad_nonfinite: bool = False
+    grad_norm: Optional[float] = None  # L2 norm over this layer's own parameter gradients
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {k: _json_float(v) for k, v in asdict(self).items()}
+
+
+@dataclass
+class StepStats:
+    """Everything measured at one logging step, in plain numbers."""
+
+    step: int
+    layers: Dict[str, LayerStats] = field(default_factory=dict)  # forward order
+    params: Dict[str, ParamStats] = field(default_factory=dict)
+    backward_order: List[str] = field(default_factory=list)  # layers in the order their output gradient arrived
+
+    @property
+    def total_grad_norm(self) -> Optional[float]:
+        if not self.params:
+            return None
+        return math.sqrt(sum(p.grad_norm ** 2 for p in self.params.values()))
+
+
+@dataclass
+class Report:
+    """The latest per-layer stats and every finding so far. Renders as a rich table."""
+
+    step: int
+    stats: Optional[StepStats]
+    findings: List[Finding]
+    steps_seen: int = 0
+
+    @property
+    def layers(self) -> Dict[str, LayerStats]:
+        return self.stats.layers if self.stats else {}
+
+    @property
+    def params(self) -> Dict[str, ParamStats]:
+        return self.stats.params if self.stats else {}
+
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON-serialisable: ``{"step", "layers": {name: {...}}, "params": {...}, "findings": [...]}``."""
+        params = {n: {"layer": p.layer, "numel": p.numel, "grad_norm": _json_float(p.grad_norm),
+                      "grad_max_abs": _json_float(p.grad_max_abs), "weight_norm": _json_float(p.weight_norm),
+                      "ratio": _json_float(p.ratio), "nonfinite": p.nonfinite}
+                  for n, p in self.params.items()}
+        return {"step": self.step, "steps_seen": self.steps_seen,
+                "layers": {n: s.to_dict() for n, s in self.layers.items()},
+                "params": params, "findings": [f.to_dict() for f in self.findings]}
+
+    def __rich__(self) -> Any:
+        from .render import report_table
+
+        return report_table(self)
+
+    def __str__(self) -> str:
+        from .render import to_text
+
+        return to_text(self)
+
+
+def _json_float(v: Any) -> Any:
+    """JSON has no NaN/Inf: map them to None/strings the way JSON readers expect."""
+    if isinstance(v, float):
+        if math.isnan(v):
+            return None
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+    return v

@@ -1,0 +1,151 @@
+"""Rules: plain numbers + thresholds -> findings. Pure; no tensors, hooks or output.
+
+Each rule names the layer, the measured value and the threshold, says in one line
+what it means, and suggests what to try next.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Dict, Iterable, List, Sequence, Set, Tuple
+
+from .config import Thresholds
+from .report import Finding, FindingKind, LayerStats, StepStats
+
+_SATURATING_ADVICE = ("Try a ReLU-family activation (ReLU, LeakyReLU, ELU), normalise the pre-activations "
+                      "(BatchNorm/LayerNorm), or scale the inputs and initial weights down.")
+
+
+def evaluate(stats: StepStats, thresholds: Thresholds, history: Sequence[float] = ()) -> List[Finding]:
+    """All findings for one logging step. ``history``: global gradient norms of earlier logging steps."""
+    findings: List[Finding] = []
+    findings += non_finite(stats)
+    findings += saturation(stats, thresholds)
+    findings += dead_units(stats, thresholds)
+    findings += gradient_flow(stats, thresholds)
+    findings += gradient_size(stats, thresholds, history)
+    return findings
+
+
+def non_finite(stats: StepStats) -> List[Finding]:
+    """The first place a NaN/Inf appeared: activations in forward order, then activation
+    gradients in the order backward produced them, then parameter gradients."""
+    step = stats.step
+    advice = ("Look at what feeds this layer: log/sqrt/division of non-positive values, a learning rate "
+              "that is too high, or fp16 overflow; torch.autograd.detect_anomaly() can then name the op.")
+    for ls in stats.layers.values():
+        if ls.nonfinite:
+            return [Finding(FindingKind.NON_FINITE, ls.name, step, float(ls.nonfinite), 0.0,
+                            f"{ls.nonfinite} non-finite activation value(s) (NaN/Inf) first appear in this layer's "
+                            f"output, in forward order.", advice)]
+    for name in stats.backward_order:
+        ls = stats.layers.get(name)
+        if ls is not None and ls.output_grad_nonfinite:
+            return [Finding(FindingKind.NON_FINITE, name, step, math.nan, 0.0,
+                            "Non-finite gradient (NaN/Inf) first appears at this layer's output during backward.",
+                            advice)]
+    for ps in stats.params.values():
+        if ps.nonfinite:
+            return [Finding(FindingKind.NON_FINITE, ps.layer, step, ps.grad_norm, 0.0,
+                            f"Gradient of {ps.name} is non-finite (norm {ps.grad_norm}).", advice)]
+    return []
+
+
+def saturation(stats: StepStats, thresholds: Thresholds) -> List[Finding]:
+    out = []
+    for ls in stats.layers.values():
+        frac = ls.saturated_fraction
+        if frac is not None and frac > thresholds.saturated_fraction:
+            how = ("within {:.1%} of its output bounds".format(thresholds.saturation_margin)
+                   if ls.saturation_method == "bounds"
+                   else "where the local slope is below {:.0%} of its peak".format(thresholds.saturation_slope))
+            out.append(Finding(FindingKind.SATURATION, ls.name, stats.step, frac, thresholds.saturated_fraction,
+                               f"{frac:.0%} of {ls.type} outputs are saturated ({how}); little gradient passes "
+                               f"through them.", _SATURATING_ADVICE))
+    return out
+
+
+def dead_units(stats: StepStats, thresholds: Thresholds) -> List[Finding]:
+    out = []
+    for ls in stats.layers.values():
+        frac = ls.dead_fraction
+        if frac is not None and frac > thresholds.dead_fraction:
+            out.append(Finding(
+                FindingKind.DEAD_UNITS, ls.name, stats.step, frac, thresholds.dead_fraction,
+                f"{frac:.0%} of {ls.type} units produced no non-zero output on any sample of the last "
+                f"{ls.dead_window} logged batch(es); they pass no gradient and no longer learn.",
+                "Try LeakyReLU/ELU, a lower learning rate, and check initialisation and biases "
+                "(a large negative bias switches units off)."))
+    return out
+
+
+def _weighted_layers(stats: StepStats) -> List[Tuple[str, float]]:
+    """(layer, parameter-gradient norm) for layers with trainable parameters, in forward order."""
+    norms: Dict[str, float] = {}
+    for ps in stats.params.values():
+        norms[ps.layer] = norms.get(ps.layer, 0.0) + ps.grad_norm ** 2
+    ordered = [n for n in stats.layers if n in norms] + [n for n in norms if n not in stats.layers]
+    return [(n, math.sqrt(norms[n])) for n in ordered]
+
+
+def gradient_flow(stats: StepStats, thresholds: Thresholds) -> List[Finding]:
+    """Vanishing / exploding across depth: first weighted layer's gradient norm over the last's."""
+    layers = [(n, g) for n, g in _weighted_layers(stats) if math.isfinite(g)]
+    if len(layers) < 2:
+        return []
+    (first, g_first), (last, g_last) = layers[0], layers[-1]
+    if g_last <= 0:
+        return []
+    ratio = g_first / g_last
+    if ratio < thresholds.vanishing_ratio:
+        weak = [n for n, g in layers[:-1] if g < thresholds.vanishing_ratio * g_last]
+        return [Finding(FindingKind.VANISHING, first, stats.step, ratio, thresholds.vanishing_ratio,
+                        f"Gradient norm of the first layer is {ratio:.1e} x that of the last layer ({last}); "
+                        f"layers below the threshold: {', '.join(weak)}. Early layers barely learn.",
+                        "Use a ReLU-family activation instead of sigmoid/tanh, add normalisation or residual "
+                        "connections, and use a matching initialisation (Kaiming for ReLU, Xavier for tanh).")]
+    if ratio > thresholds.exploding_ratio:
+        return [Finding(FindingKind.EXPLODING, first, stats.step, ratio, thresholds.exploding_ratio,
+                        f"Gradient norm grows {ratio:.1e} x from the last layer ({last}) back to the first: "
+                        f"each layer amplifies the gradient.",
+                        "Scale the initialisation down (Kaiming/Xavier), add normalisation, and clip gradients "
+                        "with torch.nn.utils.clip_grad_norm_.")]
+    return []
+
+
+def gradient_size(stats: StepStats, thresholds: Thresholds, history: Sequence[float]) -> List[Finding]:
+    """Exploding in size: the global norm passes a bound, or jumps over its recent median."""
+    total = stats.total_grad_norm
+    if total is None or not math.isfinite(total):
+        return []
+    largest = max(stats.params.values(), key=lambda p: p.grad_norm if math.isfinite(p.grad_norm) else -1.0)
+    advice = ("Clip gradients (torch.nn.utils.clip_grad_norm_), lower the learning rate, or add normalisation; "
+              "check the loss scale.")
+    if total > thresholds.exploding_norm:
+        return [Finding(FindingKind.EXPLODING, largest.layer, stats.step, total, thresholds.exploding_norm,
+                        f"Global gradient norm is {total:.3g} (bound {thresholds.exploding_norm:.3g}); the largest "
+                        f"is {largest.name} at {largest.grad_norm:.3g}.", advice)]
+    recent = [h for h in history if math.isfinite(h) and h > 0]
+    if recent:
+        base = statistics.median(recent)
+        if total > thresholds.jump_factor * base:
+            return [Finding(FindingKind.EXPLODING, largest.layer, stats.step, total / base, thresholds.jump_factor,
+                            f"Global gradient norm jumped {total / base:.3g} x over its recent median "
+                            f"({base:.3g} -> {total:.3g}).", advice)]
+    return []
+
+
+class Debouncer:
+    """One warning per (kind, layer) until the condition clears at a later logging step."""
+
+    def __init__(self) -> None:
+        self._active: Set[Tuple[FindingKind, str]] = set()
+
+    def new(self, findings: Iterable[Finding]) -> List[Finding]:
+        findings = list(findings)
+        keys = {(f.kind, f.layer) for f in findings}
+        fresh = [f for f in findings if (f.kind, f.layer) not in self._active]
+        # A (kind, layer) that did not fire this time has cleared and may warn again later.
+        self._active = keys
+        return fresh

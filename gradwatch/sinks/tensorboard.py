@@ -1,0 +1,132 @@
+"""TensorBoard: scalars for every stat, histograms, findings as text, a custom-scalars layout.
+
+Tag scheme (``<layer>`` and ``<param>`` are qualified names as ``named_modules()`` /
+``named_parameters()`` give them; the root module is ``(model)``):
+
+=================================  ==================================================
+``activation.mean/<layer>``        mean of the layer's output
+``activation.std/<layer>``         standard deviation of the output
+``activation.zero_fraction/<layer>``  share of exact zeros
+``activation.saturated_fraction/<layer>``  share of saturated elements (activations)
+``activation.dead_fraction/<layer>``  share of dead units over the dead-unit window
+``activation.nonfinite/<layer>``   count of NaN/Inf in the output
+``gradient.output_norm/<layer>``   L2 norm of the gradient w.r.t. the layer's output
+``gradient.layer_norm/<layer>``    L2 norm over the layer's own parameter gradients
+``gradient.norm/<param>``          L2 norm of a parameter's gradient
+``gradient.max_abs/<param>``       largest absolute gradient entry
+``gradient.ratio/<param>``         gradient norm / weight norm
+``gradient.global_norm``           L2 norm over all watched parameter gradients
+``findings/<kind>``                1 at a step where a new finding of that kind was raised
+histogram ``activation/<layer>``   output values (strided sample)
+histogram ``gradient/<param>``     gradient values (strided sample)
+text ``gradwatch/findings``        each finding with its advice
+=================================  ==================================================
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
+
+from .base import Sink
+
+if TYPE_CHECKING:
+    from ..hooks import StepData
+    from ..report import Finding, Report
+
+LAYER_SCALARS = {
+    "activation.mean": "mean",
+    "activation.std": "std",
+    "activation.zero_fraction": "zero_fraction",
+    "activation.saturated_fraction": "saturated_fraction",
+    "activation.dead_fraction": "dead_fraction",
+    "activation.nonfinite": "nonfinite",
+    "gradient.output_norm": "output_grad_norm",
+    "gradient.layer_norm": "grad_norm",
+}
+PARAM_SCALARS = {"gradient.norm": "grad_norm", "gradient.max_abs": "grad_max_abs", "gradient.ratio": "ratio"}
+
+
+def custom_scalars_layout() -> Dict[str, Dict[str, List[Any]]]:
+    """Per-layer charts grouped by stat: one multi-line chart per tag family."""
+    def chart(prefix: str) -> List[Any]:
+        return ["Multiline", [rf"^{prefix.replace('.', chr(92) + '.')}/.*"]]
+    return {
+        "gradwatch: activations": {p.split(".", 1)[1]: chart(p) for p in LAYER_SCALARS if p.startswith("activation")},
+        "gradwatch: gradients": {
+            **{p.split(".", 1)[1]: chart(p) for p in LAYER_SCALARS if p.startswith("gradient")},
+            **{"param " + p.split(".", 1)[1]: chart(p) for p in PARAM_SCALARS},
+            "global_norm": ["Multiline", [r"^gradient\.global_norm$"]],
+        },
+    }
+
+
+class TensorBoardSink(Sink):
+    """Writes to ``log_dir`` with its own ``SummaryWriter``, or to a writer the user passes
+    (which gradwatch flushes but never closes)."""
+
+    def __init__(self, log_dir: Optional[str] = None, writer: Any = None) -> None:
+        self.log_dir = log_dir
+        self.writer = writer
+        self._owns_writer = writer is None
+        self._layout_written = False
+
+    def open(self) -> None:
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter  # heavy import, only when used
+
+            self.writer = SummaryWriter(log_dir=self.log_dir)
+
+    def on_step(self, data: "StepData", new_findings: "List[Finding]") -> None:
+        w, st = self.writer, data.stats
+        step = st.step
+        if not self._layout_written:
+            w.add_custom_scalars(custom_scalars_layout())
+            self._layout_written = True
+        for name, ls in st.layers.items():
+            for tag, attr in LAYER_SCALARS.items():
+                value = getattr(ls, attr)
+                if value is not None and not (attr in ("mean", "std") and ls.count == 0):
+                    w.add_scalar(f"{tag}/{name}", float(value), step)
+        for pname, ps in st.params.items():
+            for tag, attr in PARAM_SCALARS.items():
+                w.add_scalar(f"{tag}/{pname}", float(getattr(ps, attr)), step)
+        if st.total_grad_norm is not None:
+            w.add_scalar("gradient.global_norm", st.total_grad_norm, step)
+        for name, h in data.act_histograms.items():
+            _histogram(w, f"activation/{name}", h, step)
+        for name, h in data.grad_histograms.items():
+            _histogram(w, f"gradient/{name}", h, step)
+        for f in new_findings:
+            w.add_scalar(f"findings/{f.kind.value}", 1.0, step)
+            w.add_text("gradwatch/findings", f"**{f.kind.category.__name__}** `{f.layer}`: {f.message}\n\n"
+                                             f"_{f.advice}_ (value {f.value:.3g}, threshold {f.threshold:.3g})",
+                       step)
+
+    def close(self, report: "Report") -> None:
+        if self.writer is None:
+            return
+        if self._owns_writer:
+            self.writer.close()
+        else:
+            self.writer.flush()
+
+    @property
+    def directory(self) -> Optional[str]:
+        if self.writer is not None:
+            return os.fspath(self.writer.log_dir) if hasattr(self.writer, "log_dir") else None
+        return self.log_dir
+
+
+def _histogram(writer: Any, tag: str, h: List[float], step: int) -> None:
+    mn, mx, num, total, sumsq = h[:5]
+    counts = h[5:]
+    if num <= 0 or not counts:
+        return
+    width = (mx - mn) / len(counts) if mx > mn else 1.0
+    limits = [mn + (i + 1) * width for i in range(len(counts))]
+    if not all(math.isfinite(v) for v in limits):
+        return
+    writer.add_histogram_raw(tag, min=mn, max=mx, num=int(num), sum=total, sum_squares=sumsq,
+                             bucket_limits=limits, bucket_counts=counts, global_step=step)

@@ -1,0 +1,209 @@
+"""Pure statistics over tensors: no hooks, no state, no I/O.
+
+Every function reduces a (possibly large) tensor on its own device into a few
+numbers, without a host synchronisation, so hooks can call them on the hot path and
+gradwatch moves everything to the host in one transfer per logging step. Each is
+tested against a numpy reference in ``tests/test_stats.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+ACTIVATION_FIELDS = ("mean", "var", "min", "max", "zeros", "nonfinite", "saturated")
+"""Order of the values :func:`activation_summary` returns."""
+
+SLOPE_FIELDS = ("valid", "saturated", "peak")
+"""Order of the values :func:`slope_saturation` returns."""
+
+
+def as_float(t: Tensor) -> Tensor:
+    """Detached, in float32 at least: half-precision sums of squares overflow (fp16 max is 65504)."""
+    t = t.detach()
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def activation_summary(y: Tensor, lower: Optional[float] = None, upper: Optional[float] = None,
+                       margin: float = 0.01) -> Tensor:
+    """Summarise an activation tensor into ``ACTIVATION_FIELDS`` (float64, on ``y``'s device).
+
+    ``saturated`` counts elements within ``margin`` of the output range from a bound
+    (``lower``/``upper``; an open side is ignored; the range of a one-sided activation
+    is taken as 1). Variance is the population variance.
+
+    >>> s = activation_summary(torch.tensor([0.0, 0.5, 0.999, 1.0]), 0.0, 1.0, margin=0.01)
+    >>> [round(v, 4) for v in s.tolist()]
+    [0.6248, 0.1717, 0.0, 1.0, 1.0, 0.0, 3.0]
+    """
+    x = as_float(y)
+    var, mean = torch.var_mean(x, correction=0)
+    lo_hi = torch.aminmax(x)
+    zeros = (x == 0).sum()
+    nonfinite = x.numel() - torch.isfinite(x).sum()
+    saturated = _near_bounds(x, lower, upper, margin)
+    floats = torch.stack([mean, var, lo_hi.min, lo_hi.max]).double()
+    counts = torch.stack([zeros, nonfinite, saturated]).double()
+    return torch.cat([floats, counts])
+
+
+def _near_bounds(x: Tensor, lower: Optional[float], upper: Optional[float], margin: float) -> Tensor:
+    if lower is None and upper is None:
+        return x.new_zeros((), dtype=torch.long)
+    span = (upper - lower) if (lower is not None and upper is not None) else 1.0
+    d = margin * span
+    mask = None
+    if lower is not None:
+        mask = x <= lower + d
+    if upper is not None:
+        hi = x >= upper - d
+        mask = hi if mask is None else mask | hi
+    return mask.sum()
+
+
+def slope_saturation(y: Tensor, grad_in: Tensor, grad_out: Tensor, slope: float,
+                     peak: Optional[Tensor] = None) -> Tensor:
+    """Slope-based saturation of an elementwise map y = f(x), from its two gradients.
+
+    For an elementwise map, ``grad_in = f'(x) * grad_out``, so ``|grad_in / grad_out|``
+    is the local slope. An element is *saturated* when its slope is below
+    ``slope * peak``, where ``peak`` is the larger of the given running peak and the
+    largest slope seen here. Elements whose output is exactly zero are a rectifier's
+    off side (dead-unit territory), not saturation, and are not counted; neither are
+    elements whose upstream gradient is zero (no information).
+
+    Returns ``SLOPE_FIELDS``: (valid elements, saturated elements, largest slope seen), float64.
+
+    >>> x = torch.tensor([-8.0, 0.0, 8.0]); y = torch.sigmoid(x)
+    >>> g_out = torch.ones(3); g_in = y * (1 - y) * g_out
+    >>> slope_saturation(y, g_in, g_out, slope=0.04).tolist()
+    [3.0, 2.0, 0.25]
+    """
+    out = as_float(y)
+    gi = as_float(grad_in).abs()
+    go = as_float(grad_out).abs()
+    valid = (go > 0) & (out != 0) & torch.isfinite(gi) & torch.isfinite(go)
+    s = torch.where(valid, gi / torch.where(valid, go, torch.ones_like(go)), torch.zeros_like(gi))
+    observed = s.amax() if s.numel() else s.new_zeros(())
+    top = observed if peak is None else torch.maximum(peak.to(observed), observed)
+    saturated = (valid & (s < slope * top)).sum()
+    return torch.stack([valid.sum().double(), saturated.double(), observed.double()])
+
+
+def unit_dim(ndim: int) -> Optional[int]:
+    """The dimension that indexes *units*: features of (N, F), channels of (N, C, ...),
+    the last dimension of (N, L, F) sequences. None when there is no batch dimension."""
+    if ndim < 2:
+        return None
+    return 2 if ndim == 3 else 1
+
+
+def active_units(y: Tensor) -> Optional[Tensor]:
+    """Per unit (see :func:`unit_dim`): did any element of this unit differ from zero?
+
+    >>> active_units(torch.tensor([[0.0, 1.0, 0.0], [0.0, 2.0, 3.0]])).tolist()
+    [False, True, True]
+    """
+    d = unit_dim(y.dim())
+    if d is None:
+        return None
+    dims = tuple(i for i in range(y.dim()) if i != d)
+    return torch.count_nonzero(y.detach(), dim=dims) > 0
+
+
+def strided_sample(t: Tensor, max_elements: int) -> Tensor:
+    """At most ``max_elements`` evenly spaced elements of ``t``, flattened. No RNG is used,
+    so sampling never disturbs the user's random stream (dropout masks stay identical)."""
+    flat = t.detach().reshape(-1)
+    n = flat.numel()
+    if n <= max_elements:
+        return flat
+    return flat[:: math.ceil(n / max_elements)]
+
+
+def histogram(t: Tensor, bins: int, max_elements: int = 1 << 16) -> Tensor:
+    """Histogram of the finite values of (a strided sample of) ``t``, computed on its device.
+
+    Returns float64 ``[min, max, num, sum, sum_squares, count_0, ..., count_{bins-1}]``
+    over equal-width bins spanning [min, max] -- the fields TensorBoard's
+    ``add_histogram_raw`` takes. Non-finite values are left out.
+
+    >>> histogram(torch.tensor([0.0, 1.0, 1.0, 4.0]), bins=4).tolist()
+    [0.0, 4.0, 4.0, 6.0, 18.0, 1.0, 2.0, 0.0, 1.0]
+    """
+    x = as_float(strided_sample(t, max_elements))
+    finite = torch.isfinite(x)
+    inf = torch.tensor(math.inf, dtype=x.dtype, device=x.device)
+    mn = torch.where(finite, x, inf).amin() if x.numel() else x.new_zeros(())
+    mx = torch.where(finite, x, -inf).amax() if x.numel() else x.new_zeros(())
+    width = (mx - mn).clamp_min(torch.finfo(x.dtype).tiny)
+    # Index arithmetic stays on the device; scatter into a fixed-size buffer (no host sync,
+    # unlike bincount on CUDA, which must read the largest index to size its output).
+    idx = ((x - mn) * (bins / width)).nan_to_num(0.0, 0.0, 0.0).long().clamp_(0, bins - 1)
+    counts = torch.zeros(bins, dtype=torch.float64, device=x.device)
+    counts.index_add_(0, idx, finite.double())
+    xf = torch.where(finite, x, torch.zeros_like(x)).double()
+    head = torch.stack([mn.double(), mx.double(), finite.sum().double(), xf.sum(), (xf * xf).sum()])
+    return torch.cat([head, counts])
+
+
+def grad_summaries(grads: Sequence[Tensor], weights: Sequence[Tensor]) -> Tensor:
+    """Per parameter: gradient L2 norm, gradient max |g|, weight L2 norm -- three fused
+    multi-tensor reductions (``torch._foreach_norm``) instead of three small ops per parameter.
+
+    Returns float64 of shape (3, len(grads)). A NaN/Inf anywhere in a gradient makes its
+    norm non-finite, which is how non-finite gradients are detected at no extra cost.
+
+    >>> grad_summaries([torch.tensor([3.0, -4.0])], [torch.tensor([1.0, 0.0])]).tolist()
+    [[5.0], [4.0], [1.0]]
+    """
+    if not grads:
+        return torch.zeros(3, 0, dtype=torch.float64)
+    g = [as_float(t) for t in grads]
+    w = [as_float(t) for t in weights]
+    with torch.no_grad():
+        norms = torch._foreach_norm(g)
+        maxabs = torch._foreach_norm(g, ord=math.inf)
+        wnorms = torch._foreach_norm(w)
+    return torch.stack([torch.stack(list(v)).double() for v in (norms, maxabs, wnorms)])
+
+
+def merge_moments(parts: Sequence[Tuple[int, float, float]]) -> Tuple[int, float, float]:
+    """Combine ``(count, mean, population variance)`` of several parts (Chan et al.),
+    for a module called more than once in a step.
+
+    >>> merge_moments([(2, 1.0, 1.0), (2, 3.0, 1.0)])
+    (4, 2.0, 2.0)
+    """
+    n, mean, m2 = 0, 0.0, 0.0
+    for nb, mb, vb in parts:
+        if nb == 0:
+            continue
+        total = n + nb
+        delta = mb - mean
+        mean += delta * nb / total
+        m2 += vb * nb + delta * delta * n * nb / total
+        n = total
+    return n, mean, (m2 / n if n else math.nan)
+
+
+def to_host(tensors: Sequence[Tensor]) -> List[List[float]]:
+    """One host transfer per device for many small tensors: concatenate, copy, split.
+
+    Returns each tensor's values as a flat list of floats, in the order given.
+    """
+    by_device: dict = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    out: List[List[float]] = [[] for _ in tensors]
+    for idxs in by_device.values():
+        flat = torch.cat([tensors[i].detach().reshape(-1).to(torch.float64) for i in idxs]).cpu().tolist()
+        pos = 0
+        for i in idxs:
+            n = tensors[i].numel()
+            out[i] = flat[pos:pos + n]
+            pos += n
+    return out

@@ -1,0 +1,281 @@
+"""``GradWatch``: the one object a user touches. Wires collecting, rules and sinks together."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+import weakref
+from collections import deque
+from pathlib import Path
+from typing import Any, Deque, List, Mapping, Optional, Sequence, Union
+
+from rich.console import Console
+from torch import nn
+
+from . import rules
+from .config import Thresholds, positive_int
+from .exceptions import AlreadyWatchedError, GradWatchWarning, LogDirError
+from .hooks import Collector, StepData
+from .layers import Selector, check_selectors, select_layers, select_parameters
+from .report import Finding, Report, StepStats
+from .sinks import ConsoleSink, Sink, TensorBoardSink, WarningSink
+
+DEFAULT_EVERY = 20
+"""Logging interval in steps for scalars and findings (measured steps cost a few % of a step each)."""
+DEFAULT_HISTOGRAM_EVERY = 200
+"""Logging interval in steps for histograms."""
+
+# Every module of every attached watch -> its watch; weak, so gradwatch never keeps a model alive.
+_ATTACHED: "weakref.WeakKeyDictionary[nn.Module, GradWatch]" = weakref.WeakKeyDictionary()
+
+
+class GradWatch:
+    """Watch a model's activations and gradients, layer by layer, while it trains.
+
+    Use it around an existing training loop::
+
+        with GradWatch(model, log_dir="runs/relu") as watch:
+            for x, y in loader:
+                loss = F.cross_entropy(model(x), y)
+                opt.zero_grad(); loss.backward(); opt.step()
+        print(watch.report())
+
+    Steps: each training-mode forward of ``model`` starts a new step (0, 1, 2, ...);
+    forwards in eval mode are ignored unless ``include_eval=True``. Call
+    :meth:`step` yourself instead and gradwatch counts your calls from then on.
+    Every ``every``-th step is *measured*: per-layer hooks reduce activations and
+    gradients on their device, the results move to the host in one transfer, the
+    rules run, and the sinks (warnings, terminal, TensorBoard) receive them.
+
+    Args:
+        model: any ``torch.nn.Module``.
+        log_dir: TensorBoard folder; ``None`` for terminal and warnings only.
+        writer: an existing ``SummaryWriter`` to write to instead of ``log_dir``.
+        every: measure every ``every`` steps (default 20).
+        histogram_every: also write histograms every ``histogram_every`` steps
+            (default 200); ``None`` turns histograms off.
+        dead_window: a unit is dead when it gave no non-zero output on any sample of
+            the last ``dead_window`` measured batches (default 10).
+        include / exclude: layers by glob over qualified names (``"features.*"``) or
+            by module type; default: every leaf module except dropout/identity/flatten.
+        thresholds: a :class:`Thresholds` (or a mapping of its fields) deciding findings.
+        include_eval: also measure forwards in eval mode, as steps of their own.
+        quiet: no table at the end; warnings still appear.
+        console: the rich ``Console`` for the table and warning panels.
+        bins / histogram_samples: histogram bins, and the largest number of elements
+            of a tensor sampled (evenly strided, no RNG) for a histogram.
+        strict: re-raise errors inside gradwatch's hooks instead of warning (tests).
+    """
+
+    def __init__(self, model: nn.Module, *, log_dir: Optional[Union[str, os.PathLike]] = None,
+                 writer: Any = None, every: int = DEFAULT_EVERY,
+                 histogram_every: Optional[int] = DEFAULT_HISTOGRAM_EVERY, dead_window: int = 10,
+                 include: Optional[Union[Selector, Sequence[Selector]]] = None,
+                 exclude: Optional[Union[Selector, Sequence[Selector]]] = None,
+                 thresholds: Optional[Union[Thresholds, Mapping[str, float]]] = None,
+                 include_eval: bool = False, quiet: bool = False, console: Optional[Console] = None,
+                 bins: int = 64, histogram_samples: int = 1 << 16, strict: bool = False) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"GradWatch(model): model must be a torch.nn.Module, got {type(model).__name__} "
+                            f"({model!r:.80})")
+        self.model = model
+        self.every = positive_int("every", every)
+        self.histogram_every = None if histogram_every is None else positive_int("histogram_every", histogram_every)
+        self.dead_window = positive_int("dead_window", dead_window)
+        self.bins = positive_int("bins", bins)
+        self.histogram_samples = positive_int("histogram_samples", histogram_samples)
+        self.thresholds = _thresholds(thresholds)
+        self.include_eval = bool(include_eval)
+        include_sel = check_selectors("include", include)
+        exclude_sel = check_selectors("exclude", exclude)
+        self.layers = select_layers(model, include_sel, exclude_sel)
+        self.params = select_parameters(model, include_sel, exclude_sel)
+        if include_sel and not self.layers and not self.params:
+            raise ValueError(f"include={include!r} matches no module of {type(model).__name__}; "
+                             f"names look like {[n for n, _ in model.named_modules()][1:6]}")
+        if log_dir is not None and writer is not None:
+            raise ValueError("pass either log_dir= or writer=, not both (writer= writes where the writer writes)")
+        if log_dir is not None:
+            log_dir = _check_log_dir(log_dir)
+        self.log_dir = log_dir
+        _check_not_watched(model, self)
+
+        self.sinks: List[Sink] = [WarningSink(console)]
+        if log_dir is not None or writer is not None:
+            self.sinks.append(TensorBoardSink(log_dir=None if log_dir is None else os.fspath(log_dir),
+                                              writer=writer))
+        if not quiet:
+            self.sinks.append(ConsoleSink(console, self.thresholds))
+        self._collector = Collector(model, self.layers, self.params, thresholds=self.thresholds, bins=self.bins,
+                                    hist_samples=self.histogram_samples, dead_window=self.dead_window,
+                                    on_root_forward=self._on_root_forward, strict=strict)
+        self._strict = strict
+        self._attached = False
+        self._manual = False
+        self._step: Optional[int] = None
+        self._steps_seen = 0
+        self._latest: Optional[StepStats] = None
+        self._findings: List[Finding] = []
+        self._debouncer = rules.Debouncer()
+        self._norm_history: Deque[float] = deque(maxlen=5)
+
+    # ------------------------------------------------------------------ lifecycle
+    def attach(self) -> "GradWatch":
+        """Register the hooks (what ``with`` does on entry). Returns ``self``."""
+        if self._attached:
+            return self
+        _check_not_watched(self.model, self)
+        for m in self.model.modules():
+            _ATTACHED[m] = self
+        self._attached = True
+        try:
+            for sink in self.sinks:
+                sink.open()
+            self._collector.attach()
+        except BaseException:
+            self.detach()
+            raise
+        return self
+
+    def detach(self) -> None:
+        """Remove every hook, finish the pending step, flush and close the outputs.
+        Safe to call twice; the model is left exactly as it was found."""
+        if not self._attached:
+            return
+        self._attached = False
+        try:
+            self._collector.detach()  # hooks first: nothing below may leave them behind
+            for m in list(_ATTACHED.keys()):
+                if _ATTACHED.get(m) is self:
+                    del _ATTACHED[m]
+            self._finish_step()
+        finally:
+            report = self.report()
+            for sink in self.sinks:
+                self._call_sink(sink, "close", report)
+
+    def __enter__(self) -> "GradWatch":
+        return self.attach()
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.detach()
+
+    # ------------------------------------------------------------------ steps
+    def step(self) -> None:
+        """Mark a step boundary yourself (e.g. once per optimizer step with gradient
+        accumulation). From the first call on, forwards no longer count as steps."""
+        self._manual = True
+        self._finish_step()
+        self._step = 0 if self._step is None else self._step + 1
+        self._begin_step()
+
+    @property
+    def steps(self) -> int:
+        """Number of steps counted so far."""
+        return self._steps_seen
+
+    def _on_root_forward(self, module: nn.Module) -> None:
+        active = module.training or self.include_eval
+        if self._manual:
+            self._collector.enabled = active
+            return
+        if not active:
+            self._collector.enabled = False
+            return
+        self._finish_step()
+        self._step = 0 if self._step is None else self._step + 1
+        self._begin_step()
+
+    def _begin_step(self) -> None:
+        s = self._step
+        assert s is not None
+        self._steps_seen += 1
+        self._collector.enabled = True
+        histograms = self.histogram_every is not None and s % self.histogram_every == 0
+        if s % self.every == 0 or histograms:
+            self._collector.begin(histograms=histograms)
+
+    def _finish_step(self) -> None:
+        if self._step is None or not self._collector.measuring:
+            return
+        data = self._collector.end(self._step)
+        if data is not None:
+            self._emit(data)
+
+    def _emit(self, data: StepData) -> None:
+        findings = rules.evaluate(data.stats, self.thresholds, list(self._norm_history))
+        total = data.stats.total_grad_norm
+        if total is not None:
+            self._norm_history.append(total)
+        new = self._debouncer.new(findings)
+        self._findings.extend(new)
+        self._latest = data.stats
+        for sink in list(self.sinks):
+            self._call_sink(sink, "on_step", data, new)
+
+    def _call_sink(self, sink: Sink, method: str, *args: Any) -> None:
+        # A failing output (disk full, deleted folder) must not stop training: warn once, drop it.
+        # The warnings sink is exempt: `-W error` turning a finding into an exception is the user's wish.
+        if isinstance(sink, WarningSink) or self._strict:
+            getattr(sink, method)(*args)
+            return
+        try:
+            getattr(sink, method)(*args)
+        except Exception as exc:  # noqa: BLE001
+            if sink in self.sinks:
+                self.sinks.remove(sink)
+            warnings.warn(f"gradwatch: {type(sink).__name__} failed ({type(exc).__name__}: {exc}); it is "
+                          f"switched off, training continues.", GradWatchWarning, stacklevel=2)
+
+    # ------------------------------------------------------------------ results
+    def report(self) -> Report:
+        """The latest measured per-layer stats and every finding so far."""
+        step = self._latest.step if self._latest else (self._step if self._step is not None else 0)
+        return Report(step=step, stats=self._latest, findings=list(self._findings), steps_seen=self._steps_seen)
+
+    @property
+    def findings(self) -> List[Finding]:
+        return list(self._findings)
+
+    def __repr__(self) -> str:
+        state = "attached" if self._attached else "detached"
+        return (f"GradWatch({type(self.model).__name__}, {len(self.layers)} layers, {len(self.params)} params, "
+                f"every={self.every}, {state}, step={self._step})")
+
+
+def _thresholds(value: Optional[Union[Thresholds, Mapping[str, float]]]) -> Thresholds:
+    if value is None:
+        return Thresholds()
+    if isinstance(value, Thresholds):
+        return value
+    if isinstance(value, Mapping):
+        try:
+            return Thresholds(**value)
+        except TypeError:
+            unknown = sorted(set(value) - set(Thresholds.__dataclass_fields__))
+            raise ValueError(f"thresholds: unknown field(s) {unknown}; known: "
+                             f"{sorted(Thresholds.__dataclass_fields__)}") from None
+    raise TypeError(f"thresholds must be a gradwatch.Thresholds or a mapping, got {value!r}")
+
+
+def _check_log_dir(path: Union[str, os.PathLike]) -> Path:
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=p, prefix=".gradwatch-write-test-"):
+            pass
+    except OSError as exc:
+        raise LogDirError(f"log_dir {os.fspath(path)!r} cannot be created or written "
+                          f"({exc.strerror or exc}); pass a writable folder, or log_dir=None for terminal "
+                          f"output only") from None
+    return p
+
+
+def _check_not_watched(model: nn.Module, me: GradWatch) -> None:
+    for name, m in model.named_modules():
+        other = _ATTACHED.get(m)
+        if other is not None and other is not me:
+            where = "the model" if not name else f"its submodule {name!r}"
+            raise AlreadyWatchedError(f"{type(model).__name__}: {where} is already watched by {other!r}; "
+                                      f"detach that GradWatch first (leave its `with` block or call .detach())")
