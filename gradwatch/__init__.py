@@ -4,7 +4,7 @@
         ...  # your training loop, unchanged
 """
 
-from .config import Thresholds
+from .config import StepMode, Thresholds
 from .exceptions import (
     AlreadyWatchedError,
     DeadUnitsWarning,
@@ -24,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "GradWatch",
     "Thresholds",
+    "StepMode",
     "Report",
     "LayerStats",
     "ParamStats",

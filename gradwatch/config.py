@@ -6,8 +6,24 @@ once with a message that quotes it, not hours later at the first logging step.
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass, fields
+from typing import Union
+
+
+class StepMode(str, enum.Enum):
+    """What counts as a step."""
+
+    FORWARD = "forward"  # each training-mode forward of the watched model
+    MANUAL = "manual"  # each call of GradWatch.step()
+
+
+def step_mode(value: Union[StepMode, str]) -> StepMode:
+    try:
+        return StepMode(value)
+    except ValueError:
+        raise ValueError(f"steps must be one of {[m.value for m in StepMode]}, got {value!r}") from None
 
 
 @dataclass(frozen=True)

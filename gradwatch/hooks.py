@@ -56,6 +56,7 @@ class _StepBuffers:
     histograms: bool
     forward_order: Dict[str, None] = field(default_factory=dict)
     backward_order: Dict[str, None] = field(default_factory=dict)
+    calls: Dict[str, int] = field(default_factory=dict)
     act: Dict[str, List[Tuple[int, Tensor]]] = field(default_factory=dict)
     act_hist: Dict[str, Tensor] = field(default_factory=dict)
     slope: Dict[str, List[Tensor]] = field(default_factory=dict)
@@ -65,7 +66,6 @@ class _StepBuffers:
     params: Optional[Tensor] = None
     param_names: List[str] = field(default_factory=list)
     grad_hist: Dict[str, Tensor] = field(default_factory=dict)
-    backward_queued: bool = False
 
 
 @dataclass
@@ -149,14 +149,17 @@ class Collector:
         buf = self._buf
         if buf is None or not self.enabled or not torch.is_grad_enabled():
             return
+        # One flag per forward: each backward through this forward reads the gradients once
+        # at its end, so with gradient accumulation the last read sees the summed gradient.
+        queued = [False]
         for t in iter_tensors(output):
             if t.requires_grad:
-                t.register_hook(self._make_backward_starter(buf))
+                t.register_hook(self._make_backward_starter(buf, queued))
 
-    def _make_backward_starter(self, buf: _StepBuffers) -> Callable[[Tensor], None]:
+    def _make_backward_starter(self, buf: _StepBuffers, queued: List[bool]) -> Callable[[Tensor], None]:
         def hook(grad: Tensor) -> None:
-            if not buf.backward_queued:
-                buf.backward_queued = True
+            if not queued[0]:
+                queued[0] = True
                 _queue_after_backward(lambda: self._guarded("parameter gradients", self._after_backward, buf))
         return hook
 
@@ -210,6 +213,7 @@ class Collector:
     def _on_forward(self, layer: Layer, buf: _StepBuffers, output: Any) -> None:
         name, spec = layer.name, layer.spec
         buf.forward_order.setdefault(name, None)
+        buf.calls[name] = buf.calls.get(name, 0) + 1
         cell = buf.inputs[name].pop() if buf.inputs.get(name) else None
         tensors = list(iter_tensors(output))
         margin = self.thresholds.saturation_margin
@@ -309,7 +313,7 @@ class Collector:
         layers: Dict[str, LayerStats] = {}
         for name in buf.forward_order:
             layer = by_name[name]
-            ls = LayerStats(name=name, type=layer.type_name, calls=len(get("act", name)))
+            ls = LayerStats(name=name, type=layer.type_name, calls=buf.calls.get(name, 0))
             _fill_activation(ls, [n for n, _ in buf.act.get(name, [])], get("act", name), layer)
             slope = get("slope", name)
             if slope and layer.spec.kind is ActivationKind.GENERIC:

@@ -14,7 +14,7 @@ from rich.console import Console
 from torch import nn
 
 from . import rules
-from .config import Thresholds, positive_int
+from .config import StepMode, Thresholds, positive_int, step_mode
 from .exceptions import AlreadyWatchedError, GradWatchWarning, LogDirError
 from .hooks import Collector, StepData
 from .layers import Selector, check_selectors, select_layers, select_parameters
@@ -42,8 +42,10 @@ class GradWatch:
         print(watch.report())
 
     Steps: each training-mode forward of ``model`` starts a new step (0, 1, 2, ...);
-    forwards in eval mode are ignored unless ``include_eval=True``. Call
-    :meth:`step` yourself instead and gradwatch counts your calls from then on.
+    forwards in eval mode are ignored unless ``include_eval=True``. With
+    ``steps="manual"`` (e.g. for gradient accumulation) step 0 starts on entry and
+    each :meth:`step` call starts the next; calling :meth:`step` in the default mode
+    switches to manual counting from then on.
     Every ``every``-th step is *measured*: per-layer hooks reduce activations and
     gradients on their device, the results move to the host in one transfer, the
     rules run, and the sinks (warnings, terminal, TensorBoard) receive them.
@@ -65,6 +67,7 @@ class GradWatch:
         console: the rich ``Console`` for the table and warning panels.
         bins / histogram_samples: histogram bins, and the largest number of elements
             of a tensor sampled (evenly strided, no RNG) for a histogram.
+        steps: ``"forward"`` (default) or ``"manual"``, see above.
         strict: re-raise errors inside gradwatch's hooks instead of warning (tests).
     """
 
@@ -75,7 +78,8 @@ class GradWatch:
                  exclude: Optional[Union[Selector, Sequence[Selector]]] = None,
                  thresholds: Optional[Union[Thresholds, Mapping[str, float]]] = None,
                  include_eval: bool = False, quiet: bool = False, console: Optional[Console] = None,
-                 bins: int = 64, histogram_samples: int = 1 << 16, strict: bool = False) -> None:
+                 bins: int = 64, histogram_samples: int = 1 << 16, steps: Union[StepMode, str] = StepMode.FORWARD,
+                 strict: bool = False) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"GradWatch(model): model must be a torch.nn.Module, got {type(model).__name__} "
                             f"({model!r:.80})")
@@ -87,6 +91,7 @@ class GradWatch:
         self.histogram_samples = positive_int("histogram_samples", histogram_samples)
         self.thresholds = _thresholds(thresholds)
         self.include_eval = bool(include_eval)
+        self.step_mode = step_mode(steps)
         include_sel = check_selectors("include", include)
         exclude_sel = check_selectors("exclude", exclude)
         self.layers = select_layers(model, include_sel, exclude_sel)
@@ -112,7 +117,7 @@ class GradWatch:
                                     on_root_forward=self._on_root_forward, strict=strict)
         self._strict = strict
         self._attached = False
-        self._manual = False
+        self._manual = self.step_mode is StepMode.MANUAL
         self._step: Optional[int] = None
         self._steps_seen = 0
         self._latest: Optional[StepStats] = None
@@ -133,6 +138,8 @@ class GradWatch:
             for sink in self.sinks:
                 sink.open()
             self._collector.attach()
+            if self._manual and self._step is None:
+                self.step()  # step 0 starts now
         except BaseException:
             self.detach()
             raise
