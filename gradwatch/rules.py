@@ -100,9 +100,10 @@ def gradient_flow(stats: StepStats, thresholds: Thresholds) -> List[Finding]:
     ratio = g_first / g_last
     if ratio < thresholds.vanishing_ratio:
         weak = [n for n, g in layers[:-1] if g < thresholds.vanishing_ratio * g_last]
+        what = (f"No gradient at all reaches the first layer (a layer in between passes none, e.g. dead units)"
+                if ratio == 0 else f"Gradient norm of the first layer is {ratio:.1e} x that of the last layer")
         return [Finding(FindingKind.VANISHING, first, stats.step, ratio, thresholds.vanishing_ratio,
-                        f"Gradient norm of the first layer is {ratio:.1e} x that of the last layer ({last}); "
-                        f"layers below the threshold: {', '.join(weak)}. Early layers barely learn.",
+                        f"{what} ({last}); layers below the threshold: {', '.join(weak)}. Early layers barely learn.",
                         "Use a ReLU-family activation instead of sigmoid/tanh, add normalisation or residual "
                         "connections, and use a matching initialisation (Kaiming for ReLU, Xavier for tanh).")]
     if ratio > thresholds.exploding_ratio:

@@ -1,0 +1,146 @@
+"""Pure statistics against independent numpy references."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from gradwatch import stats
+
+
+@pytest.fixture
+def x():
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(64, 10, generator=g)
+    t[t.abs() < 0.3] = 0.0
+    return t
+
+
+def test_activation_summary_matches_numpy(x):
+    a = x.numpy().astype(np.float64)
+    got = dict(zip(stats.ACTIVATION_FIELDS, stats.activation_summary(x, -1.0, 1.0, margin=0.1).tolist()))
+    assert got["mean"] == pytest.approx(a.mean(), rel=1e-5)
+    assert got["var"] == pytest.approx(a.var(), rel=1e-5)
+    assert got["min"] == pytest.approx(a.min()) and got["max"] == pytest.approx(a.max())
+    assert got["zeros"] == (a == 0).sum()
+    assert got["nonfinite"] == 0
+    assert got["saturated"] == ((a <= -1 + 0.2) | (a >= 1 - 0.2)).sum()
+
+
+def test_activation_summary_one_sided_and_unbounded(x):
+    a = x.numpy()
+    upper_only = stats.activation_summary(x, None, 0.5, margin=0.1).tolist()[-1]
+    assert upper_only == (a >= 0.5 - 0.1).sum()
+    assert stats.activation_summary(x).tolist()[-1] == 0
+
+
+def test_half_precision_is_summarised_in_float32():
+    big = torch.full((1000,), 300.0, dtype=torch.float16)  # 300^2 * 1000 overflows fp16
+    s = dict(zip(stats.ACTIVATION_FIELDS, stats.activation_summary(big).tolist()))
+    assert s["mean"] == pytest.approx(300.0) and s["var"] == pytest.approx(0.0, abs=1e-3)
+    assert s["nonfinite"] == 0
+
+
+def test_nonfinite_are_counted():
+    t = torch.tensor([1.0, float("nan"), float("inf"), -float("inf"), 2.0])
+    assert dict(zip(stats.ACTIVATION_FIELDS, stats.activation_summary(t).tolist()))["nonfinite"] == 3
+
+
+def test_slope_saturation_matches_the_analytic_derivative():
+    g = torch.Generator().manual_seed(1)
+    pre = torch.randn(4096, generator=g) * 5
+    y = torch.tanh(pre)
+    g_out = torch.randn(4096, generator=g)
+    g_in = (1 - y * y) * g_out
+    valid, sat, peak = stats.slope_saturation(y, g_in, g_out, slope=0.04).tolist()
+    deriv = (1 - np.tanh(pre.numpy().astype(np.float64)) ** 2)
+    ok = (g_out.numpy() != 0) & (y.numpy() != 0)
+    assert valid == ok.sum()
+    assert peak == pytest.approx(deriv[ok].max(), rel=1e-4)
+    assert sat == pytest.approx(((deriv < 0.04 * deriv[ok].max()) & ok).sum(), abs=3)
+
+
+def test_slope_saturation_ignores_a_rectifiers_zero_side():
+    pre = torch.linspace(-3, 3, 601)
+    y = pre.clamp(min=0)
+    g_out = torch.ones_like(y)
+    g_in = (pre > 0).float()
+    valid, sat, peak = stats.slope_saturation(y, g_in, g_out, slope=0.04).tolist()
+    assert sat == 0 and valid == (y != 0).sum().item() and peak == 1.0
+
+
+def test_slope_saturation_uses_the_running_peak():
+    y = torch.tensor([0.5, 0.6])
+    g = torch.ones(2)
+    _, sat, _ = stats.slope_saturation(y, 0.01 * g, g, slope=0.04, peak=torch.tensor(1.0)).tolist()
+    assert sat == 2
+
+
+@pytest.mark.parametrize("shape,dim", [((5, 7), 1), ((5, 4, 7), 2), ((5, 3, 6, 6), 1), ((2, 3, 4, 4, 4), 1)])
+def test_active_units_reduce_all_but_the_unit_dim(shape, dim):
+    g = torch.Generator().manual_seed(2)
+    t = torch.relu(torch.randn(*shape, generator=g) - 1.5)
+    a = t.numpy()
+    axes = tuple(i for i in range(a.ndim) if i != dim)
+    np.testing.assert_array_equal(stats.active_units(t).numpy(), (a != 0).any(axis=axes))
+
+
+def test_active_units_needs_a_batch_dimension():
+    assert stats.active_units(torch.ones(3)) is None
+
+
+def test_histogram_matches_numpy():
+    g = torch.Generator().manual_seed(3)
+    t = torch.randn(10_000, generator=g)
+    h = stats.histogram(t, bins=20, max_elements=1 << 20).tolist()
+    a = t.numpy().astype(np.float64)
+    counts, _ = np.histogram(a, bins=20, range=(a.min(), a.max()))
+    assert h[:5] == pytest.approx([a.min(), a.max(), a.size, a.sum(), (a * a).sum()], rel=1e-5)
+    # Edges computed in float32 vs float64 may move a value sitting on a bin edge.
+    assert np.abs(np.array(h[5:]) - counts).sum() <= 4
+
+
+def test_histogram_skips_nonfinite_and_handles_constants():
+    h = stats.histogram(torch.tensor([2.0, 2.0, float("nan")]), bins=4).tolist()
+    assert h[:3] == [2.0, 2.0, 2.0] and sum(h[5:]) == 2
+
+
+def test_histogram_samples_without_rng():
+    t = torch.arange(1_000_000, dtype=torch.float32)
+    state = torch.get_rng_state()
+    h = stats.histogram(t, bins=10, max_elements=1000).tolist()
+    assert torch.equal(state, torch.get_rng_state())
+    assert 900 <= h[2] <= 1000
+
+
+def test_grad_summaries_match_numpy():
+    g = torch.Generator().manual_seed(4)
+    grads = [torch.randn(3, 4, generator=g), torch.randn(5, generator=g)]
+    weights = [torch.randn(3, 4, generator=g), torch.randn(5, generator=g)]
+    got = stats.grad_summaries(grads, weights).numpy()
+    for i, (gr, w) in enumerate(zip(grads, weights)):
+        assert got[0, i] == pytest.approx(np.linalg.norm(gr.numpy()), rel=1e-5)
+        assert got[1, i] == pytest.approx(np.abs(gr.numpy()).max(), rel=1e-6)
+        assert got[2, i] == pytest.approx(np.linalg.norm(w.numpy()), rel=1e-5)
+
+
+def test_grad_summaries_flag_nonfinite():
+    got = stats.grad_summaries([torch.tensor([1.0, float("nan")])], [torch.ones(2)])
+    assert math.isnan(got[0, 0].item())
+
+
+def test_merge_moments_matches_concatenation():
+    g = np.random.default_rng(5)
+    parts = [g.normal(i, 1 + i, size=n) for i, n in enumerate((10, 1, 300))]
+    merged = stats.merge_moments([(len(p), p.mean(), p.var()) for p in parts])
+    whole = np.concatenate(parts)
+    assert merged[0] == whole.size
+    assert merged[1] == pytest.approx(whole.mean()) and merged[2] == pytest.approx(whole.var())
+
+
+def test_to_host_keeps_order_and_shapes():
+    ts = [torch.tensor([1.0, 2.0]), torch.tensor(3.0), torch.zeros(2, 2)]
+    assert stats.to_host(ts) == [[1.0, 2.0], [3.0], [0.0, 0.0, 0.0, 0.0]]

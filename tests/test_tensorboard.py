@@ -1,0 +1,74 @@
+"""TensorBoard output, read back with TensorBoard's own reader."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tensorboard.backend.event_processing import event_accumulator
+
+from gradwatch import GradWatch
+from tests import models
+
+
+def load(log_dir) -> event_accumulator.EventAccumulator:
+    acc = event_accumulator.EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "histograms": 0,
+                                                                         "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def test_documented_tags_are_written(tmp_path):
+    model = models.small_mlp(models.Sigmoid)
+    with GradWatch(model, log_dir=tmp_path / "run", every=1, histogram_every=2, quiet=True):
+        models.train(model, 3)
+    acc = load(tmp_path / "run")
+    scalars = set(acc.Tags()["scalars"])
+    for tag in ("activation.mean/0", "activation.std/1", "activation.zero_fraction/1",
+                "activation.saturated_fraction/1", "activation.dead_fraction/1", "gradient.output_norm/1",
+                "gradient.layer_norm/0", "gradient.norm/0.weight", "gradient.max_abs/0.weight",
+                "gradient.ratio/4.bias", "gradient.global_norm"):
+        assert tag in scalars, tag
+    assert [e.step for e in acc.Scalars("activation.mean/0")] == [0, 1, 2]
+    hists = set(acc.Tags()["histograms"])
+    assert {"activation/0", "activation/1", "gradient/0.weight"} <= hists
+    h = acc.Histograms("gradient/0.weight")
+    assert [e.step for e in h] == [0, 2]
+    assert h[0].histogram_value.num == model[0].weight.numel()
+
+
+def test_scalar_values_match_the_report(tmp_path):
+    model = models.small_mlp()
+    with GradWatch(model, log_dir=tmp_path, every=1, quiet=True) as watch:
+        models.train(model, 1, lr=0.0)
+    acc = load(tmp_path)
+    rep = watch.report()
+    assert acc.Scalars("gradient.norm/2.weight")[0].value == pytest.approx(rep.params["2.weight"].grad_norm,
+                                                                          rel=1e-6)
+    assert acc.Scalars("activation.zero_fraction/1")[0].value == pytest.approx(rep.layers["1"].zero_fraction)
+
+
+def test_findings_and_custom_scalars_layout(tmp_path):
+    model = models.small_mlp()
+    with torch.no_grad():
+        model[2].bias.fill_(-100.0)
+    with pytest.warns(Warning):
+        with GradWatch(model, log_dir=tmp_path, every=1, dead_window=1, quiet=True):
+            models.train(model, 1)
+    acc = load(tmp_path)
+    assert "findings/dead_units" in acc.Tags()["scalars"]
+    assert any("gradwatch/findings" in t for t in acc.Tags()["tensors"])
+    from tensorboard.plugins.custom_scalar import metadata
+    assert metadata.CONFIG_SUMMARY_TAG in acc.Tags()["tensors"]
+
+
+def test_a_users_writer_is_flushed_not_closed(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(tmp_path)
+    model = models.small_mlp()
+    with GradWatch(model, writer=writer, every=1, quiet=True):
+        models.train(model, 1)
+    writer.add_scalar("user/loss", 1.0, 0)  # still open
+    writer.close()
+    tags = load(tmp_path).Tags()["scalars"]
+    assert "user/loss" in tags and "gradient.global_norm" in tags
