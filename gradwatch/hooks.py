@@ -248,10 +248,7 @@ class Collector:
             if name in self._broken:
                 return
             buf.backward_order.setdefault(name, None)
-            g = stats.as_float(grad)
-            sumsq = (g * g).sum()
-            buf.out_grad.setdefault(name, []).append(
-                torch.stack([sumsq.double(), (~torch.isfinite(g)).any().double()]))
+            buf.out_grad.setdefault(name, []).append(stats.l2_norm(grad).double().reshape(1))
         return hook
 
     def _make_input_grad_hook(self, layer: Layer, buf: _StepBuffers, cell: dict) -> Callable[[Tensor], None]:
@@ -326,8 +323,8 @@ class Collector:
                 ls.dead_fraction, ls.dead_window = dead[0][0], windows[name]
             grads = get("grad", name)
             if grads:
-                ls.output_grad_norm = math.sqrt(sum(g[0] for g in grads))
-                ls.output_grad_nonfinite = any(g[1] > 0 for g in grads)
+                ls.output_grad_norm = math.sqrt(sum(g[0] ** 2 for g in grads))
+                ls.output_grad_nonfinite = not math.isfinite(ls.output_grad_norm)
             layers[name] = ls
 
         params: Dict[str, ParamStats] = {}
@@ -369,17 +366,17 @@ class Collector:
 def _fill_activation(ls: LayerStats, counts: List[int], parts: List[List[float]], layer: Layer) -> None:
     if not parts:
         return
-    f = {k: i for i, k in enumerate(stats.ACTIVATION_FIELDS)}
-    n, mean, var = stats.merge_moments([(c, p[f["mean"]], p[f["var"]]) for c, p in zip(counts, parts)])
+    moments = [stats.activation_moments(p, c) for c, p in zip(counts, parts)]
+    n, mean, var = stats.merge_moments([(c, m["mean"], m["var"]) for c, m in zip(counts, moments)])
     ls.count, ls.mean, ls.std = n, mean, math.sqrt(var) if var >= 0 else math.nan
-    ls.min = min(p[f["min"]] for p in parts)
-    ls.max = max(p[f["max"]] for p in parts)
+    ls.min = min(m["min"] for m in moments)
+    ls.max = max(m["max"] for m in moments)
+    ls.nonfinite = any(m["nonfinite"] for m in moments)
     if n:
-        ls.zero_fraction = sum(p[f["zeros"]] for p in parts) / n
-        ls.nonfinite = int(sum(p[f["nonfinite"]] for p in parts))
+        ls.zero_fraction = sum(m["zeros"] for m in moments) / n
         spec = layer.spec
         bounded = spec.kind is ActivationKind.BOUNDED or (spec.kind is ActivationKind.RECTIFIER
                                                           and spec.upper is not None)
         if bounded:
-            ls.saturated_fraction = sum(p[f["saturated"]] for p in parts) / n
+            ls.saturated_fraction = sum(m["saturated"] for m in moments) / n
             ls.saturation_method = "bounds"

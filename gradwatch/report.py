@@ -99,7 +99,7 @@ class LayerStats:
     min: float = math.nan
     max: float = math.nan
     zero_fraction: float = math.nan
-    nonfinite: int = 0
+    nonfinite: bool = False  # NaN/Inf present in the output
     saturated_fraction: Optional[float] = None
     saturation_method: Optional[str] = None  # "bounds" or "slope"
     dead_fraction: Optional[float] = None

@@ -36,9 +36,9 @@ def non_finite(stats: StepStats) -> List[Finding]:
               "that is too high, or fp16 overflow; torch.autograd.detect_anomaly() can then name the op.")
     for ls in stats.layers.values():
         if ls.nonfinite:
-            return [Finding(FindingKind.NON_FINITE, ls.name, step, float(ls.nonfinite), 0.0,
-                            f"{ls.nonfinite} non-finite activation value(s) (NaN/Inf) first appear in this layer's "
-                            f"output, in forward order.", advice)]
+            return [Finding(FindingKind.NON_FINITE, ls.name, step, math.nan, 0.0,
+                            "Non-finite activation values (NaN/Inf) first appear in this layer's output, "
+                            "in forward order.", advice)]
     for name in stats.backward_order:
         ls = stats.layers.get(name)
         if ls is not None and ls.output_grad_nonfinite:

@@ -14,8 +14,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-ACTIVATION_FIELDS = ("mean", "var", "min", "max", "zeros", "nonfinite", "saturated")
-"""Order of the values :func:`activation_summary` returns."""
+ACTIVATION_FIELDS = ("sum", "dev_norm", "min", "max", "nonzero", "saturated")
+"""Order of the values :func:`activation_summary` returns (see :func:`activation_moments`)."""
 
 SLOPE_FIELDS = ("valid", "saturated", "peak")
 """Order of the values :func:`slope_saturation` returns."""
@@ -27,41 +27,77 @@ def as_float(t: Tensor) -> Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
+def _acc_dtype(t: Tensor) -> torch.dtype:
+    """Accumulate half precision in float32 without copying the tensor (reductions take ``dtype=``)."""
+    return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
+
+
+def l2_norm(t: Tensor) -> Tensor:
+    """L2 norm accumulated in float32 at least; NaN/Inf anywhere makes it non-finite."""
+    return torch.linalg.vector_norm(t.detach(), dtype=_acc_dtype(t))
+
+
 def activation_summary(y: Tensor, lower: Optional[float] = None, upper: Optional[float] = None,
                        margin: float = 0.01) -> Tensor:
-    """Summarise an activation tensor into ``ACTIVATION_FIELDS`` (float64, on ``y``'s device).
+    """Summarise an activation tensor into raw ``ACTIVATION_FIELDS`` (one small tensor on ``y``'s device).
 
-    ``saturated`` counts elements within ``margin`` of the output range from a bound
-    (``lower``/``upper``; an open side is ignored; the range of a one-sided activation
-    is taken as 1). Variance is the population variance.
+    ``sum``; ``dev_norm``, the L2 norm of ``y - mean`` (a two-pass variance, exact also
+    when the mean is large); ``min``/``max`` (NaN when a NaN is present); ``nonzero``,
+    the count of non-zero elements; ``saturated``, the count of elements within
+    ``margin`` of the output range from a bound (``lower``/``upper``; an open side is
+    ignored; the range of a one-sided activation is taken as 1). Divisions and
+    finiteness checks happen on the host in :func:`activation_moments`, which saves
+    device kernels: on the hot path each one costs more than the arithmetic.
 
-    >>> s = activation_summary(torch.tensor([0.0, 0.5, 0.999, 1.0]), 0.0, 1.0, margin=0.01)
-    >>> [round(v, 4) for v in s.tolist()]
-    [0.6248, 0.1717, 0.0, 1.0, 1.0, 0.0, 3.0]
+    Every reduction here is a fast, allocation-light kernel: on CPU, ``var_mean`` and
+    boolean ``.sum()`` are 10-30x slower than a sum, a norm, ``aminmax`` and ``sign``.
+
+    >>> raw = activation_summary(torch.tensor([0.0, 0.5, 0.999, 1.0]), 0.0, 1.0, margin=0.01)
+    >>> {k: round(float(v), 4) for k, v in activation_moments(raw.tolist(), 4).items()}
+    {'mean': 0.6248, 'var': 0.1717, 'min': 0.0, 'max': 1.0, 'zeros': 1.0, 'nonfinite': 0.0, 'saturated': 3.0}
     """
-    x = as_float(y)
-    var, mean = torch.var_mean(x, correction=0)
-    lo_hi = torch.aminmax(x)
-    zeros = (x == 0).sum()
-    nonfinite = x.numel() - torch.isfinite(x).sum()
-    saturated = _near_bounds(x, lower, upper, margin)
-    floats = torch.stack([mean, var, lo_hi.min, lo_hi.max]).double()
-    counts = torch.stack([zeros, nonfinite, saturated]).double()
-    return torch.cat([floats, counts])
+    x = y.detach()
+    n = x.numel()
+    acc = _acc_dtype(x)
+    if n == 0:
+        return torch.zeros(len(ACTIVATION_FIELDS), dtype=acc, device=x.device)
+    total = x.sum(dtype=acc)
+    dev = torch.linalg.vector_norm(x - (total / n).to(x.dtype), dtype=acc)
+    lo, hi = torch.aminmax(x)
+    parts = [total, dev, lo.to(acc), hi.to(acc), _count_nonzero(x), _near_bounds(x, lower, upper, margin)]
+    return torch.stack(parts)
+
+
+def activation_moments(values: Sequence[float], n: int) -> dict:
+    """Host side of :func:`activation_summary`: the raw values of an ``n``-element tensor
+    as mean, population variance, min, max, zeros, nonfinite and saturated."""
+    v = dict(zip(ACTIVATION_FIELDS, values))
+    nonfinite = not (math.isfinite(v["min"]) and math.isfinite(v["max"]))
+    return {"mean": v["sum"] / n if n else math.nan, "var": v["dev_norm"] ** 2 / n if n else math.nan,
+            "min": v["min"], "max": v["max"], "zeros": n - v["nonzero"], "nonfinite": nonfinite,
+            "saturated": v["saturated"]}
+
+
+def _count_nonzero(x: Tensor) -> Tensor:
+    # sign() is 0 exactly at zero and +-1 elsewhere: a float sum of it counts non-zeros
+    # ~6x faster than a boolean sum on CPU (NaN makes it NaN, which nonfinite reports).
+    return torch.sign(x).abs_().sum(dtype=_acc_dtype(x))
+
+
+def _count_above(x: Tensor, threshold: float) -> Tensor:
+    """Number of elements strictly above ``threshold`` (x is consumed as a scratch tensor)."""
+    return x.sub_(threshold).clamp_(min=0).sign_().sum(dtype=_acc_dtype(x))
 
 
 def _near_bounds(x: Tensor, lower: Optional[float], upper: Optional[float], margin: float) -> Tensor:
     if lower is None and upper is None:
-        return x.new_zeros((), dtype=torch.long)
-    span = (upper - lower) if (lower is not None and upper is not None) else 1.0
-    d = margin * span
-    mask = None
-    if lower is not None:
-        mask = x <= lower + d
+        return x.new_zeros((), dtype=_acc_dtype(x))
+    if lower is not None and upper is not None:
+        center, half = (upper + lower) / 2, (upper - lower) / 2
+        return _count_above((x - center).abs_(), half * (1 - 2 * margin))
     if upper is not None:
-        hi = x >= upper - d
-        mask = hi if mask is None else mask | hi
-    return mask.sum()
+        return _count_above(x - (upper - margin), 0.0)
+    return _count_above((lower + margin) - x, 0.0)
 
 
 def slope_saturation(y: Tensor, grad_in: Tensor, grad_out: Tensor, slope: float,
@@ -104,14 +140,16 @@ def unit_dim(ndim: int) -> Optional[int]:
 def active_units(y: Tensor) -> Optional[Tensor]:
     """Per unit (see :func:`unit_dim`): did any element of this unit differ from zero?
 
-    >>> active_units(torch.tensor([[0.0, 1.0, 0.0], [0.0, 2.0, 3.0]])).tolist()
+    >>> active_units(torch.tensor([[0.0, 1.0, 0.0], [0.0, 2.0, -3.0]])).tolist()
     [False, True, True]
     """
     d = unit_dim(y.dim())
-    if d is None:
+    if d is None or y.numel() == 0:
         return None
-    dims = tuple(i for i in range(y.dim()) if i != d)
-    return torch.count_nonzero(y.detach(), dim=dims) > 0
+    x = y.detach()
+    dims = tuple(i for i in range(x.dim()) if i != d)
+    # amax/amin are fast and allocation-free; count_nonzero over dims is ~10x slower on CPU.
+    return (x.amax(dim=dims) > 0) | (x.amin(dim=dims) < 0)
 
 
 def strided_sample(t: Tensor, max_elements: int) -> Tensor:
@@ -162,13 +200,15 @@ def grad_summaries(grads: Sequence[Tensor], weights: Sequence[Tensor]) -> Tensor
     """
     if not grads:
         return torch.zeros(3, 0, dtype=torch.float64)
-    g = [as_float(t) for t in grads]
-    w = [as_float(t) for t in weights]
     with torch.no_grad():
-        norms = torch._foreach_norm(g)
-        maxabs = torch._foreach_norm(g, ord=math.inf)
-        wnorms = torch._foreach_norm(w)
-    return torch.stack([torch.stack(list(v)).double() for v in (norms, maxabs, wnorms)])
+        norms = torch.stack(torch._foreach_norm([t.detach() for t in grads], dtype=torch.float32))
+        wnorms = torch.stack(torch._foreach_norm([t.detach() for t in weights], dtype=torch.float32))
+        if grads[0].is_cuda:
+            maxabs = torch.stack(torch._foreach_norm([t.detach() for t in grads], ord=math.inf,
+                                                     dtype=torch.float32))
+        else:  # the CPU inf-norm kernel is ~15x slower than aminmax
+            maxabs = torch.stack([torch.stack(torch.aminmax(t.detach())).abs().amax().float() for t in grads])
+    return torch.stack([norms, maxabs, wnorms]).double()
 
 
 def merge_moments(parts: Sequence[Tuple[int, float, float]]) -> Tuple[int, float, float]:

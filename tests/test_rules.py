@@ -45,7 +45,7 @@ def test_dead_and_saturated_layers_are_named():
 
 
 def test_non_finite_prefers_forward_activations_then_backward_gradients():
-    st = step((1.0, 1.0, 1.0), l1={"nonfinite": 3}, l2={"nonfinite": 5})
+    st = step((1.0, 1.0, 1.0), l1={"nonfinite": True}, l2={"nonfinite": True})
     assert [f.layer for f in evaluate(st, Thresholds()) if f.kind is FindingKind.NON_FINITE] == ["l1"]
     st = step((1.0, 1.0, 1.0), l0={"output_grad_nonfinite": True}, l2={"output_grad_nonfinite": True})
     st.backward_order = ["l2", "l1", "l0"]

@@ -1,0 +1,137 @@
+"""Step-time overhead of gradwatch, measured side by side in one run.
+
+For each seed model, every variant trains its own copy (same initial weights) and the
+variants take turns, block by block, in a shuffled order each round, so drift in the
+machine's speed hits them all alike. Reported: the median over rounds of
+(variant block time / unwatched block time in the same round).
+
+    python benchmarks/overhead.py            # full (a few minutes on 2 CPU cores)
+    python benchmarks/overhead.py --quick    # a smoke run
+
+Targets (CPU, 2 threads): defaults <= 1.03, every-step scalars <= 1.15.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import random
+import statistics
+import time
+import warnings
+from typing import Callable, Dict, List
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gradwatch import GradWatch
+
+
+def fashion_mlp() -> nn.Module:
+    dims = [784, 512, 256, 256, 128, 10]
+    layers: List[nn.Module] = []
+    for i in range(len(dims) - 1):
+        layers.append(nn.Linear(dims[i], dims[i + 1]))
+        if i < len(dims) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def mnist_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(7 * 7 * 64, 1024), nn.ReLU(), nn.Dropout(0.5), nn.Linear(1024, 10))
+
+
+class NaiveHooks:
+    """What people write by hand: a forward hook per layer calling .item() per stat."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.handles = [m.register_forward_hook(self.hook) for m in model.modules() if not list(m.children())]
+        self.log: List[float] = []
+
+    def hook(self, module: nn.Module, args, out) -> None:
+        if isinstance(out, torch.Tensor):
+            o = out.detach()
+            self.log += [o.mean().item(), o.std().item(), (o == 0).float().mean().item()]
+            self.log.clear()
+
+    def detach(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+VARIANTS: Dict[str, Callable[[nn.Module], object]] = {
+    "unwatched": lambda m: None,
+    "defaults": lambda m: GradWatch(m, quiet=True).attach(),
+    "every-step scalars": lambda m: GradWatch(m, every=1, histogram_every=None, quiet=True).attach(),
+    "every-step scalars + histograms": lambda m: GradWatch(m, every=1, histogram_every=1, quiet=True).attach(),
+    "naive .item() hooks": NaiveHooks,
+}
+
+
+def bench(name: str, make: Callable[[], nn.Module], batch: torch.Tensor, target: torch.Tensor,
+          rounds: int, block: int) -> Dict[str, float]:
+    torch.manual_seed(0)
+    base = make()
+    runs = {}
+    for variant, attach in VARIANTS.items():
+        model = copy.deepcopy(base)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+        runs[variant] = (model, opt, attach(model))
+
+    def run_block(model: nn.Module, opt: torch.optim.Optimizer) -> float:
+        t0 = time.perf_counter()
+        for _ in range(block):
+            loss = F.cross_entropy(model(batch), target)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return time.perf_counter() - t0
+
+    for model, opt, _ in runs.values():  # warm-up
+        run_block(model, opt)
+    ratios: Dict[str, List[float]] = {v: [] for v in VARIANTS if v != "unwatched"}
+    per_step: Dict[str, List[float]] = {v: [] for v in VARIANTS}
+    order = list(VARIANTS)
+    rng = random.Random(0)
+    for _ in range(rounds):
+        rng.shuffle(order)
+        times = {v: run_block(*runs[v][:2]) for v in order}
+        for v in VARIANTS:
+            per_step[v].append(times[v] / block)
+        for v in ratios:
+            ratios[v].append(times[v] / times["unwatched"])
+    for _, _, handle in runs.values():
+        if handle is not None:
+            handle.detach()
+    result = {v: statistics.median(r) for v, r in ratios.items()}
+    print(f"\n{name}: unwatched {statistics.median(per_step['unwatched']) * 1e3:.1f} ms/step, "
+          f"{rounds} rounds x {block} steps per variant")
+    for v, r in result.items():
+        print(f"  {v:34s} {r:.3f}x  (rounds: min {min(ratios[v]):.3f}, max {max(ratios[v]):.3f})")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="few rounds, for a smoke test")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore")
+    rounds = 3 if args.quick else 15
+    g = torch.Generator().manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    bench("Fashion-MNIST MLP 784-512-256-256-128-10, batch 256", fashion_mlp,
+          torch.rand(256, 784, generator=g) * 2 - 1, torch.randint(0, 10, (256,), generator=g),
+          rounds, 40)
+    bench("MNIST CNN conv32-conv64-fc1024, batch 64", mnist_cnn,
+          torch.rand(64, 1, 28, 28, generator=g), torch.randint(0, 10, (64,), generator=g),
+          rounds, 20 if not args.quick else 10)
+
+
+if __name__ == "__main__":
+    main()
