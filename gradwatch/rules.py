@@ -17,12 +17,14 @@ _SATURATING_ADVICE = ("Try a ReLU-family activation (ReLU, LeakyReLU, ELU), norm
                       "(BatchNorm/LayerNorm), or scale the inputs and initial weights down.")
 
 
-def evaluate(stats: StepStats, thresholds: Thresholds, history: Sequence[float] = ()) -> List[Finding]:
-    """All findings for one logging step. ``history``: global gradient norms of earlier logging steps."""
+def evaluate(stats: StepStats, thresholds: Thresholds, history: Sequence[float] = (),
+             dead_window: int = 1) -> List[Finding]:
+    """All findings for one logging step. ``history``: global gradient norms of earlier logging
+    steps; ``dead_window``: logged batches a dead-unit verdict must cover before it is reported."""
     findings: List[Finding] = []
     findings += non_finite(stats)
     findings += saturation(stats, thresholds)
-    findings += dead_units(stats, thresholds)
+    findings += dead_units(stats, thresholds, dead_window)
     findings += gradient_flow(stats, thresholds)
     findings += gradient_size(stats, thresholds, history)
     return findings
@@ -66,11 +68,12 @@ def saturation(stats: StepStats, thresholds: Thresholds) -> List[Finding]:
     return out
 
 
-def dead_units(stats: StepStats, thresholds: Thresholds) -> List[Finding]:
+def dead_units(stats: StepStats, thresholds: Thresholds, dead_window: int = 1) -> List[Finding]:
+    """Only once the window is full: one batch in which a unit stayed at zero proves little."""
     out = []
     for ls in stats.layers.values():
         frac = ls.dead_fraction
-        if frac is not None and frac > thresholds.dead_fraction:
+        if frac is not None and ls.dead_window >= dead_window and frac > thresholds.dead_fraction:
             out.append(Finding(
                 FindingKind.DEAD_UNITS, ls.name, stats.step, frac, thresholds.dead_fraction,
                 f"{frac:.0%} of {ls.type} units produced no non-zero output on any sample of the last "

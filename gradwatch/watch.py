@@ -211,7 +211,7 @@ class GradWatch:
             self._emit(data)
 
     def _emit(self, data: StepData) -> None:
-        findings = rules.evaluate(data.stats, self.thresholds, list(self._norm_history))
+        findings = rules.evaluate(data.stats, self.thresholds, list(self._norm_history), self.dead_window)
         total = data.stats.total_grad_norm
         if total is not None:
             self._norm_history.append(total)

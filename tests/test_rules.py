@@ -54,6 +54,12 @@ def test_non_finite_prefers_forward_activations_then_backward_gradients():
     assert (FindingKind.NON_FINITE, "l1") in found(st)
 
 
+def test_dead_units_wait_for_a_full_window():
+    st = step(l0={"dead_fraction": 0.9, "dead_window": 3})
+    assert evaluate(st, Thresholds(), dead_window=4) == []
+    assert [f.layer for f in evaluate(st, Thresholds(), dead_window=3)] == ["l0"]
+
+
 def test_findings_carry_value_threshold_and_advice():
     f = evaluate(step(l0={"dead_fraction": 0.9, "dead_window": 4}), Thresholds())[0]
     assert f.value == 0.9 and f.threshold == Thresholds().dead_fraction and f.step == 7
@@ -62,7 +68,7 @@ def test_findings_carry_value_threshold_and_advice():
 
 def test_debouncer_repeats_only_after_the_condition_clears():
     d = Debouncer()
-    a = evaluate(step(l0={"dead_fraction": 0.9}), Thresholds())
+    a = evaluate(step(l0={"dead_fraction": 0.9, "dead_window": 1}), Thresholds())
     assert len(d.new(a)) == 1
     assert d.new(a) == []
     assert d.new([]) == []

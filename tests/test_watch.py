@@ -180,7 +180,7 @@ def test_dead_relu_layer_is_named():
             models.train(model, 4)
     dead = [f for f in watch.findings if f.kind.value == "dead_units"]
     assert [f.layer for f in dead] == ["3"]
-    assert dead[0].value == 1.0 and dead[0].step == 0
+    assert dead[0].value == 1.0 and dead[0].step == 2  # reported once the 3-batch window is full
     assert len([r for r in record if r.category is DeadUnitsWarning]) == 1  # not repeated every step
     assert watch.report().layers["1"].dead_fraction < 0.5
 
