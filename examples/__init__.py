@@ -1,0 +1,1 @@
+"""gradwatch's bundled examples (importable, so tests can run them)."""
