@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -81,14 +80,14 @@ class Collector:
     """Attaches gradwatch's hooks to a model and turns measured steps into ``StepData``."""
 
     def __init__(self, model: nn.Module, layers: List[Layer], params: List[Tuple[str, str, nn.Parameter]],
-                 *, thresholds: Thresholds, bins: int, hist_samples: int, dead_window: int,
+                 *, thresholds: Thresholds, bins: int, samples: int, dead_window: int,
                  on_root_forward: Callable[[nn.Module], None], strict: bool = False) -> None:
         self.model = model
         self.layers = layers
         self.params = params
         self.thresholds = thresholds
         self.bins = bins
-        self.hist_samples = hist_samples
+        self.samples = samples
         self.dead_window = dead_window
         self.strict = strict
         self._on_root_forward = on_root_forward
@@ -99,7 +98,9 @@ class Collector:
         self._broken: set = set()
         # The only state kept across steps: small per-layer tensors.
         self._peak: Dict[str, Tensor] = {}
-        self._alive_ring: Dict[str, Deque[Tensor]] = {}
+        # Per unit: consecutive measured batches without a non-zero output, and batches seen.
+        self._idle: Dict[str, Tensor] = {}
+        self._seen: Dict[str, int] = {}
 
     # ----------------------------------------------------------------- attach / detach
     def attach(self) -> None:
@@ -120,21 +121,27 @@ class Collector:
 
     # ----------------------------------------------------------------- step boundaries
     def begin(self, *, histograms: bool) -> None:
-        """Start a measured step: register the per-layer hooks."""
-        self._remove_step_hooks()
+        """Start a measured step: register the per-layer hooks (kept from the previous step
+        when that one was measured too, as with ``every=1``)."""
         self._buf = _StepBuffers(histograms=histograms)
+        if self._step_handles:
+            return
         for layer in self.layers:
             if layer.spec.kind is ActivationKind.GENERIC:
                 self._step_handles.append(layer.module.register_forward_pre_hook(self._make_pre_hook(layer)))
             self._step_handles.append(layer.module.register_forward_hook(self._make_hook(layer)))
 
     def end(self, step: int) -> Optional[StepData]:
-        """Finish the measured step (if any): one host transfer, then plain numbers."""
-        self._remove_step_hooks()
+        """Finish the measured step (if any): one host transfer, then plain numbers.
+        The per-layer hooks stay until :meth:`pause` (they do nothing between steps)."""
         buf, self._buf = self._buf, None
         if buf is None or not (buf.forward_order or buf.params is not None):
             return None
         return self._summarise(step, buf)
+
+    def pause(self) -> None:
+        """An unmeasured step begins: take the per-layer hooks off, so it costs nothing."""
+        self._remove_step_hooks()
 
     def _remove_step_hooks(self) -> None:
         for h in self._step_handles:
@@ -179,7 +186,7 @@ class Collector:
         buf.param_names = names
         buf.params = stats.grad_summaries(grads, weights)
         if buf.histograms:
-            buf.grad_hist = {n: stats.histogram(g, self.bins, self.hist_samples) for n, g in zip(names, grads)}
+            buf.grad_hist = {n: stats.histogram(g, self.bins, self.samples) for n, g in zip(names, grads)}
 
     # ----------------------------------------------------------------- layer hooks
     def _make_pre_hook(self, layer: Layer) -> Callable[..., None]:
@@ -220,12 +227,13 @@ class Collector:
         for t in tensors:
             lower, upper = (spec.lower, spec.upper) if spec.kind in (ActivationKind.BOUNDED,
                                                                       ActivationKind.RECTIFIER) else (None, None)
-            buf.act.setdefault(name, []).append((t.numel(), stats.activation_summary(t, lower, upper, margin)))
+            buf.act.setdefault(name, []).append(
+                (t.numel(), stats.activation_summary(t, lower, upper, margin, self.samples)))
         if not tensors:
             return
         first = tensors[0]
         if buf.histograms and name not in buf.act_hist:
-            buf.act_hist[name] = stats.histogram(first, self.bins, self.hist_samples)
+            buf.act_hist[name] = stats.histogram(first, self.bins, self.samples)
         if spec.tracks_dead_units and len(tensors) == 1:
             alive = stats.active_units(first)
             if alive is not None:
@@ -270,11 +278,15 @@ class Collector:
         # of this step into one list for a single host transfer.
         dead_layers = []
         for name, alive in buf.alive.items():
-            ring = self._alive_ring.setdefault(name, deque(maxlen=self.dead_window))
-            if ring and ring[-1].shape != alive.shape:
-                ring.clear()
-            ring.append(alive)
-            dead_layers.append((name, len(ring), 1.0 - torch.stack(list(ring)).any(dim=0).double().mean()))
+            idle = self._idle.get(name)
+            if idle is None or idle.shape != alive.shape:
+                idle, self._seen[name] = torch.zeros(alive.shape, dtype=torch.int32, device=alive.device), 0
+            # A unit is dead when it was idle in each of the last `dead_window` measured batches:
+            # a counter of consecutive idle batches gives that sliding window in two small ops.
+            idle = (idle + 1).masked_fill_(alive, 0)
+            self._idle[name] = idle
+            self._seen[name] = min(self._seen[name] + 1, self.dead_window)
+            dead_layers.append((name, self._seen[name], (idle >= self._seen[name]).sum()))
 
         tensors: List[Tensor] = []
         index: Dict[Tuple[str, str], List[int]] = {}
@@ -292,8 +304,8 @@ class Collector:
         for name, parts in buf.out_grad.items():
             for t in parts:
                 put(("grad", name), t)
-        for name, _, frac in dead_layers:
-            put(("dead", name), frac.reshape(1))
+        for name, _, count in dead_layers:
+            put(("dead", name), count.reshape(1))
         for name, t in buf.act_hist.items():
             put(("act_hist", name), t)
         for name, t in buf.grad_hist.items():
@@ -320,7 +332,8 @@ class Collector:
                     ls.saturation_method = "slope"
             dead = get("dead", name)
             if dead:
-                ls.dead_fraction, ls.dead_window = dead[0][0], windows[name]
+                units = buf.alive[name].numel()
+                ls.dead_fraction, ls.dead_window = dead[0][0] / units if units else 0.0, windows[name]
             grads = get("grad", name)
             if grads:
                 ls.output_grad_norm = math.sqrt(sum(g[0] ** 2 for g in grads))
@@ -369,8 +382,6 @@ def _fill_activation(ls: LayerStats, counts: List[int], parts: List[List[float]]
     moments = [stats.activation_moments(p, c) for c, p in zip(counts, parts)]
     n, mean, var = stats.merge_moments([(c, m["mean"], m["var"]) for c, m in zip(counts, moments)])
     ls.count, ls.mean, ls.std = n, mean, math.sqrt(var) if var >= 0 else math.nan
-    ls.min = min(m["min"] for m in moments)
-    ls.max = max(m["max"] for m in moments)
     ls.nonfinite = any(m["nonfinite"] for m in moments)
     if n:
         ls.zero_fraction = sum(m["zeros"] for m in moments) / n

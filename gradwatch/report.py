@@ -96,8 +96,6 @@ class LayerStats:
     count: int = 0
     mean: float = math.nan
     std: float = math.nan
-    min: float = math.nan
-    max: float = math.nan
     zero_fraction: float = math.nan
     nonfinite: bool = False  # NaN/Inf present in the output
     saturated_fraction: Optional[float] = None
