@@ -12,6 +12,7 @@ modules such as ``nn.ReLU(inplace=True)``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -29,7 +30,8 @@ from .report import LayerStats, ParamStats, StepStats
 
 
 def iter_tensors(value: Any) -> Iterator[Tensor]:
-    """Floating-point tensors inside a module output (tensors, tuples, lists, dicts, nested)."""
+    """Floating-point tensors inside a module output (tensors, tuples, lists, dicts, dataclasses,
+    nested). Integer, boolean and complex tensors are skipped: their statistics mean nothing here."""
     if isinstance(value, Tensor):
         if value.is_floating_point():
             yield value
@@ -39,6 +41,9 @@ def iter_tensors(value: Any) -> Iterator[Tensor]:
     elif isinstance(value, dict):
         for v in value.values():
             yield from iter_tensors(v)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for f in dataclasses.fields(value):
+            yield from iter_tensors(getattr(value, f.name, None))
 
 
 def _queue_after_backward(callback: Callable[[], None]) -> None:

@@ -139,8 +139,10 @@ def select_layers(model: nn.Module, include: Sequence[Selector] = (),
                   exclude: Sequence[Selector] = ()) -> list[Layer]:
     """The modules to hook, in registration order.
 
-    Default: every leaf module except dropout/identity/flatten. With ``include``,
-    exactly the modules it matches (containers too). ``exclude`` always wins.
+    Default: every leaf module except dropout/identity/flatten, and every module with
+    parameters of its own (``nn.MultiheadAttention`` computes with ``in_proj_weight``
+    directly and never calls its ``out_proj`` child). With ``include``, exactly the
+    modules it matches (containers too). ``exclude`` always wins.
     """
     layers = []
     for name, module in model.named_modules():
@@ -148,7 +150,8 @@ def select_layers(model: nn.Module, include: Sequence[Selector] = (),
             wanted = _matches(name, module, include)
         else:
             is_leaf = next(module.children(), None) is None
-            wanted = is_leaf and not isinstance(module, _SKIP_BY_DEFAULT)
+            own_params = next(module.parameters(recurse=False), None) is not None
+            wanted = (is_leaf or own_params) and not isinstance(module, _SKIP_BY_DEFAULT)
         if wanted and not _matches(name, module, exclude):
             layers.append(Layer(display_name(name), module, activation_spec(module)))
     return layers
