@@ -47,9 +47,14 @@ def iter_tensors(value: Any) -> Iterator[Tensor]:
 
 
 def _queue_after_backward(callback: Callable[[], None]) -> None:
-    # The autograd engine runs queued callbacks once the whole backward pass is done, i.e. after
-    # every parameter's .grad has been accumulated (DDP and FSDP use the same mechanism).
-    torch.autograd.Variable._execution_engine.queue_callback(callback)
+    # The autograd engine runs queued callbacks once the whole backward pass is done, after
+    # every parameter's .grad has been accumulated. This is queued when backward *starts*,
+    # before DDP queues its own finalisation (which waits for the gradient all-reduce), so
+    # the first callback queues the real one behind everything queued meanwhile: the engine
+    # keeps running callbacks until none is left. The gradients read are then the
+    # synchronised ones the optimizer will apply.
+    engine = torch.autograd.Variable._execution_engine
+    engine.queue_callback(lambda: engine.queue_callback(callback))
 
 
 @dataclass
