@@ -94,3 +94,10 @@ def to_text(renderable: object, width: int = 120) -> str:
     buf = io.StringIO()
     Console(file=buf, width=width, color_system=None, force_terminal=False).print(renderable)
     return buf.getvalue()
+
+
+def to_html(renderable: object, width: int = 120) -> str:
+    """Render as an HTML fragment with inline styles (notebooks)."""
+    console = Console(record=True, file=io.StringIO(), width=width, force_terminal=True, color_system="truecolor")
+    console.print(renderable)
+    return console.export_html(inline_styles=True, code_format="<pre style=\"font-family:monospace\">{code}</pre>")

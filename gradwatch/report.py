@@ -163,6 +163,12 @@ class Report:
 
         return to_text(self)
 
+    def _repr_html_(self) -> str:
+        """The same table as HTML, for Jupyter."""
+        from .render import to_html
+
+        return to_html(self)
+
 
 def _json_float(v: Any) -> Any:
     """JSON has no NaN/Inf: map them to None/strings the way JSON readers expect."""

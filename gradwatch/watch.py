@@ -19,7 +19,7 @@ from .exceptions import AlreadyWatchedError, GradWatchWarning, LogDirError
 from .hooks import Collector, StepData
 from .layers import Selector, check_selectors, select_layers, select_parameters
 from .report import Finding, Report, StepStats
-from .sinks import ConsoleSink, Sink, TensorBoardSink, WarningSink
+from .sinks import ConsoleSink, JsonlSink, LoggingSink, Sink, TensorBoardSink, WarningSink
 
 DEFAULT_EVERY = 20
 """Logging interval in steps for scalars and findings (measured steps cost a few % of a step each)."""
@@ -109,10 +109,13 @@ class GradWatch:
         self.log_dir = log_dir
         _check_not_watched(model, self)
 
-        self.sinks: List[Sink] = [WarningSink(console)]
+        self.sinks: List[Sink] = [WarningSink(console), LoggingSink()]
         if log_dir is not None or writer is not None:
-            self.sinks.append(TensorBoardSink(log_dir=None if log_dir is None else os.fspath(log_dir),
-                                              writer=writer))
+            tb = TensorBoardSink(log_dir=None if log_dir is None else os.fspath(log_dir), writer=writer)
+            self.sinks.append(tb)
+            folder = log_dir if log_dir is not None else getattr(writer, "log_dir", None)
+            if folder is not None:
+                self.sinks.append(JsonlSink(os.fspath(folder)))
         if not quiet:
             self.sinks.append(ConsoleSink(console, self.thresholds))
         self._collector = Collector(model, self.layers, self.params, thresholds=self.thresholds, bins=self.bins,

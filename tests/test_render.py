@@ -71,3 +71,11 @@ def test_findings_are_drawn_as_panels_when_python_would_print_them(monkeypatch):
     out = buf.getvalue()
     assert "DeadUnitsWarning" in out and "LeakyReLU" in out and "\x1b[" in out
     assert [str(m.message) for m in printed] == ["someone else's warning"]
+
+
+def test_report_renders_as_html_for_notebooks():
+    model = models.small_mlp()
+    with GradWatch(model, every=1, quiet=True) as watch:
+        models.train(model, 1)
+    html = watch.report()._repr_html_()
+    assert html.startswith("<pre") and "Linear" in html and "style=" in html

@@ -72,3 +72,19 @@ def test_a_users_writer_is_flushed_not_closed(tmp_path):
     writer.close()
     tags = load(tmp_path).Tags()["scalars"]
     assert "user/loss" in tags and "gradient.global_norm" in tags
+
+
+def test_findings_are_appended_to_jsonl_and_logged(tmp_path, caplog):
+    import json
+    import logging
+
+    model = models.small_mlp()
+    with torch.no_grad():
+        model[2].bias.fill_(-100.0)
+    with caplog.at_level(logging.WARNING, logger="gradwatch"), pytest.warns(Warning):
+        with GradWatch(model, log_dir=tmp_path, every=1, dead_window=1, quiet=True) as watch:
+            models.train(model, 2)
+    lines = [json.loads(line) for line in (tmp_path / "findings.jsonl").read_text().splitlines()]
+    assert lines == [f.to_dict() for f in watch.findings]
+    logged = [r.getMessage() for r in caplog.records if r.name == "gradwatch"]
+    assert logged == [str(f) for f in watch.findings] and "] 3: " in logged[0]

@@ -6,7 +6,8 @@ work from the same records.
 
 from .base import Sink
 from .console import ConsoleSink
+from .jsonl import JsonlSink, LoggingSink
 from .tensorboard import TensorBoardSink
 from .warn import WarningSink
 
-__all__ = ["Sink", "ConsoleSink", "TensorBoardSink", "WarningSink"]
+__all__ = ["Sink", "ConsoleSink", "JsonlSink", "LoggingSink", "TensorBoardSink", "WarningSink"]
