@@ -19,14 +19,20 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("gradwatch")
 FINDINGS_FILE = "findings.jsonl"
+META_FILE = "gradwatch.json"
+FORMAT_VERSION = 1
+"""Major version of the run-folder format; readers accept any run of the same major."""
 
 
 class JsonlSink(Sink):
-    """Appends each new finding to ``<log_dir>/findings.jsonl``."""
+    """Appends each new finding to ``<log_dir>/findings.jsonl``, and writes ``gradwatch.json``
+    (format version, layers in forward order, parameter -> layer) for ``gradwatch report``."""
 
     def __init__(self, log_dir: str) -> None:
+        self.log_dir = log_dir
         self.path = os.path.join(log_dir, FINDINGS_FILE)
         self._file: Optional[Any] = None
+        self._meta_written = False
 
     def open(self) -> None:
         self._file = open(self.path, "a", encoding="utf-8")
@@ -34,6 +40,13 @@ class JsonlSink(Sink):
     def on_step(self, data: "StepData", new_findings: "List[Finding]") -> None:
         if self._file is None:
             return
+        if not self._meta_written and data.stats.layers:
+            meta = {"format": FORMAT_VERSION, "layers": list(data.stats.layers),
+                    "layer_types": {n: ls.type for n, ls in data.stats.layers.items()},
+                    "params": {n: p.layer for n, p in data.stats.params.items()}}
+            with open(os.path.join(self.log_dir, META_FILE), "w", encoding="utf-8") as f:
+                json.dump(meta, f, indent=1)
+            self._meta_written = True
         for f in new_findings:
             self._file.write(json.dumps(f.to_dict()) + "\n")
         if new_findings:
