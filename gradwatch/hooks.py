@@ -66,7 +66,7 @@ class _StepBuffers:
     forward_order: Dict[str, None] = field(default_factory=dict)
     backward_order: Dict[str, None] = field(default_factory=dict)
     calls: Dict[str, int] = field(default_factory=dict)
-    act: Dict[str, List[Tuple[int, Tensor]]] = field(default_factory=dict)
+    act: Dict[str, List[Tuple[Tuple[int, int], Tensor]]] = field(default_factory=dict)  # ((n, sample n), summary)
     act_hist: Dict[str, Tensor] = field(default_factory=dict)
     slope: Dict[str, List[Tensor]] = field(default_factory=dict)
     out_grad: Dict[str, List[Tensor]] = field(default_factory=dict)
@@ -238,7 +238,8 @@ class Collector:
             lower, upper = (spec.lower, spec.upper) if spec.kind in (ActivationKind.BOUNDED,
                                                                       ActivationKind.RECTIFIER) else (None, None)
             buf.act.setdefault(name, []).append(
-                (t.numel(), stats.activation_summary(t, lower, upper, margin, self.samples)))
+                ((t.numel(), stats.sample_size(t, self.samples)),
+                 stats.activation_summary(t, lower, upper, margin, self.samples)))
         if not tensors:
             return
         first = tensors[0]
@@ -266,7 +267,7 @@ class Collector:
             if name in self._broken:
                 return
             buf.backward_order.setdefault(name, None)
-            buf.out_grad.setdefault(name, []).append(stats.l2_norm(grad).double().reshape(1))
+            buf.out_grad.setdefault(name, []).append(stats.l2_norm(grad))
         return hook
 
     def _make_input_grad_hook(self, layer: Layer, buf: _StepBuffers, cell: dict) -> Callable[[Tensor], None]:
@@ -315,7 +316,7 @@ class Collector:
             for t in parts:
                 put(("grad", name), t)
         for name, _, count in dead_layers:
-            put(("dead", name), count.reshape(1))
+            put(("dead", name), count)
         for name, t in buf.act_hist.items():
             put(("act_hist", name), t)
         for name, t in buf.grad_hist.items():
@@ -386,11 +387,11 @@ class Collector:
             return None
 
 
-def _fill_activation(ls: LayerStats, counts: List[int], parts: List[List[float]], layer: Layer) -> None:
+def _fill_activation(ls: LayerStats, counts: List[Tuple[int, int]], parts: List[List[float]], layer: Layer) -> None:
     if not parts:
         return
-    moments = [stats.activation_moments(p, c) for c, p in zip(counts, parts)]
-    n, mean, var = stats.merge_moments([(c, m["mean"], m["var"]) for c, m in zip(counts, moments)])
+    moments = [stats.activation_moments(p, n, m) for (n, m), p in zip(counts, parts)]
+    n, mean, var = stats.merge_moments([(c, m["mean"], m["var"]) for (c, _), m in zip(counts, moments)])
     ls.count, ls.mean, ls.std = n, mean, math.sqrt(var) if var >= 0 else math.nan
     ls.nonfinite = any(m["nonfinite"] for m in moments)
     if n:

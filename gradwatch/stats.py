@@ -14,7 +14,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-ACTIVATION_FIELDS = ("sum", "sample_n", "sample_sum", "sample_dev_norm", "sample_nonzero", "sample_saturated")
+ACTIVATION_FIELDS = ("sum", "sample_sum", "sample_dev_norm", "sample_nonzero", "sample_saturated")
 """Order of the values :func:`activation_summary` returns (see :func:`activation_moments`)."""
 
 SLOPE_FIELDS = ("valid", "saturated", "peak")
@@ -47,15 +47,16 @@ def activation_summary(y: Tensor, lower: Optional[float] = None, upper: Optional
     (every element when the tensor is smaller; the stride is coprime with the last
     dimension, so every unit is visited): ``sample_sum``, ``sample_dev_norm`` (L2 norm
     of the sample minus its mean: a two-pass variance, exact also when the mean is
-    large), ``sample_nonzero`` and ``sample_saturated`` (elements within ``margin`` of
-    the output range from a bound ``lower``/``upper``; an open side is ignored; the
-    range of a one-sided activation is taken as 1). Divisions happen on the host in
+    large), ``sample_nonzero`` and, only when a bound is given, ``sample_saturated``
+    (elements within ``margin`` of the output range from a bound ``lower``/``upper``;
+    an open side is ignored; the range of a one-sided activation is taken as 1). The
+    sample's size is :func:`sample_size` (known on the host). Divisions happen on the host in
     :func:`activation_moments`: on the hot path each device kernel costs more than the
     arithmetic. The kernels are the cheap ones: on CPU, ``var_mean`` and boolean
     ``.sum()`` are 10-30x slower than a sum, a norm or ``sign``.
 
     >>> raw = activation_summary(torch.tensor([0.0, 0.5, 0.999, 1.0]), 0.0, 1.0, margin=0.01)
-    >>> {k: round(float(v), 4) for k, v in activation_moments(raw.tolist(), 4).items()}
+    >>> {k: round(float(v), 4) for k, v in activation_moments(raw.tolist(), 4, 4).items()}
     {'mean': 0.6248, 'var': 0.1717, 'zeros': 1.0, 'nonfinite': 0.0, 'saturated': 3.0}
     """
     x = y.detach()
@@ -65,22 +66,20 @@ def activation_summary(y: Tensor, lower: Optional[float] = None, upper: Optional
         return torch.zeros(len(ACTIVATION_FIELDS), dtype=acc, device=x.device)
     total = x.sum(dtype=acc)
     s = strided_sample(x, max_elements)
-    if s.numel() == n:
-        s_total = total
-    else:
-        s_total = s.sum(dtype=acc)
-    m = s.numel()
-    dev = torch.linalg.vector_norm(s - (s_total / m).to(s.dtype), dtype=acc)
-    parts = [total, total.new_full((), m), s_total, dev, _count_nonzero(s), _near_bounds(s, lower, upper, margin)]
+    s_total = total if s.numel() == n else s.sum(dtype=acc)
+    dev = torch.linalg.vector_norm(s - (s_total / s.numel()).to(s.dtype), dtype=acc)
+    parts = [total, s_total, dev, _count_nonzero(s)]
+    if lower is not None or upper is not None:
+        parts.append(_near_bounds(s, lower, upper, margin))
     return torch.stack(parts)
 
 
-def activation_moments(values: Sequence[float], n: int) -> dict:
+def activation_moments(values: Sequence[float], n: int, m: int) -> dict:
     """Host side of :func:`activation_summary`: the raw values of an ``n``-element tensor
-    as mean (exact), population variance, zeros and saturated (scaled up from the sample
-    to ``n``), and whether a NaN/Inf was present."""
+    summarised from an ``m``-element sample, as mean (exact), population variance, zeros
+    and saturated (scaled up from the sample to ``n``), and whether a NaN/Inf was present."""
     v = dict(zip(ACTIVATION_FIELDS, values))
-    m = v["sample_n"]
+    v.setdefault("sample_saturated", 0.0)
     if not n or not m:
         return {"mean": math.nan, "var": math.nan, "zeros": 0.0, "nonfinite": False, "saturated": 0.0}
     scale = n / m
@@ -173,14 +172,23 @@ def strided_sample(t: Tensor, max_elements: int) -> Tensor:
     [0, 3, 6, 9]
     """
     flat = t.detach().reshape(-1)
-    n = flat.numel()
+    stride = _stride(flat.numel(), t.shape[-1] if t.dim() else 1, max_elements)
+    return flat if stride == 1 else flat[::stride]
+
+
+def _stride(n: int, last: int, max_elements: int) -> int:
     if n <= max_elements:
-        return flat
+        return 1
     stride = math.ceil(n / max_elements)
-    last = t.shape[-1] if t.dim() else 1
     while math.gcd(stride, last) != 1:
         stride += 1
-    return flat[::stride]
+    return stride
+
+
+def sample_size(t: Tensor, max_elements: int) -> int:
+    """Number of elements :func:`strided_sample` takes from ``t`` (host arithmetic, no sync)."""
+    n = t.numel()
+    return len(range(0, n, _stride(n, t.shape[-1] if t.dim() else 1, max_elements)))
 
 
 def histogram(t: Tensor, bins: int, max_elements: int = 1 << 16) -> Tensor:
@@ -220,7 +228,7 @@ def grad_summaries(grads: Sequence[Tensor], weights: Sequence[Tensor]) -> Tensor
     [[5.0], [4.0], [1.0]]
     """
     if not grads:
-        return torch.zeros(3, 0, dtype=torch.float64)
+        return torch.zeros(3, 0)
     with torch.no_grad():
         norms = torch.stack(torch._foreach_norm([t.detach() for t in grads], dtype=torch.float32))
         wnorms = torch.stack(torch._foreach_norm([t.detach() for t in weights], dtype=torch.float32))
@@ -229,7 +237,7 @@ def grad_summaries(grads: Sequence[Tensor], weights: Sequence[Tensor]) -> Tensor
         else:
             maxabs = torch.stack(torch._foreach_norm([t.detach() for t in grads], ord=math.inf,
                                                      dtype=torch.float32))
-    return torch.stack([norms, maxabs, wnorms]).double()
+    return torch.stack([norms, maxabs, wnorms])
 
 
 def merge_moments(parts: Sequence[Tuple[int, float, float]]) -> Tuple[int, float, float]:
@@ -254,16 +262,21 @@ def merge_moments(parts: Sequence[Tuple[int, float, float]]) -> Tuple[int, float
 def to_host(tensors: Sequence[Tensor]) -> List[List[float]]:
     """One host transfer per device for many small tensors: concatenate, copy, split.
 
-    Returns each tensor's values as a flat list of floats, in the order given.
+    Tensors of one dtype are concatenated first and converted once, which keeps the
+    number of device kernels independent of the number of tensors. Returns each
+    tensor's values as a flat list of floats, in the order given.
     """
-    by_device: dict = {}
+    groups: dict = {}
     for i, t in enumerate(tensors):
-        by_device.setdefault(t.device, []).append(i)
+        groups.setdefault(t.device, {}).setdefault(t.dtype, []).append(i)
     out: List[List[float]] = [[] for _ in tensors]
-    for idxs in by_device.values():
-        flat = torch.cat([tensors[i].detach().reshape(-1).to(torch.float64) for i in idxs]).cpu().tolist()
+    for by_dtype in groups.values():
+        order = [i for idxs in by_dtype.values() for i in idxs]
+        parts = [torch.cat([tensors[i].detach().reshape(-1) for i in idxs]).to(torch.float64)
+                 for idxs in by_dtype.values()]
+        flat = (torch.cat(parts) if len(parts) > 1 else parts[0]).cpu().tolist()
         pos = 0
-        for i in idxs:
+        for i in order:
             n = tensors[i].numel()
             out[i] = flat[pos:pos + n]
             pos += n

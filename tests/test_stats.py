@@ -20,7 +20,8 @@ def x():
 
 
 def summary(t, *args, **kwargs) -> dict:
-    return stats.activation_moments(stats.activation_summary(t, *args, **kwargs).tolist(), t.numel())
+    m = stats.sample_size(t, kwargs.get("max_elements", 1 << 15))
+    return stats.activation_moments(stats.activation_summary(t, *args, **kwargs).tolist(), t.numel(), m)
 
 
 def test_activation_summary_matches_numpy(x):
@@ -67,6 +68,7 @@ def test_strided_sample_visits_every_feature():
     t = torch.arange(64 * 512).reshape(64, 512)
     s = stats.strided_sample(t, 4096)
     assert s.numel() <= 4096 and len(set((s % 512).tolist())) == 512
+    assert stats.sample_size(t, 4096) == s.numel()
 
 
 def test_large_mean_keeps_an_exact_variance():
@@ -172,6 +174,7 @@ def test_merge_moments_matches_concatenation():
     assert merged[1] == pytest.approx(whole.mean()) and merged[2] == pytest.approx(whole.var())
 
 
-def test_to_host_keeps_order_and_shapes():
-    ts = [torch.tensor([1.0, 2.0]), torch.tensor(3.0), torch.zeros(2, 2)]
-    assert stats.to_host(ts) == [[1.0, 2.0], [3.0], [0.0, 0.0, 0.0, 0.0]]
+def test_to_host_keeps_order_and_shapes_across_dtypes():
+    ts = [torch.tensor([1.0, 2.0]), torch.tensor(3, dtype=torch.int64), torch.zeros(2, 2, dtype=torch.float64),
+          torch.tensor([0.5], dtype=torch.float16)]
+    assert stats.to_host(ts) == [[1.0, 2.0], [3.0], [0.0, 0.0, 0.0, 0.0], [0.5]]
