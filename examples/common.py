@@ -8,7 +8,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 from rich.console import Console
@@ -116,14 +116,3 @@ def pyplot():
 
 def seconds(t0: float) -> float:
     return round(time.perf_counter() - t0, 1)
-
-
-def chunks(seq: Iterable, n: int) -> Iterator[list]:
-    buf: list = []
-    for item in seq:
-        buf.append(item)
-        if len(buf) == n:
-            yield buf
-            buf = []
-    if buf:
-        yield buf
