@@ -79,3 +79,22 @@ def test_report_renders_as_html_for_notebooks():
         models.train(model, 1)
     html = watch.report()._repr_html_()
     assert html.startswith("<pre") and "Linear" in html and "style=" in html
+
+
+def test_findings_are_not_printed_twice_by_the_logging_last_resort(capfd):
+    import logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    root.handlers.clear()  # an application that configured no logging (pytest's capture removed)
+    try:
+        model = models.small_mlp()
+        with torch.no_grad():
+            model[2].bias.fill_(-100.0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with GradWatch(model, every=1, dead_window=1, quiet=True) as watch:
+                models.train(model, 1)
+    finally:
+        root.handlers[:] = saved
+    assert watch.findings and "units produced no" not in capfd.readouterr().err

@@ -60,8 +60,12 @@ class JsonlSink(Sink):
 
 class LoggingSink(Sink):
     """Each new finding also goes to the ``gradwatch`` logger (WARNING), so it reaches
-    whatever handlers an application already has. gradwatch attaches no handler itself."""
+    whatever handlers an application already has. gradwatch attaches no handler itself,
+    and logs only when some handler exists: otherwise Python's last-resort handler would
+    print every finding a second time next to the warning."""
 
     def on_step(self, data: "StepData", new_findings: "List[Finding]") -> None:
+        if not new_findings or not logger.hasHandlers():
+            return
         for f in new_findings:
             logger.warning("%s", f, extra={"gradwatch_finding": f.to_dict()})
