@@ -15,6 +15,17 @@ import torch.nn.functional as F
 from examples import activation_gallery, fashion_mnist_gradients as fmg
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are small: one thread is as fast, and far steadier on CPU cores shared with
+    other jobs (two OpenMP threads wait on each other there, 10-40x slower). Restored afterwards,
+    also after main() has set its own --threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def write_idx_gz(path: Path, arr: np.ndarray) -> None:
     """The official IDX layout: magic 2051 (images, 3 dims) / 2049 (labels, 1 dim), big-endian sizes."""
     magic = {3: 2051, 1: 2049}[arr.ndim]
@@ -73,7 +84,7 @@ def test_fashion_example_end_to_end_on_generated_idx_files(tmp_path):
     data = fake_fashion_mnist(tmp_path / "data")
     out = tmp_path / "out"
     payload = fmg.main(["--quick", "--data-dir", str(data), "--no-verify", "--no-download",
-                        "--runs", str(tmp_path / "runs"), "--out", str(out), "--steps", "2", "--threads", "2"])
+                        "--runs", str(tmp_path / "runs"), "--out", str(out), "--steps", "2", "--threads", "1"])
     results = json.loads((out / "results.json").read_text())
     assert results["activations"].keys() == set(fmg.ACTIVATIONS)
     assert results["setup"]["gradient_batch"] == 256 and results["setup"]["train_steps"] == 2
