@@ -163,13 +163,15 @@ def active_units(y: Tensor) -> Optional[Tensor]:
 
 
 def strided_sample(t: Tensor, max_elements: int) -> Tensor:
-    """At most ``max_elements`` evenly spaced elements of ``t``, flattened. No RNG is used,
+    """About ``max_elements`` evenly spaced elements of ``t``, flattened. No RNG is used,
     so sampling never disturbs the user's random stream (dropout masks stay identical).
     The stride is coprime with the last dimension, so the sample visits every feature
     instead of, say, only the even ones.
 
     >>> strided_sample(torch.arange(12).reshape(3, 4), 4).tolist()
     [0, 3, 6, 9]
+    >>> strided_sample(torch.arange(100_000).reshape(1000, 100), 32768).numel()  # stride 3, not 4
+    33334
     """
     flat = t.detach().reshape(-1)
     stride = _stride(flat.numel(), t.shape[-1] if t.dim() else 1, max_elements)
@@ -177,12 +179,17 @@ def strided_sample(t: Tensor, max_elements: int) -> Tensor:
 
 
 def _stride(n: int, last: int, max_elements: int) -> int:
+    """The stride coprime with ``last`` nearest to ``n / max_elements`` (at least 2), so the
+    sample holds about ``max_elements`` elements and still visits every feature."""
     if n <= max_elements:
         return 1
-    stride = math.ceil(n / max_elements)
-    while math.gcd(stride, last) != 1:
-        stride += 1
-    return stride
+    target = n / max_elements
+    base = max(2, round(target))
+    for delta in range(0, base + last + 1):
+        for stride in (base - delta, base + delta):
+            if stride >= 2 and math.gcd(stride, last) == 1:
+                return stride
+    return base
 
 
 def sample_size(t: Tensor, max_elements: int) -> int:

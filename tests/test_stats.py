@@ -67,7 +67,7 @@ def test_large_tensors_are_summarised_from_a_sample_but_mean_and_nan_are_exact()
 def test_strided_sample_visits_every_feature():
     t = torch.arange(64 * 512).reshape(64, 512)
     s = stats.strided_sample(t, 4096)
-    assert s.numel() <= 4096 and len(set((s % 512).tolist())) == 512
+    assert 2048 <= s.numel() <= 8192 and len(set((s % 512).tolist())) == 512
     assert stats.sample_size(t, 4096) == s.numel()
 
 
