@@ -146,7 +146,7 @@ def test_histogram_samples_without_rng():
     state = torch.get_rng_state()
     h = stats.histogram(t, bins=10, max_elements=1000).tolist()
     assert torch.equal(state, torch.get_rng_state())
-    assert 900 <= h[2] <= 1000
+    assert 900 <= h[2] <= 1100  # about max_elements
 
 
 def test_grad_summaries_match_numpy():
