@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
@@ -111,6 +112,7 @@ class Collector:
         # Per unit: consecutive measured batches without a non-zero output, and batches seen.
         self._idle: Dict[str, Tensor] = {}
         self._seen: Dict[str, int] = {}
+        self._units: Dict[str, int] = {}  # unit count per layer, agreed across ranks
 
     # ----------------------------------------------------------------- attach / detach
     def attach(self) -> None:
@@ -297,7 +299,10 @@ class Collector:
             idle = (idle + 1).masked_fill_(alive, 0)
             self._idle[name] = idle
             self._seen[name] = min(self._seen[name] + 1, self.dead_window)
-            dead_layers.append((name, self._seen[name], (idle >= self._seen[name]).sum()))
+            dead = idle >= self._seen[name]
+            # Under several processes the per-unit verdicts travel (a unit is dead only if it
+            # is dead on every rank); alone, their count is enough.
+            dead_layers.append((name, self._seen[name], dead.float() if self._world else dead.sum()))
 
         tensors: List[Tensor] = []
         index: Dict[Tuple[str, str], List[int]] = {}
@@ -315,8 +320,8 @@ class Collector:
         for name, parts in buf.out_grad.items():
             for t in parts:
                 put(("grad", name), t)
-        for name, _, count in dead_layers:
-            put(("dead", name), count)
+        for name, _, dead in dead_layers:
+            put(("dead", name), dead)
         for name, t in buf.act_hist.items():
             put(("act_hist", name), t)
         for name, t in buf.grad_hist.items():
@@ -344,12 +349,15 @@ class Collector:
             dead = get("dead", name)
             if dead:
                 units = buf.alive[name].numel()
-                ls.dead_fraction, ls.dead_window = dead[0][0] / units if units else 0.0, windows[name]
+                ls.dead_fraction, ls.dead_window = sum(dead[0]) / units if units else 0.0, windows[name]
             grads = get("grad", name)
             if grads:
                 ls.output_grad_norm = math.sqrt(sum(g[0] ** 2 for g in grads))
                 ls.output_grad_nonfinite = not math.isfinite(ls.output_grad_norm)
             layers[name] = ls
+
+        if self._world:
+            layers = self._combine_ranks(layers, {name: get("dead", name)[0] for name, _, _ in dead_layers})
 
         params: Dict[str, ParamStats] = {}
         if buf.params is not None:
@@ -370,6 +378,80 @@ class Collector:
                         {n: get("act_hist", n)[0] for n in buf.act_hist},
                         {n: get("grad_hist", n)[0] for n in buf.grad_hist})
 
+    # ----------------------------------------------------------------- several processes
+    @property
+    def _world(self) -> int:
+        """World size when running under torch.distributed with more than one process, else 0."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return dist.get_world_size()
+        return 0
+
+    def _combine_ranks(self, local: Dict[str, LayerStats], dead: Dict[str, List[float]]) -> Dict[str, LayerStats]:
+        """Activation statistics over the samples of every rank, with one all-reduce of one small
+        flat tensor. Sums, counts and flags add up; a unit is dead only if every rank saw it dead.
+        Parameter gradients need nothing: after DDP's all-reduce they are the same everywhere."""
+        world = self._world
+        names = [layer.name for layer in self.layers]
+        if not self._units:  # once: agree on each layer's unit count (the only extra collective)
+            sizes = torch.tensor([float(len(dead.get(n, []))) for n in names], dtype=torch.float64,
+                                 device=_comm_device())
+            dist.all_reduce(sizes, op=dist.ReduceOp.MAX)
+            self._units = {n: int(v) for n, v in zip(names, sizes.tolist())}
+        vec: List[float] = []
+        for n in names:
+            ls = local.get(n)
+            if ls is None or not ls.count:
+                vec += [0.0] * _SLOTS if ls is None else [1.0] + [0.0] * (_SLOTS - 1)
+            else:
+                var = ls.std ** 2
+                sat_num, sat_den = _saturation_parts(ls)
+                og = ls.output_grad_norm
+                vec += [1.0, ls.count, ls.count * ls.mean, ls.count * (var + ls.mean ** 2),
+                        ls.count * ls.zero_fraction, sat_num, sat_den, float(ls.nonfinite),
+                        (og ** 2 if og is not None else 0.0), 1.0 if og is not None else 0.0]
+        for n in names:
+            size = self._units[n]
+            mine = (dead.get(n) or [])[:size]
+            vec += mine + [0.0] * (size - len(mine))
+        t = torch.tensor(vec, dtype=torch.float64, device=_comm_device())
+        dist.all_reduce(t)
+        total = t.tolist()
+        out: Dict[str, LayerStats] = {}
+        by_name = {layer.name: layer for layer in self.layers}
+        order = list(local) + [n for n in names if n not in local]
+        pos_of = {n: i * _SLOTS for i, n in enumerate(names)}
+        dead_pos, p = {}, len(names) * _SLOTS
+        for n in names:
+            dead_pos[n] = p
+            p += self._units[n]
+        for n in order:
+            v = total[pos_of[n]:pos_of[n] + _SLOTS]
+            if v[0] == 0:
+                continue
+            layer = by_name[n]
+            ls = local.get(n) or LayerStats(name=n, type=layer.type_name)
+            count, s1, s2, zeros, sat_num, sat_den, nonfinite, og2, og_n = v[1:]
+            if count:
+                mean = s1 / count
+                ls.count, ls.mean, ls.std = int(count), mean, math.sqrt(max(s2 / count - mean * mean, 0.0))
+                ls.zero_fraction = zeros / count
+                ls.nonfinite = nonfinite > 0
+                if sat_den > 0:
+                    ls.saturated_fraction = sat_num / sat_den
+                    ls.saturation_method = ls.saturation_method or (
+                        "slope" if layer.spec.kind is ActivationKind.GENERIC else "bounds")
+            if og_n > 0:
+                # Each rank's loss is a mean over its own samples and DDP averages, so the
+                # whole batch's gradient at this output is every rank's divided by the world size.
+                ls.output_grad_norm = math.sqrt(og2) / world
+                ls.output_grad_nonfinite = not math.isfinite(ls.output_grad_norm)
+            units = self._units[n]
+            if units and ls.dead_fraction is not None:
+                verdicts = total[dead_pos[n]:dead_pos[n] + units]
+                ls.dead_fraction = sum(1 for x in verdicts if x >= world) / units
+            out[n] = ls
+        return out
+
     # ----------------------------------------------------------------- failure isolation
     def _guarded(self, where: str, fn: Callable[..., Any], *args: Any) -> Any:
         """Run gradwatch's own code so that a bug in it never breaks the user's training:
@@ -385,6 +467,25 @@ class Collector:
                               f"gradwatch stops measuring it, training continues unaffected.",
                               GradWatchWarning, stacklevel=2)
             return None
+
+
+_SLOTS = 10  # per layer in the cross-rank vector: present, n, sum, sum of squares, zeros, saturated (2),
+#              nonfinite, output-gradient sum of squares, output gradient present
+
+
+def _saturation_parts(ls: LayerStats) -> Tuple[float, float]:
+    """(saturated, out of) as additive counts, whichever way saturation was measured."""
+    if ls.saturated_fraction is None:
+        return 0.0, 0.0
+    return ls.saturated_fraction * ls.count, float(ls.count)
+
+
+def _comm_device() -> torch.device:
+    # NCCL moves only CUDA tensors; gloo only CPU ones.
+    backend = str(dist.get_backend())
+    if "nccl" in backend and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _fill_activation(ls: LayerStats, counts: List[Tuple[int, int]], parts: List[List[float]], layer: Layer) -> None:

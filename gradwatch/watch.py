@@ -104,7 +104,7 @@ class GradWatch:
                              f"names look like {[n for n, _ in model.named_modules()][1:6]}")
         if log_dir is not None and writer is not None:
             raise ValueError("pass either log_dir= or writer=, not both (writer= writes where the writer writes)")
-        if log_dir is not None:
+        if log_dir is not None and _rank() == 0:  # other ranks write nothing
             log_dir = _check_log_dir(log_dir)
         self.log_dir = log_dir
         _check_not_watched(model, self)
@@ -137,6 +137,10 @@ class GradWatch:
         if self._attached:
             return self
         _check_not_watched(self.model, self)
+        if _rank() != 0:
+            # Under torch.distributed only rank 0 prints and writes; every rank still measures,
+            # takes part in combining the statistics, and holds the same findings.
+            self.sinks = []
         for m in self.model.modules():
             _ATTACHED[m] = self
         self._attached = True
@@ -257,6 +261,12 @@ class GradWatch:
         state = "attached" if self._attached else "detached"
         return (f"GradWatch({type(self.model).__name__}, {len(self.layers)} layers, {len(self.params)} params, "
                 f"every={self.every}, {state}, step={self._step})")
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def _thresholds(value: Optional[Union[Thresholds, Mapping[str, float]]]) -> Thresholds:

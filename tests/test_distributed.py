@@ -1,4 +1,5 @@
-"""Under DistributedDataParallel, gradient statistics describe the synchronised gradients."""
+"""Under DistributedDataParallel: synchronised gradients, statistics over every rank's samples,
+one writer."""
 
 from __future__ import annotations
 
@@ -23,43 +24,78 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = models.small_mlp(width=16)
+    with torch.no_grad():
+        # Units 0-7 of the first hidden layer fire only for inputs with a large first feature,
+        # which only rank 1's half of the batch has: dead on rank 0 alone, alive overall.
+        model[0].weight[:8].zero_()
+        model[0].weight[:8, 0] = 1.0
+        model[0].bias[:8] = -5.0
+    return model
+
+
 def data():
     g = torch.Generator().manual_seed(0)
-    return torch.randn(64, 8, generator=g), torch.randint(0, 3, (64,), generator=g)
+    x, y = torch.randn(64, 8, generator=g), torch.randint(0, 3, (64,), generator=g)
+    x[:, 0] = 0.0
+    x[32:, 0] = 10.0  # rank 1's samples
+    return x, y
 
 
-def norms_single() -> dict:
-    torch.manual_seed(0)
-    model = models.small_mlp()
+def summary(watch: GradWatch) -> dict:
+    rep = watch.report()
+    return {"params": {k.removeprefix("module."): p.grad_norm for k, p in rep.params.items()},
+            "layers": {k.removeprefix("module."): (l.count, l.mean, l.std, l.zero_fraction, l.dead_fraction,
+                                                   l.output_grad_norm)
+                       for k, l in rep.layers.items()},
+            "findings": [(f.kind.value, f.layer.removeprefix("module.")) for f in rep.findings]}
+
+
+def single() -> dict:
+    model = make_model()
     x, y = data()
-    with GradWatch(model, every=1, quiet=True, strict=True) as watch:
-        nn.functional.cross_entropy(model(x), y).backward()
-    return {k: p.grad_norm for k, p in watch.report().params.items()}
+    with GradWatch(model, every=1, dead_window=2, quiet=True, strict=True) as watch:
+        for _ in range(2):
+            nn.functional.cross_entropy(model(x), y).backward()
+    return summary(watch)
 
 
-def worker(rank: int, world: int, port: int, out: dict) -> None:
+def worker(rank: int, world: int, port: int, root: str, out: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        torch.manual_seed(0)
-        model = nn.parallel.DistributedDataParallel(models.small_mlp())
+        model = nn.parallel.DistributedDataParallel(make_model())
         x, y = data()
         x, y = x[rank * 32:(rank + 1) * 32], y[rank * 32:(rank + 1) * 32]
-        with GradWatch(model, every=1, quiet=True, strict=True) as watch:
-            nn.functional.cross_entropy(model(x), y).backward()
-        out[rank] = {k.removeprefix("module."): p.grad_norm for k, p in watch.report().params.items()}
+        with GradWatch(model, log_dir=os.path.join(root, f"rank{rank}"), every=1, dead_window=2,
+                       quiet=True, strict=True) as watch:
+            for _ in range(2):
+                nn.functional.cross_entropy(model(x), y).backward()
+        out[rank] = summary(watch)
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_ddp_gradient_norms_match_a_single_process_with_the_whole_batch():
+def test_two_ranks_report_what_one_process_sees_on_the_whole_batch(tmp_path):
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(worker, args=(2, free_port(), out), nprocs=2, join=True)
+        mp.spawn(worker, args=(2, free_port(), str(tmp_path), out), nprocs=2, join=True)
         ranks = dict(out)
-    single = norms_single()
+    one = single()
+    assert one["layers"]["1"][4] == 0.0  # the planted units are alive on the whole batch
     for rank in (0, 1):
-        assert ranks[rank].keys() == single.keys()
-        for name, value in single.items():
-            assert ranks[rank][name] == pytest.approx(value, rel=1e-4), (rank, name)
+        got = ranks[rank]
+        assert got["params"].keys() == one["params"].keys()
+        for name, value in one["params"].items():
+            assert got["params"][name] == pytest.approx(value, rel=1e-4), (rank, name)
+        for name, (count, mean, std, zeros, dead, og) in one["layers"].items():
+            g = got["layers"][name]
+            assert g[0] == count
+            assert g[1] == pytest.approx(mean, rel=1e-4, abs=1e-6) and g[2] == pytest.approx(std, rel=1e-4)
+            assert g[3] == pytest.approx(zeros, abs=1e-9) and g[4] == dead, (rank, name)
+            assert g[5] == pytest.approx(og, rel=1e-4), (rank, name)
+        assert got["findings"] == one["findings"]
+    assert (tmp_path / "rank0").is_dir() and not (tmp_path / "rank1").exists()  # rank 1 writes nothing
