@@ -16,6 +16,7 @@ class StepMode(str, enum.Enum):
     """What counts as a step."""
 
     FORWARD = "forward"  # each training-mode forward of the watched model
+    OPTIMIZER = "optimizer"  # each optimizer.step() (needs GradWatch(..., optimizer=))
     MANUAL = "manual"  # each call of GradWatch.step()
 
 

@@ -75,6 +75,8 @@ class _StepBuffers:
     inputs: Dict[str, List[Optional[dict]]] = field(default_factory=dict)
     params: Optional[Tensor] = None
     param_names: List[str] = field(default_factory=list)
+    applied: Optional[Tensor] = None  # gradient norms at optimizer.step(), after any clipping
+    applied_names: List[str] = field(default_factory=list)
     grad_hist: Dict[str, Tensor] = field(default_factory=dict)
 
 
@@ -181,6 +183,28 @@ class Collector:
                 queued[0] = True
                 _queue_after_backward(lambda: self._guarded("parameter gradients", self._after_backward, buf))
         return hook
+
+    def attach_optimizer(self, optimizer: Any, on_step: Optional[Callable[[], None]] = None) -> None:
+        """Read the gradients once more as the optimizer is about to apply them (after
+        accumulation, all-reduce and clipping); optionally mark a step after each ``step()``."""
+        self._root_handles.append(optimizer.register_step_pre_hook(
+            lambda opt, args, kwargs: self._guarded("optimizer step", self._before_optimizer_step)))
+        if on_step is not None:
+            self._root_handles.append(optimizer.register_step_post_hook(
+                lambda opt, args, kwargs: self._guarded("step counting", on_step)))
+
+    def _before_optimizer_step(self) -> None:
+        buf = self._buf
+        if buf is None:
+            return
+        names, grads = [], []
+        for pname, _, p in self.params:
+            if p.grad is not None:
+                names.append(pname)
+                grads.append(p.grad.coalesce()._values() if p.grad.is_sparse else p.grad)
+        if grads:
+            buf.applied_names = names
+            buf.applied = torch.stack(torch._foreach_norm([g.detach() for g in grads], dtype=torch.float32))
 
     def _after_backward(self, buf: _StepBuffers) -> None:
         names, grads, weights = [], [], []
@@ -328,6 +352,8 @@ class Collector:
             put(("grad_hist", name), t)
         if buf.params is not None:
             put(("params", ""), buf.params)
+        if buf.applied is not None:
+            put(("applied", ""), buf.applied)
         host = stats.to_host(tensors)
 
         def get(kind: str, name: str) -> List[List[float]]:
@@ -367,6 +393,10 @@ class Collector:
             for i, pname in enumerate(buf.param_names):
                 lname, p = owner[pname]
                 params[pname] = ParamStats(pname, lname, p.numel(), flat[i], flat[k + i], flat[2 * k + i])
+            if buf.applied is not None:
+                for pname, value in zip(buf.applied_names, get("applied", "")[0]):
+                    if pname in params:
+                        params[pname].applied_grad_norm = value
             per_layer: Dict[str, float] = {}
             for ps in params.values():
                 per_layer[ps.layer] = per_layer.get(ps.layer, 0.0) + ps.grad_norm ** 2

@@ -72,9 +72,10 @@ class ParamStats:
     name: str
     layer: str
     numel: int
-    grad_norm: float
+    grad_norm: float  # at the end of backward (before any clipping)
     grad_max_abs: float
     weight_norm: float
+    applied_grad_norm: Optional[float] = None  # at optimizer.step(), after clipping (optimizer= given)
 
     @property
     def ratio(self) -> float:
@@ -125,6 +126,12 @@ class StepStats:
             return None
         return math.sqrt(sum(p.grad_norm ** 2 for p in self.params.values()))
 
+    @property
+    def total_applied_grad_norm(self) -> Optional[float]:
+        """Global norm of the gradient the optimizer applied (after clipping), if known."""
+        applied = [p.applied_grad_norm for p in self.params.values() if p.applied_grad_norm is not None]
+        return math.sqrt(sum(v ** 2 for v in applied)) if applied else None
+
 
 @dataclass
 class Report:
@@ -147,7 +154,8 @@ class Report:
         """JSON-serialisable: ``{"step", "layers": {name: {...}}, "params": {...}, "findings": [...]}``."""
         params = {n: {"layer": p.layer, "numel": p.numel, "grad_norm": _json_float(p.grad_norm),
                       "grad_max_abs": _json_float(p.grad_max_abs), "weight_norm": _json_float(p.weight_norm),
-                      "ratio": _json_float(p.ratio), "nonfinite": p.nonfinite}
+                      "ratio": _json_float(p.ratio), "nonfinite": p.nonfinite,
+                      "applied_grad_norm": _json_float(p.applied_grad_norm)}
                   for n, p in self.params.items()}
         return {"step": self.step, "steps_seen": self.steps_seen,
                 "layers": {n: s.to_dict() for n, s in self.layers.items()},

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Deque, List, Mapping, Optional, Sequence, Union
 
 from rich.console import Console
+import torch
 from torch import nn
 
 from . import rules
@@ -70,7 +71,11 @@ class GradWatch:
             and saturation shares and its histogram (evenly strided, no RNG; default
             32768, which puts a share within about +-0.3% of its exact value). Means,
             NaN/Inf checks, dead units and gradient norms always use every element.
-        steps: ``"forward"`` (default) or ``"manual"``, see above.
+        steps: ``"forward"`` (default), ``"optimizer"`` (each ``optimizer.step()`` ends a
+            step: right for gradient accumulation) or ``"manual"``, see above.
+        optimizer: your optimizer. gradwatch then also reads the gradients at
+            ``optimizer.step()`` -- after accumulation, all-reduce and clipping -- and
+            reports them as ``applied_grad_norm`` beside the end-of-backward ``grad_norm``.
         strict: re-raise errors inside gradwatch's hooks instead of warning (tests).
     """
 
@@ -82,7 +87,7 @@ class GradWatch:
                  thresholds: Optional[Union[Thresholds, Mapping[str, float]]] = None,
                  include_eval: bool = False, quiet: bool = False, console: Optional[Console] = None,
                  bins: int = 64, samples: int = 1 << 15, steps: Union[StepMode, str] = StepMode.FORWARD,
-                 strict: bool = False) -> None:
+                 optimizer: Optional[torch.optim.Optimizer] = None, strict: bool = False) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"GradWatch(model): model must be a torch.nn.Module, got {type(model).__name__} "
                             f"({model!r:.80})")
@@ -95,6 +100,12 @@ class GradWatch:
         self.thresholds = _thresholds(thresholds)
         self.include_eval = bool(include_eval)
         self.step_mode = step_mode(steps)
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if self.step_mode is StepMode.OPTIMIZER and optimizer is None:
+            raise ValueError('steps="optimizer" needs the optimizer: GradWatch(model, optimizer=opt, '
+                             'steps="optimizer")')
+        self.optimizer = optimizer
         include_sel = check_selectors("include", include)
         exclude_sel = check_selectors("exclude", exclude)
         self.layers = select_layers(model, include_sel, exclude_sel)
@@ -123,7 +134,7 @@ class GradWatch:
                                     on_root_forward=self._on_root_forward, strict=strict)
         self._strict = strict
         self._attached = False
-        self._manual = self.step_mode is StepMode.MANUAL
+        self._manual = self.step_mode in (StepMode.MANUAL, StepMode.OPTIMIZER)
         self._step: Optional[int] = None
         self._steps_seen = 0
         self._latest: Optional[StepStats] = None
@@ -148,6 +159,9 @@ class GradWatch:
             for sink in self.sinks:
                 sink.open()
             self._collector.attach()
+            if self.optimizer is not None:
+                on_step = self._on_optimizer_step if self.step_mode is StepMode.OPTIMIZER else None
+                self._collector.attach_optimizer(self.optimizer, on_step)
             if self._manual and self._step is None:
                 self.step()  # step 0 starts now
         except BaseException:
@@ -191,6 +205,11 @@ class GradWatch:
     def steps(self) -> int:
         """Number of steps counted so far."""
         return self._steps_seen
+
+    def _on_optimizer_step(self) -> None:
+        self._finish_step()
+        self._step = 0 if self._step is None else self._step + 1
+        self._begin_step()
 
     def _on_root_forward(self, module: nn.Module) -> None:
         active = module.training or self.include_eval

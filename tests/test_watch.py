@@ -360,3 +360,28 @@ def test_public_surface():
     for name in gradwatch.__all__:
         assert hasattr(gradwatch, name)
     assert issubclass(NonFiniteWarning, GradWatchWarning) and issubclass(GradWatchWarning, UserWarning)
+
+
+def test_optimizer_steps_and_clipped_gradients():
+    model = models.small_mlp()
+    x, y = models.batch()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with GradWatch(model, every=1, quiet=True, strict=True, optimizer=opt, steps="optimizer") as watch:
+        for _ in range(3):
+            opt.zero_grad()
+            for chunk in range(4):  # gradient accumulation: 4 forwards, one optimizer step
+                (nn.functional.cross_entropy(model(x[chunk::4]), y[chunk::4]) / 4).backward()
+            pre_clip = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1e-3).item()
+            opt.step()
+    rep = watch.report()
+    assert watch.steps == 4 and rep.step == 2  # steps 0-2 measured; step 3 opened by the last step()
+    assert rep.stats.total_grad_norm == pytest.approx(pre_clip, rel=1e-5)  # end of backward: before clipping
+    assert rep.stats.total_applied_grad_norm == pytest.approx(1e-3, rel=1e-3)  # what the optimizer applied
+    assert rep.to_dict()["params"]["0.weight"]["applied_grad_norm"] < rep.params["0.weight"].grad_norm
+
+
+def test_optimizer_steps_need_the_optimizer():
+    with pytest.raises(ValueError, match="optimizer=opt"):
+        GradWatch(models.small_mlp(), steps="optimizer")
+    with pytest.raises(TypeError, match="optimizer"):
+        GradWatch(models.small_mlp(), optimizer="adam")  # type: ignore[arg-type]

@@ -15,7 +15,8 @@ Tag scheme (``<layer>`` and ``<param>`` are qualified names as ``named_modules()
 ``gradient.norm/<param>``          L2 norm of a parameter's gradient
 ``gradient.max_abs/<param>``       largest absolute gradient entry
 ``gradient.ratio/<param>``         gradient norm / weight norm
-``gradient.global_norm``           L2 norm over all watched parameter gradients
+``gradient.global_norm``           L2 norm over all watched parameter gradients (end of backward)
+``gradient.global_applied_norm``   the same at ``optimizer.step()``, after clipping (``optimizer=``)
 ``findings/<kind>``                1 at a step where a new finding of that kind was raised
 histogram ``activation/<layer>``   output values (strided sample)
 histogram ``gradient/<param>``     gradient values (strided sample)
@@ -57,7 +58,7 @@ def custom_scalars_layout() -> Dict[str, Dict[str, List[Any]]]:
         "gradwatch: gradients": {
             **{p.split(".", 1)[1]: chart(p) for p in LAYER_SCALARS if p.startswith("gradient")},
             **{"param " + p.split(".", 1)[1]: chart(p) for p in PARAM_SCALARS},
-            "global_norm": ["Multiline", [r"^gradient\.global_norm$"]],
+            "global_norm": ["Multiline", [r"^gradient\.global_norm$", r"^gradient\.global_applied_norm$"]],
         },
     }
 
@@ -94,6 +95,8 @@ class TensorBoardSink(Sink):
                 w.add_scalar(f"{tag}/{pname}", float(getattr(ps, attr)), step)
         if st.total_grad_norm is not None:
             w.add_scalar("gradient.global_norm", st.total_grad_norm, step)
+        if st.total_applied_grad_norm is not None:
+            w.add_scalar("gradient.global_applied_norm", st.total_applied_grad_norm, step)
         for name, h in data.act_histograms.items():
             _histogram(w, f"activation/{name}", h, step)
         for name, h in data.grad_histograms.items():
