@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
@@ -108,6 +109,7 @@ class Collector:
         self._step_handles: List[RemovableHandle] = []
         self._buf: Optional[_StepBuffers] = None
         self.enabled = False  # False during forwards gradwatch must ignore (eval forwards by default)
+        self.spent = 0.0  # seconds of gradwatch's own host work, for the overhead budget
         self._broken: set = set()
         # The only state kept across steps: small per-layer tensors.
         self._peak: Dict[str, Tensor] = {}
@@ -292,8 +294,10 @@ class Collector:
         def hook(grad: Tensor) -> None:
             if name in self._broken:
                 return
+            t0 = time.perf_counter()
             buf.backward_order.setdefault(name, None)
             buf.out_grad.setdefault(name, []).append(stats.l2_norm(grad))
+            self.spent += time.perf_counter() - t0
         return hook
 
     def _make_input_grad_hook(self, layer: Layer, buf: _StepBuffers, cell: dict) -> Callable[[Tensor], None]:
@@ -486,6 +490,7 @@ class Collector:
     def _guarded(self, where: str, fn: Callable[..., Any], *args: Any) -> Any:
         """Run gradwatch's own code so that a bug in it never breaks the user's training:
         report it once as a GradWatchWarning and switch that layer off (``strict`` re-raises)."""
+        t0 = time.perf_counter()
         try:
             return fn(*args)
         except Exception as exc:  # noqa: BLE001 - isolation is the point
@@ -497,6 +502,8 @@ class Collector:
                               f"gradwatch stops measuring it, training continues unaffected.",
                               GradWatchWarning, stacklevel=2)
             return None
+        finally:
+            self.spent += time.perf_counter() - t0
 
 
 _SLOTS = 10  # per layer in the cross-rank vector: present, n, sum, sum of squares, zeros, saturated (2),

@@ -141,6 +141,7 @@ class Report:
     stats: Optional[StepStats]
     findings: List[Finding]
     steps_seen: int = 0
+    every: int = 0  # the logging interval in force (it moves when a budget is set)
 
     @property
     def layers(self) -> Dict[str, LayerStats]:
@@ -157,7 +158,7 @@ class Report:
                       "ratio": _json_float(p.ratio), "nonfinite": p.nonfinite,
                       "applied_grad_norm": _json_float(p.applied_grad_norm)}
                   for n, p in self.params.items()}
-        return {"step": self.step, "steps_seen": self.steps_seen,
+        return {"step": self.step, "steps_seen": self.steps_seen, "every": self.every,
                 "layers": {n: s.to_dict() for n, s in self.layers.items()},
                 "params": params, "findings": [f.to_dict() for f in self.findings]}
 

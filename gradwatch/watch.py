@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import statistics
 import tempfile
+import time
 import warnings
 import weakref
 from collections import deque
@@ -76,6 +78,9 @@ class GradWatch:
         optimizer: your optimizer. gradwatch then also reads the gradients at
             ``optimizer.step()`` -- after accumulation, all-reduce and clipping -- and
             reports them as ``applied_grad_norm`` beside the end-of-backward ``grad_norm``.
+        budget: keep gradwatch's own work under this fraction of the step time (e.g.
+            0.02): it times itself and widens the logging interval while over budget,
+            narrows it again when well under; ``watch.every`` is the interval it settled on.
         strict: re-raise errors inside gradwatch's hooks instead of warning (tests).
     """
 
@@ -87,12 +92,14 @@ class GradWatch:
                  thresholds: Optional[Union[Thresholds, Mapping[str, float]]] = None,
                  include_eval: bool = False, quiet: bool = False, console: Optional[Console] = None,
                  bins: int = 64, samples: int = 1 << 15, steps: Union[StepMode, str] = StepMode.FORWARD,
-                 optimizer: Optional[torch.optim.Optimizer] = None, strict: bool = False) -> None:
+                 optimizer: Optional[torch.optim.Optimizer] = None, budget: Optional[float] = None,
+                 strict: bool = False) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"GradWatch(model): model must be a torch.nn.Module, got {type(model).__name__} "
                             f"({model!r:.80})")
         self.model = model
         self.every = positive_int("every", every)
+        self._every_asked = 1 if budget is not None else self.every  # with a budget, `every` is where it starts
         self.histogram_every = None if histogram_every is None else positive_int("histogram_every", histogram_every)
         self.dead_window = positive_int("dead_window", dead_window)
         self.bins = positive_int("bins", bins)
@@ -106,6 +113,10 @@ class GradWatch:
             raise ValueError('steps="optimizer" needs the optimizer: GradWatch(model, optimizer=opt, '
                              'steps="optimizer")')
         self.optimizer = optimizer
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                                   or not 0 < budget < 1):
+            raise ValueError(f"budget must be a fraction of step time between 0 and 1 (e.g. 0.02), got {budget!r}")
+        self.budget = budget
         include_sel = check_selectors("include", include)
         exclude_sel = check_selectors("exclude", exclude)
         self.layers = select_layers(model, include_sel, exclude_sel)
@@ -141,6 +152,9 @@ class GradWatch:
         self._findings: List[Finding] = []
         self._debouncer = rules.Debouncer()
         self._norm_history: Deque[float] = deque(maxlen=5)
+        self._step_started: Optional[float] = None
+        self._step_times: Deque[float] = deque(maxlen=64)
+        self._steps_since_adapt = 0
 
     # ------------------------------------------------------------------ lifecycle
     def attach(self) -> "GradWatch":
@@ -227,6 +241,11 @@ class GradWatch:
         s = self._step
         assert s is not None
         self._steps_seen += 1
+        now = time.perf_counter()
+        if self._step_started is not None:
+            self._step_times.append(now - self._step_started)
+        self._step_started = now
+        self._steps_since_adapt += 1
         self._collector.enabled = True
         histograms = self.histogram_every is not None and s % self.histogram_every == 0
         if s % self.every == 0 or histograms:
@@ -240,6 +259,18 @@ class GradWatch:
         data = self._collector.end(self._step)
         if data is not None:
             self._emit(data)
+        if self.budget is not None:
+            self._adapt_interval()
+
+    def _adapt_interval(self) -> None:
+        """Keep gradwatch's own work under ``budget`` of the step time: double the logging
+        interval while over it, halve it (down to the ``every`` asked for) while well under."""
+        if len(self._step_times) < 3 or not self._steps_since_adapt:
+            return
+        per_step = self._collector.spent / self._steps_since_adapt
+        self._collector.spent, self._steps_since_adapt = 0.0, 0
+        self.every = next_interval(self.every, self._every_asked, per_step,
+                                   statistics.median(self._step_times), self.budget)
 
     def _emit(self, data: StepData) -> None:
         findings = rules.evaluate(data.stats, self.thresholds, list(self._norm_history), self.dead_window)
@@ -270,7 +301,8 @@ class GradWatch:
     def report(self) -> Report:
         """The latest measured per-layer stats and every finding so far."""
         step = self._latest.step if self._latest else (self._step if self._step is not None else 0)
-        return Report(step=step, stats=self._latest, findings=list(self._findings), steps_seen=self._steps_seen)
+        return Report(step=step, stats=self._latest, findings=list(self._findings), steps_seen=self._steps_seen,
+                      every=self.every)
 
     @property
     def findings(self) -> List[Finding]:
@@ -280,6 +312,23 @@ class GradWatch:
         state = "attached" if self._attached else "detached"
         return (f"GradWatch({type(self.model).__name__}, {len(self.layers)} layers, {len(self.params)} params, "
                 f"every={self.every}, {state}, step={self._step})")
+
+
+def next_interval(every: int, smallest: int, cost_per_step: float, step_time: float, budget: float) -> int:
+    """The overhead budget's policy: double the interval while gradwatch's share of the
+    training step time is over ``budget``, halve it (not below ``smallest``) while under a third of it.
+
+    >>> next_interval(4, 1, cost_per_step=0.5e-3, step_time=10e-3, budget=0.02)
+    8
+    >>> next_interval(4, 1, cost_per_step=0.01e-3, step_time=10e-3, budget=0.02)
+    2
+    """
+    fraction = cost_per_step / max(step_time - cost_per_step, 1e-9)
+    if fraction > budget and every < 1 << 16:
+        return every * 2
+    if fraction < budget / 3 and every > smallest:
+        return max(smallest, every // 2)
+    return every
 
 
 def _rank() -> int:

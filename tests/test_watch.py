@@ -385,3 +385,21 @@ def test_optimizer_steps_need_the_optimizer():
         GradWatch(models.small_mlp(), steps="optimizer")
     with pytest.raises(TypeError, match="optimizer"):
         GradWatch(models.small_mlp(), optimizer="adam")  # type: ignore[arg-type]
+
+
+def test_budget_widens_the_logging_interval_when_over():
+    model = models.small_mlp()
+    with GradWatch(model, every=1, budget=1e-4, quiet=True) as tight:  # gradwatch costs far more than 0.01 %
+        models.train(model, 60)
+    assert tight.every >= 8 and tight.report().every == tight.every
+    with pytest.raises(ValueError, match="budget"):
+        GradWatch(model, budget=2)
+
+
+def test_budget_policy():
+    from gradwatch.watch import next_interval
+
+    assert next_interval(8, 1, 1e-3, 10e-3, budget=0.02) == 16  # 11 % > 2 %: widen
+    assert next_interval(8, 1, 0.05e-3, 10e-3, budget=0.02) == 4  # 0.5 % < 2 % / 3: narrow
+    assert next_interval(8, 1, 0.1e-3, 10e-3, budget=0.02) == 8  # 1 %: stay
+    assert next_interval(2, 2, 0.0, 10e-3, budget=0.02) == 2  # never below the smallest
