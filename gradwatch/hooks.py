@@ -27,7 +27,7 @@ from torch.utils.hooks import RemovableHandle
 from . import stats
 from .config import Thresholds
 from .exceptions import GradWatchWarning
-from .layers import ActivationKind, Layer
+from .layers import ActivationKind, Layer, display_name
 from .report import LayerStats, ParamStats, StepStats
 
 
@@ -95,7 +95,8 @@ class Collector:
 
     def __init__(self, model: nn.Module, layers: List[Layer], params: List[Tuple[str, str, nn.Parameter]],
                  *, thresholds: Thresholds, bins: int, samples: int, dead_window: int,
-                 on_root_forward: Callable[[nn.Module], None], strict: bool = False) -> None:
+                 on_root_forward: Callable[[nn.Module], None], strict: bool = False,
+                 functional: bool = False) -> None:
         self.model = model
         self.layers = layers
         self.params = params
@@ -104,6 +105,11 @@ class Collector:
         self.samples = samples
         self.dead_window = dead_window
         self.strict = strict
+        self.functional = functional
+        self._module_names = {m: display_name(n) for n, m in model.named_modules()} if functional else {}
+        self._module_stack: List[str] = []
+        self._tap: Optional[Any] = None
+        self._functional_layers: Dict[str, Layer] = {}
         self._on_root_forward = on_root_forward
         self._root_handles: List[RemovableHandle] = []
         self._step_handles: List[RemovableHandle] = []
@@ -121,10 +127,12 @@ class Collector:
     # ----------------------------------------------------------------- attach / detach
     def attach(self) -> None:
         self._root_handles.append(self.model.register_forward_pre_hook(self._root_pre_hook))
-        self._root_handles.append(self.model.register_forward_hook(self._root_hook))
+        # always_call: the functional tap must be left even when the forward raises.
+        self._root_handles.append(self.model.register_forward_hook(self._root_hook, always_call=True))
 
     def detach(self) -> None:
         """Remove every hook. Safe to call twice."""
+        self._leave_tap()
         for h in self._root_handles + self._step_handles:
             h.remove()
         self._root_handles.clear()
@@ -146,6 +154,10 @@ class Collector:
             if layer.spec.kind is ActivationKind.GENERIC:
                 self._step_handles.append(layer.module.register_forward_pre_hook(self._make_pre_hook(layer)))
             self._step_handles.append(layer.module.register_forward_hook(self._make_hook(layer)))
+        if self.functional:  # track which module's forward is running, to attribute function calls
+            for module, name in self._module_names.items():
+                self._step_handles.append(module.register_forward_pre_hook(self._make_push(name)))
+                self._step_handles.append(module.register_forward_hook(self._pop, always_call=True))
 
     def end(self, step: int) -> Optional[StepData]:
         """Finish the measured step (if any): one host transfer, then plain numbers.
@@ -167,8 +179,42 @@ class Collector:
     # ----------------------------------------------------------------- root hooks
     def _root_pre_hook(self, module: nn.Module, args: Any) -> None:
         self._guarded("step counting", self._on_root_forward, module)
+        if self.functional and self._buf is not None and self.enabled and self._tap is None:
+            from .functional import FunctionalTap
+
+            self._module_stack.clear()
+            self._tap = FunctionalTap(self._on_function)
+            self._tap.__enter__()
+
+    def _make_push(self, name: str) -> Callable[..., None]:
+        def push(module: nn.Module, args: Any) -> None:  # must return None: a value would replace the input
+            self._module_stack.append(name)
+        return push
+
+    def _pop(self, module: nn.Module, args: Any, output: Any) -> None:  # None: a value would replace the output
+        if self._module_stack:
+            self._module_stack.pop()
+
+    def _leave_tap(self) -> None:
+        if self._tap is not None:
+            tap, self._tap = self._tap, None
+            tap.__exit__(None, None, None)
+
+    def _on_function(self, fn_name: str, spec: Any, out: Tensor) -> None:
+        buf = self._buf
+        if buf is None or not self.enabled:
+            return
+        owner = self._module_stack[-1] if self._module_stack else display_name("")
+        name = f"{owner}:{fn_name}"
+        layer = self._functional_layers.get(name)
+        if layer is None:
+            module = next((m for m, n in self._module_names.items() if n == owner), self.model)
+            layer = self._functional_layers[name] = Layer(name, module, spec, function=fn_name)
+        if name not in self._broken:
+            self._guarded(name, self._on_forward, layer, buf, out)
 
     def _root_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._leave_tap()
         buf = self._buf
         if buf is None or not self.enabled or not torch.is_grad_enabled():
             return
@@ -364,6 +410,7 @@ class Collector:
             return [host[i] for i in index.get((kind, name), [])]
 
         by_name = {layer.name: layer for layer in self.layers}
+        by_name.update(self._functional_layers)
         windows = {name: n for name, n, _ in dead_layers}
         layers: Dict[str, LayerStats] = {}
         for name in buf.forward_order:

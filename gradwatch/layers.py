@@ -97,10 +97,11 @@ class Layer:
     name: str
     module: nn.Module
     spec: ActivationSpec
+    function: Optional[str] = None  # set for activations called as functions inside `module`
 
     @property
     def type_name(self) -> str:
-        return type(self.module).__name__
+        return f"{self.function}()" if self.function else type(self.module).__name__
 
 
 def display_name(qualified: str) -> str:

@@ -81,6 +81,9 @@ class GradWatch:
         budget: keep gradwatch's own work under this fraction of the step time (e.g.
             0.02): it times itself and widens the logging interval while over budget,
             narrows it again when well under; ``watch.every`` is the interval it settled on.
+        functional: also measure activations called as functions inside ``forward``
+            (``F.relu``, ``torch.sigmoid``, ``x.tanh()``, ...), as layers named
+            ``"<module>:<function>"``; costs a little more on measured steps.
         strict: re-raise errors inside gradwatch's hooks instead of warning (tests).
     """
 
@@ -93,7 +96,7 @@ class GradWatch:
                  include_eval: bool = False, quiet: bool = False, console: Optional[Console] = None,
                  bins: int = 64, samples: int = 1 << 15, steps: Union[StepMode, str] = StepMode.FORWARD,
                  optimizer: Optional[torch.optim.Optimizer] = None, budget: Optional[float] = None,
-                 strict: bool = False) -> None:
+                 functional: bool = False, strict: bool = False) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"GradWatch(model): model must be a torch.nn.Module, got {type(model).__name__} "
                             f"({model!r:.80})")
@@ -142,7 +145,8 @@ class GradWatch:
             self.sinks.append(ConsoleSink(console, self.thresholds))
         self._collector = Collector(model, self.layers, self.params, thresholds=self.thresholds, bins=self.bins,
                                     samples=self.samples, dead_window=self.dead_window,
-                                    on_root_forward=self._on_root_forward, strict=strict)
+                                    on_root_forward=self._on_root_forward, strict=strict,
+                                    functional=bool(functional))
         self._strict = strict
         self._attached = False
         self._manual = self.step_mode in (StepMode.MANUAL, StepMode.OPTIMIZER)
