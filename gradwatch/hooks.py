@@ -241,30 +241,29 @@ class Collector:
             self._root_handles.append(optimizer.register_step_post_hook(
                 lambda opt, args, kwargs: self._guarded("step counting", on_step)))
 
+    def _gradients(self) -> Tuple[List[str], List[Tensor], List[Tensor]]:
+        """(names, gradients, parameters) of watched parameters that have a gradient now;
+        a sparse gradient (``nn.Embedding(sparse=True)``) counts by its coalesced values."""
+        names, grads, weights = [], [], []
+        for pname, _, p in self.params:
+            g = p.grad
+            if g is not None:
+                names.append(pname)
+                grads.append(g.coalesce()._values() if g.is_sparse else g)
+                weights.append(p)
+        return names, grads, weights
+
     def _before_optimizer_step(self) -> None:
         buf = self._buf
         if buf is None:
             return
-        names, grads = [], []
-        for pname, _, p in self.params:
-            if p.grad is not None:
-                names.append(pname)
-                grads.append(p.grad.coalesce()._values() if p.grad.is_sparse else p.grad)
+        names, grads, _ = self._gradients()
         if grads:
             buf.applied_names = names
             buf.applied = torch.stack(torch._foreach_norm([g.detach() for g in grads], dtype=torch.float32))
 
     def _after_backward(self, buf: _StepBuffers) -> None:
-        names, grads, weights = [], [], []
-        for pname, _, p in self.params:
-            g = p.grad
-            if g is None:
-                continue
-            if g.is_sparse:
-                g = g.coalesce()._values()
-            names.append(pname)
-            grads.append(g)
-            weights.append(p)
+        names, grads, weights = self._gradients()
         if not grads:
             return
         buf.param_names = names
