@@ -25,7 +25,10 @@ from .report import Finding, Report, StepStats
 from .sinks import ConsoleSink, JsonlSink, LoggingSink, Sink, TensorBoardSink, WarningSink
 
 DEFAULT_EVERY = 20
-"""Logging interval in steps for scalars and findings (measured steps cost a few % of a step each)."""
+"""Logging interval in steps for scalars and findings when none is given: the starting point
+(and the smallest value) of the automatic interval."""
+DEFAULT_BUDGET = 0.03
+"""Share of step time gradwatch keeps itself under when ``every`` is not given."""
 DEFAULT_HISTOGRAM_EVERY = 200
 """Logging interval in steps for histograms."""
 
@@ -57,7 +60,9 @@ class GradWatch:
         model: any ``torch.nn.Module``.
         log_dir: TensorBoard folder; ``None`` for terminal and warnings only.
         writer: an existing ``SummaryWriter`` to write to instead of ``log_dir``.
-        every: measure every ``every`` steps (default 20).
+        every: measure every ``every`` steps. Default: automatic -- every 20 steps, or
+            less often where that would cost more than 3 % of the training step time
+            (``watch.every`` says where it settled).
         histogram_every: also write histograms every ``histogram_every`` steps
             (default 200); ``None`` turns histograms off.
         dead_window: a unit is dead when it gave no non-zero output on any sample of
@@ -80,7 +85,9 @@ class GradWatch:
             reports them as ``applied_grad_norm`` beside the end-of-backward ``grad_norm``.
         budget: keep gradwatch's own work under this fraction of the step time (e.g.
             0.02): it times itself and widens the logging interval while over budget,
-            narrows it again when well under; ``watch.every`` is the interval it settled on.
+            narrows it again when well under (down to ``every``, or to 1 when ``every`` is
+            given); ``watch.every`` is the interval it settled on. Default: 0.03 when
+            ``every`` is not given, else off.
         functional: also measure activations called as functions inside ``forward``
             (``F.relu``, ``torch.sigmoid``, ``x.tanh()``, ...), as layers named
             ``"<module>:<function>"``; costs a little more on measured steps.
@@ -88,7 +95,7 @@ class GradWatch:
     """
 
     def __init__(self, model: nn.Module, *, log_dir: Optional[Union[str, os.PathLike]] = None,
-                 writer: Any = None, every: int = DEFAULT_EVERY,
+                 writer: Any = None, every: Optional[int] = None,
                  histogram_every: Optional[int] = DEFAULT_HISTOGRAM_EVERY, dead_window: int = 10,
                  include: Optional[Union[Selector, Sequence[Selector]]] = None,
                  exclude: Optional[Union[Selector, Sequence[Selector]]] = None,
@@ -101,8 +108,14 @@ class GradWatch:
             raise TypeError(f"GradWatch(model): model must be a torch.nn.Module, got {type(model).__name__} "
                             f"({model!r:.80})")
         self.model = model
-        self.every = positive_int("every", every)
-        self._every_asked = 1 if budget is not None else self.every  # with a budget, `every` is where it starts
+        if every is None:
+            # Automatic: every 20 steps, sparser where a measured step is costly relative to a
+            # training step (deep, narrow models), so that defaults stay cheap at any size.
+            self.every, self._every_asked = DEFAULT_EVERY, DEFAULT_EVERY
+            budget = DEFAULT_BUDGET if budget is None else budget
+        else:
+            self.every = positive_int("every", every)
+            self._every_asked = 1 if budget is not None else self.every  # with a budget, `every` is where it starts
         self.histogram_every = None if histogram_every is None else positive_int("histogram_every", histogram_every)
         self.dead_window = positive_int("dead_window", dead_window)
         self.bins = positive_int("bins", bins)
