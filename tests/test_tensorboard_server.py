@@ -1,0 +1,75 @@
+"""A gradwatch run served by the real TensorBoard server, read through its HTTP data endpoints."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+
+import pytest
+import torch
+
+from gradwatch import GradWatch
+from tests import models
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get(base: str, path: str, **params):
+    url = base + path + ("?" + urllib.parse.urlencode(params) if params else "")
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return json.loads(r.read())
+
+
+@pytest.mark.slow
+def test_tensorboard_serves_our_scalars_histograms_and_layout(tmp_path):
+    run = tmp_path / "relu"
+    model = models.small_mlp()
+    with torch.no_grad():
+        model[2].bias.fill_(-100.0)
+    with pytest.warns(Warning):
+        with GradWatch(model, log_dir=run, every=1, histogram_every=1, dead_window=2, quiet=True) as watch:
+            models.train(model, 3)
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tensorboard.main", "--logdir", str(tmp_path), "--host", "127.0.0.1",
+         "--port", str(port), "--load_fast", "false", "--reload_interval", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        tags = {}
+        while time.time() < deadline:
+            try:
+                tags = get(base, "/data/plugin/scalars/tags")
+                if tags.get("relu", {}).get("activation.dead_fraction/3"):
+                    break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        assert "gradient.norm/0.weight" in tags["relu"] and "activation.dead_fraction/3" in tags["relu"]
+        series = get(base, "/data/plugin/scalars/scalars", run="relu", tag="gradient.norm/0.weight")
+        assert [point[1] for point in series] == [0, 1, 2]
+        assert series[-1][2] == pytest.approx(watch.report().params["0.weight"].grad_norm, rel=1e-6)
+        dead = get(base, "/data/plugin/scalars/scalars", run="relu", tag="activation.dead_fraction/3")
+        assert dead[-1][2] == 1.0
+        hists = get(base, "/data/plugin/histograms/tags")
+        assert "activation/1" in hists["relu"] and "gradient/0.weight" in hists["relu"]
+        layout = get(base, "/data/plugin/custom_scalars/layout")
+        titles = [c["title"] for c in layout["category"]]
+        assert "gradwatch: activations" in titles and "gradwatch: gradients" in titles
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
