@@ -241,33 +241,39 @@ class Collector:
             self._root_handles.append(optimizer.register_step_post_hook(
                 lambda opt, args, kwargs: self._guarded("step counting", on_step)))
 
-    def _gradients(self) -> Tuple[List[str], List[Tensor], List[Tensor]]:
-        """(names, gradients, parameters) of watched parameters that have a gradient now;
-        a sparse gradient (``nn.Embedding(sparse=True)``) counts by its coalesced values."""
-        names, grads, weights = [], [], []
+    def _gradients(self) -> Tuple[List[str], List[Tensor], List[Tensor], List[Any]]:
+        """(names, gradients, parameters, shard groups) of watched parameters that have a
+        gradient now. A sparse gradient (``nn.Embedding(sparse=True)``) counts by its
+        coalesced values; a sharded one (FSDP's DTensor) by this rank's shard, with the
+        process group its shards live in (None when not sharded)."""
+        names, grads, weights, groups = [], [], [], []
         for pname, _, p in self.params:
             g = p.grad
             if g is not None:
+                g, group = _local_shard(g)
+                w, _ = _local_shard(p)
                 names.append(pname)
                 grads.append(g.coalesce()._values() if g.is_sparse else g)
-                weights.append(p)
-        return names, grads, weights
+                weights.append(w)
+                groups.append(group)
+        return names, grads, weights, groups
 
     def _before_optimizer_step(self) -> None:
         buf = self._buf
         if buf is None:
             return
-        names, grads, _ = self._gradients()
+        names, grads, _, groups = self._gradients()
         if grads:
             buf.applied_names = names
-            buf.applied = torch.stack(torch._foreach_norm([g.detach() for g in grads], dtype=torch.float32))
+            norms = torch.stack(torch._foreach_norm([g.detach() for g in grads], dtype=torch.float32))
+            buf.applied = _reduce_shards(norms.unsqueeze(0), groups, max_rows=())[0]
 
     def _after_backward(self, buf: _StepBuffers) -> None:
-        names, grads, weights = self._gradients()
+        names, grads, weights, groups = self._gradients()
         if not grads:
             return
         buf.param_names = names
-        buf.params = stats.grad_summaries(grads, weights)
+        buf.params = _reduce_shards(stats.grad_summaries(grads, weights), groups, max_rows=(1,))
         if buf.histograms:
             buf.grad_hist = {n: stats.histogram(g, self.bins, self.samples) for n, g in zip(names, grads)}
 
@@ -550,6 +556,35 @@ class Collector:
             return None
         finally:
             self.spent += time.perf_counter() - t0
+
+
+def _local_shard(t: Tensor) -> Tuple[Tensor, Any]:
+    """This rank's part of a sharded DTensor (FSDP) and the group to reduce over, or ``(t, None)``."""
+    if type(t).__name__ != "DTensor":
+        return t, None
+    sharded = any(p.is_shard() for p in t.placements)
+    return t.to_local(), (t.device_mesh.get_group() if sharded else None)
+
+
+def _reduce_shards(summary: Tensor, groups: List[Any], max_rows: Tuple[int, ...]) -> Tensor:
+    """Per-parameter rows computed on shards -> the whole parameters': L2 norms combine as the
+    root of summed squares, maxima as the maximum -- at most two collectives, on logging steps."""
+    sharded = [i for i, g in enumerate(groups) if g is not None]
+    if not sharded:
+        return summary
+    group = groups[sharded[0]]
+    out = summary.clone()
+    idx = torch.tensor(sharded, device=summary.device)
+    for row in range(summary.shape[0]):
+        part = summary[row, idx]
+        if row in max_rows:
+            dist.all_reduce(part, op=dist.ReduceOp.MAX, group=group)
+        else:
+            part = part.square()
+            dist.all_reduce(part, group=group)
+            part = part.sqrt()
+        out[row, idx] = part
+    return out
 
 
 _SLOTS = 10  # per layer in the cross-rank vector: present, n, sum, sum of squares, zeros, saturated (2),

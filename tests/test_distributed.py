@@ -99,3 +99,45 @@ def test_two_ranks_report_what_one_process_sees_on_the_whole_batch(tmp_path):
             assert g[5] == pytest.approx(og, rel=1e-4), (rank, name)
         assert got["findings"] == one["findings"]
     assert (tmp_path / "rank0").is_dir() and not (tmp_path / "rank1").exists()  # rank 1 writes nothing
+
+
+def fsdp_worker(rank: int, world: int, port: int, out: dict) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        model = make_model()
+        for layer in model:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        x, y = data()
+        x, y = x[rank * 32:(rank + 1) * 32], y[rank * 32:(rank + 1) * 32]
+        with GradWatch(model, every=1, dead_window=2, quiet=True, strict=True) as watch:
+            for _ in range(2):
+                nn.functional.cross_entropy(model(x), y).backward()
+        out[rank] = summary(watch)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp_norms_come_from_every_shard():
+    pytest.importorskip("torch.distributed.fsdp", reason="no FSDP in this torch")
+    from torch.distributed import fsdp
+
+    if not hasattr(fsdp, "fully_shard"):
+        pytest.skip("torch.distributed.fsdp.fully_shard is not in this torch")
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(fsdp_worker, args=(2, free_port(), out), nprocs=2, join=True)
+        ranks = dict(out)
+    one = single()
+    for rank in (0, 1):
+        got = ranks[rank]
+        for name, value in one["params"].items():
+            assert got["params"][name] == pytest.approx(value, rel=1e-4), (rank, name)
+        assert got["layers"]["1"][4] == one["layers"]["1"][4]  # dead units over both ranks' samples
