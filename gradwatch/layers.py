@@ -105,7 +105,10 @@ class Layer:
 
 
 def display_name(qualified: str) -> str:
-    return qualified if qualified else ROOT_NAME
+    """``named_modules()`` name for people: the root is ``(model)``, and the ``_orig_mod.``
+    that ``torch.compile`` inserts is dropped, so a compiled model reads like the original."""
+    qualified = qualified.replace("_orig_mod.", "")
+    return qualified if qualified and qualified != "_orig_mod" else ROOT_NAME
 
 
 def _matches(name: str, module: nn.Module, selectors: Sequence[Selector]) -> bool:
@@ -176,7 +179,7 @@ def select_parameters(model: nn.Module, include: Sequence[Selector] = (),
             continue
         if any(_matches(n, owners[n], exclude) for n in chain):
             continue
-        out.append((pname, display_name(owner_name), param))
+        out.append((pname.replace("_orig_mod.", ""), display_name(owner_name), param))
     return out
 
 

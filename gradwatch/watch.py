@@ -172,6 +172,7 @@ class GradWatch:
         self._step_started: Optional[float] = None
         self._step_times: Deque[float] = deque(maxlen=64)
         self._steps_since_adapt = 0
+        self._blind_noted = False
 
     # ------------------------------------------------------------------ lifecycle
     def attach(self) -> "GradWatch":
@@ -297,8 +298,20 @@ class GradWatch:
         new = self._debouncer.new(findings)
         self._findings.extend(new)
         self._latest = data.stats
+        if self.layers and not data.stats.layers and not self._blind_noted and self._rank0():
+            self._blind_noted = True
+            compiled = "compiled with torch.compile" if _is_compiled(self.model) else "calling no watched module"
+            warnings.warn(f"gradwatch: a training step of {type(self.model).__name__} ran without any of its "
+                          f"{len(self.layers)} watched layers being called ({compiled}): activation statistics, "
+                          f"saturation and dead units cannot be seen, only parameter gradients are measured. "
+                          f"Attach GradWatch before compiling, or watch the uncompiled model while diagnosing.",
+                          GradWatchWarning, stacklevel=2)
         for sink in list(self.sinks):
             self._call_sink(sink, "on_step", data, new)
+
+    @staticmethod
+    def _rank0() -> bool:
+        return _rank() == 0
 
     def _call_sink(self, sink: Sink, method: str, *args: Any) -> None:
         # A failing output (disk full, deleted folder) must not stop training: warn once, drop it.
@@ -346,6 +359,10 @@ def next_interval(every: int, smallest: int, cost_per_step: float, step_time: fl
     if fraction < budget / 3 and every > smallest:
         return max(smallest, every // 2)
     return every
+
+
+def _is_compiled(model: nn.Module) -> bool:
+    return type(model).__name__ == "OptimizedModule" or getattr(model, "_compiled_call_impl", None) is not None
 
 
 def _rank() -> int:
