@@ -27,7 +27,7 @@ from torch.utils.hooks import RemovableHandle
 from . import stats
 from .config import Thresholds
 from .exceptions import GradWatchWarning
-from .layers import ActivationKind, Layer, display_name
+from .layers import ActivationKind, Layer, display_name, is_wrapper
 from .report import LayerStats, ParamStats, StepStats
 
 
@@ -106,7 +106,8 @@ class Collector:
         self.dead_window = dead_window
         self.strict = strict
         self.functional = functional
-        self._module_names = {m: display_name(n) for n, m in model.named_modules()} if functional else {}
+        wrapped = is_wrapper(model)
+        self._module_names = {m: display_name(n, wrapped) for n, m in model.named_modules()} if functional else {}
         self._module_stack: List[str] = []
         self._tap: Optional[Any] = None
         self._functional_layers: Dict[str, Layer] = {}

@@ -104,11 +104,21 @@ class Layer:
         return f"{self.function}()" if self.function else type(self.module).__name__
 
 
-def display_name(qualified: str) -> str:
-    """``named_modules()`` name for people: the root is ``(model)``, and the ``_orig_mod.``
-    that ``torch.compile`` inserts is dropped, so a compiled model reads like the original."""
+def display_name(qualified: str, wrapped: bool = False) -> str:
+    """``named_modules()`` name for people: the root is ``(model)``; the ``_orig_mod.`` that
+    ``torch.compile`` inserts, and the ``module.`` of a DDP/DataParallel wrapper (``wrapped``),
+    are dropped, so a wrapped model reads like the original."""
     qualified = qualified.replace("_orig_mod.", "")
-    return qualified if qualified and qualified != "_orig_mod" else ROOT_NAME
+    if qualified == "_orig_mod":
+        qualified = ""
+    if wrapped:
+        qualified = "" if qualified == "module" else qualified.removeprefix("module.")
+    return qualified if qualified else ROOT_NAME
+
+
+def is_wrapper(model: nn.Module) -> bool:
+    """DistributedDataParallel / DataParallel: the real model is ``model.module``."""
+    return isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel))
 
 
 def _matches(name: str, module: nn.Module, selectors: Sequence[Selector]) -> bool:
@@ -157,7 +167,7 @@ def select_layers(model: nn.Module, include: Sequence[Selector] = (),
             own_params = next(module.parameters(recurse=False), None) is not None
             wanted = (is_leaf or own_params) and not isinstance(module, _SKIP_BY_DEFAULT)
         if wanted and not _matches(name, module, exclude):
-            layers.append(Layer(display_name(name), module, activation_spec(module)))
+            layers.append(Layer(display_name(name, is_wrapper(model)), module, activation_spec(module)))
     return layers
 
 
@@ -179,7 +189,11 @@ def select_parameters(model: nn.Module, include: Sequence[Selector] = (),
             continue
         if any(_matches(n, owners[n], exclude) for n in chain):
             continue
-        out.append((pname.replace("_orig_mod.", ""), display_name(owner_name), param))
+        wrapped = is_wrapper(model)
+        pname_shown = pname.replace("_orig_mod.", "")
+        if wrapped:
+            pname_shown = pname_shown.removeprefix("module.")
+        out.append((pname_shown, display_name(owner_name, wrapped), param))
     return out
 
 

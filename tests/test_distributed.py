@@ -46,11 +46,11 @@ def data():
 
 def summary(watch: GradWatch) -> dict:
     rep = watch.report()
-    return {"params": {k.removeprefix("module."): p.grad_norm for k, p in rep.params.items()},
-            "layers": {k.removeprefix("module."): (l.count, l.mean, l.std, l.zero_fraction, l.dead_fraction,
-                                                   l.output_grad_norm)
+    # A DDP-wrapped model's layers are named as in the bare model (no "module." prefix).
+    return {"params": {k: p.grad_norm for k, p in rep.params.items()},
+            "layers": {k: (l.count, l.mean, l.std, l.zero_fraction, l.dead_fraction, l.output_grad_norm)
                        for k, l in rep.layers.items()},
-            "findings": [(f.kind.value, f.layer.removeprefix("module.")) for f in rep.findings]}
+            "findings": [(f.kind.value, f.layer) for f in rep.findings]}
 
 
 def single() -> dict:
@@ -141,3 +141,19 @@ def test_fsdp_norms_come_from_every_shard():
         for name, value in one["params"].items():
             assert got["params"][name] == pytest.approx(value, rel=1e-4), (rank, name)
         assert got["layers"]["1"][4] == one["layers"]["1"][4]  # dead units over both ranks' samples
+
+
+@pytest.mark.slow
+def test_the_torchrun_example_runs_with_two_processes(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+         "examples/ddp_watch.py", "--steps", "120", "--runs", str(tmp_path / "ddp")],
+        capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = sorted(line for line in done.stdout.splitlines() if line.startswith("rank "))
+    assert len(lines) == 2 and "dead_units" in lines[0]
+    assert lines[0].split(":", 1)[1] == lines[1].split(":", 1)[1]  # the same findings on both ranks
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir())[0].startswith("events.out.tfevents")
