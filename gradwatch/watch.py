@@ -27,7 +27,7 @@ from .sinks import ConsoleSink, JsonlSink, LoggingSink, Sink, TensorBoardSink, W
 DEFAULT_EVERY = 20
 """Logging interval in steps for scalars and findings when none is given: the starting point
 (and the smallest value) of the automatic interval."""
-DEFAULT_BUDGET = 0.03
+DEFAULT_BUDGET = 0.02
 """Share of step time gradwatch keeps itself under when ``every`` is not given."""
 DEFAULT_HISTOGRAM_EVERY = 200
 """Logging interval in steps for histograms."""
@@ -61,7 +61,7 @@ class GradWatch:
         log_dir: TensorBoard folder; ``None`` for terminal and warnings only.
         writer: an existing ``SummaryWriter`` to write to instead of ``log_dir``.
         every: measure every ``every`` steps. Default: automatic -- every 20 steps, or
-            less often where that would cost more than 3 % of the training step time
+            less often where that would cost more than 2 % of the training step time
             (``watch.every`` says where it settled).
         histogram_every: also write histograms every ``histogram_every`` steps
             (default 200); ``None`` turns histograms off.
@@ -86,7 +86,7 @@ class GradWatch:
         budget: keep gradwatch's own work under this fraction of the step time (e.g.
             0.02): it times itself and widens the logging interval while over budget,
             narrows it again when well under (down to ``every``, or to 1 when ``every`` is
-            given); ``watch.every`` is the interval it settled on. Default: 0.03 when
+            given); ``watch.every`` is the interval it settled on. Default: 0.02 when
             ``every`` is not given, else off.
         functional: also measure activations called as functions inside ``forward``
             (``F.relu``, ``torch.sigmoid``, ``x.tanh()``, ...), as layers named
