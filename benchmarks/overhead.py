@@ -91,8 +91,11 @@ def bench(name: str, make: Callable[[], nn.Module], batch: torch.Tensor, target:
             opt.step()
         return time.perf_counter() - t0
 
-    for model, opt, _ in runs.values():  # warm-up
-        run_block(model, opt)
+    for model, opt, _ in runs.values():  # warm-up; the automatic interval settles meanwhile
+        t0, done = time.perf_counter(), 0
+        while done < 400 and time.perf_counter() - t0 < 5.0:
+            run_block(model, opt)
+            done += block
     ratios: Dict[str, List[float]] = {v: [] for v in VARIANTS if v != "unwatched"}
     per_step: Dict[str, List[float]] = {v: [] for v in VARIANTS}
     order = list(VARIANTS)

@@ -47,7 +47,8 @@ class Encoder(nn.Module):
         return self.head(self.encoder(x).mean(1))
 
 
-def ratio(make: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, rounds: int, block: int) -> Tuple[float, float]:
+def ratio(make: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, rounds: int,
+          block: int) -> Tuple[float, float, int]:
     torch.manual_seed(0)
     base = make()
     runs = {}
@@ -66,8 +67,12 @@ def ratio(make: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, round
             opt.step()
         return time.perf_counter() - t0
 
+    # Warm up, and let the automatic interval settle: up to 1,000 steps or 5 s per variant.
     for model, opt, _ in runs.values():
-        run(model, opt)
+        t0, done = time.perf_counter(), 0
+        while done < 1000 and time.perf_counter() - t0 < 5.0:
+            run(model, opt)
+            done += block
     ratios, base_times = [], []
     order = list(runs)
     rng = random.Random(0)
@@ -76,10 +81,12 @@ def ratio(make: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, round
         t = {v: run(*runs[v][:2]) for v in order}
         ratios.append(t["defaults"] / t["unwatched"])
         base_times.append(t["unwatched"] / block)
+    settled = None
     for _, _, watch in runs.values():
         if watch is not None:
+            settled = watch.every
             watch.detach()
-    return statistics.median(ratios), statistics.median(base_times)
+    return statistics.median(ratios), statistics.median(base_times), settled
 
 
 def rss_mb() -> float:
@@ -121,8 +128,8 @@ def main() -> None:
     }
     for name, (make, x, block) in cases.items():
         y = torch.randint(0, 10, (x.shape[0],))
-        r, t = ratio(make, x, y, rounds, block)
-        print(f"  {name:58s} {t * 1e3:8.1f} ms/step   {r:.3f}x")
+        r, t, every = ratio(make, x, y, rounds, block)
+        print(f"  {name:58s} {t * 1e3:8.1f} ms/step   {r:.3f}x   (interval settled at {every})")
     steps = 1000 if args.quick else 10_000
     points = memory(steps)
     print(f"RSS over {steps} watched steps (MB): " + ", ".join(f"{s}:{m:.0f}" for s, m in points))

@@ -117,6 +117,7 @@ class GradWatch:
             self.every = positive_int("every", every)
             self._every_asked = 1 if budget is not None else self.every  # with a budget, `every` is where it starts
         self.histogram_every = None if histogram_every is None else positive_int("histogram_every", histogram_every)
+        self._histogram_every_asked = self.histogram_every
         self.dead_window = positive_int("dead_window", dead_window)
         self.bins = positive_int("bins", bins)
         self.samples = positive_int("samples", samples)
@@ -170,7 +171,9 @@ class GradWatch:
         self._debouncer = rules.Debouncer()
         self._norm_history: Deque[float] = deque(maxlen=5)
         self._step_started: Optional[float] = None
-        self._step_times: Deque[float] = deque(maxlen=64)
+        self._step_times: Deque[float] = deque(maxlen=64)  # durations of steps that were not measured
+        self._measured_times: Deque[float] = deque(maxlen=8)  # ... and of measured ones
+        self._prev_measured = False
         self._steps_since_adapt = 0
         self._blind_noted = False
 
@@ -261,12 +264,13 @@ class GradWatch:
         self._steps_seen += 1
         now = time.perf_counter()
         if self._step_started is not None:
-            self._step_times.append(now - self._step_started)
+            (self._measured_times if self._prev_measured else self._step_times).append(now - self._step_started)
         self._step_started = now
         self._steps_since_adapt += 1
         self._collector.enabled = True
         histograms = self.histogram_every is not None and s % self.histogram_every == 0
-        if s % self.every == 0 or histograms:
+        self._prev_measured = s % self.every == 0 or histograms
+        if self._prev_measured:
             self._collector.begin(histograms=histograms)
         else:
             self._collector.pause()
@@ -283,12 +287,25 @@ class GradWatch:
     def _adapt_interval(self) -> None:
         """Keep gradwatch's own work under ``budget`` of the step time: double the logging
         interval while over it, halve it (down to the ``every`` asked for) while well under."""
-        if len(self._step_times) < 3 or not self._steps_since_adapt:
+        if not self._steps_since_adapt:
             return
-        per_step = self._collector.spent / self._steps_since_adapt
+        if len(self._step_times) >= 3 and len(self._measured_times) >= 2:
+            # The whole cost of a measured step -- hook dispatch and autograd included, which
+            # timing gradwatch's own functions misses -- is its extra duration over a plain step.
+            plain = statistics.median(self._step_times)
+            per_step = max(statistics.median(self._measured_times) - plain, 0.0) / self.every
+        elif len(self._step_times) + len(self._measured_times) >= 3:  # e.g. every=1: no plain steps
+            per_step = self._collector.spent / self._steps_since_adapt
+            plain = statistics.median(list(self._step_times) + list(self._measured_times)) - per_step
+        else:
+            return
         self._collector.spent, self._steps_since_adapt = 0.0, 0
-        self.every = next_interval(self.every, self._every_asked, per_step,
-                                   statistics.median(self._step_times), self.budget)
+        every = next_interval(self.every, self._every_asked, per_step, plain + per_step, self.budget)
+        if every != self.every and self.histogram_every is not None:
+            # Histogram steps cost most: their interval moves with the logging interval.
+            self.histogram_every = max(self._histogram_every_asked,
+                                       self._histogram_every_asked * every // self._every_asked)
+        self.every = every
 
     def _emit(self, data: StepData) -> None:
         findings = rules.evaluate(data.stats, self.thresholds, list(self._norm_history), self.dead_window)
