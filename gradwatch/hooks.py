@@ -48,6 +48,13 @@ def iter_tensors(value: Any) -> Iterator[Tensor]:
             yield from iter_tensors(getattr(value, f.name, None))
 
 
+def _eager(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Keep torch.compile from tracing into gradwatch's hooks: they run eagerly (one graph
+    break each) instead of being compiled, and recompiled, once per layer."""
+    disable = getattr(getattr(torch, "compiler", None), "disable", None)
+    return disable(fn) if disable is not None else fn
+
+
 def _queue_after_backward(callback: Callable[[], None]) -> None:
     # The autograd engine runs queued callbacks once the whole backward pass is done, after
     # every parameter's .grad has been accumulated. This is queued when backward *starts*,
@@ -295,7 +302,7 @@ class Collector:
                 cell = {"x_shape": x.shape}
                 x.register_hook(self._make_input_grad_hook(layer, buf, cell))
             buf.inputs.setdefault(name, []).append(cell)
-        return pre_hook
+        return _eager(pre_hook)
 
     def _make_hook(self, layer: Layer) -> Callable[..., None]:
         name = layer.name
@@ -305,7 +312,7 @@ class Collector:
             if buf is None or not self.enabled or name in self._broken:
                 return
             self._guarded(name, self._on_forward, layer, buf, output)
-        return hook
+        return _eager(hook)
 
     def _on_forward(self, layer: Layer, buf: _StepBuffers, output: Any) -> None:
         name, spec = layer.name, layer.spec
