@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import tempfile
@@ -362,17 +363,19 @@ class GradWatch:
 
 
 def next_interval(every: int, smallest: int, cost_per_step: float, step_time: float, budget: float) -> int:
-    """The overhead budget's policy: double the interval while gradwatch's share of the
-    training step time is over ``budget``, halve it (not below ``smallest``) while under a third of it.
+    """The overhead budget's policy. Over budget: jump to the power-of-two interval that
+    brings gradwatch's share of the training step time under ``budget`` (at least double);
+    under a third of it: halve (not below ``smallest``); otherwise keep.
 
-    >>> next_interval(4, 1, cost_per_step=0.5e-3, step_time=10e-3, budget=0.02)
-    8
+    >>> next_interval(4, 1, cost_per_step=0.5e-3, step_time=10.5e-3, budget=0.02)
+    16
     >>> next_interval(4, 1, cost_per_step=0.01e-3, step_time=10e-3, budget=0.02)
     2
     """
     fraction = cost_per_step / max(step_time - cost_per_step, 1e-9)
     if fraction > budget and every < 1 << 16:
-        return every * 2
+        needed = every * fraction / budget
+        return min(1 << 16, max(every * 2, 1 << math.ceil(math.log2(needed))))
     if fraction < budget / 3 and every > smallest:
         return max(smallest, every // 2)
     return every
