@@ -264,7 +264,7 @@ class GradWatch:
         assert s is not None
         self._steps_seen += 1
         now = time.perf_counter()
-        if self._step_started is not None:
+        if self._step_started is not None and self._steps_seen > 2:  # step 0 carries one-time costs
             (self._measured_times if self._prev_measured else self._step_times).append(now - self._step_started)
         self._step_started = now
         self._steps_since_adapt += 1
@@ -364,7 +364,8 @@ class GradWatch:
 
 def next_interval(every: int, smallest: int, cost_per_step: float, step_time: float, budget: float) -> int:
     """The overhead budget's policy. Over budget: jump to the power-of-two interval that
-    brings gradwatch's share of the training step time under ``budget`` (at least double);
+    brings gradwatch's share of the training step time under ``budget`` (at least double,
+    at most 8x at once, so one noisy measurement cannot overshoot far);
     under a third of it: halve (not below ``smallest``); otherwise keep.
 
     >>> next_interval(4, 1, cost_per_step=0.5e-3, step_time=10.5e-3, budget=0.02)
@@ -375,7 +376,7 @@ def next_interval(every: int, smallest: int, cost_per_step: float, step_time: fl
     fraction = cost_per_step / max(step_time - cost_per_step, 1e-9)
     if fraction > budget and every < 1 << 16:
         needed = every * fraction / budget
-        return min(1 << 16, max(every * 2, 1 << math.ceil(math.log2(needed))))
+        return min(1 << 16, every * 8, max(every * 2, 1 << math.ceil(math.log2(needed))))
     if fraction < budget / 3 and every > smallest:
         return max(smallest, every // 2)
     return every

@@ -400,6 +400,7 @@ def test_budget_policy():
     from gradwatch.watch import next_interval
 
     assert next_interval(8, 1, 1e-3, 10e-3, budget=0.02) == 64  # 11 % > 2 %: widen enough at once (8 x 5.6)
+    assert next_interval(8, 1, 9e-3, 10e-3, budget=0.02) == 64  # 900 %: but at most 8x at once
     assert next_interval(8, 1, 0.25e-3, 10.25e-3, budget=0.02) == 16  # 2.5 %: at least double
     assert next_interval(8, 1, 0.05e-3, 10e-3, budget=0.02) == 4  # 0.5 % < 2 % / 3: narrow
     assert next_interval(8, 1, 0.1e-3, 10e-3, budget=0.02) == 8  # 1 %: stay
