@@ -56,6 +56,23 @@ def progress() -> Progress:
                     console=console, transient=False)
 
 
+def run_variants(names, steps: int, train_one) -> Dict[str, dict]:
+    """Train each variant (an activation) under one progress display, then print the
+    gradwatch report each returned under ``"_report"``. ``train_one(name, progress, task)``."""
+    results: Dict[str, dict] = {}
+    with progress() as bar:
+        overall = bar.add_task("activations", total=len(names), status="")
+        for name in names:
+            bar.update(overall, status=name)
+            task = bar.add_task(f"  {name}", total=steps, status="")
+            results[name] = train_one(name, bar, task)
+            bar.advance(overall)
+    for name, r in results.items():
+        console.rule(f"gradwatch: {name}")
+        console.print(r.pop("_report"))
+    return results
+
+
 def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator,
             steps: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
     """``steps`` shuffled mini-batches, reshuffling at each epoch."""

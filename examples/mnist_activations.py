@@ -358,17 +358,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     console.print(f"[bold]{EXAMPLE}[/]: {len(xtr):,} train / {len(xte):,} test images, {steps:,} steps per "
                   f"activation, device {device}, {torch.get_num_threads()} threads")
 
-    results: Dict[str, dict] = {}
-    with common.progress() as progress:
-        overall = progress.add_task("activations", total=len(acts), status="")
-        for act in acts:
-            progress.update(overall, status=act)
-            task = progress.add_task(f"  {act}", total=steps, status="")
-            results[act] = train(act, data, steps, mode, args, device, runs / act, progress, task)
-            progress.advance(overall)
-    for act, r in results.items():
-        console.rule(f"gradwatch: {act}")
-        console.print(r.pop("_report"))
+    results = common.run_variants(acts, steps, lambda act, bar, task: train(
+        act, data, steps, mode, args, device, runs / act, bar, task))
 
     checks = acceptance(results)
     console.print(results_table(results, steps, len(xte)))

@@ -6,11 +6,9 @@ results.json, figures and TensorBoard files for every activation, not what they 
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 import pickle
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -18,32 +16,13 @@ import pytest
 import torch
 
 from examples import cifar10_activations, mnist_activations
+from tests.examples.fakes import fake_idx_dataset
 
 ACTIVATIONS = ["elu", "leakyrelu", "relu", "tanh", "sigmoid"]
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    """The examples set torch's thread count (``--threads 1`` here: on a shared 2-core machine
-    one thread per process is much faster than two); give the rest of the session its own back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-def write_idx(path: Path, arr: np.ndarray, magic: int) -> None:
-    header = struct.pack(">I", magic) + struct.pack(f">{arr.ndim}I", *arr.shape)
-    path.write_bytes(gzip.compress(header + arr.astype(np.uint8).tobytes()))
-
-
 def make_mnist(root: Path, n_train: int = 120, n_test: int = 40) -> Path:
-    folder = root / "mnist"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)), 2051)
-        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, n), 2049)
-    return root
+    return fake_idx_dataset(root, "mnist", n_train, n_test)
 
 
 def make_cifar(root: Path, per_batch: int = 40, n_test: int = 40) -> Path:

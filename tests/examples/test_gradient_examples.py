@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import gzip
 import json
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -13,34 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from examples import activation_gallery, fashion_mnist_gradients as fmg
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are small: one thread is as fast, and far steadier on CPU cores shared with
-    other jobs (two OpenMP threads wait on each other there, 10-40x slower). Restored afterwards,
-    also after main() has set its own --threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def write_idx_gz(path: Path, arr: np.ndarray) -> None:
-    """The official IDX layout: magic 2051 (images, 3 dims) / 2049 (labels, 1 dim), big-endian sizes."""
-    magic = {3: 2051, 1: 2049}[arr.ndim]
-    header = struct.pack(">I", magic) + struct.pack(f">{arr.ndim}I", *arr.shape)
-    path.write_bytes(gzip.compress(header + arr.astype(np.uint8).tobytes()))
+from tests.examples.fakes import fake_idx_dataset
 
 
 def fake_fashion_mnist(root: Path, n_train: int = 300, n_test: int = 100) -> Path:
-    folder = root / "fashion-mnist"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        write_idx_gz(folder / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
-        write_idx_gz(folder / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, n, dtype=np.uint8))
-    return root
+    return fake_idx_dataset(root, "fashion-mnist", n_train, n_test)
 
 
 def random_batch(seed: int = 0, n: int = 256):
