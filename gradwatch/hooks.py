@@ -31,21 +31,22 @@ from .layers import ActivationKind, Layer, display_name, is_wrapper
 from .report import LayerStats, ParamStats, StepStats
 
 
-def iter_tensors(value: Any) -> Iterator[Tensor]:
-    """Floating-point tensors inside a module output (tensors, tuples, lists, dicts, dataclasses,
-    nested). Integer, boolean and complex tensors are skipped: their statistics mean nothing here."""
+def iter_tensors(value: Any, floating: bool = True) -> Iterator[Tensor]:
+    """Tensors inside a module output (tensors, tuples, lists, dicts, dataclasses, nested):
+    the floating-point ones, or with ``floating=False`` the others (integer, boolean, complex),
+    which gradwatch skips -- their statistics mean nothing here."""
     if isinstance(value, Tensor):
-        if value.is_floating_point():
+        if value.is_floating_point() == floating:
             yield value
     elif isinstance(value, (tuple, list)):
         for v in value:
-            yield from iter_tensors(v)
+            yield from iter_tensors(v, floating)
     elif isinstance(value, dict):
         for v in value.values():
-            yield from iter_tensors(v)
+            yield from iter_tensors(v, floating)
     elif dataclasses.is_dataclass(value) and not isinstance(value, type):
         for f in dataclasses.fields(value):
-            yield from iter_tensors(getattr(value, f.name, None))
+            yield from iter_tensors(getattr(value, f.name, None), floating)
 
 
 def _eager(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -75,6 +76,7 @@ class _StepBuffers:
     forward_order: Dict[str, None] = field(default_factory=dict)
     backward_order: Dict[str, None] = field(default_factory=dict)
     calls: Dict[str, int] = field(default_factory=dict)
+    skipped: Dict[str, List[str]] = field(default_factory=dict)  # dtypes of outputs not measured
     act: Dict[str, List[Tuple[Tuple[int, int], Tensor]]] = field(default_factory=dict)  # ((n, sample n), summary)
     act_hist: Dict[str, Tensor] = field(default_factory=dict)
     slope: Dict[str, List[Tensor]] = field(default_factory=dict)
@@ -320,6 +322,10 @@ class Collector:
         buf.calls[name] = buf.calls.get(name, 0) + 1
         cell = buf.inputs[name].pop() if buf.inputs.get(name) else None
         tensors = list(iter_tensors(output))
+        if name not in buf.skipped:
+            skipped = sorted({str(t.dtype).replace("torch.", "") for t in iter_tensors(output, floating=False)})
+            if skipped:
+                buf.skipped[name] = skipped
         margin = self.thresholds.saturation_margin
         for t in tensors:
             lower, upper = (spec.lower, spec.upper) if spec.kind in (ActivationKind.BOUNDED,
@@ -429,6 +435,8 @@ class Collector:
         for name in buf.forward_order:
             layer = by_name[name]
             ls = LayerStats(name=name, type=layer.type_name, calls=buf.calls.get(name, 0))
+            if name in buf.skipped:
+                ls.note = f"not measured: outputs of dtype {', '.join(buf.skipped[name])}"
             _fill_activation(ls, [n for n, _ in buf.act.get(name, [])], get("act", name), layer)
             slope = get("slope", name)
             if slope and layer.spec.kind is ActivationKind.GENERIC:

@@ -106,6 +106,7 @@ class LayerStats:
     output_grad_norm: Optional[float] = None
     output_grad_nonfinite: bool = False
     grad_norm: Optional[float] = None  # L2 norm over this layer's own parameter gradients
+    note: Optional[str] = None  # e.g. outputs skipped because they are not floating point
 
     def to_dict(self) -> Dict[str, Any]:
         return {k: _json_float(v) for k, v in asdict(self).items()}
