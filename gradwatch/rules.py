@@ -11,7 +11,7 @@ import statistics
 from typing import Dict, Iterable, List, Sequence, Set, Tuple
 
 from .config import Thresholds
-from .report import Finding, FindingKind, LayerStats, StepStats
+from .report import Finding, FindingKind, StepStats
 
 _SATURATING_ADVICE = ("Try a ReLU-family activation (ReLU, LeakyReLU, ELU), normalise the pre-activations "
                       "(BatchNorm/LayerNorm), or scale the inputs and initial weights down.")
@@ -103,7 +103,7 @@ def gradient_flow(stats: StepStats, thresholds: Thresholds) -> List[Finding]:
     ratio = g_first / g_last
     if ratio < thresholds.vanishing_ratio:
         weak = [n for n, g in layers[:-1] if g < thresholds.vanishing_ratio * g_last]
-        what = (f"No gradient at all reaches the first layer (a layer in between passes none, e.g. dead units)"
+        what = ("No gradient at all reaches the first layer (a layer in between passes none, e.g. dead units)"
                 if ratio == 0 else f"Gradient norm of the first layer is {ratio:.1e} x that of the last layer")
         return [Finding(FindingKind.VANISHING, first, stats.step, ratio, thresholds.vanishing_ratio,
                         f"{what} ({last}); layers below the threshold: {', '.join(weak)}. Early layers barely learn.",

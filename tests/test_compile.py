@@ -6,7 +6,6 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
 
 from gradwatch import GradWatch, GradWatchWarning
 from tests import models

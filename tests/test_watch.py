@@ -249,7 +249,7 @@ def test_seed_mlp_vanishing_gradients(act, flagged):
     y = torch.randint(0, 10, (256,))
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        with GradWatch(model, every=1, quiet=True) as watch:
+        with GradWatch(model, every=1, quiet=True):
             models.train(model, 1, x, y, lr=0.0)
     vanishing = [r for r in record if issubclass(r.category, VanishingGradientWarning)]
     assert bool(vanishing) is flagged
