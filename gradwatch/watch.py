@@ -68,8 +68,10 @@ class GradWatch:
             (default 200); ``None`` turns histograms off.
         dead_window: a unit is dead when it gave no non-zero output on any sample of
             the last ``dead_window`` measured batches (default 10).
-        include / exclude: layers by glob over qualified names (``"features.*"``) or
-            by module type; default: every leaf module except dropout/identity/flatten.
+        include: layers by glob over qualified names (``"features.*"``) or by module
+            type; default: every leaf module except dropout/identity/flatten, and every
+            module with parameters of its own.
+        exclude: layers to leave out, in the same forms; wins over ``include``.
         thresholds: a :class:`Thresholds` (or a mapping of its fields) deciding findings.
         include_eval: also measure forwards in eval mode, as steps of their own.
         quiet: no table at the end; warnings still appear.
