@@ -303,7 +303,7 @@ class GradWatch:
         else:
             return
         self._collector.spent, self._steps_since_adapt = 0.0, 0
-        every = next_interval(self.every, self._every_asked, per_step, plain + per_step, self.budget)
+        every = _agree(next_interval(self.every, self._every_asked, per_step, plain + per_step, self.budget))
         if every != self.every and self.histogram_every is not None:
             # Histogram steps cost most: their interval moves with the logging interval.
             self.histogram_every = max(self._histogram_every_asked,
@@ -382,6 +382,21 @@ def next_interval(every: int, smallest: int, cost_per_step: float, step_time: fl
     if fraction < budget / 3 and every > smallest:
         return max(smallest, every // 2)
     return every
+
+
+def _agree(every: int) -> int:
+    """Under several processes every rank must measure the same steps (they combine statistics
+    with a collective), so the ranks adopt the largest interval any of them proposes. Called at
+    the end of a measured step, which every rank reaches together."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return every
+    from .hooks import _comm_device
+
+    proposal = torch.tensor([float(every)], device=_comm_device())
+    dist.all_reduce(proposal, op=dist.ReduceOp.MAX)
+    return int(proposal.item())
 
 
 def _is_compiled(model: nn.Module) -> bool:

@@ -157,3 +157,34 @@ def test_the_torchrun_example_runs_with_two_processes(tmp_path):
     assert len(lines) == 2 and "dead_units" in lines[0]
     assert lines[0].split(":", 1)[1] == lines[1].split(":", 1)[1]  # the same findings on both ranks
     assert sorted(p.name for p in (tmp_path / "ddp").iterdir())[0].startswith("events.out.tfevents")
+
+
+def auto_worker(rank: int, world: int, port: int, out: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = nn.parallel.DistributedDataParallel(make_model())
+        x, y = data()
+        x, y = x[rank * 32:(rank + 1) * 32], y[rank * 32:(rank + 1) * 32]
+        def busy(module, args, output):  # rank 1's steps take longer (returns None: output unchanged)
+            torch.randn(300, 300) @ torch.randn(300, 300)
+
+        if rank == 1:
+            slow = model.module[1].register_forward_hook(busy)
+        with GradWatch(model, quiet=True, budget=1e-4) as watch:  # an interval that moves, differently per rank
+            for _ in range(200):
+                nn.functional.cross_entropy(model(x), y).backward()
+        if rank == 1:
+            slow.remove()
+        out[rank] = (watch.every, watch.report().step)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ranks_agree_on_an_adaptive_interval():
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(auto_worker, args=(2, free_port(), out), nprocs=2, join=True)
+        ranks = dict(out)
+    assert ranks[0] == ranks[1] and ranks[0][0] > 20  # same interval, same last measured step: no hang
