@@ -214,31 +214,6 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 
 
 # ----------------------------------------------------------------------------- bookkeeping
-class GradNormLog:
-    """Per-layer weight-gradient norms as gradwatch measured them, one row per measured step.
-
-    gradwatch publishes a step's numbers once the step is finished (at the next training
-    forward, or on leaving the ``with`` block), so ``poll`` is called after every step."""
-
-    def __init__(self, layers: List[str]) -> None:
-        self.layers = layers
-        self.steps: List[int] = []
-        self.norms: Dict[str, List[float]] = {n: [] for n in layers}
-        self._last: Optional[int] = None
-
-    def poll(self, watch: GradWatch) -> None:
-        report = watch.report()
-        if report.stats is None or report.step == self._last:
-            return
-        self._last = report.step
-        params = report.params
-        if not all(f"{n}.weight" in params for n in self.layers):
-            return
-        self.steps.append(report.step)
-        for n in self.layers:
-            self.norms[n].append(params[f"{n}.weight"].grad_norm)
-
-
 def running_mean(values: List[float], window: int) -> np.ndarray:
     v = np.asarray(values, dtype=float)
     if v.size == 0:
@@ -271,7 +246,7 @@ def train(act: str, data: tuple, steps: int, mode: str, args, device: torch.devi
     order_gen = torch.Generator().manual_seed(args.seed)  # the same batches ...
     crop_gen = torch.Generator().manual_seed(args.seed + 1)  # ... and the same crops for every activation
     layers = list(INIT)
-    grads = GradNormLog(layers)
+    grads = common.GradNormLog(layers)
     ce_hist: List[float] = []
     total_hist: List[float] = []
     writer = SummaryWriter(log_dir=str(log_dir))

@@ -56,6 +56,34 @@ def progress() -> Progress:
                     console=console, transient=False)
 
 
+class GradNormLog:
+    """Per-layer weight-gradient norms as gradwatch measured them, one row per measured step.
+
+    gradwatch publishes a step's numbers once the step is finished (at the next training
+    forward, or on leaving the ``with`` block), so ``poll`` is called after every step."""
+
+    def __init__(self, layers: list[str]) -> None:
+        self.layers = layers
+        self.steps: list[int] = []
+        self.norms: Dict[str, list[float]] = {n: [] for n in layers}
+        self._last: Optional[int] = None
+
+    def poll(self, watch: Any) -> None:
+        report = watch.report()
+        if report.stats is None or report.step == self._last:
+            return
+        self._last = report.step
+        params = report.params
+        if not all(f"{n}.weight" in params for n in self.layers):
+            return
+        self.steps.append(report.step)
+        for n in self.layers:
+            self.norms[n].append(params[f"{n}.weight"].grad_norm)
+
+    def last(self) -> Dict[str, float]:
+        return {n: v[-1] for n, v in self.norms.items() if v}
+
+
 def run_variants(names, steps: int, train_one) -> Dict[str, dict]:
     """Train each variant (an activation) under one progress display, then print the
     gradwatch report each returned under ``"_report"``. ``train_one(name, progress, task)``."""

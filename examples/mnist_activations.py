@@ -147,34 +147,6 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return correct / x.shape[0], loss / x.shape[0]
 
 
-class GradNormLog:
-    """Per-layer weight-gradient norms as gradwatch measured them, one row per measured step.
-
-    gradwatch publishes a step's numbers once the step is finished (at the next training
-    forward, or on leaving the ``with`` block), so ``poll`` is called after every step."""
-
-    def __init__(self, layers: List[str]) -> None:
-        self.layers = layers
-        self.steps: List[int] = []
-        self.norms: Dict[str, List[float]] = {n: [] for n in layers}
-        self._last: Optional[int] = None
-
-    def poll(self, watch: GradWatch) -> None:
-        report = watch.report()
-        if report.stats is None or report.step == self._last:
-            return
-        self._last = report.step
-        params = report.params
-        if not all(f"{n}.weight" in params for n in self.layers):
-            return
-        self.steps.append(report.step)
-        for n in self.layers:
-            self.norms[n].append(params[f"{n}.weight"].grad_norm)
-
-    def last(self) -> Dict[str, float]:
-        return {n: v[-1] for n, v in self.norms.items() if v}
-
-
 def finding_kinds(findings: List[dict]) -> List[str]:
     """``kind@layer`` of every finding, first occurrence order."""
     return list(OrderedDict.fromkeys(f"{f['kind']}@{f['layer']}" for f in findings))
@@ -194,7 +166,7 @@ def train(act: str, data: tuple, steps: int, mode: str, args, device: torch.devi
     gen = torch.Generator().manual_seed(args.seed)  # the same batches for every activation
     x_curve, y_curve = xte[:CURVE_TEST], yte[:CURVE_TEST]
     eval_every = args.eval_every or EVAL_EVERY[mode]
-    grads = GradNormLog(weighted_layers(model))
+    grads = common.GradNormLog(weighted_layers(model))
     losses: List[float] = []
     curve: Dict[str, list] = {"step": [], "test_accuracy": [], "test_loss": [], "train_loss": []}
     writer = SummaryWriter(log_dir=str(log_dir))
