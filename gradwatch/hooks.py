@@ -31,22 +31,21 @@ from .layers import ActivationKind, Layer, display_name, is_wrapper
 from .report import LayerStats, ParamStats, StepStats
 
 
-def iter_tensors(value: Any, floating: bool = True) -> Iterator[Tensor]:
-    """Tensors inside a module output (tensors, tuples, lists, dicts, dataclasses, nested):
-    the floating-point ones, or with ``floating=False`` the others (integer, boolean, complex),
-    which gradwatch skips -- their statistics mean nothing here."""
+def iter_tensors(value: Any) -> Iterator[Tensor]:
+    """Every tensor inside a module output (tensors, tuples, lists, dicts, dataclasses, nested).
+    gradwatch measures the floating-point ones; integer, boolean and complex ones are skipped
+    (their statistics mean nothing here) and named in the layer's note."""
     if isinstance(value, Tensor):
-        if value.is_floating_point() == floating:
-            yield value
+        yield value
     elif isinstance(value, (tuple, list)):
         for v in value:
-            yield from iter_tensors(v, floating)
+            yield from iter_tensors(v)
     elif isinstance(value, dict):
         for v in value.values():
-            yield from iter_tensors(v, floating)
+            yield from iter_tensors(v)
     elif dataclasses.is_dataclass(value) and not isinstance(value, type):
         for f in dataclasses.fields(value):
-            yield from iter_tensors(getattr(value, f.name, None), floating)
+            yield from iter_tensors(getattr(value, f.name, None))
 
 
 def _eager(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -321,15 +320,15 @@ class Collector:
         buf.forward_order.setdefault(name, None)
         buf.calls[name] = buf.calls.get(name, 0) + 1
         cell = buf.inputs[name].pop() if buf.inputs.get(name) else None
-        tensors = list(iter_tensors(output))
-        if name not in buf.skipped:
-            skipped = sorted({str(t.dtype).replace("torch.", "") for t in iter_tensors(output, floating=False)})
-            if skipped:
-                buf.skipped[name] = skipped
+        tensors, others = [], []
+        for t in iter_tensors(output):  # one walk over the output
+            (tensors if t.is_floating_point() else others).append(t)
+        if others and name not in buf.skipped:
+            buf.skipped[name] = sorted({str(t.dtype).replace("torch.", "") for t in others})
         margin = self.thresholds.saturation_margin
+        bounded = spec.kind in (ActivationKind.BOUNDED, ActivationKind.RECTIFIER)
+        lower, upper = (spec.lower, spec.upper) if bounded else (None, None)
         for t in tensors:
-            lower, upper = (spec.lower, spec.upper) if spec.kind in (ActivationKind.BOUNDED,
-                                                                      ActivationKind.RECTIFIER) else (None, None)
             buf.act.setdefault(name, []).append(
                 ((t.numel(), stats.sample_size(t, self.samples)),
                  stats.activation_summary(t, lower, upper, margin, self.samples)))

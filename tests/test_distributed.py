@@ -53,6 +53,16 @@ def summary(watch: GradWatch) -> dict:
             "findings": [(f.kind.value, f.layer) for f in rep.findings]}
 
 
+def watch_two_steps(model: nn.Module, rank: int, **kwargs) -> dict:
+    """Two backward passes on this rank's half of the batch, watched at every step."""
+    x, y = data()
+    x, y = x[rank * 32:(rank + 1) * 32], y[rank * 32:(rank + 1) * 32]
+    with GradWatch(model, every=1, dead_window=2, quiet=True, strict=True, **kwargs) as watch:
+        for _ in range(2):
+            nn.functional.cross_entropy(model(x), y).backward()
+    return summary(watch)
+
+
 def single() -> dict:
     model = make_model()
     x, y = data()
@@ -67,13 +77,7 @@ def worker(rank: int, world: int, port: int, root: str, out: dict) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         model = nn.parallel.DistributedDataParallel(make_model())
-        x, y = data()
-        x, y = x[rank * 32:(rank + 1) * 32], y[rank * 32:(rank + 1) * 32]
-        with GradWatch(model, log_dir=os.path.join(root, f"rank{rank}"), every=1, dead_window=2,
-                       quiet=True, strict=True) as watch:
-            for _ in range(2):
-                nn.functional.cross_entropy(model(x), y).backward()
-        out[rank] = summary(watch)
+        out[rank] = watch_two_steps(model, rank, log_dir=os.path.join(root, f"rank{rank}"))
     finally:
         dist.destroy_process_group()
 
@@ -114,12 +118,7 @@ def fsdp_worker(rank: int, world: int, port: int, out: dict) -> None:
             if isinstance(layer, nn.Linear):
                 fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
-        x, y = data()
-        x, y = x[rank * 32:(rank + 1) * 32], y[rank * 32:(rank + 1) * 32]
-        with GradWatch(model, every=1, dead_window=2, quiet=True, strict=True) as watch:
-            for _ in range(2):
-                nn.functional.cross_entropy(model(x), y).backward()
-        out[rank] = summary(watch)
+        out[rank] = watch_two_steps(model, rank)
     finally:
         dist.destroy_process_group()
 
