@@ -1,15 +1,25 @@
-"""Configuration: thresholds for findings and validation of GradWatch's arguments.
+"""Configuration: thresholds for findings, and the one validated options record of a watch.
 
 Everything is validated when ``GradWatch`` is constructed, so a bad value fails at
-once with a message that quotes it, not hours later at the first logging step.
+once with a message that names the argument and quotes the value, not hours later at
+the first measured step.
 """
 
 from __future__ import annotations
 
 import enum
 import math
+import os
+import tempfile
 from dataclasses import dataclass, fields
-from typing import Union
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from .exceptions import LogDirError
+from .layers import Selector, check_selectors
 
 
 class StepMode(str, enum.Enum):
@@ -39,9 +49,9 @@ class Thresholds:
             same criterion for sigmoid and tanh (0.04 -> within 1% of the range).
         saturated_fraction: warn when more than this share of a layer's elements is saturated.
         dead_fraction: warn when more than this share of a layer's units is dead.
-        vanishing_ratio: warn when the first layer's gradient norm is below this
+        vanishing_ratio: warn when the first layer's gradient scale is below this
             fraction of the last layer's (sigmoid MLP: ~1e-3; healthy nets: 0.5-2).
-        exploding_ratio: warn when the first layer's gradient norm is above this
+        exploding_ratio: warn when the first layer's gradient scale is above this
             multiple of the last layer's (a stack that amplifies layer after layer).
         exploding_norm: warn when the global gradient L2 norm exceeds this bound.
         jump_factor: warn when the global gradient norm grows by this factor over the
@@ -73,6 +83,59 @@ class Thresholds:
         return self.saturation_slope / 4
 
 
+@dataclass(frozen=True)
+class Options:
+    """Every option of a :class:`~gradwatch.GradWatch`, validated once (see its docstring)."""
+
+    every: Optional[int]  # None: the automatic schedule
+    histogram_every: Optional[int]
+    dead_window: int
+    bins: int
+    samples: int
+    thresholds: Thresholds
+    include: Tuple[Selector, ...]
+    exclude: Tuple[Selector, ...]
+    include_eval: bool
+    quiet: bool
+    steps: StepMode
+    optimizer: Optional[torch.optim.Optimizer]
+    budget: Optional[float]
+    functional: bool
+    strict: bool
+    log_dir: Optional[Path]
+    writer: Any
+
+    @classmethod
+    def build(cls, *, every: Optional[int], histogram_every: Optional[int], dead_window: int, bins: int,
+              samples: int, thresholds: Optional[Union[Thresholds, Mapping[str, float]]],
+              include: Optional[Union[Selector, Sequence[Selector]]],
+              exclude: Optional[Union[Selector, Sequence[Selector]]], include_eval: bool, quiet: bool,
+              steps: Union[StepMode, str], optimizer: Any, budget: Optional[float], functional: bool,
+              strict: bool, log_dir: Optional[Union[str, os.PathLike]], writer: Any, rank: int) -> "Options":
+        mode = step_mode(steps)
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if mode is StepMode.OPTIMIZER and optimizer is None:
+            raise ValueError('steps="optimizer" needs the optimizer: GradWatch(model, optimizer=opt, '
+                             'steps="optimizer")')
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                                   or not 0 < budget < 1):
+            raise ValueError(f"budget must be a fraction of step time between 0 and 1 (e.g. 0.02), got {budget!r}")
+        if log_dir is not None and writer is not None:
+            raise ValueError("pass either log_dir= or writer=, not both (writer= writes where the writer writes)")
+        return cls(every=None if every is None else positive_int("every", every),
+                   histogram_every=None if histogram_every is None else positive_int("histogram_every",
+                                                                                      histogram_every),
+                   dead_window=positive_int("dead_window", dead_window), bins=positive_int("bins", bins),
+                   samples=positive_int("samples", samples), thresholds=as_thresholds(thresholds),
+                   include=check_selectors("include", include), exclude=check_selectors("exclude", exclude),
+                   include_eval=bool(include_eval), quiet=bool(quiet), steps=mode, optimizer=optimizer,
+                   budget=budget, functional=bool(functional), strict=bool(strict),
+                   log_dir=check_log_dir(log_dir) if log_dir is not None and rank == 0 else
+                   (None if log_dir is None else Path(log_dir)),
+                   writer=writer)
+
+
 def positive_int(name: str, value: object) -> int:
     """Return ``value`` if it is a positive int, else raise a ValueError/TypeError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int):
@@ -80,3 +143,39 @@ def positive_int(name: str, value: object) -> int:
     if value <= 0:
         raise ValueError(f"{name} must be a positive int (1 or more), got {value!r}")
     return value
+
+
+def as_thresholds(value: Optional[Union[Thresholds, Mapping[str, float]]]) -> Thresholds:
+    """``thresholds=``: a :class:`Thresholds`, a mapping of some of its fields, or None (defaults)."""
+    if value is None:
+        return Thresholds()
+    if isinstance(value, Thresholds):
+        return value
+    if isinstance(value, Mapping):
+        unknown = sorted(set(value) - set(Thresholds.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"thresholds: unknown field(s) {unknown}; known: "
+                             f"{sorted(Thresholds.__dataclass_fields__)}")
+        return Thresholds(**value)
+    raise TypeError(f"thresholds must be a gradwatch.Thresholds or a mapping, got {value!r}")
+
+
+def check_log_dir(path: Union[str, os.PathLike]) -> Path:
+    """Create ``log_dir`` and prove it writable now, rather than failing at the first write."""
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=p, prefix=".gradwatch-write-test-"):
+            pass
+    except OSError as exc:
+        raise LogDirError(f"log_dir {os.fspath(path)!r} cannot be created or written "
+                          f"({exc.strerror or exc}); pass a writable folder, or log_dir=None for terminal "
+                          f"output only") from None
+    return p
+
+
+def check_model(model: object) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"GradWatch(model): model must be a torch.nn.Module, got {type(model).__name__} "
+                        f"({model!r:.80})")
+    return model

@@ -39,9 +39,7 @@ def _frac(v: Optional[float], limit: float) -> Text:
 
 def report_table(report: "Report", thresholds: "Optional[Thresholds]" = None) -> Group:
     """The per-layer table (forward order) and the findings so far."""
-    from .config import Thresholds
-
-    th = thresholds or Thresholds()
+    th = thresholds or report.thresholds
     layers = report.layers
     table = Table(title=f"gradwatch - step {report.step}" if report.stats else "gradwatch",
                   caption=None if report.stats else "nothing measured yet: no training-mode forward was seen "

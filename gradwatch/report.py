@@ -11,6 +11,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Type
 
+from .config import Thresholds
 from .exceptions import (
     DeadUnitsWarning,
     ExplodingGradientWarning,
@@ -135,14 +136,27 @@ class StepStats:
 
 
 @dataclass
+class StepData:
+    """What a measured step produced, on the host: the stats and the histograms
+    (``stats.histogram`` layout: min, max, num, sum, sum of squares, bin counts)."""
+
+    stats: StepStats
+    act_histograms: Dict[str, List[float]] = field(default_factory=dict)
+    grad_histograms: Dict[str, List[float]] = field(default_factory=dict)
+
+
+@dataclass
 class Report:
-    """The latest per-layer stats and every finding so far. Renders as a rich table."""
+    """The latest per-layer stats and every finding so far, with the thresholds they were
+    judged by. Renders as a rich table."""
 
     step: int
     stats: Optional[StepStats]
     findings: List[Finding]
     steps_seen: int = 0
     every: int = 0  # the logging interval in force (it moves when a budget is set)
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    notes: List[str] = field(default_factory=list)  # what could not be measured, said once
 
     @property
     def layers(self) -> Dict[str, LayerStats]:
@@ -159,7 +173,7 @@ class Report:
                       "ratio": _json_float(p.ratio), "nonfinite": p.nonfinite,
                       "applied_grad_norm": _json_float(p.applied_grad_norm)}
                   for n, p in self.params.items()}
-        return {"step": self.step, "steps_seen": self.steps_seen, "every": self.every,
+        return {"step": self.step, "steps_seen": self.steps_seen, "every": self.every, "notes": list(self.notes),
                 "layers": {n: s.to_dict() for n, s in self.layers.items()},
                 "params": params, "findings": [f.to_dict() for f in self.findings]}
 

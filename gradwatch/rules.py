@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import Dict, Iterable, List, Sequence, Set, Tuple
+from collections import deque
+from typing import Deque, Dict, Iterable, List, Sequence, Set, Tuple
 
 from .config import Thresholds
 from .report import Finding, FindingKind, StepStats
@@ -138,6 +139,23 @@ def gradient_size(stats: StepStats, thresholds: Thresholds, history: Sequence[fl
                             f"Global gradient norm jumped {total / base:.3g} x over its recent median "
                             f"({base:.3g} -> {total:.3g}).", advice)]
     return []
+
+
+class Judge:
+    """Findings over a run: :func:`evaluate` per measured step, with the recent gradient norms
+    it needs, and only the findings that are new (see :class:`Debouncer`)."""
+
+    def __init__(self, thresholds: Thresholds, dead_window: int) -> None:
+        self.thresholds = thresholds
+        self.dead_window = dead_window
+        self.history: Deque[float] = deque(maxlen=5)
+        self.debouncer = Debouncer()
+
+    def new_findings(self, stats: StepStats) -> List[Finding]:
+        findings = evaluate(stats, self.thresholds, list(self.history), self.dead_window)
+        if stats.total_grad_norm is not None:
+            self.history.append(stats.total_grad_norm)
+        return self.debouncer.new(findings)
 
 
 class Debouncer:

@@ -17,9 +17,6 @@ from torch import Tensor
 ACTIVATION_FIELDS = ("sum", "sample_sum", "sample_dev_norm", "sample_nonzero", "sample_saturated")
 """Order of the values :func:`activation_summary` returns (see :func:`activation_moments`)."""
 
-SLOPE_FIELDS = ("valid", "saturated", "peak")
-"""Order of the values :func:`slope_saturation` returns."""
-
 
 def as_float(t: Tensor) -> Tensor:
     """Detached, in float32 at least: half-precision sums of squares overflow (fp16 max is 65504)."""
@@ -121,7 +118,7 @@ def slope_saturation(y: Tensor, grad_in: Tensor, grad_out: Tensor, slope: float,
     off side (dead-unit territory), not saturation, and are not counted; neither are
     elements whose upstream gradient is zero (no information).
 
-    Returns ``SLOPE_FIELDS``: (valid elements, saturated elements, largest slope seen), float64.
+    Returns (valid elements, saturated elements, largest slope seen), float64.
 
     >>> x = torch.tensor([-8.0, 0.0, 8.0]); y = torch.sigmoid(x)
     >>> g_out = torch.ones(3); g_in = y * (1 - y) * g_out
@@ -225,26 +222,56 @@ def histogram(t: Tensor, bins: int, max_elements: int = 1 << 16) -> Tensor:
 
 
 def grad_summaries(grads: Sequence[Tensor], weights: Sequence[Tensor]) -> Tensor:
-    """Per parameter: gradient L2 norm, gradient max |g|, weight L2 norm -- three fused
-    multi-tensor reductions (``torch._foreach_norm``) instead of three small ops per parameter.
+    """Per parameter: gradient L2 norm, gradient max |g|, weight L2 norm -- fused multi-tensor
+    reductions (``torch._foreach_norm``) per dtype, instead of three small ops per parameter.
 
-    Returns float64 of shape (3, len(grads)). A NaN/Inf anywhere in a gradient makes its
-    norm non-finite, which is how non-finite gradients are detected at no extra cost.
+    Returns float64 of shape (3, len(grads)) on the first gradient's device. A NaN/Inf anywhere
+    in a gradient makes its norm non-finite, which is how non-finite gradients are detected at no
+    extra cost. Any floating dtype works (half precision accumulates in float32); complex
+    tensors count by their magnitude. A large but finite float32 gradient (1e19) is not reported
+    as non-finite: where the float32 sum of squares overflows, the norm is computed again on the
+    scaled tensor (on CPU only then; on other devices in float64 from the start, which is cheap
+    there). A dtype that fails leaves its parameters NaN and costs the others nothing.
 
     >>> grad_summaries([torch.tensor([3.0, -4.0])], [torch.tensor([1.0, 0.0])]).tolist()
     [[5.0], [4.0], [1.0]]
+    >>> f"{grad_summaries([torch.full((4,), 1e19)], [torch.ones(4)])[0, 0]:.3g}"  # float32 overflows at 1e19**2
+    '2e+19'
     """
     if not grads:
-        return torch.zeros(3, 0)
+        return torch.zeros(3, 0, dtype=torch.float64)
+    device = grads[0].device
+    out = torch.full((3, len(grads)), math.nan, dtype=torch.float64, device=device)
+    groups: dict = {}
+    for i, g in enumerate(grads):
+        groups.setdefault((g.device, g.dtype), []).append(i)
     with torch.no_grad():
-        norms = torch.stack(torch._foreach_norm([t.detach() for t in grads], dtype=torch.float32))
-        wnorms = torch.stack(torch._foreach_norm([t.detach() for t in weights], dtype=torch.float32))
-        if hasattr(torch, "_foreach_max"):  # on CPU the inf-norm kernel is ~15x slower than abs + max
-            maxabs = torch.stack(torch._foreach_max(torch._foreach_abs([t.detach() for t in grads]))).float()
-        else:
-            maxabs = torch.stack(torch._foreach_norm([t.detach() for t in grads], ord=math.inf,
-                                                     dtype=torch.float32))
-    return torch.stack([norms, maxabs, wnorms])
+        for (dev, dtype), idx in groups.items():
+            try:
+                rows = _grad_rows([grads[i].detach() for i in idx], [weights[i].detach() for i in idx], dev)
+            except (RuntimeError, TypeError, NotImplementedError):
+                continue  # this dtype is not supported by the fused kernels: its parameters stay NaN
+            out[:, torch.tensor(idx, device=device)] = rows.to(device, torch.float64)
+    return out
+
+
+def _grad_rows(grads: List[Tensor], weights: List[Tensor], device: torch.device) -> Tensor:
+    acc = torch.float32 if grads[0].dtype in (torch.float16, torch.bfloat16) else None
+    if grads[0].dtype == torch.float32 and device.type != "cpu":
+        acc = torch.float64  # no overflow of the sum of squares; fused and cheap on accelerators
+    norms = torch.stack(torch._foreach_norm(grads, dtype=acc))
+    wacc = torch.float32 if weights[0].dtype in (torch.float16, torch.bfloat16) else None
+    wnorms = torch.stack(torch._foreach_norm(weights, dtype=wacc))
+    if hasattr(torch, "_foreach_max"):  # on CPU the inf-norm kernel is ~15x slower than abs + max
+        maxabs = torch.stack(torch._foreach_max(torch._foreach_abs(grads)))
+    else:
+        maxabs = torch.stack(torch._foreach_norm(grads, ord=math.inf))
+    norms, maxabs = norms.double(), maxabs.double()
+    if device.type == "cpu":  # reading a CPU tensor costs no device synchronisation
+        overflow = (torch.isinf(norms) & torch.isfinite(maxabs) & (maxabs > 0)).nonzero().flatten().tolist()
+        for i in overflow:
+            norms[i] = maxabs[i] * torch.linalg.vector_norm((grads[i] / maxabs[i].to(grads[i].dtype)).double())
+    return torch.stack([norms, maxabs, wnorms.double()])
 
 
 def merge_moments(parts: Sequence[Tuple[int, float, float]]) -> Tuple[int, float, float]:

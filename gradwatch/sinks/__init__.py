@@ -4,10 +4,34 @@ No sink parses another's output: the warnings sink, the console and TensorBoard 
 work from the same records.
 """
 
+import os
+from typing import TYPE_CHECKING, List, Optional
+
+from rich.console import Console
+
 from .base import Sink
 from .console import ConsoleSink
 from .jsonl import JsonlSink, LoggingSink
 from .tensorboard import TensorBoardSink
 from .warn import WarningSink
 
-__all__ = ["Sink", "ConsoleSink", "JsonlSink", "LoggingSink", "TensorBoardSink", "WarningSink"]
+if TYPE_CHECKING:
+    from ..config import Options
+
+
+def build_sinks(options: "Options", console: Optional[Console] = None) -> List[Sink]:
+    """The sinks a watch's options ask for: warnings and logging always; TensorBoard and
+    ``findings.jsonl`` with a ``log_dir`` or ``writer``; the terminal table unless ``quiet``."""
+    sinks: List[Sink] = [WarningSink(console), LoggingSink()]
+    if options.log_dir is not None or options.writer is not None:
+        log_dir = None if options.log_dir is None else os.fspath(options.log_dir)
+        sinks.append(TensorBoardSink(log_dir=log_dir, writer=options.writer))
+        folder = log_dir if log_dir is not None else getattr(options.writer, "log_dir", None)
+        if folder is not None:
+            sinks.append(JsonlSink(os.fspath(folder)))
+    if not options.quiet:
+        sinks.append(ConsoleSink(console))
+    return sinks
+
+
+__all__ = ["build_sinks", "Sink", "ConsoleSink", "JsonlSink", "LoggingSink", "TensorBoardSink", "WarningSink"]

@@ -14,8 +14,7 @@ from typing import TYPE_CHECKING, Any, List, Optional
 from .base import Sink
 
 if TYPE_CHECKING:
-    from ..hooks import StepData
-    from ..report import Finding
+    from ..report import Finding, StepData
 
 logger = logging.getLogger("gradwatch")
 FINDINGS_FILE = "findings.jsonl"
@@ -69,3 +68,7 @@ class LoggingSink(Sink):
             return
         for f in new_findings:
             logger.warning("%s", f, extra={"gradwatch_finding": f.to_dict()})
+
+    def on_note(self, text: str) -> None:
+        if logger.hasHandlers():
+            logger.info("%s", text)

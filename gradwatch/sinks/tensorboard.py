@@ -33,8 +33,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional
 from .base import Sink
 
 if TYPE_CHECKING:
-    from ..hooks import StepData
-    from ..report import Finding, Report
+    from ..report import Finding, Report, StepData
 
 LAYER_SCALARS = {
     "activation.mean": "mean",

@@ -14,8 +14,7 @@ from ..render import finding_panel
 from .base import Sink
 
 if TYPE_CHECKING:
-    from ..hooks import StepData
-    from ..report import Finding
+    from ..report import Finding, StepData
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TORCH_DIR = os.path.dirname(os.path.abspath(__import__("torch").__file__))

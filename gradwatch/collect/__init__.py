@@ -1,0 +1,170 @@
+"""Collecting: hooks that reduce watched tensors on their device, handed over once per step.
+
+The parts, each in its own module, write into the step's :mod:`.buffers` and know nothing of
+each other; :class:`Collector` composes them::
+
+    model call --> taps (modules) / functional (F.relu, ...) --> buffers
+    backward   --> gradients (end of each backward pass, optimizer.step)  --> buffers
+    step end   --> summary.totals (one host transfer) --> ranks.combine --> summary.finish --> StepData
+
+Only the root module carries permanent hooks (to count steps and to see backward passes);
+per-layer hooks exist on measured steps only, so other steps cost one cheap hook call.
+:mod:`.guard` keeps a bug in gradwatch from ever breaking the user's training.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from ..config import Options
+from ..layers import Layer
+from ..report import StepData
+from . import ranks, summary
+from .blind import BlindSpot
+from .buffers import Reduction, StepBuffers, UnitHistory, in_backward
+from .functional import FunctionalTaps
+from .gradients import GradientReader
+from .guard import Guard
+from .taps import LayerTaps
+
+__all__ = ["Collector"]
+
+
+class Collector:
+    """Attaches gradwatch's hooks to a model and turns measured steps into :class:`StepData`."""
+
+    def __init__(self, model: nn.Module, layers: List[Layer], options: Options,
+                 on_root_forward: Callable[[nn.Module], None], say: Callable[[str], None]) -> None:
+        self.model = model
+        self.layers = layers
+        self.guard = Guard(options.strict)
+        self.enabled = False  # False during forwards gradwatch must ignore (eval forwards by default)
+        self._buf: Optional[StepBuffers] = None
+        how = Reduction(options.thresholds.saturation_margin, options.samples, options.bins)
+        self.taps = LayerTaps(layers, how, options.thresholds.saturation_slope, self.guard, self._current)
+        self.gradients = GradientReader(model, options.include, options.exclude, how, self.guard, self._current)
+        self.functional = FunctionalTaps(model, how, self.guard, self._current) if options.functional else None
+        self.units = UnitHistory(options.dead_window)
+        self.combiner = ranks.RankCombiner()
+        self.blind = BlindSpot(model, len(layers), say)
+        self._on_root_forward = on_root_forward
+        self._root_handles: List[RemovableHandle] = []
+        self._depth = 0  # nesting of the root's forward (a root that calls itself)
+
+    def _current(self) -> Optional[StepBuffers]:
+        return self._buf if self.enabled else None
+
+    # ------------------------------------------------------------------ attach / detach
+    def attach(self) -> None:
+        self._root_handles.append(self.model.register_forward_pre_hook(self._root_pre_hook))
+        # always_call: the functional tap must be left even when the forward raises.
+        self._root_handles.append(self.model.register_forward_hook(self._root_hook, always_call=True))
+        params = self.gradients.params()
+        self.blind.attach(params[0][2] if params else None)
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer,
+                         on_step: Optional[Callable[[], None]] = None) -> None:
+        """Read the gradients as the optimizer is about to apply them; optionally mark a step
+        after each ``step()``."""
+        self._root_handles.append(self.gradients.attach_optimizer(optimizer))
+        if on_step is not None:
+            self._root_handles.append(optimizer.register_step_post_hook(lambda opt, args, kwargs: on_step()))
+
+    def detach(self) -> None:
+        """Remove every hook. Safe to call twice."""
+        self._remove_step_hooks()
+        for h in self._root_handles:
+            h.remove()
+        self._root_handles.clear()
+        self.blind.detach()
+        self.enabled = False
+
+    @property
+    def spent(self) -> float:
+        return self.guard.spent
+
+    @property
+    def measuring(self) -> bool:
+        return self._buf is not None
+
+    # ------------------------------------------------------------------ step boundaries
+    def begin(self, *, histograms: bool) -> None:
+        """Start a measured step: register the per-layer hooks (kept from the previous step
+        when that one was measured too, as with ``every=1``)."""
+        self._buf = StepBuffers(histograms=histograms)
+        self.taps.register()
+        self.gradients.register()
+        if self.functional is not None:
+            self.functional.register()
+
+    def pause(self) -> None:
+        """An unmeasured step begins: take the per-layer hooks off, so it costs nothing."""
+        self._remove_step_hooks()
+
+    def _remove_step_hooks(self) -> None:
+        self.taps.remove()
+        self.gradients.remove()
+        if self.functional is not None:
+            self.functional.remove()
+
+    def end(self, step: int) -> Optional[StepData]:
+        """Finish the measured step (if any): one host transfer, then plain numbers."""
+        buf, self._buf = self._buf, None
+        if buf is None or not (buf.sites or buf.grads is not None):
+            return None
+        data = self.guard("summary", self._summarise, step, buf)
+        self.blind.check_step(data, _is_compiled(self.model))
+        return data
+
+    def _summarise(self, step: int, buf: StepBuffers) -> StepData:
+        layer_of = self.layer_index()
+        kinds = {}
+        for site in buf.sites:
+            layer = layer_of.get(site.rsplit("#", 1)[0] if "#" in site else site)
+            if layer is not None:
+                kinds[site] = layer.spec.kind
+        tot = summary.totals(buf, self.units, kinds)
+        world = ranks.world()
+        if world > 1:
+            tot = self.combiner.combine(tot)
+        params = self.gradients.params()
+        return summary.finish(step, tot, layer_of, {n: layer for n, layer, _ in params},
+                              {n: p.numel() for n, _, p in params}, world)
+
+    def layer_index(self) -> Dict[str, Layer]:
+        """Every layer by name, the functional ones discovered so far included."""
+        index = {layer.name: layer for layer in self.layers}
+        if self.functional is not None:
+            index.update(self.functional.layers)
+        return index
+
+    # ------------------------------------------------------------------ root hooks
+    def _root_pre_hook(self, module: nn.Module, args: Any) -> None:
+        self._depth += 1
+        self.blind.forwards += 1
+        if self._depth > 1 or in_backward():  # a recursive call, or a checkpointed recompute
+            return
+        try:
+            self.guard("step counting", self._on_root_forward, module)
+        except BaseException:  # a finding raised as an error (-W error): the forward does not run
+            self._depth -= 1
+            raise
+        self.taps.new_forward()
+        if self.functional is not None and self._current() is not None:
+            self.functional.enter()
+
+    def _root_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._depth = max(self._depth - 1, 0)
+        if self._depth or in_backward():
+            return
+        if self.functional is not None:
+            self.functional.leave()
+        self.guard("parameter gradients", self.gradients.watch_output, output)
+
+
+def _is_compiled(model: nn.Module) -> bool:
+    return type(model).__name__ == "OptimizedModule" or getattr(model, "_compiled_call_impl", None) is not None

@@ -1,0 +1,81 @@
+"""Never silently blind: noticing training that gradwatch's hooks did not see, and saying why once.
+
+One permanent hook after the gradient accumulation of one watched parameter counts backward
+passes (a Python call per backward pass, nothing more). When the model trains but its
+forwards never reach gradwatch (a compiled twin reused the graph without hooks, hooks
+removed, training through a method other than ``forward`` without the optimizer), or
+measured steps see gradients but no layer output, gradwatch says so once, with the fix.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, List, Optional
+
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from ..report import StepData
+
+UNSEEN_AFTER = 3
+"""Backward passes without any forward seen before gradwatch says it is blind."""
+
+COMPILE_FIX = ("torch.compile skips module hook guards by default: when the model, or another instance of its "
+               "class (a plain twin, an EMA or teacher copy), was compiled before gradwatch attached, the cached "
+               "graph runs without gradwatch's hooks. Attach GradWatch before compiling anything of that class, or "
+               "set torch._dynamo.config.skip_nnmodule_hook_guards = False.")
+
+
+class BlindSpot:
+    """Watches for training that gradwatch cannot see; ``say`` receives each explanation once."""
+
+    def __init__(self, model: nn.Module, n_layers: int, say: Callable[[str], None]) -> None:
+        self.model = model
+        self.n_layers = n_layers
+        self.say = say
+        self.forwards = 0  # root forwards seen (training mode or not)
+        self.backwards = 0  # backward passes that wrote a watched parameter's gradient
+        self.measured_without_grads = 0
+        self._handle: Optional[RemovableHandle] = None
+        self._said: List[str] = []
+
+    def attach(self, first_param: Optional[nn.Parameter]) -> None:
+        if first_param is not None and hasattr(first_param, "register_post_accumulate_grad_hook"):
+            self._handle = first_param.register_post_accumulate_grad_hook(self._trained)
+
+    def detach(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def _once(self, key: str, text: str) -> None:
+        if key not in self._said:
+            self._said.append(key)
+            self.say(text)
+
+    def _trained(self, param: nn.Parameter) -> None:
+        self.backwards += 1
+        if self.backwards >= UNSEEN_AFTER and self.forwards == 0:
+            self._once("unseen", (
+                f"gradwatch: {type(self.model).__name__} trained ({self.backwards} backward passes) but none of its "
+                f"forwards reached gradwatch's hooks, so no step was measured. {COMPILE_FIX} If the hooks were "
+                f"removed (module._forward_hooks.clear()) re-attach the watch; if the model is trained through "
+                f"another method than forward (model.encode(x)), pass optimizer=opt, steps=\"optimizer\"."))
+
+    def check_step(self, data: Optional[StepData], compiled: bool) -> None:
+        """After a measured step: gradients but no layer output means the layers were not seen."""
+        if data is None:
+            return
+        st = data.stats
+        if self.n_layers and not st.layers and st.params:
+            cause, fix = ("compiled with torch.compile", COMPILE_FIX) if compiled else (
+                "calling no watched module", "A model trained through another method than forward, or hooks "
+                "removed by hand, hide the layers from gradwatch.")
+            self._once("layers", f"gradwatch: a training step of {type(self.model).__name__} ran without any of its "
+                                 f"{self.n_layers} watched layers being seen ({cause}): activation statistics, "
+                                 f"saturation and dead units cannot be measured, only parameter gradients. {fix}")
+        if st.layers and not st.params:
+            self.measured_without_grads += 1
+            if self.measured_without_grads == UNSEEN_AFTER:
+                self._once("no_grad", f"gradwatch: {UNSEEN_AFTER} measured steps of {type(self.model).__name__} "
+                                      f"produced no parameter gradient (forwards under torch.no_grad(), or no "
+                                      f"backward): only activations are measured.")

@@ -1,0 +1,153 @@
+"""Per-step accumulation on the device: named fields, filled by the taps, read by the summary.
+
+A measured step gets a fresh :class:`StepBuffers`; every hook writes into the buffers of the
+step that registered it, so a late backward never pollutes a newer step. Nothing here is
+kept between steps except what :class:`UnitHistory` holds on purpose (per-unit counters).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import Tensor
+
+from .. import stats
+from ..layers import ActivationKind, ActivationSpec
+from .outputs import iter_tensors
+
+
+def in_backward() -> bool:
+    """True while autograd runs a backward pass (e.g. a checkpointed forward being recomputed)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def site_name(name: str, call: int) -> str:
+    """The record name of a module's ``call``-th call in one forward: the first keeps the
+    module's name (renamed ``#1`` in the summary once a second site exists)."""
+    return name if call == 1 else f"{name}#{call}"
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """How outputs are reduced: saturation margin, sample size, histogram bins."""
+
+    margin: float
+    samples: int
+    bins: int
+
+
+@dataclass
+class ActivationPart:
+    """One output tensor of one call: ``stats.activation_summary`` over ``numel`` elements,
+    its spread and shares from a sample of ``sampled`` elements."""
+
+    numel: int
+    sampled: int
+    summary: Tensor
+
+
+@dataclass
+class SiteBuffer:
+    """What one call site (a module, or one of its call sites) produced in the step."""
+
+    calls: int = 0
+    parts: List[ActivationPart] = field(default_factory=list)
+    skipped: List[str] = field(default_factory=list)  # dtypes of outputs that are not measured
+    histogram: Optional[Tensor] = None
+    slope: List[Tensor] = field(default_factory=list)  # stats.slope_saturation rows
+    out_grad: List[Tensor] = field(default_factory=list)  # L2 norms of the gradient at the output
+    alive: Optional[Tensor] = None  # per unit: any non-zero output in this step
+
+    def add_output(self, output: Any, spec: ActivationSpec, how: Reduction, histograms: bool) -> List[Tensor]:
+        """Reduce one call's output on its device; returns its floating-point tensors."""
+        self.calls += 1
+        tensors, others = [], []
+        for t in iter_tensors(output):  # one walk over the output
+            (tensors if t.is_floating_point() else others).append(t)
+        for t in others:
+            dtype = str(t.dtype).replace("torch.", "")
+            if dtype not in self.skipped:
+                self.skipped = sorted(self.skipped + [dtype])
+        bounded = spec.kind in (ActivationKind.BOUNDED, ActivationKind.RECTIFIER)
+        lower, upper = (spec.lower, spec.upper) if bounded else (None, None)
+        for t in tensors:
+            self.parts.append(ActivationPart(t.numel(), stats.sample_size(t, how.samples),
+                                             stats.activation_summary(t, lower, upper, how.margin, how.samples)))
+        if not tensors:
+            return tensors
+        first = tensors[0]
+        if histograms and self.histogram is None:
+            self.histogram = stats.histogram(first, how.bins, how.samples)
+        if spec.tracks_dead_units and len(tensors) == 1:
+            alive = stats.active_units(first)
+            if alive is not None:
+                if self.alive is None:
+                    self.alive = alive
+                elif self.alive.shape == alive.shape:
+                    self.alive = self.alive | alive
+        return tensors
+
+
+@dataclass
+class GradientRead:
+    """Parameter gradients read at one moment: names and a (3, k) ``stats.grad_summaries`` tensor."""
+
+    names: List[str]
+    summary: Tensor
+
+
+@dataclass
+class StepBuffers:
+    """Device tensors gathered during one measured step."""
+
+    histograms: bool
+    sites: Dict[str, SiteBuffer] = field(default_factory=dict)  # insertion order = forward order
+    backward_order: Dict[str, None] = field(default_factory=dict)
+    grads: Optional[GradientRead] = None  # the last read at the end of a backward that wrote .grad
+    applied: Optional[GradientRead] = None  # read at optimizer.step(), after clipping
+    grad_hist: Dict[str, Tensor] = field(default_factory=dict)
+    notes: List[str] = field(default_factory=list)
+
+    def record(self, site: str, output: Any, spec: ActivationSpec, how: Reduction) -> List[Tensor]:
+        """Reduce one call's output into ``site`` and watch the gradient that reaches it."""
+        tensors = self.site(site).add_output(output, spec, how, self.histograms)
+        if torch.is_grad_enabled():
+            for t in tensors:
+                if t.requires_grad:
+                    t.register_hook(self._output_grad_hook(site))
+        return tensors
+
+    def _output_grad_hook(self, site: str) -> Any:
+        def hook(grad: Tensor) -> None:  # None: the gradient is left as it is
+            self.backward_order.setdefault(site, None)
+            self.site(site).out_grad.append(stats.l2_norm(grad))
+        return hook
+
+    def site(self, name: str) -> SiteBuffer:
+        buf = self.sites.get(name)
+        if buf is None:
+            buf = self.sites[name] = SiteBuffer()
+        return buf
+
+
+@dataclass
+class UnitHistory:
+    """Per unit of a call site: consecutive measured batches without a non-zero output.
+    A unit is dead when that count covers the whole window seen so far (at most ``window``)."""
+
+    window: int
+    idle: Dict[str, Tensor] = field(default_factory=dict)
+    seen: Dict[str, int] = field(default_factory=dict)
+
+    def update(self, name: str, alive: Tensor) -> "tuple[int, Tensor]":
+        """Fold in one measured batch; returns (batches covered, per-unit dead flags) on the device."""
+        idle = self.idle.get(name)
+        if idle is None or idle.shape != alive.shape:
+            idle, self.seen[name] = torch.zeros(alive.shape, dtype=torch.int32, device=alive.device), 0
+        # A counter of consecutive idle batches gives the sliding window in two small ops.
+        idle = (idle + 1).masked_fill_(alive, 0)
+        self.idle[name] = idle
+        self.seen[name] = min(self.seen[name] + 1, self.window)
+        return self.seen[name], idle >= self.seen[name]

@@ -1,0 +1,156 @@
+"""Reading parameter gradients when they are final for the step.
+
+On measured steps, gradients are read at the end of every backward pass that wrote a
+``.grad`` (the last read of the step wins, so two losses, accumulation inside one step and
+``retain_graph`` give the summed gradient the optimizer will see), and once more just before
+``optimizer.step()`` when the optimizer is known (after clipping and all-reduce). An
+``autograd.grad`` call writes no ``.grad`` and is not read. Parameters are looked up when
+they are read, not once at attach: unfrozen layers, ``to_empty()``-materialised models,
+``load_state_dict(assign=True)`` and re-created heads are all measured as they are now.
+
+Two triggers find the end of a backward pass: a hook that runs after a parameter's gradient
+is accumulated (any way the model was called), and a tensor hook on the model's outputs (for
+FSDP, whose shards get their gradients assigned rather than accumulated). Either queues one
+autograd-engine callback per pass; a snapshot of gradient versions taken when the pass
+started tells whether it wrote a gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from .. import stats
+from ..layers import Selector, select_parameters
+from .buffers import GradientRead, Reduction, StepBuffers
+from .guard import Guard
+from .outputs import iter_tensors
+from .ranks import local_shard, reduce_shards
+
+Current = Callable[[], Optional[StepBuffers]]
+
+
+def queue_after_backward(callback: Callable[[], None]) -> None:
+    """Run ``callback`` once the current backward pass is done, every ``.grad`` accumulated.
+    The first callback queues the real one behind everything queued meanwhile (DDP's
+    finalisation, which waits for the all-reduce): the engine runs callbacks until none is left."""
+    engine = torch.autograd.Variable._execution_engine
+    engine.queue_callback(lambda: engine.queue_callback(callback))
+
+
+def _version(g: Optional[Tensor]) -> Optional[Tuple[int, int]]:
+    return None if g is None else (id(g), getattr(g, "_version", 0))
+
+
+class GradientReader:
+    """Reads the watched parameters' gradients into the step's buffers."""
+
+    def __init__(self, model: nn.Module, include: Sequence[Selector], exclude: Sequence[Selector],
+                 how: Reduction, guard: Guard, current: Current) -> None:
+        self.model = model
+        self.include, self.exclude = include, exclude
+        self.how = how
+        self.guard = guard
+        self.current = current
+        self.handles: List[RemovableHandle] = []
+        self._queued = False  # a read is queued for the end of the running backward pass
+        self._wrote = False  # a parameter's .grad was accumulated in this pass
+        self._snapshot: Optional[List[Any]] = None
+
+    def params(self) -> List[Tuple[str, str, nn.Parameter]]:
+        """(name, owning layer, parameter) of the watched parameters that train, as they are now."""
+        return select_parameters(self.model, self.include, self.exclude)
+
+    # ------------------------------------------------------------------ triggers
+    def register(self) -> None:
+        """A measured step begins: hook every watched parameter's gradient accumulation."""
+        if self.handles:
+            return
+        for _, _, p in self.params():
+            if hasattr(p, "register_post_accumulate_grad_hook"):
+                self.handles.append(p.register_post_accumulate_grad_hook(self._accumulated))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def watch_output(self, output: Any) -> None:
+        """The model's forward returned: its outputs' gradients mark a backward pass."""
+        if self.current() is None or not torch.is_grad_enabled():
+            return
+        for t in iter_tensors(output):
+            if isinstance(t, Tensor) and t.requires_grad:
+                t.register_hook(self._backward_started)
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
+        return optimizer.register_step_pre_hook(
+            lambda opt, args, kwargs: self.guard("optimizer step", self._before_optimizer_step))
+
+    def _backward_started(self, grad: Tensor) -> None:
+        if not self._queued:
+            self._snapshot = [_version(p.grad) for _, _, p in self.params()]
+            self._queue()
+
+    def _accumulated(self, param: Tensor) -> None:
+        self._wrote = True
+        if not self._queued:
+            self._queue()
+
+    def _queue(self) -> None:
+        buf = self.current()
+        if buf is None:
+            return
+        self._queued = True
+        queue_after_backward(lambda: self.guard("parameter gradients", self._end_of_backward, buf))
+
+    def _end_of_backward(self, buf: StepBuffers) -> None:
+        wrote, snapshot = self._wrote, self._snapshot
+        self._queued, self._wrote, self._snapshot = False, False, None
+        params = self.params()
+        if not wrote and snapshot is not None:
+            wrote = len(snapshot) != len(params) or any(
+                _version(p.grad) != v for (_, _, p), v in zip(params, snapshot))
+        if wrote:  # an autograd.grad call (a gradient penalty's inner pass) writes no .grad
+            read = self.read(params, histograms=buf.histograms, buf=buf)
+            if read is not None:
+                buf.grads = read
+
+    def _before_optimizer_step(self) -> None:
+        buf = self.current()
+        if buf is None:
+            return
+        read = self.read(self.params(), histograms=buf.histograms and buf.grads is None, buf=buf)
+        if read is not None:
+            buf.applied = read
+            if buf.grads is None:  # no backward was seen (a model trained through another method)
+                buf.grads = read
+
+    # ------------------------------------------------------------------ reading
+    def read(self, params: List[Tuple[str, str, nn.Parameter]], *, histograms: bool,
+             buf: StepBuffers) -> Optional[GradientRead]:
+        """Summarise the gradients present now, on their device; histograms when asked."""
+        names: List[str] = []
+        grads: List[Tensor] = []
+        weights: List[Tensor] = []
+        groups: List[Any] = []
+        for pname, _, p in params:
+            g = p.grad
+            if g is None:
+                continue
+            g, group = local_shard(g)
+            w, _ = local_shard(p)
+            names.append(pname)
+            grads.append(g.coalesce()._values() if g.is_sparse else g)
+            weights.append(w)
+            groups.append(group)
+        if not grads:
+            return None
+        summary = reduce_shards(stats.grad_summaries(grads, weights), groups, max_rows=(1,))
+        if histograms:
+            buf.grad_hist = {n: stats.histogram(g if not g.is_complex() else g.abs(), self.how.bins,
+                                                self.how.samples) for n, g in zip(names, grads)}
+        return GradientRead(names, summary)

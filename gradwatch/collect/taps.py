@@ -1,0 +1,141 @@
+"""Forward and backward hooks on watched modules: one record per call site, written into buffers.
+
+Per-layer hooks exist only on measured steps (:meth:`LayerTaps.register` / :meth:`remove`).
+Hooks observe and never modify: every hook returns ``None``, reads detached tensors, and
+uses no random numbers. Gradients at outputs are read with tensor hooks
+(``Tensor.register_hook``), not full module backward hooks, which fail on in-place modules
+such as ``nn.ReLU(inplace=True)``.
+
+A module object called at several places of one forward (one ``nn.ReLU()`` reused through a
+block) gets one record per call site: ``relu#1``, ``relu#2``, ... counted afresh at each forward
+of the model, so the sites of two forwards in one step (siamese pairs) merge site by site.
+Forwards that autograd re-runs during backward (activation checkpointing) are not counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from .. import stats
+from ..layers import ActivationKind, Layer
+from .buffers import Reduction, StepBuffers, in_backward, site_name
+from .guard import Guard
+
+Current = Callable[[], Optional[StepBuffers]]
+"""Returns the buffers of the step being measured, or None when nothing is to be recorded."""
+
+
+def eager(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Keep torch.compile from tracing into gradwatch's hooks: they run eagerly (one graph
+    break each) instead of being compiled, and recompiled, once per layer."""
+    disable = getattr(getattr(torch, "compiler", None), "disable", None)
+    return disable(fn) if disable is not None else fn
+
+
+@dataclass
+class _SlopeProbe:
+    """A generic module's input gradient, paired with its output and the gradient at it."""
+
+    x_shape: torch.Size
+    site: str = ""
+    buf: Optional[StepBuffers] = None
+    y: Optional[Tensor] = None
+    g_out: Optional[Tensor] = None
+
+
+class LayerTaps:
+    """Hooks on the watched modules; each call's output is reduced into its site's buffer."""
+
+    def __init__(self, layers: List[Layer], how: Reduction, saturation_slope: float, guard: Guard,
+                 current: Current) -> None:
+        self.layers = layers
+        self.how = how
+        self.saturation_slope = saturation_slope
+        self.guard = guard
+        self.current = current
+        self.handles: List[RemovableHandle] = []
+        self._calls: Dict[str, int] = {}  # per module, calls in the current forward of the model
+        self._probes: Dict[str, List[Optional[_SlopeProbe]]] = {}
+        self._peak: Dict[str, Tensor] = {}  # per site, the largest slope seen (kept across steps)
+
+    @property
+    def registered(self) -> bool:
+        return bool(self.handles)
+
+    def register(self) -> None:
+        if self.handles:
+            return
+        for layer in self.layers:
+            if layer.spec.kind is ActivationKind.GENERIC:
+                self.handles.append(layer.module.register_forward_pre_hook(self._pre_hook(layer)))
+            self.handles.append(layer.module.register_forward_hook(self._hook(layer)))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def new_forward(self) -> None:
+        """The model's forward begins: call sites are counted from 1 again."""
+        self._calls.clear()
+        self._probes.clear()
+
+    # ------------------------------------------------------------------ hooks
+    def _pre_hook(self, layer: Layer) -> Callable[..., None]:
+        name = layer.name
+
+        def pre_hook(module: nn.Module, args: Any) -> None:  # must return None: a value replaces the input
+            buf = self.current()
+            if buf is None or name in self.guard.broken or in_backward():
+                return
+            probe = None
+            x = args[0] if args else None
+            if isinstance(x, Tensor) and x.is_floating_point() and x.requires_grad and torch.is_grad_enabled():
+                # Registered before the module runs, so that an in-place module still gives
+                # the gradient with respect to its *input* (autograd keeps hooks with the
+                # tensor version they were registered on).
+                probe = _SlopeProbe(x.shape)
+                x.register_hook(self._input_grad_hook(name, probe))
+            self._probes.setdefault(name, []).append(probe)
+        return eager(pre_hook)
+
+    def _hook(self, layer: Layer) -> Callable[..., None]:
+        name = layer.name
+
+        def hook(module: nn.Module, args: Any, output: Any) -> None:  # None: a value replaces the output
+            buf = self.current()
+            if buf is None or name in self.guard.broken or in_backward():
+                return
+            self.guard(name, self._on_output, layer, buf, output)
+        return eager(hook)
+
+    def _on_output(self, layer: Layer, buf: StepBuffers, output: Any) -> None:
+        call = self._calls[layer.name] = self._calls.get(layer.name, 0) + 1
+        site = site_name(layer.name, call)
+        probes = self._probes.get(layer.name)
+        probe = probes.pop() if probes else None
+        tensors = buf.record(site, output, layer.spec, self.how)
+        if not tensors or not torch.is_grad_enabled():
+            return
+        first = tensors[0]
+        if probe is not None and len(tensors) == 1 and first.shape == probe.x_shape and first.requires_grad:
+            probe.y, probe.site, probe.buf = first.detach(), site, buf
+            first.register_hook(lambda g: setattr(probe, "g_out", g))
+
+    def _input_grad_hook(self, name: str, probe: _SlopeProbe) -> Callable[[Tensor], None]:
+        def hook(grad_in: Tensor) -> None:
+            y, g_out = probe.y, probe.g_out
+            probe.y = probe.g_out = None
+            site, buf = probe.site, probe.buf
+            if y is None or g_out is None or buf is None or name in self.guard.broken or grad_in.shape != y.shape:
+                return
+            row = stats.slope_saturation(y, grad_in, g_out, self.saturation_slope, self._peak.get(site))
+            peak = self._peak.get(site)
+            self._peak[site] = row[2] if peak is None else torch.maximum(peak, row[2])
+            buf.site(site).slope.append(row)
+        return hook
