@@ -3,28 +3,24 @@
 from __future__ import annotations
 
 import os
-import time
 import warnings
-import weakref
 from typing import Any, List, Mapping, Optional, Sequence, Union
 
 import torch
 from rich.console import Console
 from torch import nn
 
+from . import registry
+from .clock import StepClock
 from .collect import Collector, ranks
 from .config import Options, StepMode, Thresholds, check_model
-from .exceptions import AlreadyWatchedError, GradWatchWarning
+from .exceptions import GradWatchWarning
 from .layers import Selector, select_layers, select_parameters
 from .report import Finding, Report, StepData, StepStats
 from .rules import Judge
 from .schedule import DEFAULT_HISTOGRAM_EVERY, Schedule
 from .sinks import build_sinks
 from .sinks.fanout import Fanout
-
-# Every module of every attached watch -> its watch; weak, so gradwatch never keeps a model alive.
-_ATTACHED: "weakref.WeakKeyDictionary[nn.Module, GradWatch]" = weakref.WeakKeyDictionary()
-
 
 class GradWatch:
     """Watch a model's activations and gradients, layer by layer, while it trains.
@@ -37,49 +33,37 @@ class GradWatch:
                 opt.zero_grad(); loss.backward(); opt.step()
         print(watch.report())
 
-    Steps: each training-mode forward of ``model`` starts a new step (0, 1, 2, ...); eval
-    forwards are ignored unless ``include_eval=True``. ``steps="optimizer"`` counts
-    ``optimizer.step()`` calls instead, ``steps="manual"`` your :meth:`step` calls (calling
-    :meth:`step` in the default mode switches to manual counting). On *measured* steps
-    per-layer hooks reduce activations and gradients on their device, the results move to
-    the host in one transfer, the rules run, and the sinks (warnings, terminal, TensorBoard)
-    receive them.
+    Steps: each training-mode forward of ``model`` starts a step (eval forwards are ignored
+    unless ``include_eval=True``); ``steps="optimizer"`` counts ``optimizer.step()`` calls,
+    ``steps="manual"`` your :meth:`step` calls. On *measured* steps per-layer hooks reduce
+    activations and gradients on their device, one host transfer follows, the rules run and
+    the sinks (warnings, terminal, TensorBoard) receive the results.
 
     Args:
         model: any ``torch.nn.Module``.
-        log_dir: TensorBoard folder; ``None`` for terminal and warnings only.
-        writer: an existing ``SummaryWriter`` to write to instead of ``log_dir``.
-        every: measure every ``every`` steps. Default: the automatic schedule -- the first
-            10 steps, then every 20 steps, widened (at steps 100 and 1,000, then every
-            10,000, to at most every 100) where that would cost more than 2 % of the step
-            time (see :mod:`gradwatch.schedule`; ``watch.every`` says where it is).
-        histogram_every: also write histograms every ``histogram_every`` steps
-            (default 200); ``None`` turns histograms off.
-        dead_window: a unit is dead when it gave no non-zero output on any sample of
-            the last ``dead_window`` measured batches (default 10).
-        include: layers by glob over qualified names (``"features.*"``) or by module
-            type; default: every leaf module except dropout/identity/flatten, and every
-            module with parameters of its own.
+        log_dir: TensorBoard folder (``None``: terminal and warnings only); or ``writer``:
+            an existing ``SummaryWriter`` to write to.
+        every: measure every ``every`` steps. Default: the first 10 steps, then every 20,
+            widened to at most every 100 at steps 100, 1,000, 10,000, ... where measuring
+            would cost more than ``budget`` (see :mod:`gradwatch.schedule`).
+        histogram_every: histograms every ``histogram_every`` steps (200; ``None``: off).
+        dead_window: a unit is dead when it gave no non-zero output on any sample of the
+            last ``dead_window`` measured batches (default 10).
+        include: layers by glob over qualified names (``"features.*"``) or by module type;
+            default: every leaf but dropout/identity/flatten, and modules with own parameters.
         exclude: layers to leave out, in the same forms; wins over ``include``.
         thresholds: a :class:`Thresholds` (or a mapping of its fields) deciding findings.
         include_eval: also measure forwards in eval mode, as steps of their own.
-        quiet: no table at the end; warnings still appear.
-        console: the rich ``Console`` for the table and warning panels.
+        quiet: no table at the end; warnings still appear. ``console``: the rich Console.
         bins: histogram bins.
-        samples: the largest number of elements of one tensor used for its spread, zero
-            and saturation shares and its histogram (evenly strided, no RNG; default
-            32768, which puts a share within about +-0.3% of its exact value). Means,
-            NaN/Inf checks, dead units and gradient norms always use every element.
+        samples: the largest strided sample of a tensor for its spread, shares and histogram
+            (32768: a share within +-0.3%); means, NaN/Inf, dead units, norms use every element.
         steps: ``"forward"`` (default), ``"optimizer"`` or ``"manual"``, see above.
-        optimizer: your optimizer. gradwatch then also reads the gradients at
-            ``optimizer.step()`` -- after accumulation, all-reduce and clipping -- and
-            reports them as ``applied_grad_norm`` beside the end-of-backward ``grad_norm``.
-        budget: keep gradwatch's own cost under this fraction of the step time (e.g. 0.02)
-            by widening the interval at the schedule's adaptation steps. Default: 0.02 when
-            ``every`` is not given, else off.
-        functional: also measure activations called as functions inside ``forward``
-            (``F.relu``, ``torch.sigmoid``, ``x.tanh()``, ...), as layers named
-            ``"<module>:<function>"``; costs a little more on measured steps.
+        optimizer: your optimizer: gradients are then also read at ``optimizer.step()``
+            (after accumulation, all-reduce and clipping) as ``applied_grad_norm``.
+        budget: the share of step time measuring may cost (0.02 when ``every`` is not given).
+        functional: also measure activations called as functions (``F.relu``,
+            ``torch.sigmoid``, ``x.tanh()``) as layers ``"<module>:<function>"``.
         strict: re-raise errors inside gradwatch's hooks instead of warning (tests).
     """
 
@@ -105,29 +89,25 @@ class GradWatch:
         if o.include and not self.layers and not self.params:
             raise ValueError(f"include={include!r} matches no module of {type(model).__name__}; "
                              f"names look like {[n for n, _ in model.named_modules()][1:6]}")
-        _check_not_watched(model, self)
+        registry.check_free(model, self)
         self.sinks = Fanout(build_sinks(o, console), strict=o.strict)
         self._collector = Collector(model, self.layers, o, self._on_root_forward, say=self._warn)
         self._judge = Judge(o.thresholds, o.dead_window)
         self._attached = False
         self._manual = o.steps in (StepMode.MANUAL, StepMode.OPTIMIZER)
-        self._step: Optional[int] = None
-        self._steps_seen = 0
-        self._started: Optional[float] = None  # when the previous step's work was done
+        self._clock = StepClock(self.schedule, self._collector, self._note)
         self._latest: Optional[StepStats] = None
         self._findings: List[Finding] = []
-        self._notes: List[str] = []
+        self._notes: List[str] = []  # said once: what cannot be measured, interval changes
 
-    # ------------------------------------------------------------------ lifecycle
     def attach(self) -> "GradWatch":
         """Register the hooks (what ``with`` does on entry). Returns ``self``."""
         if self._attached:
             return self
-        _check_not_watched(self.model, self)
+        registry.check_free(self.model, self)
         if ranks.rank() != 0:  # every rank measures and combines; only rank 0 prints and writes
             self.sinks.sinks = []
-        for m in self.model.modules():
-            _ATTACHED[m] = self
+        registry.hold(self.model, self)
         self._attached = True
         try:
             self.sinks.open()
@@ -135,7 +115,7 @@ class GradWatch:
             if self.options.optimizer is not None:
                 on_step = self._advance if self.options.steps is StepMode.OPTIMIZER else None
                 self._collector.attach_optimizer(self.options.optimizer, on_step)
-            if self._manual and self._step is None:
+            if self._manual and self._clock.step is None:
                 self.step()  # step 0 starts now
         except BaseException:
             self.detach()
@@ -150,9 +130,8 @@ class GradWatch:
         self._attached = False
         try:
             self._collector.detach()  # hooks first: nothing below may leave them behind
-            for m in [m for m, w in list(_ATTACHED.items()) if w is self]:
-                _ATTACHED.pop(m, None)
-            data = self._close_step()
+            registry.release(self)
+            data = self._clock.close()
             if data is not None:
                 self._emit(data)
         finally:
@@ -161,25 +140,18 @@ class GradWatch:
     def __enter__(self) -> "GradWatch":
         return self.attach()
 
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+    def __exit__(self, *exc: Any) -> None:  # the user's exception, if any, goes on
         self.detach()
 
-    # ------------------------------------------------------------------ steps
     def step(self) -> None:
         """Mark a step boundary yourself (e.g. once per optimizer step with gradient
         accumulation). From the first call on, forwards no longer count as steps."""
         self._manual = True
         self._advance()
 
-    @property
-    def steps(self) -> int:
-        """Number of steps counted so far."""
-        return self._steps_seen
-
-    @property
-    def every(self) -> int:
-        """The measuring interval in force (after the schedule's dense start)."""
-        return int(self.schedule.every or 0)
+    steps = property(lambda self: self._clock.seen, doc="Number of steps counted so far.")
+    every = property(lambda self: int(self.schedule.every or 0),
+                     doc="The measuring interval in force (after the schedule's dense start).")
 
     def _on_root_forward(self, module: nn.Module) -> None:
         active = module.training or self.options.include_eval
@@ -187,44 +159,8 @@ class GradWatch:
         if active and not self._manual:
             self._advance()
 
-    def _advance(self) -> None:
-        """One step ends and the next begins. The finished step's findings are emitted last,
-        so that a finding raised as an error (``-W error``) leaves the count consistent."""
-        finished, measured = self._step, self._collector.measuring
-        data = self._close_step()
-        self._open_step()
-        try:
-            if data is not None:
-                self._emit(data)
-        finally:  # a step lasts from here to here: its summary and outputs count to it
-            now = time.perf_counter()
-            if finished is not None and self._started is not None:
-                self.schedule.record(now - self._started, measured, finished)
-            self._started = now
-
-    def _open_step(self) -> None:
-        step = self._step = 0 if self._step is None else self._step + 1
-        self._steps_seen += 1
-        self._adapt(step)
-        self._collector.enabled = True
-        if self.schedule.measures(step):
-            self._collector.begin(histograms=self.schedule.histograms(step))
-        else:
-            self._collector.pause()
-
-    def _close_step(self) -> Optional[StepData]:
-        if self._step is None:
-            return None
-        return self._collector.end(self._step) if self._collector.measuring else None
-
-    def _adapt(self, step: int) -> None:
-        measured = max(len(self.schedule.measured_times), 1)
-        every = self.schedule.adapt(step, self._collector.spent / measured)
-        every = ranks.agree_max(every or self.every) if self.schedule.budget is not None else None
-        if every is not None and every != self.schedule.every:
-            self.schedule.every = every
-            self._note(f"gradwatch: measuring every {every} steps from step {step} (budget "
-                       f"{self.schedule.budget:.0%} of the step time).")
+    def _advance(self) -> None:  # also the optimizer's step hook with steps="optimizer"
+        self._clock.advance(self._emit)
 
     def _note(self, text: str) -> None:
         if text not in self._notes:
@@ -243,27 +179,18 @@ class GradWatch:
         self._latest = data.stats
         self.sinks.on_step(data, new)
 
-    # ------------------------------------------------------------------ results
     def report(self) -> Report:
         """The latest measured per-layer stats and every finding so far."""
-        step = self._latest.step if self._latest else (self._step if self._step is not None else 0)
-        return Report(step=step, stats=self._latest, findings=list(self._findings), steps_seen=self._steps_seen,
+        step = self._latest.step if self._latest else (self._clock.step or 0)
+        return Report(step=step, stats=self._latest, findings=list(self._findings), steps_seen=self._clock.seen,
                       every=self.every, thresholds=self.options.thresholds, notes=list(self._notes))
 
     @property
-    def findings(self) -> List[Finding]:
+    def findings(self) -> List[Finding]:  # every finding so far, oldest first
         return list(self._findings)
 
     def __repr__(self) -> str:
         state = "attached" if self._attached else "detached"
         return (f"GradWatch({type(self.model).__name__}, {len(self.layers)} layers, {len(self.params)} params, "
-                f"every={self.every}, {state}, step={self._step})")
+                f"every={self.every}, {state}, step={self._clock.step})")
 
-
-def _check_not_watched(model: nn.Module, me: GradWatch) -> None:
-    for name, m in model.named_modules():
-        other = _ATTACHED.get(m)
-        if other is not None and other is not me:
-            where = "the model" if not name else f"its submodule {name!r}"
-            raise AlreadyWatchedError(f"{type(model).__name__}: {where} is already watched by {other!r}; "
-                                      f"detach that GradWatch first (leave its `with` block or call .detach())")

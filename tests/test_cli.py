@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from gradwatch import GradWatch
+from gradwatch import DeadUnitsWarning, GradWatch
 from gradwatch.cli import main
 from tests import models
 
@@ -23,7 +23,7 @@ def runs(tmp_path_factory):
         if dead:
             with torch.no_grad():
                 model[2].bias.fill_(-100.0)
-        with pytest.warns(Warning) if dead else _nothing():
+        with pytest.warns(DeadUnitsWarning) if dead else _nothing():
             with GradWatch(model, log_dir=root / name, every=1, histogram_every=2, dead_window=2, quiet=True):
                 models.train(model, 4)
     return root

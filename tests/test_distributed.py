@@ -123,6 +123,45 @@ def fsdp_worker(rank: int, world: int, port: int, out: dict) -> None:
         dist.destroy_process_group()
 
 
+class FunctionalMLP(nn.Module):
+    """The planted MLP with its ReLU called as a function (measured with functional=True)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        mlp = make_model()
+        self.fc1, self.fc2 = mlp[0], mlp[2]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(nn.functional.relu(self.fc1(x)))
+
+
+def functional_worker(rank: int, world: int, port: int, out: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        out[rank] = watch_two_steps(nn.parallel.DistributedDataParallel(FunctionalMLP()), rank, functional=True)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_functional_layers_are_combined_across_ranks():
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(functional_worker, args=(2, free_port(), out), nprocs=2, join=True)
+        ranks = dict(out)
+    x, y = data()
+    model = FunctionalMLP()
+    with GradWatch(model, every=1, dead_window=2, quiet=True, strict=True, functional=True) as watch:
+        for _ in range(2):
+            nn.functional.cross_entropy(model(x), y).backward()
+    one = summary(watch)["layers"]["(model):relu"]
+    for rank in (0, 1):
+        got = ranks[rank]["layers"]["(model):relu"]
+        assert got[0] == one[0] and got[1] == pytest.approx(one[1], rel=1e-4)  # count, mean over both halves
+        assert got[4] == one[4] == 0.0  # units dead on rank 0 alone are alive overall
+
+
 @pytest.mark.slow
 def test_fsdp_norms_come_from_every_shard():
     pytest.importorskip("torch.distributed.fsdp", reason="no FSDP in this torch")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing import event_accumulator
 
-from gradwatch import GradWatch
+from gradwatch import DeadUnitsWarning, GradWatch
 from tests import models
 
 
@@ -51,7 +51,7 @@ def test_findings_and_custom_scalars_layout(tmp_path):
     model = models.small_mlp()
     with torch.no_grad():
         model[2].bias.fill_(-100.0)
-    with pytest.warns(Warning):
+    with pytest.warns(DeadUnitsWarning):
         with GradWatch(model, log_dir=tmp_path, every=1, dead_window=1, quiet=True):
             models.train(model, 1)
     acc = load(tmp_path)
@@ -81,7 +81,7 @@ def test_findings_are_appended_to_jsonl_and_logged(tmp_path, caplog):
     model = models.small_mlp()
     with torch.no_grad():
         model[2].bias.fill_(-100.0)
-    with caplog.at_level(logging.WARNING, logger="gradwatch"), pytest.warns(Warning):
+    with caplog.at_level(logging.WARNING, logger="gradwatch"), pytest.warns(DeadUnitsWarning):
         with GradWatch(model, log_dir=tmp_path, every=1, dead_window=1, quiet=True) as watch:
             models.train(model, 2)
     lines = [json.loads(line) for line in (tmp_path / "findings.jsonl").read_text().splitlines()]

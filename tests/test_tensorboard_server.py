@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 import torch
 
-from gradwatch import GradWatch
+from gradwatch import DeadUnitsWarning, GradWatch
 from tests import models
 
 
@@ -35,7 +35,7 @@ def test_tensorboard_serves_our_scalars_histograms_and_layout(tmp_path):
     model = models.small_mlp()
     with torch.no_grad():
         model[2].bias.fill_(-100.0)
-    with pytest.warns(Warning):
+    with pytest.warns(DeadUnitsWarning):
         with GradWatch(model, log_dir=run, every=1, histogram_every=1, dead_window=2, quiet=True) as watch:
             models.train(model, 3)
     port = free_port()

@@ -360,8 +360,13 @@ def test_second_watch_on_the_same_model_is_refused():
 
 
 def test_public_surface():
+    # Written out on purpose: a change of the public surface must show in this test.
+    assert sorted(gradwatch.__all__) == sorted([
+        "GradWatch", "Thresholds", "StepMode", "Report", "LayerStats", "ParamStats", "Finding", "FindingKind",
+        "GradWatchError", "AlreadyWatchedError", "LogDirError", "GradWatchWarning", "VanishingGradientWarning",
+        "ExplodingGradientWarning", "DeadUnitsWarning", "SaturationWarning", "NonFiniteWarning"])
     for name in gradwatch.__all__:
-        assert hasattr(gradwatch, name)
+        assert getattr(gradwatch, name).__module__.startswith("gradwatch.")
     assert issubclass(NonFiniteWarning, GradWatchWarning) and issubclass(GradWatchWarning, UserWarning)
 
 

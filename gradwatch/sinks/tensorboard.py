@@ -27,7 +27,6 @@ text ``gradwatch/findings``        each finding with its advice
 from __future__ import annotations
 
 import math
-import os
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from .base import Sink
@@ -113,12 +112,6 @@ class TensorBoardSink(Sink):
             self.writer.close()
         else:
             self.writer.flush()
-
-    @property
-    def directory(self) -> Optional[str]:
-        if self.writer is not None:
-            return os.fspath(self.writer.log_dir) if hasattr(self.writer, "log_dir") else None
-        return self.log_dir
 
 
 def _histogram(writer: Any, tag: str, h: List[float], step: int) -> None:
