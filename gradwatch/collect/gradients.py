@@ -59,10 +59,16 @@ class GradientReader:
         self._queued = False  # a read is queued for the end of the running backward pass
         self._wrote = False  # a parameter's .grad was accumulated in this pass
         self._snapshot: Optional[List[Any]] = None
+        self._key: List[Tuple[int, bool]] = []  # (id, requires_grad) of every parameter, at the last look-up
+        self._params: List[Tuple[str, str, nn.Parameter]] = []
 
     def params(self) -> List[Tuple[str, str, nn.Parameter]]:
-        """(name, owning layer, parameter) of the watched parameters that train, as they are now."""
-        return select_parameters(self.model, self.include, self.exclude)
+        """(name, owning layer, parameter) of the watched parameters that train, as they are now:
+        looked up again whenever a parameter was replaced, added, frozen or unfrozen."""
+        key = [(id(p), p.requires_grad) for p in self.model.parameters()]
+        if key != self._key:
+            self._key, self._params = key, select_parameters(self.model, self.include, self.exclude)
+        return self._params
 
     # ------------------------------------------------------------------ triggers
     def register(self) -> None:
