@@ -1,4 +1,4 @@
-"""The rich per-layer table in the terminal."""
+"""The terminal: a short summary when the watch detaches."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Optional
 
 from rich.console import Console
 
-from ..render import report_table
+from ..render import report_summary
 from .base import Sink
 
 if TYPE_CHECKING:
@@ -15,11 +15,13 @@ if TYPE_CHECKING:
 
 
 class ConsoleSink(Sink):
-    """Prints the per-layer table when the watch detaches. Plain text when not a TTY (rich decides)."""
+    """Prints a short summary (findings, the most extreme layers per statistic) when the
+    watch detaches; the full table is ``print(watch.report())``. Plain text when not a TTY
+    (rich decides)."""
 
     def __init__(self, console: Optional[Console] = None, thresholds: "Optional[Thresholds]" = None) -> None:
         self.console = console or Console()
         self.thresholds = thresholds
 
     def close(self, report: "Report") -> None:
-        self.console.print(report_table(report, self.thresholds))
+        self.console.print(report_summary(report, self.thresholds))
