@@ -120,10 +120,16 @@ class FittedTable:
             widths.append(max([len(col.header)] + cells))
         return widths
 
+    def _empty(self) -> List[int]:
+        """Number columns with no value in any row (all "-"): they say nothing."""
+        return [i for i, col in enumerate(self.columns) if col.justify == "right" and self.rows
+                and all(r[i].plain.strip() in ("-", "") for r in self.rows if i < len(r))]
+
     def fit(self, width: int) -> Tuple[List[int], List[str]]:
         """Indices of the columns that fit in ``width``, and the headers left out (in drop order)."""
         natural = self._natural()
-        keep = list(range(len(self.columns)))
+        empty = self._empty()
+        keep = [i for i in range(len(self.columns)) if i not in empty]
         dropped: List[str] = []
 
         def needed() -> int:
@@ -144,8 +150,9 @@ class FittedTable:
         keep, dropped = self.fit(width)
         natural = self._natural()
         fixed = sum(natural[i] for i in keep if not self.columns[i].flexible)
-        table = Table(title=self.title, header_style="bold", title_style="bold", box=box.SIMPLE_HEAD,
-                      pad_edge=False, title_justify="left")
+        if self.title:  # above the table, not as its title: a title would wrap at the table's width
+            yield Text(self.title, style="bold")
+        table = Table(header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
         for i in keep:
             col = self.columns[i]
             if col.flexible:
@@ -161,6 +168,10 @@ class FittedTable:
         notes: List[Text] = []
         if self.caption:
             notes.append(Text(self.caption, style="dim"))
+        empty = self._empty()
+        if empty:
+            notes.append(Text(f"no value in any row, so not shown: {', '.join(self.columns[i].header for i in empty)}",
+                              style="dim"))
         if dropped:
             notes.append(Text(f"left out at {width} columns: {', '.join(dropped)} (a wider terminal shows them)",
                               style="dim"))
@@ -320,8 +331,6 @@ class ReportTable:
         layers = report.layers
         names = list(layers)
         shown, marks = self._rows()
-        present = {s.header for s in stats if any(_value(ls, s.attr) is not None for ls in layers.values())}
-        stats = [s for s in stats if s.header in present]  # a column with no value in any row says nothing
         columns = [Column("layer", justify="left", flexible=True),
                    Column("type", justify="left")] + [Column(s.header, s.legend) for s in stats]
         flagged = {f.layer for f in report.findings}

@@ -175,8 +175,8 @@ def test_legend_explains_the_columns_shown_and_links_the_concepts_page():
     assert "∇W: L2 norm of the gradient of the layer's parameters" in out
     assert "satur.: outputs where the activation is flat (flagged above 25%)" in out
     assert "-: does not apply to this layer" in out and "docs/concepts.md" in out
-    # No layer has a dead-unit verdict, so the column would be all "-": it is left out.
-    assert " dead " not in out and "dead:" not in out
+    # No layer has a dead-unit verdict, so the column would be all "-": it is left out, and said so.
+    assert "no value in any row, so not shown: dead" in out and "dead:" not in out
 
 
 def test_a_big_model_shows_findings_and_extremes_and_says_how_to_see_everything():
@@ -197,7 +197,7 @@ def test_a_big_model_shows_findings_and_extremes_and_says_how_to_see_everything(
     assert " encoder.layers.80.attention.output_projection " not in out  # unremarkable middle
     assert "⋮" in out and "1 finding(s):" in out
     full = render(report.table(full=True), 120)
-    assert all(f" {n} " in full for n in report.layers) and "shown" not in full
+    assert all(f" {n} " in full for n in report.layers) and "layers shown" not in full
 
 
 def test_a_small_model_shows_every_row_by_default():

@@ -85,6 +85,7 @@ def test_findings_are_appended_to_jsonl_and_logged(tmp_path, caplog):
         with GradWatch(model, log_dir=tmp_path, every=1, dead_window=1, quiet=True) as watch:
             models.train(model, 2)
     lines = [json.loads(line) for line in (tmp_path / "findings.jsonl").read_text().splitlines()]
-    assert lines == [f.to_dict() for f in watch.findings]
+    run_id = json.loads((tmp_path / "gradwatch.json").read_text())["run"]
+    assert lines == [{**f.to_dict(), "run": run_id} for f in watch.findings]
     logged = [r.getMessage() for r in caplog.records if r.name == "gradwatch"]
     assert logged == [str(f) for f in watch.findings] and "] 3: " in logged[0]
