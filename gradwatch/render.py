@@ -235,7 +235,8 @@ def _cell(ls: "LayerStats", stat: _Stat, th: "Thresholds") -> Text:
 def extremes(report: "Report", *, top: int = 3) -> List[Tuple[_Stat, str, List[Tuple[str, float]]]]:
     """Per statistic and end of its scale, the ``top`` most extreme layers as ``(name, value)``.
 
-    Fractions list only layers above 0 (a column of zeros has no extreme worth showing).
+    Fractions list only layers that show as at least 1% (a column of zeros has no extreme
+    worth showing).
     """
     th = _thresholds(report)
     out = []
@@ -248,7 +249,7 @@ def extremes(report: "Report", *, top: int = 3) -> List[Tuple[_Stat, str, List[T
         if stat.extremes == ("high",):
             chosen = ranked[:top]
             if stat.attr.endswith("fraction"):
-                chosen = [(n, v) for n, v in chosen if v > 0]
+                chosen = [(n, v) for n, v in chosen if v >= 0.005]  # shows as at least 1%
             if chosen:
                 out.append((stat, "high", chosen))
         elif stat.extremes == ("abs",):
