@@ -1,7 +1,12 @@
 """``gradwatch`` on the command line: review one run, compare several.
 
-    gradwatch report runs/mnist/relu [--json] [--fail-on dead_units,vanishing]
-    gradwatch compare runs/mnist [--png flow.png] [--heatmap act.png]
+    gradwatch report runs/mnist/relu [--run ID] [--json] [--fail-on dead_units,vanishing]
+    gradwatch compare runs/mnist [--run ID] [--png flow.png] [--heatmap act.png]
+
+A folder written to more than once holds several runs; the latest is read unless
+``--run ID`` (a run id, or a prefix only one run has) names another.
+
+Exit codes: 0 fine, 1 findings of a ``--fail-on`` kind present, 2 usage error or no run found.
 """
 
 from __future__ import annotations
@@ -17,8 +22,11 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from .render import Column, FittedTable
 from .report import FindingKind
-from .runs import Run, RunError, find_runs, load_run
+from .runs import Run, RunError, find_runs, load_run, run_entries
+
+KINDS = [k.value for k in FindingKind]
 
 
 def _fmt(v: Optional[float], pct: bool = False) -> str:
@@ -26,14 +34,18 @@ def _fmt(v: Optional[float], pct: bool = False) -> str:
         return "-"
     if pct:
         return f"{v:.0%}"
-    return f"{v:.2g}" if v == 0 or 1e-2 <= abs(v) < 1e3 else f"{v:.1e}"
+    from .render import _num
+
+    return _num(v)
 
 
 def layer_rows(run: Run) -> List[dict]:
-    """Per layer: latest and worst saturation, worst dead fraction, latest gradient norm,
-    and its ratio to the next weighted layer's (how much gradient survives one layer)."""
+    """Per layer: latest and worst saturation, worst dead fraction, latest gradient norm, and
+    its ratio to the last weighted layer's (how much of the output layer's gradient arrives).
+    ``grad_ratio_to_next`` (to the next weighted layer) is kept for existing JSON readers."""
     weighted = run.weighted_layers()
     nxt = {a: b for a, b in zip(weighted, weighted[1:])}
+    g_last = run.latest("gradient.layer_norm", weighted[-1]) if weighted else None
     rows = []
     for name in run.layers:
         g = run.latest("gradient.layer_norm", name)
@@ -44,21 +56,47 @@ def layer_rows(run: Run) -> List[dict]:
             "saturated_worst": run.worst("activation.saturated_fraction", name),
             "dead_worst": run.worst("activation.dead_fraction", name),
             "grad_norm": g,
+            "grad_ratio_to_last": (g / g_last) if (g is not None and g_last) else None,
             "grad_ratio_to_next": (g / g_next) if (g is not None and g_next) else None,
         })
     return rows
 
 
-def report_table(run: Run) -> Table:
-    t = Table(title=f"gradwatch report: {run.path}", box=box.SIMPLE_HEAD, header_style="bold")
-    for col in ("layer", "type", "satur. now", "satur. worst", "dead worst", "∇W", "∇W / next"):
-        t.add_column(col, justify="left" if col in ("layer", "type") else "right")
+_REPORT_COLUMNS = [
+    Column("layer", justify="left", flexible=True),
+    Column("type", justify="left"),
+    Column("satur. now", "share of saturated outputs at the last logged step"),
+    Column("satur. worst", "the same, highest over the run"),
+    Column("dead worst", "highest share of dead units over the run"),
+    Column("∇W", "L2 norm of the gradient of the layer's parameters, last logged step"),
+    Column("∇W / last", "∇W over the last layer's ∇W (well below 1: the gradient fades on its way back)"),
+]
+_REPORT_DROP_ORDER = ("type", "satur. now", "∇W / last")
+
+
+def _run_line(run: Run) -> str:
+    if run.run_id is None:
+        return ""
+    others = [r for r in run.run_ids if r != run.run_id]
+    if not others:
+        return f"run {run.run_id}"
+    latest = "the latest" if run.run_ids[-1] == run.run_id else "not the latest"
+    return (f"run {run.run_id} ({latest} of {len(run.run_ids)} in this folder; others: {', '.join(others)}; "
+            f"pick one with --run ID)")
+
+
+def report_table(run: Run) -> FittedTable:
     flagged = {f["layer"] for f in run.findings}
+    rows = []
     for r in layer_rows(run):
-        t.add_row(Text(r["layer"], style="bold red" if r["layer"] in flagged else ""), r["type"],
-                  _fmt(r["saturated_latest"], True), _fmt(r["saturated_worst"], True), _fmt(r["dead_worst"], True),
-                  _fmt(r["grad_norm"]), _fmt(r["grad_ratio_to_next"]))
-    return t
+        rows.append([Text(r["layer"], style="bold red" if r["layer"] in flagged else ""), Text(r["type"]),
+                     Text(_fmt(r["saturated_latest"], True)), Text(_fmt(r["saturated_worst"], True)),
+                     Text(_fmt(r["dead_worst"], True)), Text(_fmt(r["grad_norm"])),
+                     Text(_fmt(r["grad_ratio_to_last"]))])
+    line = _run_line(run)
+    return FittedTable(_REPORT_COLUMNS, rows, title=f"gradwatch report: {run.path}" + (f"\n{line}" if line else ""),
+                       drop_order=_REPORT_DROP_ORDER,
+                       legend_extra="-: does not apply to this layer or was not measured")
 
 
 def findings_table(run: Run) -> Table:
@@ -72,10 +110,11 @@ def findings_table(run: Run) -> Table:
 
 
 def cmd_report(args: argparse.Namespace, console: Console) -> int:
-    runs = [load_run(p) for p in find_runs([args.run])]
-    fail_on = _kinds(args.fail_on)
+    runs = [load_run(p, args.run) for p in find_runs([args.folder])]
+    fail_on = set(args.fail_on or ())
     if args.json:
-        payload = [{"run": str(r.path), "layers": layer_rows(r), "findings": r.findings} for r in runs]
+        payload = [{"run": str(r.path), "run_id": r.run_id, "run_ids": r.run_ids, "layers": layer_rows(r),
+                    "findings": r.findings} for r in runs]
         console.print_json(json.dumps(payload[0] if len(payload) == 1 else payload))
     else:
         for run in runs:
@@ -88,8 +127,31 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _compare_runs(folders: List[str], run_ids: Optional[List[str]]) -> List[Run]:
+    paths = find_runs(folders)
+    if not run_ids:
+        runs = [load_run(p) for p in paths]
+    else:
+        runs, found = [], set()
+        for p in paths:
+            here = {e.run_id for e in run_entries(p)}
+            for rid in run_ids:
+                if rid in here or any(h.startswith(rid) for h in here):
+                    runs.append(load_run(p, rid))
+                    found.add(rid)
+        missing = [rid for rid in run_ids if rid not in found]
+        if missing:
+            raise RunError(f"--run {', '.join(missing)}: no such run in {', '.join(folders)} "
+                           f"(run ids are listed by `gradwatch report FOLDER`)")
+    names = [r.path.name for r in runs]
+    for r in runs:
+        if names.count(r.path.name) > 1 and r.run_id:
+            r.label = f"{r.path.name}@{r.run_id}"
+    return runs
+
+
 def cmd_compare(args: argparse.Namespace, console: Console) -> int:
-    runs = [load_run(p) for p in find_runs(args.runs)]
+    runs = _compare_runs(args.runs, args.run)
     layers: List[str] = []
     for r in runs:
         layers += [n for n in r.layers if n not in layers]
@@ -127,14 +189,13 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def _kinds(value: Optional[str]) -> set:
-    if not value:
-        return set()
-    kinds = {k.strip() for k in value.split(",") if k.strip()}
-    known = {k.value for k in FindingKind}
-    bad = kinds - known
-    if bad:
-        raise SystemExit(f"gradwatch: --fail-on: unknown kind(s) {sorted(bad)}; known: {sorted(known)}")
+def _kinds(value: str) -> List[str]:
+    """``--fail-on``'s value: comma-separated finding kinds; anything else is a usage error (exit 2)."""
+    kinds = [k.strip() for k in value.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in KINDS]
+    if bad or not kinds:
+        raise argparse.ArgumentTypeError(f"unknown finding kind(s) {', '.join(map(repr, bad)) or repr(value)}; "
+                                         f"valid kinds: {', '.join(KINDS)}")
     return kinds
 
 
@@ -143,13 +204,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     rep = sub.add_parser("report", help="per-layer table and findings timeline of one run")
-    rep.add_argument("run", help="a run folder (the log_dir given to GradWatch)")
+    rep.add_argument("folder", metavar="run", help="a run folder (the log_dir given to GradWatch)")
+    rep.add_argument("--run", metavar="ID", help="which run of the folder (default: the latest)")
     rep.add_argument("--json", action="store_true", help="machine-readable output")
-    rep.add_argument("--fail-on", metavar="KIND[,KIND]",
-                     help=f"exit 1 when a finding of these kinds occurred ({', '.join(k.value for k in FindingKind)})")
+    rep.add_argument("--fail-on", metavar="KIND[,KIND]", type=_kinds,
+                     help=f"exit 1 when a finding of these kinds occurred ({', '.join(KINDS)})")
     cmp_ = sub.add_parser("compare", help="the same stats side by side across runs")
     cmp_.add_argument("runs", nargs="+", help="run folders, or a parent folder of runs")
-    cmp_.add_argument("--png", help="write a gradient-flow chart (gradient norm against depth, per run)")
+    cmp_.add_argument("--run", metavar="ID", action="append",
+                      help="compare these runs (repeat the option) instead of each folder's latest")
+    cmp_.add_argument("--png", help="write a gradient-flow chart (per-element gradient scale against depth, per run)")
     cmp_.add_argument("--heatmap", help="write activation-histogram-over-time heat maps per run and layer")
     args = parser.parse_args(argv)
     console = Console()

@@ -1,72 +1,443 @@
-"""Rendering records for people: rich tables and panels, and their plain-text form."""
+"""Rendering records for people: rich tables and panels, and their plain-text form.
+
+Three views of a :class:`~gradwatch.report.Report`:
+
+* the **summary** printed when a watch detaches: the findings and the few most extreme
+  layers per statistic, a handful of lines whatever the model's size;
+* the **default table** (``print(report)``, ``report.__rich__``): every layer for models
+  up to :data:`MAX_ROWS` measured layers; above that, the layers with findings and the most
+  extreme ones per statistic, saying how many are hidden;
+* the **full table** (``report.table(full=True)``): every layer.
+
+Numbers are never cut. When the terminal is too narrow for every column, whole columns
+are left out in the order of :data:`DROP_ORDER` and the caption names them.
+"""
 
 from __future__ import annotations
 
 import io
 import math
-from typing import TYPE_CHECKING, Optional
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from rich import box
-from rich.console import Console, Group
+from rich.console import Console, ConsoleOptions, RenderResult
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
 if TYPE_CHECKING:
     from .config import Thresholds
-    from .report import Finding, Report
+    from .report import Finding, LayerStats, Report
 
 _KIND_STYLE = {"vanishing": "magenta", "exploding": "red", "dead_units": "yellow",
                "saturation": "yellow", "non_finite": "bold red"}
 
+MAX_ROWS = 30
+"""Above this many measured layers the default table shows only the layers worth a look."""
 
+DROP_ORDER: Tuple[str, ...] = ("type", "zeros", "mean", "∇out", "satur.", "dead")
+"""Columns left out first when the terminal is too narrow; ``layer`` and ``∇W`` always stay."""
+
+CONCEPTS_LINK = "docs/concepts.md"
+
+
+# ---------------------------------------------------------------------------------- numbers
 def _num(v: Optional[float], fmt: Optional[str] = None) -> str:
+    """A number in at most 8 characters: 3 significant digits between 0.01 and 1000, else ``1.8e-05``."""
     if v is None:
         return "-"
     if isinstance(v, float) and math.isnan(v):
         return "nan"
-    if fmt is None:
-        fmt = "{:.2g}" if v == 0 or 1e-2 <= abs(v) < 1e3 else "{:.1e}"
-    return fmt.format(v)
+    if isinstance(v, float) and math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    if fmt is not None:
+        return fmt.format(v)
+    if v == 0:
+        return "0"
+    if 1e-2 <= abs(v) < 1e3:
+        text = f"{v:.3g}"
+        if "e" not in text:
+            return text
+    return f"{v:.1e}"
+
+
+def _pct(v: Optional[float]) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:.0%}"
 
 
 def _frac(v: Optional[float], limit: float) -> Text:
-    if v is None:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
         return Text("-", style="dim")
     style = "bold red" if v > limit else ("yellow" if v > limit / 2 else "green")
     return Text(f"{v:.0%}", style=style)
 
 
-def report_table(report: "Report", thresholds: "Optional[Thresholds]" = None) -> Group:
-    """The per-layer table (forward order) and the findings so far."""
-    th = thresholds or report.thresholds
-    layers = report.layers
-    table = Table(title=f"gradwatch - step {report.step}" if report.stats else "gradwatch",
-                  caption=None if report.stats else "nothing measured yet: no training-mode forward was seen "
-                  "(eval forwards are skipped unless include_eval=True)",
-                  header_style="bold", title_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
-    table.caption = table.caption or "∇out: gradient norm at the layer's output; ∇W: its parameters' gradient norm"
-    width = max([len(n) for n in layers] + [5])
-    table.add_column("layer", no_wrap=True, min_width=min(width, 24), max_width=40)
-    # Narrow enough for 80 columns; std and grad/weight ratios are in to_dict() and TensorBoard.
-    for col in ("type", "mean", "zeros", "satur.", "dead", "∇out", "∇W"):
-        table.add_column(col, justify="left" if col == "type" else "right", no_wrap=True, min_width=len(col))
-    flagged = {f.layer for f in report.findings}
-    for ls in layers.values():
-        name = Text(ls.name, style="bold red" if ls.name in flagged else "")
-        mean = Text(_num(ls.mean), style="bold red" if ls.nonfinite else "")
-        table.add_row(name, ls.type[:12], mean, _num(ls.zero_fraction, "{:.0%}"),
-                      _frac(ls.saturated_fraction, th.saturated_fraction),
-                      _frac(ls.dead_fraction, th.dead_fraction),
-                      _num(ls.output_grad_norm), _num(ls.grad_norm))
-    parts = [table]
-    if report.findings:
-        parts.append(Text(f"{len(report.findings)} finding(s):", style="bold"))
-        for f in report.findings:
-            parts.append(finding_text(f))
-    else:
-        parts.append(Text("no findings", style="green"))
-    return Group(*parts)
+# ---------------------------------------------------------------------------------- fitted tables
+@dataclass(frozen=True)
+class Column:
+    """One column of a :class:`FittedTable`: header, legend text, and how it is aligned."""
+
+    header: str
+    legend: str = ""
+    justify: str = "right"
+    flexible: bool = False  # the one column that may fold (layer names); never a number column
+
+
+def table_width(widths: Sequence[int]) -> int:
+    """Rendered width of a ``box.SIMPLE_HEAD`` table with ``pad_edge=False`` and these column widths."""
+    return sum(widths) + 3 * len(widths) - 1
+
+
+class FittedTable:
+    """A table that fits the console it is printed on by leaving out whole columns
+    (first those named first in ``drop_order``), never by cutting a cell short.
+
+    Renders the table, a caption naming any columns left out, and a legend of the
+    columns shown.
+    """
+
+    def __init__(self, columns: Sequence[Column], rows: Sequence[Sequence[Text]], *, title: Optional[str] = None,
+                 caption: Optional[str] = None, drop_order: Sequence[str] = DROP_ORDER,
+                 legend_extra: Optional[str] = None, legend_link: Optional[str] = CONCEPTS_LINK,
+                 flexible_min: int = 12, flexible_preferred: int = 30) -> None:
+        self.columns = list(columns)
+        self.rows = [list(r) for r in rows]
+        self.title = title
+        self.caption = caption
+        self.drop_order = [h for h in drop_order if any(c.header == h for c in self.columns)]
+        self.legend_extra = legend_extra
+        self.legend_link = legend_link
+        self.flexible_min = flexible_min
+        self.flexible_preferred = flexible_preferred
+
+    def _natural(self) -> List[int]:
+        widths = []
+        for i, col in enumerate(self.columns):
+            cells = [r[i].cell_len for r in self.rows if i < len(r)]
+            widths.append(max([len(col.header)] + cells))
+        return widths
+
+    def _empty(self) -> List[int]:
+        """Number columns with no value in any row (all "-"): they say nothing."""
+        return [i for i, col in enumerate(self.columns) if col.justify == "right" and self.rows
+                and all(r[i].plain.strip() in ("-", "") for r in self.rows if i < len(r))]
+
+    def fit(self, width: int) -> Tuple[List[int], List[str]]:
+        """Indices of the columns that fit in ``width``, and the headers left out (in drop order)."""
+        natural = self._natural()
+        empty = self._empty()
+        keep = [i for i in range(len(self.columns)) if i not in empty]
+        dropped: List[str] = []
+
+        def needed() -> int:
+            # Names up to `flexible_preferred` characters are worth more than a low-priority
+            # column; longer ones fold onto a second line rather than cost a column.
+            return table_width([min(natural[i], self.flexible_preferred) if self.columns[i].flexible
+                                else natural[i] for i in keep])
+
+        for header in self.drop_order:
+            if needed() <= width:
+                break
+            keep = [i for i in keep if self.columns[i].header != header]
+            dropped.append(header)
+        return keep, dropped
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        width = options.max_width
+        keep, dropped = self.fit(width)
+        natural = self._natural()
+        fixed = sum(natural[i] for i in keep if not self.columns[i].flexible)
+        if self.title:  # above the table, not as its title: a title would wrap at the table's width
+            yield Text(self.title, style="bold")
+        table = Table(header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
+        for i in keep:
+            col = self.columns[i]
+            if col.flexible:
+                room = width - table_width([0] * len(keep)) - fixed
+                w = max(min(natural[i], room), min(natural[i], self.flexible_min))
+                table.add_column(col.header, justify="left", overflow="fold", width=w)
+            else:
+                # Exactly as wide as its widest cell: rich never has to shorten a number.
+                table.add_column(col.header, justify=col.justify, no_wrap=True, width=natural[i])  # type: ignore
+        for r in self.rows:
+            table.add_row(*[r[i] for i in keep])
+        yield table
+        notes: List[Text] = []
+        if self.caption:
+            notes.append(Text(self.caption, style="dim"))
+        empty = self._empty()
+        if empty:
+            notes.append(Text(f"no value in any row, so not shown: {', '.join(self.columns[i].header for i in empty)}",
+                              style="dim"))
+        if dropped:
+            notes.append(Text(f"left out at {width} columns: {', '.join(dropped)} (a wider terminal shows them)",
+                              style="dim"))
+        legend = [f"{self.columns[i].header}: {self.columns[i].legend}" for i in keep if self.columns[i].legend]
+        if self.legend_extra:
+            legend.append(self.legend_extra)
+        if legend:
+            tail = f" · more in {self.legend_link}" if self.legend_link else ""
+            notes.append(Text(" · ".join(legend) + tail, style="dim"))
+        for note in notes:
+            yield note
+
+
+# ---------------------------------------------------------------------------------- per-layer statistics
+@dataclass(frozen=True)
+class _Stat:
+    header: str
+    attr: str
+    legend: str
+    extremes: Tuple[str, ...]  # "high", "low" or "abs": which end of the scale is worth a look
+
+
+def _stats(th: "Thresholds") -> List[_Stat]:
+    return [
+        _Stat("mean", "mean", "average output", ("abs",)),
+        _Stat("zeros", "zero_fraction", "outputs exactly 0", ("high",)),
+        _Stat("satur.", "saturated_fraction",
+              f"outputs where the activation is flat (flagged above {th.saturated_fraction:.0%})", ("high",)),
+        _Stat("dead", "dead_fraction",
+              f"units silent on every sample of the dead-unit window (flagged above {th.dead_fraction:.0%})",
+              ("high",)),
+        _Stat("∇out", "output_grad_norm", "L2 norm of the gradient at the layer's output", ("low", "high")),
+        _Stat("∇W", "grad_norm", "L2 norm of the gradient of the layer's parameters", ("low", "high")),
+    ]
+
+
+def _value(ls: "LayerStats", attr: str) -> Optional[float]:
+    v = getattr(ls, attr)
+    if attr in ("mean", "zero_fraction") and ls.count == 0:
+        return None  # no floating-point output was measured: there is no mean to show
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return None
+    return float(v)
+
+
+def _cell(ls: "LayerStats", stat: _Stat, th: "Thresholds") -> Text:
+    v = _value(ls, stat.attr)
+    if stat.attr == "saturated_fraction":
+        return _frac(v, th.saturated_fraction)
+    if stat.attr == "dead_fraction":
+        return _frac(v, th.dead_fraction)
+    if stat.attr == "zero_fraction":
+        return Text(_pct(v), style="dim" if v is None else "")
+    if stat.attr == "mean":
+        return Text("nan" if ls.nonfinite and v is not None and math.isnan(ls.mean) else _num(v),
+                    style="bold red" if ls.nonfinite else ("dim" if v is None else ""))
+    style = "bold red" if stat.attr == "output_grad_norm" and ls.output_grad_nonfinite else ""
+    return Text(_num(v), style=style or ("dim" if v is None else ""))
+
+
+def extremes(report: "Report", *, top: int = 3) -> List[Tuple[_Stat, str, List[Tuple[str, float]]]]:
+    """Per statistic and end of its scale, the ``top`` most extreme layers as ``(name, value)``.
+
+    Fractions list only layers that show as at least 1% (a column of zeros has no extreme
+    worth showing).
+    """
+    th = _thresholds(report)
+    out = []
+    layers = list(report.layers.values())
+    for stat in _stats(th):
+        values = [(ls.name, v) for ls in layers for v in [_value(ls, stat.attr)] if v is not None]
+        finite = [(n, v) for n, v in values if math.isfinite(v)]
+        nonfinite = [(n, v) for n, v in values if not math.isfinite(v)]
+        ranked = nonfinite + sorted(finite, key=lambda nv: -abs(nv[1]) if "abs" in stat.extremes else -nv[1])
+        if stat.extremes == ("high",):
+            chosen = ranked[:top]
+            if stat.attr.endswith("fraction"):
+                chosen = [(n, v) for n, v in chosen if v >= 0.005]  # shows as at least 1%
+            if chosen:
+                out.append((stat, "high", chosen))
+        elif stat.extremes == ("abs",):
+            if ranked:
+                out.append((stat, "abs", ranked[:top]))
+        else:
+            # Both ends, without listing a layer twice: with few layers the highest half goes
+            # to "highest" and the rest to "lowest".
+            # A value equal to the smallest is not "highest" (and vice versa).
+            lo = min((v for _, v in finite), default=math.inf)
+            hi = max((v for _, v in finite), default=-math.inf)
+            high = [nv for nv in ranked if not nv[1] <= lo or lo == hi][:min(top, (len(ranked) + 1) // 2)]
+            taken = {n for n, _ in high}
+            low = [nv for nv in sorted(finite, key=lambda nv: nv[1]) if nv[0] not in taken and nv[1] < hi][:top]
+            if low:
+                out.append((stat, "low", low))
+            if high:
+                out.append((stat, "high", high))
+    return out
+
+
+def _thresholds(report: "Report", given: "Optional[Thresholds]" = None) -> "Thresholds":
+    return given or report.thresholds
+
+
+def _end_label(stat: _Stat, end: str) -> str:
+    if len(stat.extremes) == 1:
+        return stat.header
+    return f"{stat.header} {'lowest' if end == 'low' else 'highest'}"
+
+
+def _format(stat: _Stat, v: float) -> str:
+    return _pct(v) if stat.attr.endswith("fraction") else _num(v)
+
+
+# ---------------------------------------------------------------------------------- report views
+class ReportTable:
+    """The per-layer table (forward order), then the findings.
+
+    ``full=False`` (the default view) shows every layer up to ``max_rows`` measured layers;
+    above that, only the layers with findings and the ``top`` most extreme layers per
+    statistic, and says how many are hidden.
+    """
+
+    def __init__(self, report: "Report", *, full: bool = False, thresholds: "Optional[Thresholds]" = None,
+                 top: int = 3, max_rows: int = MAX_ROWS) -> None:
+        self.report = report
+        self.full = full
+        self.thresholds = _thresholds(report, thresholds)
+        self.top = top
+        self.max_rows = max_rows
+
+    def _rows(self) -> Tuple[List[str], Dict[str, set]]:
+        """Names of the layers to show (forward order) and, per name, the statistics it is extreme in."""
+        names = list(self.report.layers)
+        marks: Dict[str, set] = {}
+        for stat, _end, chosen in extremes(self.report, top=self.top):
+            for n, _ in chosen:
+                marks.setdefault(n, set()).add(stat.header)
+        if self.full or len(names) <= self.max_rows:
+            return names, marks
+        keep = set(marks)
+        for f in self.report.findings:  # layers with findings next, as long as there is room
+            if len(keep) >= self.max_rows:
+                break
+            if f.layer in self.report.layers:
+                keep.add(f.layer)
+        return [n for n in names if n in keep], marks
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        report, th = self.report, self.thresholds
+        if not report.stats:
+            yield Text("gradwatch: nothing measured yet: no training-mode forward was seen "
+                       "(eval forwards are skipped unless include_eval=True)")
+            yield from _findings(report.findings)
+            return
+        stats = _stats(th)
+        layers = report.layers
+        names = list(layers)
+        shown, marks = self._rows()
+        columns = [Column("layer", justify="left", flexible=True),
+                   Column("type", justify="left")] + [Column(s.header, s.legend) for s in stats]
+        flagged = {f.layer for f in report.findings}
+        rows: List[List[Text]] = []
+        previous = -1
+        index = {n: i for i, n in enumerate(layers)}
+        if len(shown) < len(names):
+            # A gap of one row takes a line either way: show the row instead of "⋮ 1 more".
+            shown_set = set(shown)
+            shown = [n for i, n in enumerate(names) if n in shown_set or (
+                0 < i < len(names) - 1 and names[i - 1] in shown_set and names[i + 1] in shown_set)
+                or (i == len(names) - 1 and names[i - 1] in shown_set) or (i == 0 and names[1] in shown_set)]
+        for name in shown:
+            gap = index[name] - previous - 1
+            if gap > 0:
+                rows.append([Text(f"⋮ {gap} more", style="dim")] + [Text("")] * (len(columns) - 1))
+            previous = index[name]
+            ls = layers[name]
+            cells = []
+            for s in stats:
+                c = _cell(ls, s, th)
+                if s.header in marks.get(name, ()) and not self.full and len(shown) < len(layers):
+                    c.stylize("bold")
+                cells.append(c)
+            rows.append([Text(name, style="bold red" if name in flagged else ""), Text(ls.type)] + cells)
+        gap = len(layers) - previous - 1
+        if gap > 0:
+            rows.append([Text(f"⋮ {gap} more", style="dim")] + [Text("")] * (len(columns) - 1))
+        caption = None
+        if len(shown) < len(layers):
+            caption = (f"{len(shown)} of {len(layers)} layers shown: those with findings and the {self.top} most "
+                       f"extreme per statistic; {len(layers) - len(shown)} hidden. "
+                       f"report.table(full=True) shows all {len(layers)}.")
+        title = f"gradwatch - step {report.step}"
+        yield FittedTable(columns, rows, title=title, caption=caption, legend_extra="-: does not apply to "
+                          "this layer (saturation of a Linear, ∇W of a layer without parameters)")
+        yield from _findings(report.findings)
+
+
+def _findings(findings: "Sequence[Finding]", limit: Optional[int] = None) -> Iterable[Text]:
+    if not findings:
+        yield Text("no findings", style="green")
+        return
+    yield Text(f"{len(findings)} finding(s):", style="bold")
+    shown = findings if limit is None else findings[:limit]
+    for f in shown:
+        yield finding_text(f)
+    if len(shown) < len(findings):
+        yield Text(f"... and {len(findings) - len(shown)} more (watch.findings lists them all)", style="dim")
+
+
+class ReportSummary:
+    """A few lines for the end of a run: the findings, then per statistic the ``top``
+    most extreme layers, then where the full table is."""
+
+    def __init__(self, report: "Report", *, top: int = 3, max_findings: int = 10,
+                 thresholds: "Optional[Thresholds]" = None) -> None:
+        self.report = report
+        self.top = top
+        self.max_findings = max_findings
+        self.thresholds = thresholds
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        report = self.report
+        if not report.stats:
+            yield Text("gradwatch: nothing measured yet: no training-mode forward was seen "
+                       "(eval forwards are skipped unless include_eval=True)")
+            yield from _findings(report.findings, self.max_findings)
+            return
+        n = len(report.layers)
+        found = f"{len(report.findings)} finding(s)" if report.findings else "no findings"
+        yield Text(f"gradwatch summary - step {report.step}, {n} layer(s) measured, {found}", style="bold")
+        if report.findings:
+            yield from list(_findings(report.findings, self.max_findings))[1:]
+        table = Table(box=None, show_header=False, pad_edge=False, padding=(0, 2, 0, 0))
+        table.add_column("statistic", style="dim", no_wrap=True)
+        table.add_column("layers", overflow="fold")
+        th = _thresholds(report, self.thresholds)
+        for stat, end, chosen in extremes(report, top=self.top):
+            if stat.header in ("mean", "zeros"):
+                continue  # context, not diagnosis: in the full table
+            line = Text()
+            for i, (name, v) in enumerate(chosen):
+                if i:
+                    line.append(" · ", style="dim")
+                line.append(name)
+                line.append(" ")
+                value = Text(_format(stat, v))
+                if stat.attr == "dead_fraction" and v > th.dead_fraction or \
+                        stat.attr == "saturated_fraction" and v > th.saturated_fraction or not math.isfinite(v):
+                    value.stylize("bold red")
+                line.append_text(value)
+            table.add_row(_end_label(stat, end), line)
+        if table.row_count:
+            yield Text(f"most extreme layers ({self.top} per statistic):")
+            yield table
+        yield Text("full table: print(watch.report()) or watch.report().table(full=True); "
+                   f"columns explained in {CONCEPTS_LINK}", style="dim")
+
+
+def report_table(report: "Report", thresholds: "Optional[Thresholds]" = None, *, full: bool = False) -> ReportTable:
+    """The default table view of a report (``full=True``: every layer)."""
+    return ReportTable(report, full=full, thresholds=thresholds)
+
+
+def report_summary(report: "Report", thresholds: "Optional[Thresholds]" = None, *, top: int = 3) -> ReportSummary:
+    """The few lines printed when a watch detaches."""
+    return ReportSummary(report, top=top, thresholds=thresholds)
 
 
 def finding_text(f: "Finding") -> Text:
@@ -99,3 +470,5 @@ def to_html(renderable: object, width: int = 120) -> str:
     console = Console(record=True, file=io.StringIO(), width=width, force_terminal=True, color_system="truecolor")
     console.print(renderable)
     return console.export_html(inline_styles=True, code_format="<pre style=\"font-family:monospace\">{code}</pre>")
+
+

@@ -193,6 +193,25 @@ class Report:
 
         return to_html(self)
 
+    def table(self, *, full: bool = False) -> Any:
+        """The per-layer table and the findings, as a rich renderable (``print`` or ``console.print`` it).
+
+        ``full=False`` is what ``print(report)`` shows: every layer for models with up to 30
+        measured layers, above that the layers with findings and the most extreme per
+        statistic. ``full=True`` shows every layer.
+        """
+        from .render import report_table
+
+        return report_table(self, full=full)
+
+    def summary(self, *, top: int = 3) -> Any:
+        """The few lines printed when a watch detaches: findings, then the ``top`` most
+        extreme layers per statistic."""
+        from .config import positive_int
+        from .render import report_summary
+
+        return report_summary(self, top=positive_int("top", top))
+
 
 def _json_float(v: Any) -> Any:
     """JSON has no NaN/Inf: map them to None/strings the way JSON readers expect."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -48,8 +49,19 @@ def test_report_json_has_layers_in_forward_order_and_findings(runs, capsys):
 def test_fail_on_exit_codes(runs, capsys):
     assert main(["report", str(runs / "dead"), "--fail-on", "dead_units"]) == 1
     assert main(["report", str(runs / "healthy"), "--fail-on", "dead_units,vanishing"]) == 0
-    with pytest.raises(SystemExit, match="unknown kind"):
-        main(["report", str(runs / "healthy"), "--fail-on", "sadness"])
+
+
+def test_an_unknown_fail_on_kind_is_a_usage_error_naming_the_valid_kinds(runs, capsys):
+    # Exit 1 means "findings present"; a typo must not look like that.
+    with pytest.raises(SystemExit) as exc:
+        main(["report", str(runs / "healthy"), "--fail-on", "dead_units,sadness"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown finding kind(s) 'sadness'" in err
+    assert "valid kinds: vanishing, exploding, dead_units, saturation, non_finite" in err
+    done = subprocess.run([sys.executable, "-m", "gradwatch", "report", str(runs / "healthy"), "--fail-on", "sad"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "valid kinds" in done.stderr
 
 
 def test_a_folder_without_runs_is_named(tmp_path, capsys):
@@ -70,3 +82,101 @@ def test_python_dash_m_runs_the_cli(runs):
     done = subprocess.run([sys.executable, "-m", "gradwatch", "report", str(runs / "healthy")],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "gradwatch report" in done.stdout
+
+
+# ------------------------------------------------------------------ several runs in one folder
+def train_into(folder, *, dead: bool, steps: int = 4):
+    torch.manual_seed(0)
+    model = models.small_mlp(width=32)
+    if dead:
+        with torch.no_grad():
+            model[2].bias.fill_(-100.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with GradWatch(model, log_dir=folder, every=1, histogram_every=2, dead_window=2, quiet=True) as watch:
+            models.train(model, steps)
+    return watch
+
+
+def report_json(capsys, *args) -> dict:
+    capsys.readouterr()
+    code = main(["report", *map(str, args), "--json"])
+    assert code == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_a_rerun_into_the_same_folder_is_its_own_run(tmp_path, capsys):
+    folder = tmp_path / "relu"
+    first = train_into(folder, dead=True)
+    second = train_into(folder, dead=True)
+    assert len(first.findings) == len(second.findings) > 0
+    lines = [json.loads(line) for line in (folder / "findings.jsonl").read_text().splitlines()]
+    ids = list(dict.fromkeys(line["run"] for line in lines))
+    assert len(ids) == 2 and len(lines) == 2 * len(first.findings)
+    meta = json.loads((folder / "gradwatch.json").read_text())
+    assert [r["run"] for r in meta["runs"]] == ids and meta["run"] == ids[1]
+    assert all(len(r["event_files"]) == 1 for r in meta["runs"])
+    assert meta["runs"][0]["event_files"] != meta["runs"][1]["event_files"]
+    # The report reads the latest run only: its findings once, not both runs' together.
+    out = report_json(capsys, folder)
+    assert out["run_id"] == ids[1] and out["run_ids"] == ids
+    assert len(out["findings"]) == len(second.findings)
+    assert out["layers"][3]["dead_worst"] == 1.0
+    # `compare` of the folder counts one run's findings.
+    capsys.readouterr()
+    assert main(["compare", str(folder)]) == 0
+    counts = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("relu"))
+    from gradwatch.report import FindingKind
+
+    assert counts.split()[1:] == [str(sum(f.kind is k for f in second.findings)) for k in FindingKind]
+
+
+def test_report_and_compare_pick_a_run_by_id(tmp_path, capsys):
+    folder = tmp_path / "net"
+    train_into(folder, dead=False)
+    sick = train_into(folder, dead=True)
+    ids = [r["run"] for r in json.loads((folder / "gradwatch.json").read_text())["runs"]]
+    assert report_json(capsys, folder, "--run", ids[0])["findings"] == []
+    assert len(report_json(capsys, folder)["findings"]) == len(sick.findings)
+    # Exit codes follow the run asked for.
+    assert main(["report", str(folder), "--run", ids[0], "--fail-on", "dead_units"]) == 0
+    assert main(["report", str(folder), "--fail-on", "dead_units"]) == 1
+    # The table says which run it is and how to see the others.
+    capsys.readouterr()
+    main(["report", str(folder)])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"run {ids[1]} (the latest of 2 in this folder; others: {ids[0]}; pick one with --run ID)" in text
+    # An unknown id is named, with the ones there are.
+    assert main(["report", str(folder), "--run", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "--run 'nope' is not a run" in err and ids[0] in err and ids[1] in err
+    # compare: two runs of one folder, side by side, told apart by their ids.
+    assert main(["compare", str(folder), "--run", ids[0], "--run", ids[1]]) == 0
+    out = capsys.readouterr().out
+    assert f"net@{ids[0]}" in out and f"net@{ids[1]}" in out
+    assert main(["compare", str(folder), "--run", "nope"]) == 2
+
+
+def test_a_folder_written_before_run_ids_still_reads(tmp_path, capsys):
+    folder = tmp_path / "old"
+    watch = train_into(folder, dead=True)
+    # What older versions wrote: no run ids anywhere.
+    lines = [json.loads(line) for line in (folder / "findings.jsonl").read_text().splitlines()]
+    (folder / "findings.jsonl").write_text("".join(json.dumps({k: v for k, v in line.items() if k != "run"}) + "\n"
+                                                   for line in lines))
+    meta = json.loads((folder / "gradwatch.json").read_text())
+    old = {k: meta[k] for k in ("format", "layers", "layer_types", "params")}
+    (folder / "gradwatch.json").write_text(json.dumps(old))
+    for f in folder.glob("events.out.tfevents.*"):  # ... from another process, as it would be
+        parts = f.name.split(".")
+        parts[-2] = "1"
+        f.rename(folder / ".".join(parts))
+    out = report_json(capsys, folder)
+    assert out["run_id"] is None and len(out["findings"]) == len(watch.findings)
+    assert [r["layer"] for r in out["layers"]] == ["0", "1", "2", "3", "4"]
+    # A new run into the old folder: the new one is the latest; the old one stays readable.
+    train_into(folder, dead=False)
+    new = report_json(capsys, folder)
+    assert new["findings"] == [] and new["run_ids"][0] == "legacy" and len(new["run_ids"]) == 2
+    legacy = report_json(capsys, folder, "--run", "legacy")
+    assert len(legacy["findings"]) == len(watch.findings) and legacy["layers"][3]["dead_worst"] == 1.0

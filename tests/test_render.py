@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import io
+import math
+import re
 import warnings
 
+import pytest
 import torch
 from rich.console import Console
 
 from gradwatch import GradWatch
+from gradwatch.report import LayerStats, Report, StepStats
 from gradwatch.sinks import warn as warn_sink
 from tests import models
 
@@ -18,21 +22,28 @@ def console(color: bool = False) -> tuple:
     return Console(file=buf, width=100, force_terminal=color, color_system="standard" if color else None), buf
 
 
-def test_table_at_exit_lists_layers_and_findings():
+def test_exit_prints_one_summary_and_the_table_comes_on_request():
+    # The README's own pattern: the table must appear once (from the print), not twice.
     con, buf = console()
     model = models.small_mlp()
     with torch.no_grad():
         model[2].bias.fill_(-100.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with GradWatch(model, every=1, dead_window=1, console=con):
+        with GradWatch(model, every=1, dead_window=1, console=con) as watch:
             models.train(model, 2)
+        at_exit = buf.getvalue()
+        con.print(watch.report())
     out = buf.getvalue()
-    assert "gradwatch - step 1" in out
+    assert out.count("gradwatch - step 1") == 1 and "gradwatch - step" not in at_exit
+    assert at_exit.count("gradwatch summary - step 1, 5 layer(s) measured, 2 finding(s)") == 1
+    assert "DeadUnitsWarning 3:" in at_exit
+    assert re.search(r"^dead +3 100%", at_exit, re.M)  # the dead layer is the extreme of "dead"
+    assert "print(watch.report())" in at_exit and len(at_exit.splitlines()) <= 16
+    table = out[len(at_exit):]
     for col in ("layer", "type", "zeros", "dead", "∇W"):
-        assert col in out
-    assert "ReLU" in out and "100%" in out
-    assert "DeadUnitsWarning 3:" in out
+        assert col in table
+    assert "ReLU" in table and "100%" in table
     assert "\x1b[" not in out  # no colour codes when not a terminal
 
 
@@ -98,3 +109,116 @@ def test_findings_are_not_printed_twice_by_the_logging_last_resort(capfd):
     finally:
         root.handlers[:] = saved
     assert watch.findings and "units produced no" not in capfd.readouterr().err
+
+
+# ------------------------------------------------------------------ tables built from known numbers
+def made_report(n: int, *, name: str = "encoder.layers.{i}.attention.output_projection", findings=()):
+    """A report of ``n`` layers alternating Linear / Sigmoid, with known numbers: gradients
+    shrink from the last layer to the first (1.8e-05 at the first), layer 7 is saturated."""
+    layers = {}
+    for i in range(n):
+        lname = name.format(i=i)
+        if i % 2 == 0:
+            ls = LayerStats(lname, "Linear", calls=1, count=100, mean=-0.0123, std=1.0, zero_fraction=0.0,
+                            output_grad_norm=1.8e-5 * 2 ** (i / 2), grad_norm=1.8e-5 * 2 ** (i / 2))
+        else:
+            ls = LayerStats(lname, "Sigmoid", calls=1, count=100, mean=0.5, std=0.2, zero_fraction=0.0,
+                            saturated_fraction=0.9 if i == 7 else 0.01 * (i % 5),
+                            output_grad_norm=1.7e-5 * 2 ** (i / 2))
+        layers[lname] = ls
+    return Report(step=99, stats=StepStats(step=99, layers=layers), findings=list(findings), steps_seen=100,
+                  every=1)
+
+
+def render(renderable, width: int) -> str:
+    buf = io.StringIO()
+    Console(file=buf, width=width, color_system=None).print(renderable)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("width", [60, 80, 120])
+def test_numbers_are_never_cut_whole_columns_go_instead(width):
+    report = made_report(12)
+    out = render(report.table(full=True), width)
+    assert "…" not in out
+    assert max(len(line) for line in out.splitlines()) <= width
+    dropped = {60: ["type", "zeros", "mean", "∇out"], 80: ["type"], 120: []}[width]
+    header = next(line for line in out.splitlines() if line.startswith(" layer"))
+    assert header.split() == [h for h in ("layer", "type", "mean", "zeros", "satur.", "∇out", "∇W")
+                              if h not in dropped]
+    if dropped:  # the reader is told which columns are missing, in the documented order
+        assert f"left out at {width} columns: {', '.join(dropped)} (a wider terminal shows them)" in flat(out)
+    else:
+        assert "left out" not in out
+    # Every number of the columns shown is printed in full, digits and exponent.
+    for ls in report.layers.values():
+        if ls.grad_norm is not None:
+            assert render_num(ls.grad_norm) in out
+        if "∇out" not in dropped:
+            assert render_num(ls.output_grad_norm) in out
+    assert "1.8e-05" in out and "90%" in out
+
+
+def flat(text: str) -> str:
+    """Wrapped lines joined back into one, to look for a phrase whatever the width."""
+    return " ".join(text.split())
+
+
+def render_num(v: float) -> str:
+    from gradwatch.render import _num
+
+    return _num(v)
+
+
+def test_legend_explains_the_columns_shown_and_links_the_concepts_page():
+    out = flat(render(made_report(6).table(), 120))
+    assert "∇W: L2 norm of the gradient of the layer's parameters" in out
+    assert "satur.: outputs where the activation is flat (flagged above 25%)" in out
+    assert "-: does not apply to this layer" in out and "docs/concepts.md" in out
+    # No layer has a dead-unit verdict, so the column would be all "-": it is left out, and said so.
+    assert "no value in any row, so not shown: dead" in out and "dead:" not in out
+
+
+def test_a_big_model_shows_findings_and_extremes_and_says_how_to_see_everything():
+    from gradwatch.report import Finding, FindingKind
+
+    finding = Finding(FindingKind.SATURATION, "encoder.layers.7.attention.output_projection", 50, 0.9, 0.25,
+                      "90% of outputs saturated.", "Use ReLU.")
+    report = made_report(155, findings=[finding])
+    out = str(report)
+    assert "gradwatch - step 99" in out
+    assert re.search(r"\d+ of 155 layers shown: those with findings and the 3 most extreme per statistic; "
+                     r"\d+ hidden\. report\.table\(full=True\) shows all 155\.", " ".join(out.split()))
+    body = [line for line in out.splitlines() if line.startswith(" encoder") or line.startswith(" ⋮")]
+    assert len(body) < 40
+    assert " encoder.layers.0.attention.output_projection " in out  # smallest gradients
+    assert " encoder.layers.154.attention.output_projection " in out  # largest
+    assert " encoder.layers.7.attention.output_projection " in out and "90%" in out  # finding, most saturated
+    assert " encoder.layers.80.attention.output_projection " not in out  # unremarkable middle
+    assert "⋮" in out and "1 finding(s):" in out
+    full = render(report.table(full=True), 120)
+    assert all(f" {n} " in full for n in report.layers) and "layers shown" not in full
+
+
+def test_a_small_model_shows_every_row_by_default():
+    report = made_report(30)
+    out = str(report)
+    assert all(f" {n} " in out for n in report.layers) and "hidden" not in out
+
+
+def test_summary_of_a_big_model_stays_short():
+    report = made_report(155)
+    out = render(report.summary(), 80)
+    assert len(out.splitlines()) <= 20
+    assert "gradwatch summary - step 99, 155 layer(s) measured, no findings" in out
+    assert re.search(r"∇W lowest +encoder\.layers\.0\.attention\.output_projection 1\.8e-05", out)
+    assert re.search(r"satur\. +encoder\.layers\.7\.attention\.output_projection 90%", out)
+    with pytest.raises(ValueError, match="top must be a positive int"):
+        report.summary(top=0)
+
+
+def test_numbers_keep_three_significant_digits_without_exponents_for_everyday_values():
+    from gradwatch.render import _num
+
+    assert [_num(v) for v in (-100.0, 0.0983, 12.34, 1.8e-5, 2.5e4, 0.0, math.inf)] == \
+        ["-100", "0.0983", "12.3", "1.8e-05", "2.5e+04", "0", "inf"]

@@ -85,6 +85,60 @@ def test_findings_are_appended_to_jsonl_and_logged(tmp_path, caplog):
         with GradWatch(model, log_dir=tmp_path, every=1, dead_window=1, quiet=True) as watch:
             models.train(model, 2)
     lines = [json.loads(line) for line in (tmp_path / "findings.jsonl").read_text().splitlines()]
-    assert lines == [f.to_dict() for f in watch.findings]
+    run_id = json.loads((tmp_path / "gradwatch.json").read_text())["run"]
+    assert lines == [{**f.to_dict(), "run": run_id} for f in watch.findings]
     logged = [r.getMessage() for r in caplog.records if r.name == "gradwatch"]
     assert logged == [str(f) for f in watch.findings] and "] 3: " in logged[0]
+
+
+def _train_through_a_failure(tmp_path, monkeypatch, fail) -> tuple:
+    """Train 2 steps, call ``fail()``, train 3 more; return the watch, gradwatch's warnings
+    and any exception raised in a background thread."""
+    import threading
+    import warnings
+
+    from gradwatch import GradWatchWarning
+
+    thread_errors: list = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: thread_errors.append(args.exc_value))
+    model = models.small_mlp()
+    with torch.no_grad():
+        model[2].bias.fill_(-100.0)  # findings keep coming, so findings.jsonl has something to write
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with GradWatch(model, log_dir=tmp_path / "run", every=1, dead_window=1, quiet=True) as watch:
+            models.train(model, 2)
+            fail()
+            models.train(model, 3)
+    ours = [w for w in caught if issubclass(w.category, GradWatchWarning) and "TensorBoard" in str(w.message)]
+    return watch, ours, thread_errors
+
+
+def test_a_log_folder_removed_mid_run_gives_one_warning_and_training_goes_on(tmp_path, monkeypatch):
+    import shutil
+
+    watch, warned, thread_errors = _train_through_a_failure(
+        tmp_path, monkeypatch, lambda: shutil.rmtree(tmp_path / "run"))
+    assert watch.steps == 5 and watch.report().step == 4  # measured to the end
+    assert thread_errors == []  # no traceback from TensorBoard's writer thread
+    assert len(warned) == 1
+    message = str(warned[0].message)
+    assert str(tmp_path / "run") in message and "FileNotFoundError" in message
+    assert "TensorBoard output stops here, training and the other outputs continue" in message
+
+
+def test_a_full_disk_gives_one_warning_and_the_findings_file_goes_on(tmp_path, monkeypatch):
+    import errno
+    import json
+
+    from tensorboard.summary.writer import record_writer
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    watch, warned, thread_errors = _train_through_a_failure(
+        tmp_path, monkeypatch, lambda: monkeypatch.setattr(record_writer.RecordWriter, "write", full))
+    assert thread_errors == [] and len(warned) == 1 and "No space left on device" in str(warned[0].message)
+    assert watch.steps == 5
+    lines = (tmp_path / "run" / "findings.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [f.step for f in watch.findings]

@@ -1,4 +1,4 @@
-"""The rich per-layer table in the terminal."""
+"""The terminal: a short summary when the watch detaches, and notes as they come."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Optional
 
 from rich.console import Console
 
-from ..render import report_table
+from ..render import report_summary
 from .base import Sink
 
 if TYPE_CHECKING:
@@ -14,7 +14,9 @@ if TYPE_CHECKING:
 
 
 class ConsoleSink(Sink):
-    """Prints the per-layer table when the watch detaches. Plain text when not a TTY (rich decides)."""
+    """Prints a short summary (findings, the most extreme layers per statistic) when the
+    watch detaches; the full table is ``print(watch.report())``. Plain text when not a TTY
+    (rich decides). Notes (an interval that changed, what cannot be measured) print dimmed."""
 
     def __init__(self, console: Optional[Console] = None) -> None:
         self.console = console or Console()
@@ -23,4 +25,4 @@ class ConsoleSink(Sink):
         self.console.print(f"[dim]{text}[/dim]", highlight=False)
 
     def close(self, report: "Report") -> None:
-        self.console.print(report_table(report))
+        self.console.print(report_summary(report))

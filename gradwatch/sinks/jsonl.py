@@ -2,6 +2,12 @@
 
 A run's story survives without TensorBoard: one line per finding, appended as it happens
 and flushed at once, so a crash loses nothing already found.
+
+Several runs may write into one ``log_dir`` (a script run twice). Each run gets an id,
+``<YYYYmmdd-HHMMSS>-<pid>`` (the same ingredients as TensorBoard's event-file names), that is
+written into each of its findings and into its entry in ``gradwatch.json``, together with
+the names of its TensorBoard event files. ``gradwatch report``/``compare`` read the latest
+run unless asked for another (``--run ID``).
 """
 
 from __future__ import annotations
@@ -9,7 +15,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import TYPE_CHECKING, Any, List, Optional
+import re
+import time
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from .base import Sink
 
@@ -20,34 +28,74 @@ logger = logging.getLogger("gradwatch")
 FINDINGS_FILE = "findings.jsonl"
 META_FILE = "gradwatch.json"
 FORMAT_VERSION = 1
-"""Major version of the run-folder format; readers accept any run of the same major."""
+"""Major version of the run-folder format; readers accept any run of the same major.
+
+Additions within format 1: ``runs`` (one entry per run: ``run``, ``started``, ``pid``,
+``event_files``, ``layers``, ``layer_types``, ``params``, ``param_numel``) and ``run`` (the
+latest run's id) in ``gradwatch.json``; ``run`` in each line of ``findings.jsonl``. The
+top-level ``layers``/``layer_types``/``params`` repeat the latest run's, as before."""
+
+EVENT_FILE = re.compile(r"^events\.out\.tfevents\.(?P<time>\d+)\.(?P<host>.+)\.(?P<pid>\d+)\.(?P<uid>\d+)")
+
+
+def event_file_pid(name: str) -> Optional[int]:
+    """The process id in a TensorBoard event-file name (``events.out.tfevents.<time>.<host>.<pid>.<n>``)."""
+    m = EVENT_FILE.match(name)
+    return int(m.group("pid")) if m else None
+
+
+def read_meta(log_dir: str) -> Dict[str, Any]:
+    path = os.path.join(log_dir, META_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 class JsonlSink(Sink):
-    """Appends each new finding to ``<log_dir>/findings.jsonl``, and writes ``gradwatch.json``
-    (format version, layers in forward order, parameter -> layer) for ``gradwatch report``."""
+    """Appends each new finding, tagged with the run id, to ``<log_dir>/findings.jsonl``, and
+    keeps this run's entry in ``gradwatch.json`` (layers in forward order, parameter ->
+    layer and size, event files) for ``gradwatch report``."""
 
     def __init__(self, log_dir: str) -> None:
         self.log_dir = log_dir
         self.path = os.path.join(log_dir, FINDINGS_FILE)
+        self.run_id: Optional[str] = None
+        self._entry: Dict[str, Any] = {}
         self._file: Optional[Any] = None
         self._meta_written = False
 
     def open(self) -> None:
+        if self.run_id is None:  # attach, detach, attach again: still the same run
+            meta = read_meta(self.log_dir)
+            taken = {r.get("run") for r in meta.get("runs", [])}
+            base = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
+            run_id, n = base, 1
+            while run_id in taken:
+                n += 1
+                run_id = f"{base}-{n}"
+            self.run_id = run_id
+            self._entry = {"run": run_id, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "pid": os.getpid(),
+                           "event_files": []}
+            self._save()
         self._file = open(self.path, "a", encoding="utf-8")
 
     def on_step(self, data: "StepData", new_findings: "List[Finding]") -> None:
         if self._file is None:
             return
         if not self._meta_written and data.stats.layers:
-            meta = {"format": FORMAT_VERSION, "layers": list(data.stats.layers),
-                    "layer_types": {n: ls.type for n, ls in data.stats.layers.items()},
-                    "params": {n: p.layer for n, p in data.stats.params.items()}}
-            with open(os.path.join(self.log_dir, META_FILE), "w", encoding="utf-8") as f:
-                json.dump(meta, f, indent=1)
+            self._entry.update({
+                "layers": list(data.stats.layers),
+                "layer_types": {n: ls.type for n, ls in data.stats.layers.items()},
+                "params": {n: p.layer for n, p in data.stats.params.items()},
+                "param_numel": {n: p.numel for n, p in data.stats.params.items()},
+            })
+            self._save()
             self._meta_written = True
         for f in new_findings:
-            self._file.write(json.dumps(f.to_dict()) + "\n")
+            self._file.write(json.dumps({**f.to_dict(), "run": self.run_id}) + "\n")
         if new_findings:
             self._file.flush()
 
@@ -55,6 +103,40 @@ class JsonlSink(Sink):
         if self._file is not None:
             self._file.close()
             self._file = None
+            if not self._entry.get("event_files"):
+                self._save(last=True)  # the event file may have appeared after open
+
+    def _save(self, *, last: bool = False) -> None:
+        """Write this run's entry into ``gradwatch.json`` (read, update, replace atomically)."""
+        meta = read_meta(self.log_dir)
+        runs: List[Dict[str, Any]] = [r for r in meta.get("runs", []) if r.get("run") != self.run_id]
+        if not self._entry.get("event_files"):
+            self._entry["event_files"] = self._my_event_files(runs, shared_ok=last)
+        runs.append(self._entry)
+        meta.update({"format": FORMAT_VERSION, "run": self.run_id, "runs": runs})
+        for key in ("layers", "layer_types", "params"):  # what readers of older versions look at
+            if key in self._entry:
+                meta[key] = self._entry[key]
+        tmp = os.path.join(self.log_dir, f".{META_FILE}.{os.getpid()}.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=1)
+        os.replace(tmp, os.path.join(self.log_dir, META_FILE))
+
+    def _my_event_files(self, others: List[Dict[str, Any]], *, shared_ok: bool) -> List[str]:
+        """Event files this process writes here that no earlier run has claimed.
+
+        TensorBoard names each file after the writing process, so files of another process
+        (or of an earlier run of this one) are never taken. A ``writer=`` shared by two runs
+        in one process gives them one file: both claim it (``shared_ok``, when the run ends).
+        """
+        claimed = {name for r in others for name in r.get("event_files", [])}
+        try:
+            names = sorted(os.listdir(self.log_dir))
+        except OSError:
+            return []
+        mine = [n for n in names if event_file_pid(n) == os.getpid()]
+        fresh = [n for n in mine if n not in claimed]
+        return fresh or (mine[-1:] if shared_ok else [])
 
 
 class LoggingSink(Sink):

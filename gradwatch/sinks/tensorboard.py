@@ -61,23 +61,110 @@ def custom_scalars_layout() -> Dict[str, Dict[str, List[Any]]]:
     }
 
 
+class _GuardedRecords:
+    """Stands in for the record writer of a ``SummaryWriter`` gradwatch owns.
+
+    TensorBoard writes from a background thread; a failure there (disk full, log folder
+    removed mid-run) would print a thread traceback and then fail every later call. Here
+    the first failure is kept instead, later writes are dropped, and the sink reports it
+    once as a warning on the training thread.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.error: Optional[BaseException] = None
+
+    def _guard(self, method: str, *args: Any) -> None:
+        if self.error is not None:
+            return
+        try:
+            getattr(self.inner, method)(*args)
+        except Exception as exc:  # noqa: BLE001 - any I/O failure ends file output, nothing else
+            self.error = exc
+
+    def write(self, data: bytes) -> None:
+        self._guard("write", data)
+
+    def flush(self) -> None:
+        self._guard("flush")
+
+    def close(self) -> None:
+        try:
+            self.inner.close()
+        except Exception as exc:  # noqa: BLE001
+            self.error = self.error or exc
+
+    @property
+    def closed(self) -> bool:
+        return bool(getattr(self.inner, "closed", False))
+
+
+def _guard_writer(writer: Any) -> Optional[_GuardedRecords]:
+    """Put a :class:`_GuardedRecords` between ``writer``'s background thread and its file.
+    Reaches into TensorBoard's private ``_AsyncWriter``; where that is not found (another
+    version), nothing is changed and failures surface as before."""
+    file_writer = getattr(writer, "file_writer", None)
+    async_writer = getattr(getattr(file_writer, "event_writer", None), "_async_writer", None)
+    worker = getattr(async_writer, "_worker", None)
+    if async_writer is None or worker is None or not hasattr(async_writer, "_writer") \
+            or getattr(worker, "_record_writer", None) is not async_writer._writer:
+        return None
+    guard = _GuardedRecords(async_writer._writer)
+    with async_writer._lock:
+        async_writer._writer = guard
+        worker._record_writer = guard
+    return guard
+
+
 class TensorBoardSink(Sink):
     """Writes to ``log_dir`` with its own ``SummaryWriter``, or to a writer the user passes
-    (which gradwatch flushes but never closes)."""
+    (which gradwatch flushes but never closes).
+
+    If writing its own event file fails (disk full, folder removed), one
+    :class:`~gradwatch.exceptions.GradWatchWarning` says so and TensorBoard output stops;
+    training and the other outputs go on. No traceback comes from the writer's thread.
+    """
 
     def __init__(self, log_dir: Optional[str] = None, writer: Any = None) -> None:
         self.log_dir = log_dir
         self.writer = writer
         self._owns_writer = writer is None
         self._layout_written = False
+        self._guard: Optional[_GuardedRecords] = None
+        self._stopped = False
 
     def open(self) -> None:
         if self.writer is None:
             from torch.utils.tensorboard import SummaryWriter  # heavy import, only when used
 
             self.writer = SummaryWriter(log_dir=self.log_dir)
+            self._guard = _guard_writer(self.writer)
+
+    def _failed(self) -> bool:
+        """True once file output has failed; the first time, warn and stop writing."""
+        if self._stopped:
+            return True
+        if self._guard is None or self._guard.error is None:
+            return False
+        self._stopped = True
+        import warnings
+
+        from ..exceptions import GradWatchWarning
+        from .warn import _user_stacklevel
+
+        err = self._guard.error
+        warnings.warn(f"gradwatch: writing TensorBoard events to {self.log_dir} failed "
+                      f"({type(err).__name__}: {err}); TensorBoard output stops here, training and the other "
+                      f"outputs continue.", GradWatchWarning, stacklevel=_user_stacklevel())
+        try:
+            self.writer.close()
+        except Exception:  # noqa: BLE001 - already reported
+            pass
+        return True
 
     def on_step(self, data: "StepData", new_findings: "List[Finding]") -> None:
+        if self._failed():
+            return
         w, st = self.writer, data.stats
         step = st.step
         if not self._layout_written:
@@ -106,10 +193,11 @@ class TensorBoardSink(Sink):
                        step)
 
     def close(self, report: "Report") -> None:
-        if self.writer is None:
+        if self.writer is None or self._failed():
             return
         if self._owns_writer:
             self.writer.close()
+            self._failed()  # the last writes happen in close: report a failure there too
         else:
             self.writer.flush()
 

@@ -1,0 +1,108 @@
+"""The PNG charts of ``gradwatch compare``: their size, what they draw, what they say."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("matplotlib")
+
+from gradwatch.figures import activation_heatmaps, gradient_flow, png_size  # noqa: E402
+from gradwatch.runs import Run  # noqa: E402
+
+
+_SHAPES = {}
+
+
+def histogram(step: int, seed: int, buckets: int = 30):
+    if (seed % 7, buckets) not in _SHAPES:
+        counts, edges = np.histogram(np.random.default_rng(seed % 7).normal(size=2000), bins=buckets)
+        _SHAPES[seed % 7, buckets] = list(edges[1:]), list(counts.astype(float))
+    return (step, *_SHAPES[seed % 7, buckets])
+
+
+def fake_run(name: str, *, depth: int = 4, hist_steps=(0, 50, 100), norms=None, numel=None) -> Run:
+    """A run with ``depth`` Linear layers (every one with a histogram) and known gradient norms."""
+    layers = [f"layer{i}" for i in range(depth)]
+    norms = norms or {n: 1.0 for n in layers}
+    numel = numel or {n: 100 for n in layers}
+    run = Run(path=Path(name), layers=layers, layer_types={n: "Linear" for n in layers},
+              param_layer={f"{n}.weight": n for n in layers},
+              param_numel={f"{n}.weight": numel[n] for n in layers})
+    run.layer_scalars["gradient.layer_norm"] = {n: [(s, norms[n]) for s in (0, 10, 20)] for n in layers}
+    run.histograms = {n: [histogram(s, i + s) for s in hist_steps] for i, n in enumerate(layers)}
+    return run
+
+
+def test_heatmap_size_is_capped_for_deep_models_and_long_runs(tmp_path):
+    run = fake_run("long", depth=52, hist_steps=range(0, 100_000, 50))  # 2,000 histogram steps
+    path = tmp_path / "heat.png"
+    fig = activation_heatmaps([run], str(path))
+    w, h = png_size(str(path))
+    assert w <= 2400 and h <= 1680  # was 12,694 px wide
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in panels][0] == "layer0" and panels[-1].get_title() == "layer51"
+    assert len(panels) == 12
+    mesh = panels[0].collections[0]
+    assert mesh.get_array().shape[1] == 120  # 2,000 steps averaged into 120 columns
+    caption = " ".join(t.get_text() for t in fig.texts).replace("\n", " ")
+    assert "12 of 52 layers, evenly spaced by depth" in caption
+    assert "each column averages 17 logged steps" in caption
+
+
+def test_one_histogram_step_is_drawn_as_bars_not_left_blank(tmp_path):
+    path = tmp_path / "one.png"
+    fig = activation_heatmaps([fake_run("short", hist_steps=(0,))], str(path))
+    ax = fig.axes[0]
+    heights = [p.get_width() for p in ax.patches]  # horizontal bars: counts along x
+    assert len(heights) == 40 and sum(heights) == pytest.approx(2000)
+    assert "count at step 0" in ax.get_xlabel()
+    assert "bars: a run with a single histogram step" in " ".join(t.get_text() for t in fig.texts).replace("\n", " ")
+    assert png_size(str(path))[0] <= 2400
+
+
+def test_gradient_flow_plots_rms_per_element_so_layer_size_makes_no_zigzag(tmp_path):
+    # Every element's gradient has the same size; the layers differ only in how many there are.
+    numel = {"layer0": 100, "layer1": 10_000, "layer2": 100, "layer3": 10_000}
+    norms = {n: 0.01 * math.sqrt(k) for n, k in numel.items()}
+    fig = gradient_flow([fake_run("a", norms=norms, numel=numel)], str(tmp_path / "flow.png"))
+    ax = fig.axes[0]
+    assert list(ax.lines[0].get_ydata()) == pytest.approx([0.01] * 4)
+    assert "RMS" in ax.get_ylabel()
+    caption = " ".join(t.get_text() for t in fig.texts).replace("\n", " ")
+    assert "RMS per element (L2 norm / √number of elements), median over the logged steps" in caption
+
+
+def test_layers_without_gradient_are_drawn_and_marked(tmp_path):
+    norms = {"layer0": 0.0, "layer1": 0.0, "layer2": 0.3, "layer3": 1.0}
+    fig = gradient_flow([fake_run("dead", norms=norms), fake_run("ok")], str(tmp_path / "flow.png"))
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["layer0", "layer1", "layer2", "layer3"]
+    crosses = [c for c in ax.collections if len(c.get_offsets())]
+    assert len(crosses) == 1 and [x for x, _ in crosses[0].get_offsets()] == [0, 1]
+    y_floor = ax.get_ylim()[0]
+    positive = min(y for y in fig.axes[0].lines[1].get_ydata())
+    assert all(y_floor < y < positive for _, y in crosses[0].get_offsets())
+    assert "gradient exactly 0" in " ".join(t.get_text() for t in ax.get_legend().get_texts())
+    caption = " ".join(t.get_text() for t in fig.texts).replace("\n", " ")
+    assert "×: the layer received no gradient at all" in caption
+
+
+def test_old_run_folders_without_sizes_fall_back_to_norms_and_say_so(tmp_path):
+    run = fake_run("old")
+    run.param_numel = {}
+    fig = gradient_flow([run], str(tmp_path / "flow.png"))
+    assert "L2 norm" in fig.axes[0].get_ylabel()
+    assert "not recorded" in " ".join(t.get_text() for t in fig.texts).replace("\n", " ")
+
+
+def test_gradient_flow_of_a_deep_model_keeps_a_sensible_size_and_readable_labels(tmp_path):
+    path = tmp_path / "flow.png"
+    fig = gradient_flow([fake_run("deep", depth=155, hist_steps=(0,))], str(path))
+    w, h = png_size(str(path))
+    assert w <= 2400 and h <= 700
+    labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert 20 <= len(labels) <= 40 and labels[0] == "layer0"
