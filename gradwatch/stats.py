@@ -207,7 +207,7 @@ def histogram(t: Tensor, bins: int, max_elements: int = 1 << 16) -> Tensor:
     """
     x = as_float(strided_sample(t, max_elements))
     finite = torch.isfinite(x)
-    inf = torch.tensor(math.inf, dtype=x.dtype, device=x.device)
+    inf = x.new_full((), math.inf)  # made on the device: no host-to-device copy, no synchronisation
     mn = torch.where(finite, x, inf).amin() if x.numel() else x.new_zeros(())
     mx = torch.where(finite, x, -inf).amax() if x.numel() else x.new_zeros(())
     width = (mx - mn).clamp_min(torch.finfo(x.dtype).tiny)
@@ -251,7 +251,11 @@ def grad_summaries(grads: Sequence[Tensor], weights: Sequence[Tensor]) -> Tensor
                 rows = _grad_rows([grads[i].detach() for i in idx], [weights[i].detach() for i in idx], dev)
             except (RuntimeError, TypeError, NotImplementedError):
                 continue  # this dtype is not supported by the fused kernels: its parameters stay NaN
-            out[:, torch.tensor(idx, device=device)] = rows.to(device, torch.float64)
+            rows = rows.to(device, torch.float64)
+            if idx == list(range(idx[0], idx[-1] + 1)):  # contiguous (callers sort by dtype): a slice, no copy
+                out[:, idx[0]:idx[-1] + 1] = rows
+            else:
+                out[:, torch.tensor(idx).to(device, non_blocking=True)] = rows
     return out
 
 

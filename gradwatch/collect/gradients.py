@@ -143,7 +143,8 @@ class GradientReader:
         grads: List[Tensor] = []
         weights: List[Tensor] = []
         groups: List[Any] = []
-        for pname, _, p in params:
+        # Grouped by device and dtype, each group is one run of fused kernels and one slice.
+        for pname, _, p in sorted(params, key=lambda e: (str(e[2].device), str(e[2].dtype))):
             g = p.grad
             if g is None:
                 continue
