@@ -11,6 +11,11 @@ Each run writes TensorBoard data to runs/demo/<name>:  tensorboard --logdir runs
 
 from __future__ import annotations
 
+if not __package__:  # run as a file (python examples/demo.py): import from the checkout, not examples/
+    import os
+    import sys
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 import argparse
 from typing import Callable, List, Optional
 
