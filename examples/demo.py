@@ -46,7 +46,11 @@ def main(argv: Optional[List[str]] = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--runs", default="runs/demo")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads for torch (default 1: these networks are tiny, and more threads only "
+                        "wait on each other, badly so on cores shared with other jobs)")
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     x, y = make_data()
     dims = [64, 128, 128, 128, 128, 10]
