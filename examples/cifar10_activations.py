@@ -63,12 +63,15 @@ Outputs (``--out``, default the runs folder): ``results.json``, ``losses.png``
 weight-gradient norm over training, one panel per activation, log scale).
 
     python -m examples.cifar10_activations --quick --data-dir DIR --no-verify   # ~1-2 min on 2 CPU cores
-    python -m examples.cifar10_activations --data-dir DIR --no-verify           # full: 5 x 14,000 steps (GPU)
+    python -m examples.cifar10_activations --data-dir DIR --no-verify           # full: 5 x 14,000 steps
     OMP_WAIT_POLICY=PASSIVE python -m examples.cifar10_activations --data-dir DIR --no-verify --threads 2 --steps 1200
                         # 5 x 1,200 steps: 16 min on 2 shared CPU cores (0.1-0.2 s/step)
 
 ``DIR`` is a data root holding ``cifar-10-batches-py/`` (``--no-verify`` accepts a copy
-rebuilt from JPEGs, whose checksums differ from the official ones).
+rebuilt from JPEGs, whose checksums differ from the official ones). The activations can
+also run side by side, one process each (``--activations``), combined afterwards with
+``--merge`` (see ``examples/common.py``): on one H100 GPU the five full runs took 174 s
+(11.4 ms/step each). ``docs/reproduction.md`` has the commands and the results.
 
 (On a CPU shared with other jobs, ``OMP_WAIT_POLICY=PASSIVE`` keeps ``--threads 2`` from
 spinning: with one other busy process we measured 5x slower steps without it.)
