@@ -35,8 +35,12 @@ Results (full mode, seed 0) are in ``docs/results/activation_gallery``.
 
 from __future__ import annotations
 
+if not __package__:  # run as a file (python examples/activation_gallery.py): import from the checkout
+    import os
+    import sys
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 import math
-import time
 import warnings
 from collections import OrderedDict
 from typing import Callable, Dict, List, Optional
@@ -49,7 +53,7 @@ from torch import nn
 
 from gradwatch import GradWatch
 
-from . import common
+from examples import common
 
 EXAMPLE = "activation_gallery"
 UNITS = 100
@@ -179,13 +183,11 @@ def _fmt(v: Optional[float], spec: str = "{:.1%}") -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> dict:
-    p = common.parser(__doc__)
-    args = p.parse_args(argv)
-    t_start = time.perf_counter()
-    _, _, out = common.setup(args, EXAMPLE)  # CPU: the tensors are small; no TensorBoard
+    p = common.parser(__doc__, data=False)
+    run = common.start(p, EXAMPLE, argv)  # CPU whatever --device says: the tensors are small; no TensorBoard
     console = common.console
-    rows = ROWS_QUICK if args.quick else ROWS_FULL
-    x = torch.randn(rows, UNITS, generator=torch.Generator().manual_seed(args.seed))
+    rows = ROWS_QUICK if run.quick else ROWS_FULL
+    x = torch.randn(rows, UNITS, generator=torch.Generator().manual_seed(run.args.seed))
 
     curves: Dict[str, tuple] = {}
     outputs: Dict[str, np.ndarray] = {}
@@ -210,7 +212,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
             }
             progress.advance(task)
 
-    f1, f2 = out / "activation_functions.png", out / "activation_outputs.png"
+    f1, f2 = run.out / "activation_functions.png", run.out / "activation_outputs.png"
     plot_functions(curves, f1)
     plot_outputs(outputs, f2)
 
@@ -229,21 +231,11 @@ def main(argv: Optional[List[str]] = None) -> dict:
                   "only, '-' otherwise); zeros: exact zeros; dead: units (of 100) with no non-zero output; "
                   "mean f': mean slope, by autograd")
 
-    payload = {
-        "example": EXAMPLE,
-        "mode": "quick" if args.quick else "full",
-        "setup": {"input": f"torch.randn({rows}, {UNITS}), seed {args.seed}", "values": x.numel(),
-                  "curve": {"range": list(CURVE_RANGE), "points": CURVE_POINTS, "dtype": "float64"},
-                  "gradwatch": "GradWatch(act, every=1, quiet=True, include=['*']), default Thresholds",
-                  "threads": torch.get_num_threads()},
-        "activations": results,
-        "figures": [f1.name, f2.name],
-        "wall_seconds": common.seconds(t_start),
-    }
-    common.write_results(out, payload)
-    console.print(f"results: {out / 'results.json'}, figures: {f1.name}, {f2.name}   ({payload['wall_seconds']} s)")
-    return payload
-
+    setup = {"input": f"torch.randn({rows}, {UNITS}), seed {run.args.seed}", "values": x.numel(),
+             "curve": {"range": list(CURVE_RANGE), "points": CURVE_POINTS, "dtype": "float64"},
+             "gradwatch": "GradWatch(act, every=1, quiet=True, include=['*']), default Thresholds",
+             "threads": torch.get_num_threads()}
+    return run.finish({"setup": setup, "activations": results}, [f1, f2])
 
 if __name__ == "__main__":
     main()

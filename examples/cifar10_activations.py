@@ -6,7 +6,7 @@ sigmoid the cross-entropy never leaves ln 10 = 2.303 (the total loss falls only 
 the L2 regulariser shrinks the weights) and conv1's weight gradients are ~1e-5; with the
 other four the cross-entropy falls below 1.6 within the first thousand steps and to
 ~0.6-0.8 by 14k steps. gradwatch must flag sigmoid (vanishing gradients and/or
-saturation) and raise neither for ReLU or ELU. Its findings appear live as rich panels;
+saturation) and no other run. Its findings appear live as rich panels;
 its table per activation and a table of our numbers next to the published ones are
 printed at the end.
 
@@ -32,8 +32,9 @@ Setup (every hyper-parameter):
 - loss: mean cross-entropy + 0.004 * 0.5 * (sum(local3.weight^2) + sum(local4.weight^2))
   (``tf.nn.l2_loss`` weight decay on the two hidden fully connected layers' weights).
 - optimiser: plain SGD, lr 0.1 (no momentum; the tutorial's decay by 0.1 every 350
-  epochs is never reached here), batch 128. Full mode: 1,200 steps per activation
-  (3.1 epochs); ``--quick``: 60 steps. ``--steps N`` overrides both.
+  epochs is never reached here), batch 128. Full mode: 14,000 steps per activation,
+  the schedule of the published figures (35.8 epochs); ``--quick``: 60 steps.
+  ``--steps N`` overrides both.
 - reported per activation: cross-entropy and total loss per step (TensorBoard
   ``loss/cross_entropy``, ``loss/total``, ``loss/weight_decay`` through the watch's
   writer), their means over the last 100 steps ("final") and over steps 900-999
@@ -45,9 +46,9 @@ Setup (every hyper-parameter):
   every=20, histogram_every=300, quiet=True)`` (``--quick``: every 5, histograms
   every 50); default thresholds.
 
-Deviations from the tutorial: 1,200 steps instead of the tutorial's 100k+ (this run and
-the MNIST one together had to fit in an hour on 2 CPU cores), so the "~0.6-0.8 by 14k
-steps" part cannot be checked -- only the first thousand steps are; no random
+Deviations from the tutorial: 14,000 steps (the published figures' point) instead of the
+tutorial's 100k+ (with ``--steps`` under 10,000 the "~0.6-0.8 by 14k steps" part is not
+checked, only the first thousand steps are); no random
 brightness/contrast augmentation (crop and flip only, as the issue asks); no moving
 average of the weights for evaluation; PyTorch's ``LocalResponseNorm(4, alpha=0.001/9)``
 as the issue specifies it, which divides alpha by the window of 4 channels (TF's
@@ -62,8 +63,15 @@ Outputs (``--out``, default the runs folder): ``results.json``, ``losses.png``
 weight-gradient norm over training, one panel per activation, log scale).
 
     python -m examples.cifar10_activations --quick --data-dir DIR --no-verify   # ~1-2 min on 2 CPU cores
-    OMP_WAIT_POLICY=PASSIVE python -m examples.cifar10_activations --data-dir DIR --no-verify --threads 2
-                        # full: 5 x 1,200 steps, 16 min on 2 shared CPU cores (0.1-0.2 s/step)
+    python -m examples.cifar10_activations --data-dir DIR --no-verify           # full: 5 x 14,000 steps
+    OMP_WAIT_POLICY=PASSIVE python -m examples.cifar10_activations --data-dir DIR --no-verify --threads 2 --steps 1200
+                        # 5 x 1,200 steps: 16 min on 2 shared CPU cores (0.1-0.2 s/step)
+
+``DIR`` is a data root holding ``cifar-10-batches-py/`` (``--no-verify`` accepts a copy
+rebuilt from JPEGs, whose checksums differ from the official ones). The activations can
+also run side by side, one process each (``--activations``), combined afterwards with
+``--merge`` (see ``examples/common.py``): on one H100 GPU the five full runs took 174 s
+(11.4 ms/step each). ``docs/reproduction.md`` has the commands and the results.
 
 (On a CPU shared with other jobs, ``OMP_WAIT_POLICY=PASSIVE`` keeps ``--threads 2`` from
 spinning: with one other busy process we measured 5x slower steps without it.)
@@ -71,9 +79,12 @@ spinning: with one other busy process we measured 5x slower steps without it.)
 
 from __future__ import annotations
 
+if not __package__:  # run as a file (python examples/cifar10_activations.py): import from the checkout, not examples/
+    import os
+    import sys
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 import math
-import os
-import sys
 import time
 from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple, Type
@@ -87,8 +98,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 from gradwatch import GradWatch
 
-from . import common
-from .datasets import DatasetError, load_cifar10
+from examples import common
+from examples.datasets import load_cifar10
 
 EXAMPLE = "cifar10_activations"
 ACTIVATIONS: Dict[str, Type[nn.Module]] = OrderedDict(
@@ -103,7 +114,7 @@ CROP = 24
 LRN = dict(size=4, alpha=0.001 / 9.0, beta=0.75, k=1.0)
 INIT = OrderedDict(conv1=(5e-2, 0.0), conv2=(5e-2, 0.1), local3=(0.04, 0.1), local4=(0.04, 0.1),
                    logits=(1 / 192.0, 0.0))  # layer: (weight std, bias)
-FULL_STEPS = 1200
+FULL_STEPS = 14_000  # the published figures' schedule
 QUICK_STEPS = 60
 QUICK_TRAIN = 5_000
 QUICK_TEST = 1_000
@@ -118,9 +129,11 @@ PUBLISHED = {
                "gradients ~1e-5",
     "other": "cross-entropy below 1.6 within the first 1k steps; ~0.6-0.8 by 14k steps",
 }
-PUBLISHED_SHORT = {"sigmoid": "≈2.30", "other": "<1.6 by 1k"}
+PUBLISHED_SHORT = {"sigmoid": "≈2.30", "other": "<1.6 by 1k, 0.6-0.8 by 14k"}
 SIGMOID_TOLERANCE = 0.05
 OTHERS_BELOW = 1.6
+OTHERS_LATE = (0.5, 0.9)  # "about 0.6-0.8 by 14k steps", checked in runs of LONG_RUN steps or more
+LONG_RUN = 10_000
 
 
 # ----------------------------------------------------------------------------- model
@@ -231,14 +244,10 @@ def window_mean(values: List[float], lo: int, hi: int) -> Optional[float]:
     return float(np.mean(part)) if len(part) == hi - lo and part else None
 
 
-def finding_kinds(findings: List[dict]) -> List[str]:
-    return list(OrderedDict.fromkeys(f"{f['kind']}@{f['layer']}" for f in findings))
-
-
 # ----------------------------------------------------------------------------- training
-def train(act: str, data: tuple, steps: int, mode: str, args, device: torch.device, log_dir,
-          progress, task) -> dict:
+def train(act: str, data: tuple, run: common.Run, progress, task) -> dict:
     xtr, ytr, xte, yte = data
+    args, steps, mode, device = run.args, run.steps, run.mode, run.device
     torch.manual_seed(args.seed)  # the same initial weights for every activation
     model = init_tf_(build_net(ACTIVATIONS[act])).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
@@ -249,7 +258,7 @@ def train(act: str, data: tuple, steps: int, mode: str, args, device: torch.devi
     grads = common.GradNormLog(layers)
     ce_hist: List[float] = []
     total_hist: List[float] = []
-    writer = SummaryWriter(log_dir=str(log_dir))
+    writer = SummaryWriter(log_dir=str(run.runs / act))
     t0 = time.perf_counter()
     try:
         with GradWatch(model, writer=writer, every=WATCH_EVERY[mode], histogram_every=HIST_EVERY[mode],
@@ -306,13 +315,13 @@ def train(act: str, data: tuple, steps: int, mode: str, args, device: torch.devi
         "conv1_weight_grad_rms_median": float(np.median(conv1) / math.sqrt(numel["conv1"])) if conv1 else None,
         "weight_numel": numel,
         "weight_grad_norm": {"steps": grads.steps, **grads.norms},
-        "cross_entropy": ce_hist,
-        "total_loss": total_hist,
+        "cross_entropy": [round(v, 5) for v in ce_hist],  # per step; 5 decimals keep results.json small
+        "total_loss": [round(v, 5) for v in total_hist],
         "layers": {n: {k: v for k, v in ls.to_dict().items()
                        if k in ("type", "zero_fraction", "saturated_fraction", "dead_fraction", "grad_norm")}
                    for n, ls in report.layers.items()},
         "findings": findings,
-        "finding_kinds": finding_kinds(findings),
+        "finding_kinds": common.finding_kinds(findings),
         "_report": report,
     }
 
@@ -380,19 +389,24 @@ def plot_grad_norms(results: Dict[str, dict], path, steps: int, mode: str) -> No
 
 # ----------------------------------------------------------------------------- checks and tables
 def acceptance(results: Dict[str, dict]) -> Dict[str, object]:
-    """The experiment's claims, checked on our numbers (final = mean of the last 100 steps)."""
+    """The experiment's claims, checked on our numbers (final = mean of the last 100 steps;
+    at 1k = mean of steps 900-999, or the final value in a shorter run)."""
     checks: Dict[str, object] = {}
     for act, r in results.items():
         kinds = {f["kind"] for f in r["findings"]}
         ce = r["cross_entropy_final"]
         if act == "sigmoid":
             checks["sigmoid_cross_entropy_within_0.05_of_ln10"] = ce is not None and abs(ce - LN10) <= SIGMOID_TOLERANCE
-            named = [f for f in r["findings"] if f["kind"] in ("vanishing", "saturation")]
-            checks["sigmoid_flagged_vanishing_or_saturation"] = bool(named)
-        else:
-            checks[f"{act}_cross_entropy_below_1.6"] = ce is not None and ce < OTHERS_BELOW
-        if act in ("relu", "elu"):
-            checks[f"{act}_no_vanishing_or_saturation"] = not (kinds & {"vanishing", "saturation"})
+            checks["sigmoid_flagged_vanishing_or_saturation"] = bool(kinds & {"vanishing", "saturation"})
+            continue
+        early = r["cross_entropy_at_1k"] if r["cross_entropy_at_1k"] is not None else ce
+        checks[f"{act}_cross_entropy_below_1.6_by_1k"] = early is not None and early < OTHERS_BELOW
+        if r["steps"] >= LONG_RUN:
+            lo, hi = OTHERS_LATE
+            checks[f"{act}_cross_entropy_final_in_{lo}_{hi}"] = ce is not None and lo <= ce <= hi
+    if "sigmoid" in results:
+        flagged = [a for a, r in results.items() if r["findings"]]
+        checks["only_sigmoid_flagged"] = flagged == ["sigmoid"]
     checks["all"] = all(bool(v) for v in checks.values())
     return checks
 
@@ -419,75 +433,43 @@ def results_table(results: Dict[str, dict], steps: int) -> Table:
 
 
 # ----------------------------------------------------------------------------- main
-def parse_activations(p, text: str) -> List[str]:
-    acts = [a.strip().lower() for a in text.split(",") if a.strip()]
-    unknown = [a for a in acts if a not in ACTIVATIONS]
-    if unknown or not acts:
-        p.error(f"unknown activation(s) {unknown}; choose from {list(ACTIVATIONS)}")
-    return acts
+def describe(run: common.Run, n_train: int, n_test: int) -> dict:
+    """Every hyper-parameter of this run, for results.json."""
+    return {"model": "conv5x5x64-act-maxpool3/2-lrn-conv5x5x64-act-lrn-maxpool3/2-fc384-act-fc192-act-fc10",
+            "lrn": LRN, "init": {k: {"weight_std": s, "bias": b} for k, (s, b) in INIT.items()},
+            "inputs": "random 24x24 crop + horizontal flip (train), central crop (test), per-image standardisation",
+            "loss": "cross-entropy + 0.004 * 0.5 * sum(w^2) over local3.weight, local4.weight",
+            "optimizer": "SGD", "lr": LR, "momentum": 0.0, "batch_size": min(BATCH, n_train),
+            "weight_decay": WEIGHT_DECAY, "steps": run.steps, "leakyrelu_negative_slope": 0.01, "elu_alpha": 1.0,
+            "gradwatch": {"every": WATCH_EVERY[run.mode], "histogram_every": HIST_EVERY[run.mode],
+                          "thresholds": "defaults"},
+            "final_window": FINAL_WINDOW, "smooth_window": SMOOTH,
+            **run.environment(), "train_size": n_train, "test_size": n_test}
 
 
 def main(argv: Optional[List[str]] = None) -> dict:
-    p = common.parser(__doc__)
-    p.add_argument("--steps", type=int, default=None,
-                   help=f"training steps per activation (default {FULL_STEPS}; {QUICK_STEPS} with --quick)")
-    p.add_argument("--activations", default=",".join(ACTIVATIONS),
-                   help="comma-separated subset of " + ", ".join(ACTIVATIONS))
-    args = p.parse_args(argv)
-    acts = parse_activations(p, args.activations)
-    mode = "quick" if args.quick else "full"
-    steps = args.steps if args.steps is not None else (QUICK_STEPS if args.quick else FULL_STEPS)
-    if steps < 1:
-        p.error("--steps must be at least 1")
-    t_start = time.perf_counter()
-    device, runs, out = common.setup(args, EXAMPLE)
-    console = common.console
-    try:
-        xtr, ytr, xte, yte = load(args, args.quick)
-    except DatasetError as exc:
-        raise SystemExit(f"{EXAMPLE}: {exc}") from None
-    data = tuple(t.to(device) for t in (xtr, ytr, xte, yte))
-    console.print(f"[bold]{EXAMPLE}[/]: {len(xtr):,} train / {len(xte):,} test images, {steps:,} steps per "
-                  f"activation, device {device}, {torch.get_num_threads()} threads")
-
-    results = common.run_variants(acts, steps, lambda act, bar, task: train(
-        act, data, steps, mode, args, device, runs / act, bar, task))
+    p = common.parser(__doc__, variants=ACTIVATIONS, steps=(FULL_STEPS, QUICK_STEPS))
+    run = common.start(p, EXAMPLE, argv)
+    parts = None
+    if run.merging:
+        results, setup, parts = run.merged()
+    else:
+        xtr, ytr, xte, yte = run.load(lambda: load(run.args, run.quick))
+        data = tuple(t.to(run.device) for t in (xtr, ytr, xte, yte))
+        setup = describe(run, len(xtr), len(xte))
+        common.console.print(f"[bold]{EXAMPLE}[/]: {len(xtr):,} train / {len(xte):,} test images, {run.steps:,} "
+                             f"steps per activation, device {setup['device']}, {setup['threads']} threads")
+        results = run.train(lambda act, bar, task: train(act, data, run, bar, task))
 
     checks = acceptance(results)
-    console.print(results_table(results, steps))
+    common.console.print(results_table(results, run.steps))
     verdict = "[green]holds[/]" if checks["all"] else "[red]does not hold[/]"
-    console.print(f"acceptance: {verdict}  " + ", ".join(f"{k}={v}" for k, v in checks.items() if k != "all"))
-
-    figures = [out / "losses.png", out / "grad_norms.png"]
-    plot_losses(results, figures[0], steps, mode)
-    plot_grad_norms(results, figures[1], steps, mode)
-    payload = {
-        "example": EXAMPLE,
-        "mode": mode,
-        "command": "python -m examples.cifar10_activations " + " ".join(sys.argv[1:] if argv is None else argv),
-        "setup": {"model": "conv5x5x64-act-maxpool3/2-lrn-conv5x5x64-act-lrn-maxpool3/2-fc384-act-fc192-act-fc10",
-                  "lrn": LRN, "init": {k: {"weight_std": s, "bias": b} for k, (s, b) in INIT.items()},
-                  "inputs": "random 24x24 crop + horizontal flip (train), central crop (test), "
-                            "per-image standardisation",
-                  "loss": "cross-entropy + 0.004 * 0.5 * sum(w^2) over local3.weight, local4.weight",
-                  "optimizer": "SGD", "lr": LR, "momentum": 0.0, "batch_size": min(BATCH, len(xtr)),
-                  "weight_decay": WEIGHT_DECAY, "steps": steps, "leakyrelu_negative_slope": 0.01, "elu_alpha": 1.0,
-                  "gradwatch": {"every": WATCH_EVERY[mode], "histogram_every": HIST_EVERY[mode],
-                                "thresholds": "defaults"},
-                  "final_window": FINAL_WINDOW, "smooth_window": SMOOTH,
-                  "seed": args.seed, "device": str(device), "threads": torch.get_num_threads(),
-                  "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-                  "train_size": len(xtr), "test_size": len(xte)},
-        "published": PUBLISHED,
-        "acceptance": checks,
-        "activations": results,
-        "figures": [f.name for f in figures],
-        "wall_seconds": common.seconds(t_start),
-    }
-    common.write_results(out, payload)
-    console.print(f"results: {out / 'results.json'}, figures: {', '.join(str(f) for f in figures)}   "
-                  f"TensorBoard: tensorboard --logdir {runs}   ({payload['wall_seconds']} s)")
-    return payload
+    common.console.print(f"acceptance: {verdict}  " + ", ".join(f"{k}={v}" for k, v in checks.items() if k != "all"))
+    figures = [run.out / "losses.png", run.out / "grad_norms.png"]
+    plot_losses(results, figures[0], run.steps, run.mode)
+    plot_grad_norms(results, figures[1], run.steps, run.mode)
+    return run.finish({"setup": setup, "published": PUBLISHED, "acceptance": checks, "activations": results},
+                      figures, parts)
 
 
 if __name__ == "__main__":

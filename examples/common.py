@@ -1,4 +1,20 @@
-"""What every bundled example shares: arguments, the device, progress bars, results files, figures."""
+"""What every bundled example shares: arguments, seeding, the device, progress, results files, figures.
+
+An example builds its parser with :func:`parser`, adds its own options, and calls
+:func:`start`, which parses the arguments, seeds torch, sets the threads, picks the device
+and makes the output folders. The returned :class:`Run` then loads the data
+(:meth:`Run.load`), trains every variant under one progress display (:meth:`Run.train`),
+or combines variants trained in separate processes (``--merge``, :meth:`Run.merged`), and
+writes ``results.json`` (:meth:`Run.finish`). What is left in each example is its experiment.
+
+Running the variants side by side (one process per activation, e.g. on one GPU), then
+combining their results into one ``results.json`` and one set of figures::
+
+    for a in elu relu sigmoid; do
+        python -m examples.mnist_activations --activations $a --out parts/$a > parts/$a.log 2>&1 &
+    done; wait
+    python -m examples.mnist_activations --merge parts/elu parts/relu parts/sigmoid --out results
+"""
 
 from __future__ import annotations
 
@@ -6,29 +22,51 @@ import argparse
 import json
 import math
 import os
+import shlex
+import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, TypeVar
 
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 console = Console()
+T = TypeVar("T")
 
 
-def parser(description: str) -> argparse.ArgumentParser:
-    """The arguments every example takes."""
+# ----------------------------------------------------------------------------- arguments
+def parser(description: Optional[str], *, data: bool = True, variants: Optional[Iterable[str]] = None,
+           merge: bool = True, steps: Optional[Tuple[int, int]] = None) -> argparse.ArgumentParser:
+    """The arguments every example takes.
+
+    ``data``: the dataset options (``--data-dir``, ``--no-verify``, ``--no-download``);
+    ``variants``: the names ``--activations`` chooses from; ``merge``: with variants, also
+    ``--merge``; ``steps``: (full, quick) default step counts for ``--steps``."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a short run (seconds to a couple of minutes on 2 CPU cores)")
-    p.add_argument("--data-dir", default=None, help="dataset root (default: $GRADWATCH_DATA or ./data)")
-    p.add_argument("--no-verify", action="store_true", help="accept local dataset files that fail the official MD5")
-    p.add_argument("--no-download", action="store_true", help="never download; fail if files are missing")
+    if data:
+        p.add_argument("--data-dir", default=None, help="dataset root (default: $GRADWATCH_DATA or ./data)")
+        p.add_argument("--no-verify", action="store_true", help="accept local dataset files that fail the official MD5")
+        p.add_argument("--no-download", action="store_true", help="never download; fail if files are missing")
+    if steps is not None:
+        p.add_argument("--steps", type=int, default=None,
+                       help=f"training steps per variant (default {steps[0]:,}; {steps[1]:,} with --quick)")
+    if variants is not None:
+        names = list(variants)
+        p.add_argument("--activations", default=",".join(names), help="comma-separated subset of " + ", ".join(names))
+    if variants is not None and merge:
+        p.add_argument("--merge", nargs="+", metavar="DIR", default=None,
+                       help="train nothing: combine the results.json of runs made with --activations in separate "
+                            "processes (e.g. side by side on one GPU) into one results.json and one set of figures")
     p.add_argument("--runs", default="runs", help="TensorBoard root; each variant writes runs/<example>/<variant>")
     p.add_argument("--out", default=None, help="folder for results.json and PNG figures (default: the runs folder)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.set_defaults(_steps=steps, _variants=list(variants) if variants is not None else None)  # for start()
     return p
 
 
@@ -38,24 +76,213 @@ def device(name: Optional[str]) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def setup(args: argparse.Namespace, example: str) -> Tuple[torch.device, Path, Path]:
-    """Seed, threads, device, and the run/output folders of an example."""
+def describe_device(dev: torch.device) -> str:
+    """``cpu``, or ``cuda (NVIDIA H100 80GB HBM3)``: the card, for results files."""
+    if dev.type == "cuda" and torch.cuda.is_available():
+        return f"{dev} ({torch.cuda.get_device_name(dev)})"
+    return str(dev)
+
+
+# ----------------------------------------------------------------------------- one run of an example
+@dataclass
+class Run:
+    """One invocation of an example: its arguments, device, folders, variants and clock."""
+
+    example: str
+    args: argparse.Namespace
+    argv: List[str]
+    device: torch.device
+    runs: Path
+    out: Path
+    variants: List[str] = field(default_factory=list)
+    steps: Optional[int] = None
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def quick(self) -> bool:
+        return bool(self.args.quick)
+
+    @property
+    def mode(self) -> str:
+        return "quick" if self.args.quick else "full"
+
+    @property
+    def merging(self) -> bool:
+        return bool(getattr(self.args, "merge", None))
+
+    @property
+    def command(self) -> str:
+        """How this run was started, as a relative ``python -m`` command line."""
+        return f"python -m examples.{self.example} {shlex.join(self.argv)}".rstrip()
+
+    def environment(self) -> Dict[str, Any]:
+        """Seed, device and threads, for a results file's ``setup``."""
+        return {"seed": self.args.seed, "device": describe_device(self.device), "threads": torch.get_num_threads(),
+                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+
+    def load(self, loader: Callable[[], T]) -> T:
+        """``loader()``, with a missing or corrupt dataset reported as a one-line exit."""
+        from examples.datasets import DatasetError
+
+        try:
+            return loader()
+        except DatasetError as exc:
+            raise SystemExit(f"{self.example}: {exc}") from None
+
+    def dataset_options(self) -> Dict[str, bool]:
+        return {"download": not self.args.no_download, "verify": not self.args.no_verify}
+
+    def train(self, train_one: Callable[[str, Any, Any], dict]) -> Dict[str, dict]:
+        """Train each variant under one progress display: ``train_one(name, progress, task)``.
+
+        The gradwatch report each returns under ``"_report"`` is printed at the end and left out
+        of the results."""
+        results: Dict[str, dict] = {}
+        with progress() as bar:
+            overall = bar.add_task("variants", total=len(self.variants), status="")
+            for name in self.variants:
+                bar.update(overall, status=name)
+                task = bar.add_task(f"  {name}", total=self.steps or 1, status="")
+                results[name] = train_one(name, bar, task)
+                bar.advance(overall)
+        for name, r in results.items():
+            report = r.pop("_report", None)
+            if report is not None:
+                console.rule(f"gradwatch: {name}")
+                console.print(report)
+        return results
+
+    def merged(self) -> Tuple[Dict[str, dict], Dict[str, Any], List[dict]]:
+        """The ``--merge`` folders' results: (variants, their common setup, one record per part).
+
+        Each part must come from this example with the same setup apart from the device's
+        threads; variants come out in the example's order."""
+        results: Dict[str, dict] = {}
+        setups: List[Tuple[str, dict]] = []
+        parts: List[dict] = []
+        for folder in self.args.merge:
+            path = Path(folder) / "results.json"
+            if not path.is_file():
+                raise SystemExit(f"{self.example}: --merge {folder}: no results.json there")
+            part = json.loads(path.read_text())
+            if part.get("example") != self.example:
+                raise SystemExit(f"{self.example}: --merge {folder}: results of {part.get('example')!r}, "
+                                 f"not of {self.example}")
+            clash = sorted(set(part["activations"]) & set(results))
+            if clash:
+                raise SystemExit(f"{self.example}: --merge {folder}: {clash} already came from another folder")
+            results.update(part["activations"])
+            setups.append((folder, part.get("setup", {})))
+            parts.append({"activations": list(part["activations"]), "command": part.get("command"),
+                          "wall_seconds": part.get("wall_seconds"), "written": part.get("written"),
+                          "torch": part.get("torch")})
+        first_folder, setup = setups[0]
+        for folder, other in setups[1:]:
+            differ = sorted(k for k in set(setup) | set(other) if k != "threads" and setup.get(k) != other.get(k))
+            if differ:
+                raise SystemExit(f"{self.example}: --merge: {folder} and {first_folder} differ in {differ}")
+        order = [v for v in self.variants if v in results] + [v for v in results if v not in self.variants]
+        self.variants = order
+        self.steps = setup.get("steps", self.steps)
+        return {v: results[v] for v in order}, setup, parts
+
+    def finish(self, payload: Dict[str, Any], figures: Sequence[Path] = (),
+               parts: Optional[List[dict]] = None) -> Dict[str, Any]:
+        """Write ``results.json`` (example, mode, command, figures, wall time and ``payload``) and
+        say where everything went. A merged run's wall time is its longest part's."""
+        full = {"example": self.example, "mode": self.mode, "command": self.command, **payload,
+                "figures": [Path(f).name for f in figures]}
+        if parts is not None:
+            full["parts"] = parts
+            walls = [p["wall_seconds"] for p in parts if p.get("wall_seconds") is not None]
+            full["wall_seconds"] = max(walls) if walls else None
+            full["merge_seconds"] = seconds(self.started)
+        else:
+            full["wall_seconds"] = seconds(self.started)
+        path = write_results(self.out, full)
+        where = f"results: {path}"
+        if figures:
+            where += ", figures: " + ", ".join(str(f) for f in figures)
+        if not self.merging and self.args.runs and self.runs.exists():
+            where += f"   TensorBoard: tensorboard --logdir {self.runs}"
+        console.print(f"{where}   ({full['wall_seconds']} s)")
+        return full
+
+
+def start(p: argparse.ArgumentParser, example: str, argv: Optional[List[str]] = None) -> Run:
+    """Parse the arguments, seed torch, set its threads, pick the device, make the folders.
+
+    ``--steps`` is resolved against the (full, quick) defaults given to :func:`parser` and
+    checked; ``--activations`` is checked against the variants' names."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = p.parse_args(argv)
+    names, steps = args._variants, args._steps
+    del args._variants, args._steps
+    chosen: List[str] = []
+    if names is not None:
+        chosen = [a.strip().lower() for a in args.activations.split(",") if a.strip()]
+        unknown = [a for a in chosen if a not in names]
+        if unknown or not chosen:
+            p.error(f"unknown activation(s) {unknown}; choose from {names}")
+    n_steps = None
+    if steps is not None:
+        n_steps = args.steps if args.steps is not None else (steps[1] if args.quick else steps[0])
+        if n_steps < 1:
+            p.error("--steps must be at least 1")
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
     runs = Path(args.runs) / example
     out = Path(args.out) if args.out else runs
     out.mkdir(parents=True, exist_ok=True)
-    return device(args.device), runs, out
+    return Run(example=example, args=args, argv=argv, device=device(args.device), runs=runs, out=out,
+               variants=chosen, steps=n_steps)
 
 
-def progress() -> Progress:
-    """A rich progress bar over steps and variants (plain lines when not a terminal)."""
+# ----------------------------------------------------------------------------- progress
+class _LineProgress:
+    """Progress as plain lines, for logs: a line per variant at every tenth of its steps."""
+
+    def __init__(self) -> None:
+        self._tasks: Dict[int, dict] = {}
+
+    def __enter__(self) -> "_LineProgress":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def add_task(self, description: str, total: float = 100, status: str = "", **_: Any) -> int:
+        task = len(self._tasks)
+        self._tasks[task] = {"name": description.strip(), "total": total, "completed": 0, "tenth": 0,
+                             "t0": time.perf_counter()}
+        return task
+
+    def update(self, task: int, *, completed: Optional[float] = None, advance: float = 0, status: str = "",
+               **_: Any) -> None:
+        t = self._tasks[task]
+        t["completed"] = completed if completed is not None else t["completed"] + advance
+        tenth = int(10 * t["completed"] / t["total"]) if t["total"] else 10
+        if tenth > t["tenth"] and t["total"] > 1:
+            t["tenth"] = tenth
+            elapsed = time.perf_counter() - t["t0"]
+            console.print(f"{t['name']}: {t['completed']:,.0f}/{t['total']:,.0f} in {elapsed:.0f} s  {status}",
+                          highlight=False, markup=False)
+
+    def advance(self, task: int, advance: float = 1) -> None:
+        self.update(task, advance=advance)
+
+
+def progress() -> Any:
+    """A rich progress bar over steps and variants; plain lines every tenth when not a terminal."""
+    if not console.is_terminal:
+        return _LineProgress()
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                     console=console, transient=False)
 
 
+# ----------------------------------------------------------------------------- training helpers
 class GradNormLog:
     """Per-layer weight-gradient norms as gradwatch measured them, one row per measured step.
 
@@ -82,23 +309,6 @@ class GradNormLog:
 
     def last(self) -> Dict[str, float]:
         return {n: v[-1] for n, v in self.norms.items() if v}
-
-
-def run_variants(names, steps: int, train_one) -> Dict[str, dict]:
-    """Train each variant (an activation) under one progress display, then print the
-    gradwatch report each returned under ``"_report"``. ``train_one(name, progress, task)``."""
-    results: Dict[str, dict] = {}
-    with progress() as bar:
-        overall = bar.add_task("activations", total=len(names), status="")
-        for name in names:
-            bar.update(overall, status=name)
-            task = bar.add_task(f"  {name}", total=steps, status="")
-            results[name] = train_one(name, bar, task)
-            bar.advance(overall)
-    for name, r in results.items():
-        console.rule(f"gradwatch: {name}")
-        console.print(r.pop("_report"))
-    return results
 
 
 def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator,
@@ -132,18 +342,43 @@ def findings_summary(watch: Any) -> list:
     return [f.to_dict() for f in watch.findings]
 
 
-def write_results(out: Path, payload: Dict[str, Any]) -> Path:
+def finding_kinds(findings: List[dict]) -> List[str]:
+    """``kind@layer`` of every finding, in first-occurrence order."""
+    return list(dict.fromkeys(f"{f['kind']}@{f['layer']}" for f in findings))
+
+
+# ----------------------------------------------------------------------------- results files
+def write_results(out: Path, payload: Mapping[str, Any]) -> Path:
+    """``out/results.json``: indented, with lists of numbers kept on one line each."""
     path = out / "results.json"
     payload = {"written": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__, **payload}
-    path.write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
+    path.write_text(_dumps(payload) + "\n")
     return path
 
 
-def _json_default(v: Any) -> Any:
+def _dumps(value: Any, indent: int = 0) -> str:
+    value = _plain(value)
+    pad, inner = "  " * indent, "  " * (indent + 1)
+    if isinstance(value, dict) and value:
+        items = [f"{inner}{json.dumps(str(k))}: {_dumps(v, indent + 1)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + "\n" + pad + "}"
+    if isinstance(value, list) and value and not all(v is None or isinstance(v, (int, float, bool)) for v in value):
+        return "[\n" + ",\n".join(inner + _dumps(v, indent + 1) for v in value) + "\n" + pad + "]"
+    return json.dumps(value, separators=(", ", ": "), allow_nan=False)
+
+
+def _plain(v: Any) -> Any:
+    """JSON-ready: paths as strings, tuples as lists, non-finite floats as null."""
     if isinstance(v, Path):
         return os.fspath(v)
     if isinstance(v, float) and not math.isfinite(v):
         return None
+    if isinstance(v, tuple):
+        return [_plain(x) for x in v]
+    if isinstance(v, list) and any(isinstance(x, (float, Path, tuple)) for x in v):
+        return [_plain(x) for x in v]
+    if isinstance(v, (str, int, float, bool, list, dict)) or v is None:
+        return v
     raise TypeError(f"not JSON-serialisable: {v!r}")
 
 

@@ -13,6 +13,11 @@ something to find.
 
 from __future__ import annotations
 
+if not __package__:  # run as a file (python examples/ddp_watch.py): import from the checkout, not examples/
+    import os
+    import sys
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 import argparse
 import os
 from typing import List, Optional

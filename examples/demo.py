@@ -11,6 +11,11 @@ Each run writes TensorBoard data to runs/demo/<name>:  tensorboard --logdir runs
 
 from __future__ import annotations
 
+if not __package__:  # run as a file (python examples/demo.py): import from the checkout, not examples/
+    import os
+    import sys
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 import argparse
 from typing import Callable, List, Optional
 
@@ -41,7 +46,11 @@ def main(argv: Optional[List[str]] = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--runs", default="runs/demo")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads for torch (default 1: these networks are tiny, and more threads only "
+                        "wait on each other, badly so on cores shared with other jobs)")
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     x, y = make_data()
     dims = [64, 128, 128, 128, 128, 10]

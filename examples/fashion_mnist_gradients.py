@@ -36,7 +36,7 @@ Outputs (``--out``, default the runs folder): ``results.json`` and
     python -m examples.fashion_mnist_gradients --data-dir DATA --threads 2
 
 Wall time on 2 CPU cores (torch 2.13, CPU): ``--quick`` 15-25 s; full mode 44 s measured
-for ``--data-dir /work/shared/data --threads 2`` (about 2-3 s of training per activation,
+for ``--data-dir ../shared/data --threads 2`` (about 2-3 s of training per activation,
 plus loading, six watched gradient passes and the figure). On cores shared with other
 jobs, ``--threads 1`` is the steadier choice: ``--quick`` measured 22 s with 1 thread
 and 69-97 s with 2 threads while another job was using the cores.
@@ -45,6 +45,11 @@ Results on the real data (full mode, seed 0) are in ``docs/results/fashion_mnist
 """
 
 from __future__ import annotations
+
+if not __package__:  # run as a file (python examples/fashion_mnist_gradients.py): import from the checkout
+    import os
+    import sys
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import math
 import time
@@ -61,8 +66,8 @@ from torch import nn
 
 from gradwatch import GradWatch
 
-from . import common
-from .datasets import DatasetError, load_fashion_mnist
+from examples import common
+from examples.datasets import load_fashion_mnist
 
 EXAMPLE = "fashion_mnist_gradients"
 DIMS = (784, 512, 256, 256, 128, 10)
@@ -256,6 +261,7 @@ def plot_histograms(mags: Dict[str, Dict[str, np.ndarray]], ratios: Dict[str, fl
 
 # ----------------------------------------------------------------------------- training
 def train(act: str, data: tuple, steps: int, seed: int, device: torch.device, log_dir, progress, task) -> dict:
+    """A brief watched training of a fresh MLP; test accuracy, findings and warnings."""
     xtr, ytr, xte, yte = data
     torch.manual_seed(seed)
     model = build_mlp(ACTIVATIONS[act]).to(device)
@@ -283,40 +289,16 @@ def train(act: str, data: tuple, steps: int, seed: int, device: torch.device, lo
 
 
 # ----------------------------------------------------------------------------- main
-def main(argv: Optional[List[str]] = None) -> dict:
-    p = common.parser(__doc__)
-    p.add_argument("--steps", type=int, default=None,
-                   help=f"training steps per activation (default: {EPOCHS} epoch; {QUICK_STEPS} with --quick)")
-    p.add_argument("--activations", default=",".join(ACTIVATIONS),
-                   help="comma-separated subset of " + ", ".join(ACTIVATIONS))
-    args = p.parse_args(argv)
-    acts = [a.strip() for a in args.activations.split(",") if a.strip()]
-    unknown = [a for a in acts if a not in ACTIVATIONS]
-    if unknown:
-        p.error(f"unknown activation(s) {unknown}; choose from {list(ACTIVATIONS)}")
-    t_start = time.perf_counter()
-    device, runs, out = common.setup(args, EXAMPLE)
-    console = common.console
-    try:
-        data = load(args)
-    except DatasetError as exc:
-        raise SystemExit(f"{EXAMPLE}: {exc}") from None
-    xtr, ytr, xte, yte = data
-    steps_per_epoch = len(xtr) // min(BATCH, len(xtr))
-    steps = args.steps if args.steps is not None else (QUICK_STEPS if args.quick else EPOCHS * steps_per_epoch)
-    bx, by = gradient_batch(xtr, ytr, args.seed)
-
-    # 1. one watched batch per activation
+def gradient_passes(run: common.Run, bx: torch.Tensor, by: torch.Tensor) -> tuple:
+    """One watched batch per activation: (results per activation, |dL/dW| per activation and layer)."""
     results: Dict[str, dict] = {}
     mags: Dict[str, Dict[str, np.ndarray]] = {}
     with common.progress() as progress:
-        task = progress.add_task("gradient pass", total=len(acts), status="")
-        for act in acts:
+        task = progress.add_task("gradient pass", total=len(run.variants), status="")
+        for act in run.variants:
             progress.update(task, status=act)
-            g = gradient_pass(act, bx, by, args.seed, log_dir=runs / act, device=device)
+            g = gradient_pass(act, bx, by, run.args.seed, log_dir=run.runs / act, device=run.device)
             mags[act] = grad_magnitudes(g["model"])
-            findings = common.findings_summary(g["watch"])
-            raised = sorted({w.category.__name__ for w in g["warnings"]})
             results[act] = {
                 "first_last_weight_grad_ratio": g["ratio"],
                 "weight_grad_norm": g["weight_grad_norm"],
@@ -324,20 +306,19 @@ def main(argv: Optional[List[str]] = None) -> dict:
                 "gradwatch_vs_torch_max_rel_diff": g["gradwatch_vs_torch_max_rel_diff"],
                 "weight_grad_magnitude": {n: magnitude_summary(m) for n, m in mags[act].items()},
                 "loss": g["loss"],
-                "findings": findings,
-                "warnings": raised,
+                "findings": common.findings_summary(g["watch"]),
+                "warnings": sorted({w.category.__name__ for w in g["warnings"]}),
                 "layers": {n: {k: v for k, v in ls.to_dict().items()
                                if k in ("type", "zero_fraction", "saturated_fraction", "saturation_method",
                                         "dead_fraction", "output_grad_norm", "grad_norm")}
                            for n, ls in g["watch"].report().layers.items()},
             }
             progress.advance(task)
+    return results, mags
 
-    fig = out / "gradient_histograms.png"
-    plot_histograms(mags, {a: r["first_last_weight_grad_ratio"] for a, r in results.items()},
-                    {a: r["warnings"] for a, r in results.items()}, fig)
 
-    table = Table(title=f"One batch of {len(bx)}: median |dL/dW| per layer", box=box.SIMPLE_HEAD, pad_edge=False)
+def gradient_table(results: Dict[str, dict], batch: int) -> Table:
+    table = Table(title=f"One batch of {batch}: median |dL/dW| per layer", box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("activation")
     table.add_column("fc1/fc5", justify="right")
     for name in linear_names(build_mlp(nn.Identity)):
@@ -345,44 +326,59 @@ def main(argv: Optional[List[str]] = None) -> dict:
     table.add_column("gradwatch")
     for act, r in results.items():
         med = [f"{s['median']:.0e}" for s in r["weight_grad_magnitude"].values()]
-        found = ", ".join(f"{f['kind']}@{f['layer']}" for f in r["findings"]) or "-"
+        found = ", ".join(common.finding_kinds(r["findings"])) or "-"
         table.add_row(act, f"{r['first_last_weight_grad_ratio']:.1e}", *med, found)
-    console.print(table)
+    return table
 
-    # 2. brief training per activation
-    with common.progress() as progress:
-        for act in acts:
-            task = progress.add_task(f"train {act}", total=steps, status="")
-            results[act]["training"] = train(act, data, steps, args.seed, device, runs / act / "train",
-                                             progress, task)
-    acc_table = Table(title=f"Test accuracy after {steps} steps (Adam lr {LR:g}, batch {min(BATCH, len(xtr))})",
-                      box=box.SIMPLE_HEAD, pad_edge=False)
+
+def training_table(results: Dict[str, dict], steps: int, batch: int) -> Table:
+    table = Table(title=f"Test accuracy after {steps} steps (Adam lr {LR:g}, batch {batch})",
+                  box=box.SIMPLE_HEAD, pad_edge=False)
     for col in ("activation", "test acc.", "train loss", "gradwatch while training", "seconds"):
-        acc_table.add_column(col, justify="left" if col in ("activation", "gradwatch while training") else "right")
+        table.add_column(col, justify="left" if col in ("activation", "gradwatch while training") else "right")
     for act, r in results.items():
         t = r["training"]
         found = ", ".join(sorted({f"{f['kind']}@{f['layer']}" for f in t["findings"]})) or "-"
-        acc_table.add_row(act, f"{t['test_accuracy']:.2%}", f"{t['final_loss']:.3f}", found,
-                          f"{t['train_seconds']:.1f}")
-    console.print(acc_table)
+        table.add_row(act, f"{t['test_accuracy']:.2%}", f"{t['final_loss']:.3f}", found, f"{t['train_seconds']:.1f}")
+    return table
 
-    payload = {
-        "example": EXAMPLE,
-        "mode": "quick" if args.quick else "full",
-        "setup": {"dims": list(DIMS), "init": "PyTorch default nn.Linear", "inputs": "x / 127.5 - 1 in [-1, 1]",
-                  "gradient_batch": len(bx), "optimizer": "Adam", "lr": LR, "batch_size": min(BATCH, len(xtr)),
-                  "train_steps": steps, "steps_per_epoch": steps_per_epoch, "train_watch_every": TRAIN_EVERY,
-                  "seed": args.seed, "device": str(device), "threads": torch.get_num_threads(),
-                  "train_size": len(xtr), "test_size": len(xte), "leakyrelu_alpha": 0.1, "elu_alpha": 1.0},
-        "ratio_definition": "L2 norm of fc1.weight's gradient / L2 norm of fc5.weight's gradient, one batch",
-        "activations": results,
-        "figures": [fig.name],
-        "wall_seconds": common.seconds(t_start),
-    }
-    common.write_results(out, payload)
-    console.print(f"results: {out / 'results.json'}, figure: {fig}   "
-                  f"TensorBoard: tensorboard --logdir {runs}   ({payload['wall_seconds']} s)")
-    return payload
+
+def main(argv: Optional[List[str]] = None) -> dict:
+    p = common.parser(__doc__, variants=ACTIVATIONS, merge=False)
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"training steps per activation (default: {EPOCHS} epoch; {QUICK_STEPS} with --quick)")
+    run = common.start(p, EXAMPLE, argv)
+    data = run.load(lambda: load(run.args))
+    xtr, ytr, xte, yte = data
+    batch = min(BATCH, len(xtr))
+    steps_per_epoch = len(xtr) // batch
+    run.steps = run.args.steps if run.args.steps is not None else (
+        QUICK_STEPS if run.quick else EPOCHS * steps_per_epoch)
+    bx, by = gradient_batch(xtr, ytr, run.args.seed)
+
+    # 1. one watched batch per activation
+    results, mags = gradient_passes(run, bx, by)
+    fig = run.out / "gradient_histograms.png"
+    plot_histograms(mags, {a: r["first_last_weight_grad_ratio"] for a, r in results.items()},
+                    {a: r["warnings"] for a, r in results.items()}, fig)
+    common.console.print(gradient_table(results, len(bx)))
+
+    # 2. brief training per activation
+    trained = run.train(lambda act, bar, task: train(act, data, run.steps, run.args.seed, run.device,
+                                                     run.runs / act / "train", bar, task))
+    for act, t in trained.items():
+        results[act]["training"] = t
+    common.console.print(training_table(results, run.steps, batch))
+
+    setup = {"dims": list(DIMS), "init": "PyTorch default nn.Linear", "inputs": "x / 127.5 - 1 in [-1, 1]",
+             "gradient_batch": len(bx), "optimizer": "Adam", "lr": LR, "batch_size": batch,
+             "train_steps": run.steps, "steps_per_epoch": steps_per_epoch, "train_watch_every": TRAIN_EVERY,
+             **run.environment(), "train_size": len(xtr), "test_size": len(xte), "leakyrelu_alpha": 0.1,
+             "elu_alpha": 1.0}
+    return run.finish({"setup": setup,
+                       "ratio_definition": "L2 norm of fc1.weight's gradient / L2 norm of fc5.weight's gradient, "
+                                           "one batch",
+                       "activations": results}, [fig])
 
 
 if __name__ == "__main__":

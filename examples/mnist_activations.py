@@ -23,9 +23,9 @@ Setup (every hyper-parameter):
   truncated normal with std 0.1 (cut at +-2 std), biases 0.1; the same seed, hence
   the same weights, for every activation. ``--init torch`` keeps PyTorch's defaults.
 - training: cross-entropy, Adam (lr 1e-4, betas 0.9/0.999, eps 1e-8), batch 50,
-  reshuffled every epoch (seeded). Full mode: 4,000 steps per activation
-  (200,000 images, 3.3 epochs; the original ran 12k-20k steps, see below);
-  ``--quick``: 200 steps. ``--steps N`` overrides both.
+  reshuffled every epoch (seeded). Full mode: 20,000 steps per activation, the
+  original's schedule (1,000,000 images, 16.7 epochs); ``--quick``: 200 steps.
+  ``--steps N`` overrides both.
 - evaluation: test accuracy and cross-entropy on the first 2,000 test images every
   250 steps (50 with ``--quick``) for the curves; the reported accuracy is on the
   whole test set (10,000; 2,000 with ``--quick``) after the last step.
@@ -34,26 +34,31 @@ Setup (every hyper-parameter):
   every 100); default thresholds. The same writer gets ``loss/train_cross_entropy``
   (every 10 steps), ``eval/test_accuracy`` and ``eval/test_cross_entropy``.
 
-Deviations from the original: fewer steps (4,000 instead of 12k-20k: this run and the
-CIFAR-10 one together had to fit in an hour on 2 CPU cores), PyTorch instead of TensorFlow
-(LeakyReLU's slope is PyTorch's default 0.01 -- the original's is not stated), and
-the accuracy is of one seed.
+Deviations from the original: PyTorch instead of TensorFlow (LeakyReLU's slope is
+PyTorch's default 0.01 -- the original's is not stated), and the accuracy is of one seed.
 
 Outputs (``--out``, default the runs folder): ``results.json`` and ``test_curves.png``.
 
-    python -m examples.mnist_activations --quick --data-dir /work/shared/data   # ~1 min on 2 CPU cores
-    OMP_WAIT_POLICY=PASSIVE python -m examples.mnist_activations --data-dir /work/shared/data --threads 2
-                        # full: 5 x 4,000 steps, 15 min on 2 shared CPU cores (35-55 ms/step)
+    python -m examples.mnist_activations --quick --data-dir ../shared/data   # ~1 min on 2 CPU cores
+    python -m examples.mnist_activations --data-dir ../shared/data           # full: 5 x 20,000 steps
+    OMP_WAIT_POLICY=PASSIVE python -m examples.mnist_activations --data-dir ../shared/data --threads 2 --steps 4000
+                        # 5 x 4,000 steps: 15 min on 2 shared CPU cores (35-55 ms/step)
 
 (On a CPU shared with other jobs, ``OMP_WAIT_POLICY=PASSIVE`` keeps ``--threads 2`` from
-spinning: with one other busy process we measured 5x slower steps without it.)
+spinning: with one other busy process we measured 5x slower steps without it.) The five
+activations can also run side by side, one process each, and be combined afterwards with
+``--merge`` (see ``examples/common.py``): on one H100 GPU the five full runs side by side
+took 134 s (6 ms/step each). ``docs/reproduction.md`` has the commands and the results.
 """
 
 from __future__ import annotations
 
+if not __package__:  # run as a file (python examples/mnist_activations.py): import from the checkout, not examples/
+    import os
+    import sys
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 import math
-import os
-import sys
 import time
 from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple, Type
@@ -67,8 +72,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 from gradwatch import GradWatch
 
-from . import common
-from .datasets import DatasetError, load_mnist
+from examples import common
+from examples.datasets import load_mnist
 
 EXAMPLE = "mnist_activations"
 ACTIVATIONS: Dict[str, Type[nn.Module]] = OrderedDict(
@@ -81,7 +86,7 @@ BATCH = 50
 DROPOUT = 0.5
 INIT_STD = 0.1
 INIT_BIAS = 0.1
-FULL_STEPS = 4000
+FULL_STEPS = 20_000  # the original's schedule
 QUICK_STEPS = 200
 QUICK_TRAIN = 10_000
 QUICK_TEST = 2_000
@@ -147,20 +152,15 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return correct / x.shape[0], loss / x.shape[0]
 
 
-def finding_kinds(findings: List[dict]) -> List[str]:
-    """``kind@layer`` of every finding, first occurrence order."""
-    return list(OrderedDict.fromkeys(f"{f['kind']}@{f['layer']}" for f in findings))
-
-
 # ----------------------------------------------------------------------------- training
-def train(act: str, data: tuple, steps: int, mode: str, args, device: torch.device, log_dir,
-          progress, task) -> dict:
+def train(act: str, data: tuple, run: common.Run, progress, task) -> dict:
     xtr, ytr, xte, yte = data
+    args, steps, mode = run.args, run.steps, run.mode
     torch.manual_seed(args.seed)  # the same initial weights and dropout masks for every activation
     model = build_cnn(ACTIVATIONS[act])
     if args.init == "tf":
         init_tf_(model)
-    model.to(device)
+    model.to(run.device)
     opt = torch.optim.Adam(model.parameters(), lr=LR)
     batch = min(BATCH, len(xtr))
     gen = torch.Generator().manual_seed(args.seed)  # the same batches for every activation
@@ -169,7 +169,7 @@ def train(act: str, data: tuple, steps: int, mode: str, args, device: torch.devi
     grads = common.GradNormLog(weighted_layers(model))
     losses: List[float] = []
     curve: Dict[str, list] = {"step": [], "test_accuracy": [], "test_loss": [], "train_loss": []}
-    writer = SummaryWriter(log_dir=str(log_dir))
+    writer = SummaryWriter(log_dir=str(run.runs / act))
     t0 = time.perf_counter()
     try:
         acc0, loss0 = evaluate(model, x_curve, y_curve)  # step 0: the untrained network
@@ -224,7 +224,7 @@ def train(act: str, data: tuple, steps: int, mode: str, args, device: torch.devi
                        if k in ("type", "zero_fraction", "saturated_fraction", "dead_fraction", "grad_norm")}
                    for n, ls in report.layers.items()},
         "findings": findings,
-        "finding_kinds": finding_kinds(findings),
+        "finding_kinds": common.finding_kinds(findings),
         "_report": report,
     }
 
@@ -293,81 +293,49 @@ def results_table(results: Dict[str, dict], steps: int, test_size: int) -> Table
 
 
 # ----------------------------------------------------------------------------- main
-def parse_activations(p, text: str) -> List[str]:
-    acts = [a.strip().lower() for a in text.split(",") if a.strip()]
-    unknown = [a for a in acts if a not in ACTIVATIONS]
-    if unknown or not acts:
-        p.error(f"unknown activation(s) {unknown}; choose from {list(ACTIVATIONS)}")
-    return acts
+def describe(run: common.Run, n_train: int, n_test: int) -> dict:
+    """Every hyper-parameter of this run, for results.json."""
+    mode = run.mode
+    return {"model": "conv5x5x32(pad2)-act-maxpool2-conv5x5x64(pad2)-act-maxpool2-fc1024-act-dropout0.5-fc10",
+            "init": ("truncated normal std 0.1 (+-2 std), bias 0.1" if run.args.init == "tf" else "PyTorch default"),
+            "inputs": "x / 255 in [0, 1]", "optimizer": "Adam", "lr": LR, "betas": [0.9, 0.999],
+            "eps": 1e-8, "batch_size": min(BATCH, n_train), "dropout": DROPOUT, "steps": run.steps,
+            "eval_every": run.args.eval_every or EVAL_EVERY[mode], "curve_test_images": min(CURVE_TEST, n_test),
+            "leakyrelu_negative_slope": 0.01, "elu_alpha": 1.0,
+            "gradwatch": {"every": WATCH_EVERY[mode], "histogram_every": HIST_EVERY[mode], "thresholds": "defaults"},
+            **run.environment(), "train_size": n_train, "test_size": n_test}
 
 
 def main(argv: Optional[List[str]] = None) -> dict:
-    p = common.parser(__doc__)
-    p.add_argument("--steps", type=int, default=None,
-                   help=f"training steps per activation (default {FULL_STEPS}; {QUICK_STEPS} with --quick)")
-    p.add_argument("--activations", default=",".join(ACTIVATIONS),
-                   help="comma-separated subset of " + ", ".join(ACTIVATIONS))
+    p = common.parser(__doc__, variants=ACTIVATIONS, steps=(FULL_STEPS, QUICK_STEPS))
     p.add_argument("--eval-every", type=int, default=None,
                    help=f"steps between test evaluations for the curves (default {EVAL_EVERY['full']}; "
                         f"{EVAL_EVERY['quick']} with --quick)")
     p.add_argument("--init", choices=("tf", "torch"), default="tf",
                    help="tf: the tutorial's truncated-normal(0.1) weights and 0.1 biases (default); "
                         "torch: PyTorch's default initialisation")
-    args = p.parse_args(argv)
-    acts = parse_activations(p, args.activations)
-    mode = "quick" if args.quick else "full"
-    steps = args.steps if args.steps is not None else (QUICK_STEPS if args.quick else FULL_STEPS)
-    if steps < 1:
-        p.error("--steps must be at least 1")
-    t_start = time.perf_counter()
-    device, runs, out = common.setup(args, EXAMPLE)
-    console = common.console
-    try:
-        xtr, ytr, xte, yte = load(args, args.quick)
-    except DatasetError as exc:
-        raise SystemExit(f"{EXAMPLE}: {exc}") from None
-    data = tuple(t.to(device) for t in (xtr, ytr, xte, yte))
-    console.print(f"[bold]{EXAMPLE}[/]: {len(xtr):,} train / {len(xte):,} test images, {steps:,} steps per "
-                  f"activation, device {device}, {torch.get_num_threads()} threads")
-
-    results = common.run_variants(acts, steps, lambda act, bar, task: train(
-        act, data, steps, mode, args, device, runs / act, bar, task))
+    run = common.start(p, EXAMPLE, argv)
+    parts = None
+    if run.merging:
+        results, setup, parts = run.merged()
+    else:
+        xtr, ytr, xte, yte = run.load(lambda: load(run.args, run.quick))
+        data = tuple(t.to(run.device) for t in (xtr, ytr, xte, yte))
+        setup = describe(run, len(xtr), len(xte))
+        common.console.print(f"[bold]{EXAMPLE}[/]: {len(xtr):,} train / {len(xte):,} test images, {run.steps:,} "
+                             f"steps per activation, device {setup['device']}, {setup['threads']} threads")
+        results = run.train(lambda act, bar, task: train(act, data, run, bar, task))
 
     checks = acceptance(results)
-    console.print(results_table(results, steps, len(xte)))
+    common.console.print(results_table(results, run.steps, setup["test_size"]))
     verdict = "[green]holds[/]" if checks["all"] else "[red]does not hold[/]"
-    console.print(f"acceptance (±{TOLERANCE} of published, sigmoid lowest): {verdict}  "
-                  + ", ".join(f"{k}={v}" for k, v in checks.items() if k != "all"))
-
-    fig = out / "test_curves.png"
-    plot_curves(results, fig, steps, mode)
-    payload = {
-        "example": EXAMPLE,
-        "mode": mode,
-        "command": "python -m examples.mnist_activations " + " ".join(sys.argv[1:] if argv is None else argv),
-        "setup": {"model": "conv5x5x32(pad2)-act-maxpool2-conv5x5x64(pad2)-act-maxpool2-fc1024-act-dropout0.5-fc10",
-                  "init": ("truncated normal std 0.1 (+-2 std), bias 0.1" if args.init == "tf"
-                           else "PyTorch default"),
-                  "inputs": "x / 255 in [0, 1]", "optimizer": "Adam", "lr": LR, "betas": [0.9, 0.999],
-                  "eps": 1e-8, "batch_size": min(BATCH, len(xtr)), "dropout": DROPOUT, "steps": steps,
-                  "eval_every": args.eval_every or EVAL_EVERY[mode], "curve_test_images": min(CURVE_TEST, len(xte)),
-                  "leakyrelu_negative_slope": 0.01, "elu_alpha": 1.0,
-                  "gradwatch": {"every": WATCH_EVERY[mode], "histogram_every": HIST_EVERY[mode],
-                                "thresholds": "defaults"},
-                  "seed": args.seed, "device": str(device), "threads": torch.get_num_threads(),
-                  "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-                  "train_size": len(xtr), "test_size": len(xte)},
-        "published": {a: PUBLISHED[a] for a in acts},
-        "published_steps": "12k-20k",
-        "acceptance": checks,
-        "activations": results,
-        "figures": [fig.name],
-        "wall_seconds": common.seconds(t_start),
-    }
-    common.write_results(out, payload)
-    console.print(f"results: {out / 'results.json'}, figure: {fig}   TensorBoard: tensorboard --logdir {runs}   "
-                  f"({payload['wall_seconds']} s)")
-    return payload
+    common.console.print(f"acceptance (±{TOLERANCE} of published, sigmoid lowest): {verdict}  "
+                         + ", ".join(f"{k}={v}" for k, v in checks.items() if k != "all"))
+    fig = run.out / "test_curves.png"
+    plot_curves(results, fig, run.steps, run.mode)
+    return run.finish({"setup": setup, "published": {a: PUBLISHED[a] for a in results},
+                       "published_steps": "12k-20k", "acceptance": checks, "activations": results},
+                      [fig], parts)
 
 
 if __name__ == "__main__":
