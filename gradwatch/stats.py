@@ -144,8 +144,9 @@ def unit_dim(ndim: int) -> Optional[int]:
     return 2 if ndim == 3 else 1
 
 
-def active_units(y: Tensor) -> Optional[Tensor]:
+def active_units(y: Tensor, nonnegative: bool = False) -> Optional[Tensor]:
     """Per unit (see :func:`unit_dim`): did any element of this unit differ from zero?
+    ``nonnegative``: the output cannot be negative (a rectifier), so one reduction suffices.
 
     >>> active_units(torch.tensor([[0.0, 1.0, 0.0], [0.0, 2.0, -3.0]])).tolist()
     [False, True, True]
@@ -156,6 +157,8 @@ def active_units(y: Tensor) -> Optional[Tensor]:
     x = y.detach()
     dims = tuple(i for i in range(x.dim()) if i != d)
     # amax/amin are fast and allocation-free; count_nonzero over dims is ~10x slower on CPU.
+    if nonnegative:
+        return x.amax(dim=dims) > 0
     return (x.amax(dim=dims) > 0) | (x.amin(dim=dims) < 0)
 
 
@@ -172,7 +175,10 @@ def strided_sample(t: Tensor, max_elements: int) -> Tensor:
     """
     flat = t.detach().reshape(-1)
     stride = _stride(flat.numel(), t.shape[-1] if t.dim() else 1, max_elements)
-    return flat if stride == 1 else flat[::stride]
+    # One copy into contiguous memory: every later pass over the sample is then several
+    # times faster than over a strided view (measured on CPU: a sum of 32k strided elements
+    # cost more than a sum of 131k contiguous ones).
+    return flat if stride == 1 else flat[::stride].contiguous()
 
 
 def _stride(n: int, last: int, max_elements: int) -> int:
@@ -196,29 +202,29 @@ def sample_size(t: Tensor, max_elements: int) -> int:
 
 
 def histogram(t: Tensor, bins: int, max_elements: int = 1 << 16) -> Tensor:
-    """Histogram of the finite values of (a strided sample of) ``t``, computed on its device.
+    """Histogram of (a strided sample of) ``t``, computed on its device in a fixed number of
+    kernels (about fifteen, whatever the size) and no host synchronisation.
 
     Returns float64 ``[min, max, num, sum, sum_squares, count_0, ..., count_{bins-1}]``
     over equal-width bins spanning [min, max] -- the fields TensorBoard's
-    ``add_histogram_raw`` takes. Non-finite values are left out.
+    ``add_histogram_raw`` takes. NaN/Inf values are left out.
 
     >>> histogram(torch.tensor([0.0, 1.0, 1.0, 4.0]), bins=4).tolist()
     [0.0, 4.0, 4.0, 6.0, 18.0, 1.0, 2.0, 0.0, 1.0]
     """
-    x = as_float(strided_sample(t, max_elements))
-    finite = torch.isfinite(x)
-    inf = x.new_full((), math.inf)  # made on the device: no host-to-device copy, no synchronisation
-    mn = torch.where(finite, x, inf).amin() if x.numel() else x.new_zeros(())
-    mx = torch.where(finite, x, -inf).amax() if x.numel() else x.new_zeros(())
-    width = (mx - mn).clamp_min(torch.finfo(x.dtype).tiny)
-    # Index arithmetic stays on the device; scatter into a fixed-size buffer (no host sync,
-    # unlike bincount on CUDA, which must read the largest index to size its output).
-    idx = ((x - mn) * (bins / width)).nan_to_num(0.0, 0.0, 0.0).long().clamp_(0, bins - 1)
-    counts = torch.zeros(bins, dtype=torch.float64, device=x.device)
-    counts.index_add_(0, idx, finite.double())
-    xf = torch.where(finite, x, torch.zeros_like(x)).double()
-    head = torch.stack([mn.double(), mx.double(), finite.sum().double(), xf.sum(), (xf * xf).sum()])
-    return torch.cat([head, counts])
+    x = as_float(strided_sample(t, max_elements)).reshape(-1)
+    if x.numel() == 0:
+        return torch.zeros(5 + bins, dtype=torch.float64, device=x.device)
+    bad = ~torch.isfinite(x)
+    weight = (~bad).to(x.dtype)
+    xz = x.masked_fill(bad, 0.0)
+    mn, mx = x.masked_fill(bad, math.inf).amin(), x.masked_fill(bad, -math.inf).amax()
+    scale = bins / (mx - mn).clamp_min(torch.finfo(x.dtype).tiny)
+    # Scatter into a fixed-size buffer: bincount on CUDA must read the largest index (a sync).
+    idx = ((xz - mn) * scale).long().clamp_(0, bins - 1)
+    counts = torch.zeros(bins, dtype=x.dtype, device=x.device).index_add_(0, idx, weight)
+    head = torch.stack([mn, mx, weight.sum(), xz.sum(), torch.dot(xz, xz)])
+    return torch.cat([head, counts]).double()
 
 
 def grad_summaries(grads: Sequence[Tensor], weights: Sequence[Tensor]) -> Tensor:

@@ -81,7 +81,7 @@ class SiteBuffer:
         if histograms and self.histogram is None:
             self.histogram = stats.histogram(first, how.bins, how.samples)
         if spec.tracks_dead_units and len(tensors) == 1:
-            alive = stats.active_units(first)
+            alive = stats.active_units(first, nonnegative=spec.kind is ActivationKind.RECTIFIER)
             if alive is not None:
                 if self.alive is None:
                     self.alive = alive

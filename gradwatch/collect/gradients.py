@@ -61,13 +61,19 @@ class GradientReader:
         self._snapshot: Optional[List[Any]] = None
         self._key: List[Tuple[int, bool]] = []  # (id, requires_grad) of every parameter, at the last look-up
         self._params: List[Tuple[str, str, nn.Parameter]] = []
+        self._assigned = False  # some watched parameter is sharded (FSDP)
 
     def params(self) -> List[Tuple[str, str, nn.Parameter]]:
         """(name, owning layer, parameter) of the watched parameters that train, as they are now:
         looked up again whenever a parameter was replaced, added, frozen or unfrozen."""
+        # Checked at every read, not once per step: FSDP swaps sharded and unsharded parameters
+        # around each forward and backward.
         key = [(id(p), p.requires_grad) for p in self.model.parameters()]
         if key != self._key:
             self._key, self._params = key, select_parameters(self.model, self.include, self.exclude)
+            # Sharded parameters get their gradients assigned, not accumulated: only for them
+            # must a backward pass compare gradient versions to know whether it wrote one.
+            self._assigned = any(type(p).__name__ == "DTensor" for _, _, p in self._params)
         return self._params
 
     # ------------------------------------------------------------------ triggers
@@ -98,7 +104,8 @@ class GradientReader:
 
     def _backward_started(self, grad: Tensor) -> None:
         if not self._queued:
-            self._snapshot = [_version(p.grad) for _, _, p in self.params()]
+            if self._assigned:
+                self._snapshot = [_version(p.grad) for _, _, p in self.params()]
             self._queue()
 
     def _accumulated(self, param: Tensor) -> None:
