@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import random
 import statistics
 import time
 import warnings
-from typing import Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -72,42 +73,60 @@ VARIANTS: Dict[str, Callable[[nn.Module], object]] = {
 }
 
 
+def _attach(attach: Callable[..., Any], model: nn.Module, opt: torch.optim.Optimizer) -> Any:
+    """A variant is built from the model, or from the model and its optimizer (peers such as torchmortem need it)."""
+    try:
+        takes_optimizer = len(inspect.signature(attach).parameters) >= 2
+    except (TypeError, ValueError):
+        takes_optimizer = False
+    return attach(model, opt) if takes_optimizer else attach(model)
+
+
 def bench(name: str, make: Callable[[], nn.Module], batch: torch.Tensor, target: torch.Tensor,
-          rounds: int, block: int) -> Dict[str, float]:
+          rounds: int, block: int, variants: Optional[Dict[str, Callable[..., Any]]] = None,
+          detail: Optional[Dict[str, Any]] = None) -> Dict[str, float]:
+    """Median ratios over ``rounds``. ``variants`` (default ``VARIANTS``; must hold "unwatched") map a name to a
+    factory of ``model`` or ``(model, optimizer)``; the object it returns is ``detach()``-ed at the end, and its
+    ``after_step(loss)``, if it has one, is called after every optimizer step (tools that need a call per step).
+    ``detail``, if given, receives the median ms/step per variant and each variant's per-round ratios."""
+    variants = VARIANTS if variants is None else variants
     torch.manual_seed(0)
     base = make()
     runs = {}
-    for variant, attach in VARIANTS.items():
+    for variant, attach in variants.items():
         model = copy.deepcopy(base)
         opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-        runs[variant] = (model, opt, attach(model))
+        handle = _attach(attach, model, opt)
+        runs[variant] = (model, opt, getattr(handle, "after_step", None), handle)
 
-    def run_block(model: nn.Module, opt: torch.optim.Optimizer) -> float:
+    def run_block(model: nn.Module, opt: torch.optim.Optimizer, after: Optional[Callable[[Any], None]]) -> float:
         t0 = time.perf_counter()
         for _ in range(block):
             loss = F.cross_entropy(model(batch), target)
             opt.zero_grad()
             loss.backward()
             opt.step()
+            if after is not None:
+                after(loss)
         return time.perf_counter() - t0
 
-    for model, opt, _ in runs.values():  # warm-up; the automatic interval settles meanwhile
+    for model, opt, after, _ in runs.values():  # warm-up; the automatic interval settles meanwhile
         t0, done = time.perf_counter(), 0
         while done < 400 and time.perf_counter() - t0 < 5.0:
-            run_block(model, opt)
+            run_block(model, opt, after)
             done += block
-    ratios: Dict[str, List[float]] = {v: [] for v in VARIANTS if v != "unwatched"}
-    per_step: Dict[str, List[float]] = {v: [] for v in VARIANTS}
-    order = list(VARIANTS)
+    ratios: Dict[str, List[float]] = {v: [] for v in variants if v != "unwatched"}
+    per_step: Dict[str, List[float]] = {v: [] for v in variants}
+    order = list(variants)
     rng = random.Random(0)
     for _ in range(rounds):
         rng.shuffle(order)
-        times = {v: run_block(*runs[v][:2]) for v in order}
-        for v in VARIANTS:
+        times = {v: run_block(*runs[v][:3]) for v in order}
+        for v in variants:
             per_step[v].append(times[v] / block)
         for v in ratios:
             ratios[v].append(times[v] / times["unwatched"])
-    for _, _, handle in runs.values():
+    for _, _, _, handle in runs.values():
         if handle is not None:
             handle.detach()
     result = {v: statistics.median(r) for v, r in ratios.items()}
@@ -115,6 +134,9 @@ def bench(name: str, make: Callable[[], nn.Module], batch: torch.Tensor, target:
           f"{rounds} rounds x {block} steps per variant")
     for v, r in result.items():
         print(f"  {v:34s} {r:.3f}x  (rounds: min {min(ratios[v]):.3f}, max {max(ratios[v]):.3f})")
+    if detail is not None:
+        detail["ms_per_step"] = {v: statistics.median(t) * 1e3 for v, t in per_step.items()}
+        detail["ratios"] = ratios
     return result
 
 
