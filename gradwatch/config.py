@@ -60,7 +60,8 @@ class Thresholds:
         jump_factor: warn when the global gradient norm grows by this factor over the
             median of the last few logged steps.
         blowup_growth: warn of a learning-rate blow-up when the norm of the weights grows
-            by this factor within ``blowup_steps`` steps (healthy runs: below ~1.6).
+            by this factor within ``blowup_steps`` steps (healthy runs, even at a high learning
+            rate: up to ~1.3; SGD at 10x too high a rate: 3-5).
         blowup_steps: the span of steps ``blowup_growth`` is measured over.
         flow_window: vanishing and exploding gradients must hold on this many measured
             steps in a row before they are reported (a run with fewer measured steps is
@@ -75,7 +76,7 @@ class Thresholds:
     exploding_norm: float = 1e3
     jump_factor: float = 1e2
     blowup_growth: float = 2.0
-    blowup_steps: int = 20
+    blowup_steps: int = 5
     flow_window: int = 3
 
     def __post_init__(self) -> None:

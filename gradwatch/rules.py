@@ -25,6 +25,9 @@ from .report import Finding, FindingKind, StepStats
 _GLOBAL = {"depth", "size", "jump", "updates"}
 _PERSISTENT = {"depth", "size", "jump"}  # must hold on `flow_window` measured steps in a row
 _FOLLOW_ONS = {FindingKind.DEAD_UNITS, FindingKind.SATURATION, FindingKind.VANISHING}
+SCALER_BACKOFF_STEPS = 32
+"""Steps a GradScaler needs to back off from any usual scale (each skipped step halves it:
+32 steps take 2**16 down to 2**-16); non-finite gradients alone that last longer are real."""
 
 
 # ---------------------------------------------------------------- what the model is made of
@@ -269,14 +272,16 @@ def gradient_size(stats: StepStats, thresholds: Thresholds, history: Sequence[fl
     if total is None or not math.isfinite(total):
         return []
     layers = [w for w in weighted_layers(stats) if math.isfinite(w.rms)]
-    largest = max(layers, key=lambda w: w.rms).name if layers else ""
+    top = max((w.rms for w in layers), default=0.0)
+    # Named: the first layer, in forward order, whose gradient per weight is near the largest.
+    largest = next((w.name for w in layers if w.rms >= 0.1 * top), "")
     what = "applied gradient" if applied is not None else "gradient"
     advice = ("Clip gradients (torch.nn.utils.clip_grad_norm_) or lower the learning rate; with a GradScaler "
               "pass it as GradWatch(..., scaler=scaler) so that gradients are read unscaled.")
     if total > thresholds.exploding_norm:
         return [Finding(FindingKind.EXPLODING, largest, stats.step, total, thresholds.exploding_norm,
-                        f"Global {what} norm is {total:.3g} (bound {thresholds.exploding_norm:.3g}); the largest "
-                        f"per weight is in {largest}.", advice, "size")]
+                        f"Global {what} norm is {total:.3g} (bound {thresholds.exploding_norm:.3g}); from {largest} "
+                        f"on the gradient per weight is within 10x of its largest.", advice, "size")]
     recent = [h for h in history if math.isfinite(h) and h > 0]
     if recent:
         base = statistics.median(recent)
@@ -345,15 +350,21 @@ class Judge:
       LoRA's B, a zero-initialised residual branch) are left out of the gradient-flow
       comparison;
     * non-finite gradients alone (the forward and the weights are finite) are what a loss
-      scaler skips and recovers from: reported once they persist, or reach the weights;
+      scaler skips and recovers from: reported once they outlast its back-off
+      (:data:`SCALER_BACKOFF_STEPS`), or reach the weights;
     * a root cause -- non-finite values, a learning-rate blow-up -- is reported once, and
       dead units, saturation and vanishing gradients that only follow from it are not;
-    * each condition is reported once while it lasts; ``note`` hears when one clears.
+    * each condition is reported once while it lasts; ``note`` hears when one clears;
+    * a global gradient norm over the bound counts when it is the gradient the optimizer
+      applied, or ``unscaled()`` says no loss scaler multiplied it (no half-precision outputs,
+      or the scaler was given), or else once the weights grow with it.
     """
 
     def __init__(self, thresholds: Thresholds, dead_window: int,
-                 note: Callable[[str], None] = lambda text: None) -> None:
+                 note: Callable[[str], None] = lambda text: None,
+                 unscaled: Callable[[], object] = lambda: True) -> None:
         self.thresholds = thresholds
+        self.unscaled = unscaled  # whether gradients at the end of backward are known to be unscaled
         self.dead_window = dead_window
         self.history: Deque[float] = deque(maxlen=5)
         self.note = note
@@ -361,6 +372,7 @@ class Judge:
         self._seen: Set[str] = set()
         self._measured = 0
         self._streak: Dict[Tuple[FindingKind, str], int] = {}
+        self._streak_weights: Dict[Tuple[FindingKind, str], float] = {}  # weight norm when a streak began
         self._active: Dict[Tuple[FindingKind, str], Finding] = {}
         self._weights: Deque[Tuple[int, Dict[str, float]]] = deque()
         self._unapplied: Optional[Finding] = None  # non-finite gradients alone, first seen
@@ -384,7 +396,7 @@ class Judge:
         total = stats.total_applied_grad_norm or stats.total_grad_norm
         if total is not None and not size:  # a sustained explosion must not become the new normal
             self.history.append(total)
-        return self._debounce(stats.step, self._persisting(conditions, final))
+        return self._debounce(stats.step, self._persisting(conditions, final, stats))
 
     def _learning_rate(self, stats: StepStats) -> List[Finding]:
         now = (stats.step, weight_norms(stats, self.zero_init))
@@ -422,10 +434,11 @@ class Judge:
             return rest
         if f.condition == "backward":
             # Gradients alone, the forward and the weights finite: a GradScaler skips such a step
-            # and backs off. Only if it recurs is it a finding.
+            # and halves its scale. Only what outlasts its whole back-off is a finding.
             self._unapplied = self._unapplied or f
             self._unapplied_streak += 1
-            if self._unapplied_streak < self.thresholds.flow_window:
+            if (self._unapplied_streak < self.thresholds.flow_window
+                    or stats.step - self._unapplied.step < SCALER_BACKOFF_STEPS):
                 return rest
             f = self._unapplied
         elif self._unapplied is not None:
@@ -434,7 +447,9 @@ class Judge:
         self._root = f
         return [f] + rest
 
-    def _persisting(self, conditions: List[Finding], final: bool) -> List[Finding]:
+    def _persisting(self, conditions: List[Finding], final: bool, stats: StepStats) -> List[Finding]:
+        applied = stats.total_applied_grad_norm
+        weights = math.sqrt(sum(w * w for w in weight_norms(stats, self.zero_init).values()))
         out = []
         holding = set()
         for c in conditions:
@@ -444,10 +459,16 @@ class Judge:
             key = finding_key(c)
             holding.add(key)
             n = self._streak[key] = self._streak.get(key, 0) + 1
+            start = self._streak_weights.setdefault(key, weights)
+            if c.condition == "size" and applied is None and not self.unscaled() and not weights >= 1.1 * start:
+                # Only the gradient at the end of backward is known: under a GradScaler it is the
+                # scaled one. Large gradients count once the weights move with them.
+                continue
             if n >= self.thresholds.flow_window or (final and n == self._measured) or key in self._active:
                 out.append(c)
         for key in [k for k in self._streak if k not in holding]:
             del self._streak[key]
+            self._streak_weights.pop(key, None)
         return out
 
     def _debounce(self, step: int, findings: List[Finding]) -> List[Finding]:

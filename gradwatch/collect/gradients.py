@@ -62,6 +62,7 @@ class GradientReader:
         self.current = current
         self.handles: List[RemovableHandle] = []
         self.scaler: Any = None  # a torch.amp.GradScaler: gradients at the end of backward are scaled
+        self.half_precision = False  # the model has returned float16/bfloat16 outputs
         self._queued = False  # a read is queued for the end of the running backward pass
         self._wrote = False  # a parameter's .grad was accumulated in this pass
         self._snapshot: Optional[List[Any]] = None
@@ -91,6 +92,8 @@ class GradientReader:
         for t in iter_tensors(output):
             if isinstance(t, Tensor) and t.requires_grad:
                 t.register_hook(self._backward_started)
+                # Half-precision outputs (autocast, .half()): the loss may be scaled by a GradScaler.
+                self.half_precision |= t.dtype in (torch.float16, torch.bfloat16)
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
         return optimizer.register_step_pre_hook(
