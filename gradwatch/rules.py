@@ -273,15 +273,23 @@ def gradient_size(stats: StepStats, thresholds: Thresholds, history: Sequence[fl
         return []
     layers = [w for w in weighted_layers(stats) if math.isfinite(w.rms)]
     top = max((w.rms for w in layers), default=0.0)
-    # Named: the first layer, in forward order, whose gradient per weight is near the largest.
-    largest = next((w.name for w in layers if w.rms >= 0.1 * top), "")
+    # Named: where the forward activations leave unit scale, when the gradient is largest at the
+    # output end (it grows with the activations feeding it); else the first layer, in forward
+    # order, whose gradient per weight is near the largest.
+    grown = [w.name for w in layers if w.name in stats.layers and stats.layers[w.name].std > 10]
+    if layers and layers[-1].rms == top and grown:
+        largest = grown[0]
+        where = f"the activations exceed unit scale from {largest} on (output std {stats.layers[largest].std:.3g})"
+    else:
+        largest = next((w.name for w in layers if w.rms >= 0.1 * top), "")
+        where = f"from {largest} on the gradient per weight is within 10x of its largest"
     what = "applied gradient" if applied is not None else "gradient"
     advice = ("Clip gradients (torch.nn.utils.clip_grad_norm_) or lower the learning rate; with a GradScaler "
               "pass it as GradWatch(..., scaler=scaler) so that gradients are read unscaled.")
     if total > thresholds.exploding_norm:
         return [Finding(FindingKind.EXPLODING, largest, stats.step, total, thresholds.exploding_norm,
-                        f"Global {what} norm is {total:.3g} (bound {thresholds.exploding_norm:.3g}); from {largest} "
-                        f"on the gradient per weight is within 10x of its largest.", advice, "size")]
+                        f"Global {what} norm is {total:.3g} (bound {thresholds.exploding_norm:.3g}); {where}.",
+                        advice, "size")]
     recent = [h for h in history if math.isfinite(h) and h > 0]
     if recent:
         base = statistics.median(recent)
@@ -357,7 +365,7 @@ class Judge:
     * each condition is reported once while it lasts; ``note`` hears when one clears;
     * a global gradient norm over the bound counts when it is the gradient the optimizer
       applied, or ``unscaled()`` says no loss scaler multiplied it (no half-precision outputs,
-      or the scaler was given), or else once the weights grow with it.
+      or the scaler was given); otherwise only the blow-up rule judges sizes, by the updates.
     """
 
     def __init__(self, thresholds: Thresholds, dead_window: int,
@@ -372,7 +380,6 @@ class Judge:
         self._seen: Set[str] = set()
         self._measured = 0
         self._streak: Dict[Tuple[FindingKind, str], int] = {}
-        self._streak_weights: Dict[Tuple[FindingKind, str], float] = {}  # weight norm when a streak began
         self._active: Dict[Tuple[FindingKind, str], Finding] = {}
         self._weights: Deque[Tuple[int, Dict[str, float]]] = deque()
         self._unapplied: Optional[Finding] = None  # non-finite gradients alone, first seen
@@ -449,7 +456,6 @@ class Judge:
 
     def _persisting(self, conditions: List[Finding], final: bool, stats: StepStats) -> List[Finding]:
         applied = stats.total_applied_grad_norm
-        weights = math.sqrt(sum(w * w for w in weight_norms(stats, self.zero_init).values()))
         out = []
         holding = set()
         for c in conditions:
@@ -459,16 +465,14 @@ class Judge:
             key = finding_key(c)
             holding.add(key)
             n = self._streak[key] = self._streak.get(key, 0) + 1
-            start = self._streak_weights.setdefault(key, weights)
-            if c.condition == "size" and applied is None and not self.unscaled() and not weights >= 1.1 * start:
-                # Only the gradient at the end of backward is known: under a GradScaler it is the
-                # scaled one. Large gradients count once the weights move with them.
+            if c.condition == "size" and applied is None and not self.unscaled():
+                # Half precision, and only the gradient at the end of backward is known: a GradScaler
+                # may have multiplied it. Its size is not evidence; the blow-up rule watches the updates.
                 continue
             if n >= self.thresholds.flow_window or (final and n == self._measured) or key in self._active:
                 out.append(c)
         for key in [k for k in self._streak if k not in holding]:
             del self._streak[key]
-            self._streak_weights.pop(key, None)
         return out
 
     def _debounce(self, step: int, findings: List[Finding]) -> List[Finding]:

@@ -178,10 +178,8 @@ def test_exploding_is_one_finding_while_it_lasts_and_says_when_it_cleared():
     assert len(sizes) == 1 and sizes[0].step == 2
     assert any("cleared at step 5" in n for n in notes)
     # under half precision the gradient at the end of backward may be a GradScaler's scaled one:
-    # it counts once the weights move too
+    # its size alone is no evidence
     assert judge_run(steps, unscaled=False)[0] == []
-    moving = [layered(s, (10, 10, 10), (1e4, 1e4, 1e4), weights=(1.0 + 0.1 * s,) * 3) for s in range(4)]
-    assert [f.condition for f in judge_run(moving, unscaled=False)[0]] == ["size"]
 
 
 def test_learning_rate_blow_up_is_named_instead_of_its_consequences():
