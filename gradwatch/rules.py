@@ -72,6 +72,14 @@ def count(n: int, what: str) -> str:
     return f"{n} layer{'s' if n != 1 else ''} ({what})"
 
 
+def _listed(layers: Sequence[str], stats: StepStats) -> str:
+    """``fc1`` or ``3 layers (Linear): fc1, fc2, fc3`` -- long lists shortened."""
+    if len(layers) == 1:
+        return layers[0]
+    types = sorted({stats.layers[n].type for n in layers if n in stats.layers})
+    return f"{count(len(layers), ', '.join(types) or 'parameters')}: {names(layers)}"
+
+
 def _flow_advice(t: Traits, exploding: bool) -> str:
     tips = []
     if exploding:
@@ -254,7 +262,8 @@ def gradient_flow(stats: StepStats, thresholds: Thresholds, t: Optional[Traits] 
                 if ratio == 0 else
                 f"The gradient per weight of the first layer is {ratio:.1e} x that of the last layer")
         return [Finding(FindingKind.VANISHING, first.name, stats.step, ratio, thresholds.vanishing_ratio,
-                        f"{what} ({last.name}); below the threshold: {names(weak)}. Early layers barely learn.",
+                        f"{what} ({last.name}); below the threshold: {_listed(weak, stats)}. Early layers "
+                        f"barely learn.",
                         _flow_advice(t, exploding=False), "depth")]
     if ratio > thresholds.exploding_ratio:
         return [Finding(FindingKind.EXPLODING, first.name, stats.step, ratio, thresholds.exploding_ratio,

@@ -225,3 +225,6 @@ def test_long_layer_lists_are_shortened_and_counts_name_the_type():
     assert names(layers[:4]) == "conv1, layer1.conv1, layer1.conv2, layer2.conv1"
     assert names(layers) == "conv1, layer1.conv1, layer1.conv2 and 6 more"
     assert count(8, "Linear") == "8 layers (Linear)" and count(1, "Conv2d") == "1 layer (Conv2d)"
+    st = layered(0, (10,) * 9, (1e-6,) * 8 + (1.0,))
+    msg = evaluate(st, Thresholds())[0].message
+    assert "below the threshold: 8 layers (Linear): l0, l1, l2 and 5 more." in msg
