@@ -54,7 +54,8 @@ def traits(stats: StepStats) -> Traits:
         squashing=tuple(n for n, t in types.items()
                         if any(k in t for k in ("sigmoid", "tanh", "softsign")) and "shrink" not in t),
         normalised=any("norm" in t for t in types.values()),
-        attention=any("attention" in t or "transformer" in t for t in types.values()),
+        attention=any(any(k in text for k in ("attention", "attn", "transformer"))
+                      for text in list(types.values()) + [n.lower() for n in types]),
         convolutional=any("conv" in t for t in types.values()),
         recurrent=any(t in ("lstm", "gru", "rnn") or "lstm" in t or "gru" in t for t in types.values()))
 
@@ -249,10 +250,14 @@ def gradient_flow(stats: StepStats, thresholds: Thresholds, t: Optional[Traits] 
                                                                         or w.name not in stats.layers)]
     if len(layers) < 2:
         return []
-    first, last = layers[0], layers[-1]
+    # The early layers: the first quarter of the depth, by their best-fed layer -- one layer
+    # whose gradient is small by design (an attention query or key at initialisation, behind a
+    # softmax that is still flat) is not the network failing to pass gradient down.
+    early = layers[:max(1, (len(layers) - 1) // 4)]
+    best, first, last = max(early, key=lambda w: w.rms), layers[0], layers[-1]
     if last.rms <= 0:
         return []
-    ratio = first.rms / last.rms
+    ratio = best.rms / last.rms
     if ratio < thresholds.vanishing_ratio:
         if ratio == 0 and (any(w.zero or w.name in skip for w in every) or any(
                 ls.zero_fraction == 1.0 and ls.dead_fraction is not None for ls in stats.layers.values())):
@@ -260,7 +265,10 @@ def gradient_flow(stats: StepStats, thresholds: Thresholds, t: Optional[Traits] 
         weak = [w.name for w in layers[:-1] if w.rms < thresholds.vanishing_ratio * last.rms]
         what = ("No gradient at all reaches the first layer (a layer in between passes none, e.g. dead units)"
                 if ratio == 0 else
-                f"The gradient per weight of the first layer is {ratio:.1e} x that of the last layer")
+                f"The gradient per weight of the first layer is {ratio:.1e} x that of the last layer"
+                if best is first else
+                f"The gradient per weight of the first layers (at most in {best.name}) is {ratio:.1e} x that "
+                f"of the last layer")
         return [Finding(FindingKind.VANISHING, first.name, stats.step, ratio, thresholds.vanishing_ratio,
                         f"{what} ({last.name}); below the threshold: {_listed(weak, stats)}. Early layers "
                         f"barely learn.",
@@ -436,7 +444,7 @@ class Judge:
         if not bad:
             if self._unapplied is not None:
                 self.note(f"gradwatch: non-finite gradients at step {self._unapplied.step} were not "
-                                  f"applied (a loss scaler skipped the step) and did not recur.")
+                          f"applied (a loss scaler skipped the step) and did not recur.")
             self._unapplied, self._unapplied_streak = None, 0
             if not blown:
                 self._root = None  # values are finite again: what follows is judged on its own
@@ -446,7 +454,7 @@ class Judge:
             if not self._said_after_blowup:
                 self._said_after_blowup = True
                 self.note(f"gradwatch: values turned non-finite at step {stats.step} ({f.layer}), after "
-                                  f"the learning-rate blow-up reported at step {self._root.step}.")  # type: ignore
+                          f"the learning-rate blow-up reported at step {self._root.step}.")  # type: ignore
             return rest
         if f.condition == "backward":
             # Gradients alone, the forward and the weights finite: a GradScaler skips such a step
@@ -491,7 +499,7 @@ class Judge:
                 del self._active[key]
                 if old.kind is FindingKind.EXPLODING and old.condition != "updates":
                     self.note(f"gradwatch: exploding gradients ({old.layer}, since step {old.step}) "
-                                      f"cleared at step {step}.")
+                              f"cleared at step {step}.")
         fresh = []
         for key, f in keys.items():
             if key not in self._active:
