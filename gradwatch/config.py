@@ -49,27 +49,44 @@ class Thresholds:
             same criterion for sigmoid and tanh (0.04 -> within 1% of the range).
         saturated_fraction: warn when more than this share of a layer's elements is saturated.
         dead_fraction: warn when more than this share of a layer's units is dead.
-        vanishing_ratio: warn when the first layer's gradient scale is below this
-            fraction of the last layer's (sigmoid MLP: ~1e-3; healthy nets: 0.5-2).
+        vanishing_ratio: warn when the first layer's gradient scale (RMS per parameter
+            element, so layers of different sizes compare) is below this fraction of
+            the last layer's (seed sigmoid MLP: ~4e-5; its ReLU/tanh/ELU/Swish
+            variants: 8e-3-0.08).
         exploding_ratio: warn when the first layer's gradient scale is above this
             multiple of the last layer's (a stack that amplifies layer after layer).
-        exploding_norm: warn when the global gradient L2 norm exceeds this bound.
+        exploding_norm: warn when the global gradient L2 norm exceeds this bound (the
+            gradient the optimizer applied when it is known: unscaled and clipped).
         jump_factor: warn when the global gradient norm grows by this factor over the
             median of the last few logged steps.
+        blowup_growth: warn of a learning-rate blow-up when the norm of the weights grows
+            by this factor within ``blowup_steps`` steps (healthy runs, even at a high learning
+            rate: up to ~1.3; SGD at 10x too high a rate: 3-5).
+        blowup_steps: the span of steps ``blowup_growth`` is measured over.
+        flow_window: vanishing and exploding gradients must hold on this many measured
+            steps in a row before they are reported (a run with fewer measured steps is
+            judged at its end, on all of them).
     """
 
     saturation_slope: float = 0.04
     saturated_fraction: float = 0.25
     dead_fraction: float = 0.5
-    vanishing_ratio: float = 1e-2
+    vanishing_ratio: float = 1e-3
     exploding_ratio: float = 1e2
     exploding_norm: float = 1e3
     jump_factor: float = 1e2
+    blowup_growth: float = 2.0
+    blowup_steps: int = 5
+    flow_window: int = 3
 
     def __post_init__(self) -> None:
         open_unit = ("saturation_slope", "saturated_fraction", "dead_fraction", "vanishing_ratio")
+        counts = ("blowup_steps", "flow_window")
         for f in fields(self):
             value = getattr(self, f.name)
+            if f.name in counts:
+                positive_int(f"Thresholds.{f.name}", value)
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"Thresholds.{f.name} must be a finite number, got {value!r}")
             if f.name in open_unit and not 0 < value < 1:
@@ -104,6 +121,7 @@ class Options:
     strict: bool
     log_dir: Optional[Path]
     writer: Any
+    scaler: Any = None  # a torch.amp.GradScaler: gradients are read unscaled
 
     @classmethod
     def build(cls, *, every: Optional[int], histogram_every: Optional[int], dead_window: int, bins: int,
@@ -111,7 +129,8 @@ class Options:
               include: Optional[Union[Selector, Sequence[Selector]]],
               exclude: Optional[Union[Selector, Sequence[Selector]]], include_eval: bool, quiet: bool,
               steps: Union[StepMode, str], optimizer: Any, budget: Optional[float], functional: bool,
-              strict: bool, log_dir: Optional[Union[str, os.PathLike]], writer: Any, rank: int) -> "Options":
+              strict: bool, log_dir: Optional[Union[str, os.PathLike]], writer: Any, rank: int,
+              scaler: Any = None) -> "Options":
         mode = step_mode(steps)
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -123,6 +142,9 @@ class Options:
             raise ValueError(f"budget must be a fraction of step time between 0 and 1 (e.g. 0.02), got {budget!r}")
         if log_dir is not None and writer is not None:
             raise ValueError("pass either log_dir= or writer=, not both (writer= writes where the writer writes)")
+        if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+            raise TypeError(f"scaler must be the torch.amp.GradScaler that scales your loss, got "
+                            f"{type(scaler).__name__} ({scaler!r:.60})")
         return cls(every=None if every is None else positive_int("every", every),
                    histogram_every=None if histogram_every is None else positive_int("histogram_every",
                                                                                       histogram_every),
@@ -133,7 +155,7 @@ class Options:
                    budget=budget, functional=bool(functional), strict=bool(strict),
                    log_dir=check_log_dir(log_dir) if log_dir is not None and rank == 0 else
                    (None if log_dir is None else Path(log_dir)),
-                   writer=writer)
+                   writer=writer, scaler=scaler)
 
 
 def positive_int(name: str, value: object) -> int:

@@ -3,17 +3,23 @@
 Recognising activations by type gives exact saturation bounds; anything else that
 *could* be an elementwise activation (a parameter-free leaf module written outside
 ``torch.nn``, like a user's ``class Swish(nn.Module)``) is measured generically,
-from its local slope dy/dx, which needs no knowledge of the function.
+from its local slope dy/dx, which needs no knowledge of the function -- once a probe has
+shown that it *is* elementwise: a normalisation, an aggregation or a module of two inputs
+written by hand is not an activation, and its slope says nothing about saturation.
 """
 
 from __future__ import annotations
 
 import enum
 import fnmatch
+import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence, Tuple, Type, Union
 
+import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 Selector = Union[str, Type[nn.Module]]
 """A layer selector: a glob over qualified names (``"features.*"``) or a module type."""
@@ -81,13 +87,65 @@ def activation_spec(module: nn.Module) -> ActivationSpec:
 
 def _is_generic_candidate(module: nn.Module) -> bool:
     # Modules from torch itself are known; only user-written, stateless leaves may be
-    # elementwise activations. Whether a call really is shape-preserving is checked per call.
+    # elementwise activations, and only those the probe shows to be elementwise are.
     if type(module).__module__.startswith("torch."):
         return False
     has_children = next(module.children(), None) is not None
     has_state = next(module.parameters(recurse=False), None) is not None or next(
         module.buffers(recurse=False), None) is not None
-    return not has_children and not has_state
+    return not has_children and not has_state and is_elementwise(module)
+
+
+_ELEMENTWISE: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+def is_elementwise(module: nn.Module) -> bool:
+    """Whether ``module`` maps one tensor to one of the same shape, each output element a
+    deterministic function of its own input element only: the Jacobian is diagonal.
+
+    Probed once per module on a small CPU tensor (2x3x4x5) without autograd: its output must
+    have the input's shape and repeat itself; then two random halves of the input are moved,
+    and no output element outside the moved half may change. A normalisation (each output
+    depends on the mean), an aggregation, a softmax, a roll or a module that needs a second
+    input fails. The probe calls ``forward`` directly (no hooks run), uses a private
+    ``torch.Generator`` and restores the CPU random state, so the user's random stream is
+    untouched; a module that raises on the probe is not elementwise.
+
+    >>> is_elementwise(nn.Sigmoid()), is_elementwise(nn.Softmax(dim=-1))
+    (True, False)
+    """
+    known = _ELEMENTWISE.get(module)
+    if known is None:
+        known = _ELEMENTWISE[module] = _probe(module)
+    return known
+
+
+def _probe(module: nn.Module) -> bool:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 4, 5, generator=gen)
+
+    def same(a: object, b: torch.Tensor, where: Optional[torch.Tensor] = None) -> bool:
+        if not isinstance(a, torch.Tensor) or a.shape != b.shape or not a.is_floating_point():
+            return False
+        a, b = (a, b) if where is None else (a[where], b[where])
+        return bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            y = module.forward(x.clone())
+            if not (isinstance(y, torch.Tensor) and y.shape == x.shape and y.is_floating_point()):
+                return False
+            if not same(module.forward(x.clone()), y):
+                return False  # not deterministic (noise, dropout): not an activation function
+            for _ in range(2):
+                moved = torch.rand(x.shape, generator=gen) < 0.5
+                shifted = torch.where(moved, x + torch.randn(x.shape, generator=gen), x)
+                if not same(module.forward(shifted), y, ~moved):
+                    return False
+            return True
+    except Exception:  # noqa: BLE001 -- whatever the module cannot take, it is not an activation
+        return False
 
 
 @dataclass(frozen=True)
@@ -159,6 +217,7 @@ def select_layers(model: nn.Module, include: Sequence[Selector] = (),
     modules it matches (containers too). ``exclude`` always wins.
     """
     layers = []
+    weights = _parametrizations(model)
     for name, module in model.named_modules():
         if include:
             wanted = _matches(name, module, include)
@@ -167,8 +226,16 @@ def select_layers(model: nn.Module, include: Sequence[Selector] = (),
             own_params = next(module.parameters(recurse=False), None) is not None
             wanted = (is_leaf or own_params) and not isinstance(module, _SKIP_BY_DEFAULT)
         if wanted and not _matches(name, module, exclude):
-            layers.append(Layer(display_name(name, is_wrapper(model)), module, activation_spec(module)))
+            spec = ActivationSpec(ActivationKind.NONE) if id(module) in weights else activation_spec(module)
+            layers.append(Layer(display_name(name, is_wrapper(model)), module, spec))
     return layers
+
+
+def _parametrizations(model: nn.Module) -> set:
+    """ids of the modules that compute weights (``torch.nn.utils.parametrize``): their
+    outputs are parameters, not activations."""
+    return {id(m) for p in model.modules() if isinstance(p, parametrize.ParametrizationList)
+            for m in p.modules()}
 
 
 def select_parameters(model: nn.Module, include: Sequence[Selector] = (),

@@ -56,6 +56,7 @@ class Finding:
     threshold: float
     message: str
     advice: str
+    condition: str = field(default="", compare=False)  # which rule: "depth", "size", "updates", ...
 
     def __str__(self) -> str:
         return f"[step {self.step}] {self.layer}: {self.message} {self.advice}"

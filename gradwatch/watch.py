@@ -65,6 +65,7 @@ class GradWatch:
         functional: also measure activations called as functions (``F.relu``,
             ``torch.sigmoid``, ``x.tanh()``) as layers ``"<module>:<function>"``.
         strict: re-raise errors inside gradwatch's hooks instead of warning (tests).
+        scaler: the ``torch.amp.GradScaler`` scaling your loss: gradients are read unscaled.
     """
 
     def __init__(self, model: nn.Module, *, log_dir: Optional[Union[str, os.PathLike]] = None,
@@ -76,13 +77,13 @@ class GradWatch:
                  include_eval: bool = False, quiet: bool = False, console: Optional[Console] = None,
                  bins: int = 64, samples: int = 1 << 15, steps: Union[StepMode, str] = StepMode.FORWARD,
                  optimizer: Optional[torch.optim.Optimizer] = None, budget: Optional[float] = None,
-                 functional: bool = False, strict: bool = False) -> None:
+                 functional: bool = False, strict: bool = False, scaler: Any = None) -> None:
         self.model = check_model(model)
         self.options = o = Options.build(
             every=every, histogram_every=histogram_every, dead_window=dead_window, bins=bins, samples=samples,
             thresholds=thresholds, include=include, exclude=exclude, include_eval=include_eval, quiet=quiet,
             steps=steps, optimizer=optimizer, budget=budget, functional=functional, strict=strict,
-            log_dir=log_dir, writer=writer, rank=ranks.rank())
+            log_dir=log_dir, writer=writer, rank=ranks.rank(), scaler=scaler)
         self.schedule = Schedule(o.every, o.histogram_every, o.budget)
         self.layers = select_layers(model, o.include, o.exclude)
         self.params = select_parameters(model, o.include, o.exclude)
@@ -92,7 +93,9 @@ class GradWatch:
         registry.check_free(model, self)
         self.sinks = Fanout(build_sinks(o, console), strict=o.strict)
         self._collector = Collector(model, self.layers, o, self._on_root_forward, say=self._warn)
-        self._judge = Judge(o.thresholds, o.dead_window)
+        self._collector.gradients.scaler = o.scaler
+        self._judge = Judge(o.thresholds, o.dead_window, self._note,
+                            unscaled=lambda: o.scaler is not None or not self._collector.gradients.half_precision)
         self._attached = False
         self._manual = o.steps in (StepMode.MANUAL, StepMode.OPTIMIZER)
         self._clock = StepClock(self.schedule, self._collector, self._note)
@@ -133,7 +136,7 @@ class GradWatch:
             registry.release(self)
             data = self._clock.close()
             if data is not None:
-                self._emit(data)
+                self._emit(data, final=True)
         finally:
             self.sinks.close(self.report())
 
@@ -173,8 +176,8 @@ class GradWatch:
             warnings.warn(text, GradWatchWarning, stacklevel=2)
         self._note(text)
 
-    def _emit(self, data: StepData) -> None:
-        new = self._judge.new_findings(data.stats)
+    def _emit(self, data: StepData, final: bool = False) -> None:
+        new = self._judge.new_findings(data.stats, final)
         self._findings.extend(new)
         self._latest = data.stats
         self.sinks.on_step(data, new)

@@ -21,11 +21,9 @@ BY_NAME = {c.name: c for c in CASES}
 FAST = {
     "batchnorm-mlp": None,
     "deep-sigmoid-mlp": None,
-    "l2-normalised-embeddings": "slope-based saturation is applied to a parameter-free normalisation module "
-                                "(issue 11: only elementwise modules)",
-    "finetune-zero-head": "a zero-initialised head is reported as vanishing at step 0 (issue 11: persistence)",
-    "nan-log-of-negative": "after the NaN, follow-on non-finite and dead-unit findings on other layers "
-                           "(issue 11: report the root once)",
+    "l2-normalised-embeddings": None,
+    "finetune-zero-head": None,
+    "nan-log-of-negative": None,
 }
 
 

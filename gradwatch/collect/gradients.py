@@ -13,6 +13,11 @@ is accumulated (any way the model was called), and a tensor hook on the model's 
 FSDP, whose shards get their gradients assigned rather than accumulated). Either queues one
 autograd-engine callback per pass; a snapshot of gradient versions taken when the pass
 started tells whether it wrote a gradient.
+
+With a ``torch.amp.GradScaler`` (``GradWatch(..., scaler=)``) the gradients at the end of
+backward are the scaled ones: they are divided by the scale the scaler holds then (on the
+device, no synchronisation). At ``optimizer.step()`` they are already unscaled, and a step
+the scaler skips (non-finite gradients) never reaches it.
 """
 
 from __future__ import annotations
@@ -56,6 +61,8 @@ class GradientReader:
         self.guard = guard
         self.current = current
         self.handles: List[RemovableHandle] = []
+        self.scaler: Any = None  # a torch.amp.GradScaler: gradients at the end of backward are scaled
+        self.half_precision = False  # the model has returned float16/bfloat16 outputs
         self._queued = False  # a read is queued for the end of the running backward pass
         self._wrote = False  # a parameter's .grad was accumulated in this pass
         self._snapshot: Optional[List[Any]] = None
@@ -97,6 +104,8 @@ class GradientReader:
         for t in iter_tensors(output):
             if isinstance(t, Tensor) and t.requires_grad:
                 t.register_hook(self._backward_started)
+                # Half-precision outputs (autocast, .half()): the loss may be scaled by a GradScaler.
+                self.half_precision |= t.dtype in (torch.float16, torch.bfloat16)
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
         return optimizer.register_step_pre_hook(
@@ -128,7 +137,7 @@ class GradientReader:
             wrote = len(snapshot) != len(params) or any(
                 _version(p.grad) != v for (_, _, p), v in zip(params, snapshot))
         if wrote:  # an autograd.grad call (a gradient penalty's inner pass) writes no .grad
-            read = self.read(params, histograms=buf.histograms, buf=buf)
+            read = self.read(params, histograms=buf.histograms, buf=buf, scale=self._scale())
             if read is not None:
                 buf.grads = read
 
@@ -142,10 +151,18 @@ class GradientReader:
             if buf.grads is None:  # no backward was seen (a model trained through another method)
                 buf.grads = read
 
+    def _scale(self) -> Optional[Tensor]:
+        """The loss scale the gradients of this backward were multiplied by (a device tensor)."""
+        scaler = self.scaler
+        if scaler is None or not scaler.is_enabled():
+            return None
+        return getattr(scaler, "_scale", None)  # None until the scaler has scaled a loss
+
     # ------------------------------------------------------------------ reading
     def read(self, params: List[Tuple[str, str, nn.Parameter]], *, histograms: bool,
-             buf: StepBuffers) -> Optional[GradientRead]:
-        """Summarise the gradients present now, on their device; histograms when asked."""
+             buf: StepBuffers, scale: Optional[Tensor] = None) -> Optional[GradientRead]:
+        """Summarise the gradients present now, on their device; histograms when asked;
+        gradient rows divided by ``scale`` (a loss scaler's) when given."""
         names: List[str] = []
         grads: List[Tensor] = []
         weights: List[Tensor] = []
@@ -164,6 +181,10 @@ class GradientReader:
         if not grads:
             return None
         summary = reduce_shards(stats.grad_summaries(grads, weights), groups, max_rows=(1,))
+        if scale is not None:
+            inv = 1.0 / scale.to(device=summary.device, dtype=summary.dtype).reshape(())
+            summary = torch.cat([summary[:2] * inv, summary[2:]])
+            grads = [g * inv.to(g.device, g.real.dtype) for g in grads] if histograms else grads
         if histograms:
             buf.grad_hist = {n: stats.histogram(g if not g.is_complex() else g.abs(), self.how.bins,
                                                 self.how.samples) for n, g in zip(names, grads)}
