@@ -50,7 +50,7 @@ class Collector:
         self.functional = FunctionalTaps(model, how, self.guard, self._current) if options.functional else None
         self.units = UnitHistory(options.dead_window)
         self.combiner = ranks.RankCombiner()
-        self.blind = BlindSpot(model, len(layers), say)
+        self.blind = BlindSpot(model, len(layers), say, layers_seen=lambda: self.taps.seen)
         self._on_root_forward = on_root_forward
         self._root_handles: List[RemovableHandle] = []
         self._depth = 0  # nesting of the root's forward (a root that calls itself)

@@ -28,10 +28,12 @@ COMPILE_FIX = ("torch.compile skips module hook guards by default: when the mode
 class BlindSpot:
     """Watches for training that gradwatch cannot see; ``say`` receives each explanation once."""
 
-    def __init__(self, model: nn.Module, n_layers: int, say: Callable[[str], None]) -> None:
+    def __init__(self, model: nn.Module, n_layers: int, say: Callable[[str], None],
+                 layers_seen: Callable[[], int] = lambda: 0) -> None:
         self.model = model
         self.n_layers = n_layers
         self.say = say
+        self.layers_seen = layers_seen  # layer outputs recorded so far (optimizer steps without a forward)
         self.forwards = 0  # root forwards seen (training mode or not)
         self.backwards = 0  # backward passes that wrote a watched parameter's gradient
         self.measured_without_grads = 0
@@ -54,12 +56,13 @@ class BlindSpot:
 
     def _trained(self, param: nn.Parameter) -> None:
         self.backwards += 1
-        if self.backwards >= UNSEEN_AFTER and self.forwards == 0:
+        if self.backwards >= UNSEEN_AFTER and self.forwards == 0 and not self.layers_seen():
             self._once("unseen", (
                 f"gradwatch: {type(self.model).__name__} trained ({self.backwards} backward passes) but none of its "
-                f"forwards reached gradwatch's hooks, so no step was measured. {COMPILE_FIX} If the hooks were "
-                f"removed (module._forward_hooks.clear()) re-attach the watch; if the model is trained through "
-                f"another method than forward (model.encode(x)), pass optimizer=opt, steps=\"optimizer\"."))
+                f"forwards reached gradwatch's hooks, so no step was counted or measured. If the model is trained "
+                f"through another method than forward (model.encode(x)), pass optimizer=opt, steps=\"optimizer\" "
+                f"(or steps=\"manual\" and call watch.step()). Otherwise: {COMPILE_FIX} If the hooks were removed "
+                f"(module._forward_hooks.clear()), re-attach the watch."))
 
     def check_step(self, data: Optional[StepData], compiled: bool) -> None:
         """After a measured step: gradients but no layer output means the layers were not seen."""

@@ -29,6 +29,24 @@ from .guard import Guard
 Current = Callable[[], Optional[StepBuffers]]
 """Returns the buffers of the step being measured, or None when nothing is to be recorded."""
 
+_CHANNELS_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm,
+                   nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+                   nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+                   nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+_CHANNELS_LAST = (nn.Linear, nn.Bilinear, nn.LayerNorm, nn.Embedding, nn.EmbeddingBag, nn.RNNBase,
+                  nn.MultiheadAttention) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+
+
+def channels_first(module: nn.Module) -> Optional[bool]:
+    """Whether ``module``'s output has its units at dim 1 (convolutions, batch/instance/group
+    norms, pooling), at the last dim (Linear, LayerNorm, embeddings, recurrent layers), or
+    None when its type does not say. The activations that follow count dead units on that axis."""
+    if isinstance(module, _CHANNELS_FIRST):
+        return True
+    if isinstance(module, _CHANNELS_LAST):
+        return False
+    return None
+
 
 def eager(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Keep torch.compile from tracing into gradwatch's hooks: they run eagerly (one graph
@@ -59,7 +77,10 @@ class LayerTaps:
         self.guard = guard
         self.current = current
         self.handles: List[RemovableHandle] = []
+        self.seen = 0  # layer outputs recorded since attach
         self._calls: Dict[str, int] = {}  # per module, calls in the current forward of the model
+        self._calls_of: Optional[StepBuffers] = None  # the step those calls were counted in
+        self._layout = {layer.name: channels_first(layer.module) for layer in layers}
         self._probes: Dict[str, List[Optional[_SlopeProbe]]] = {}
         self._peak: Dict[str, Tensor] = {}  # per site, the largest slope seen (kept across steps)
 
@@ -115,11 +136,15 @@ class LayerTaps:
         return eager(hook)
 
     def _on_output(self, layer: Layer, buf: StepBuffers, output: Any) -> None:
+        self.seen += 1
+        if buf is not self._calls_of:  # a new step (a model trained through other methods
+            self._calls_of = buf  # than forward has no root forward to count sites from)
+            self._calls.clear()
         call = self._calls[layer.name] = self._calls.get(layer.name, 0) + 1
         site = site_name(layer.name, call)
         probes = self._probes.get(layer.name)
         probe = probes.pop() if probes else None
-        tensors = buf.record(site, output, layer.spec, self.how)
+        tensors = buf.record(site, output, layer.spec, self.how, self._layout.get(layer.name))
         if not tensors or not torch.is_grad_enabled():
             return
         first = tensors[0]
