@@ -9,10 +9,14 @@ and compares the traces bit for bit.
 
 from __future__ import annotations
 
-import collections
 import contextlib
+import copy
+import gc
+import io
 import math
+import pickle
 import warnings
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional
@@ -687,3 +691,119 @@ def test_outputs_and_gradients_are_bit_identical_with_and_without_gradwatch(patt
     assert len(plain.trace) == len(watched.trace) > 0
     for a, b in zip(plain.trace, watched.trace):
         assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- surviving what users do
+def gradwatch_traces(model: nn.Module) -> List[str]:
+    """Every trace of gradwatch on ``model``: module hooks, parameter hooks, instance attributes."""
+    found = []
+    for name, m in model.named_modules():
+        for key in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+                    "_forward_hooks_always_called", "_forward_hooks_with_kwargs"):
+            found += [f"{name}.{key}: {h!r}" for h in getattr(m, key, {}).values()
+                      if "gradwatch" in type(h).__module__ or "gradwatch" in getattr(h, "__module__", "") or h is True]
+        found += [f"{name}.{k}" for k in vars(m) if "gradwatch" in type(vars(m)[k]).__module__]
+    for name, p in model.named_parameters():
+        found += [f"{name}: {h!r}" for h in (p._post_accumulate_grad_hooks or {}).values()]
+    return found
+
+
+def _pickled(model: nn.Module) -> nn.Module:
+    return pickle.loads(pickle.dumps(model))
+
+
+def _saved(model: nn.Module) -> nn.Module:
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    assert b"gradwatch" not in buf.getvalue()  # loads where gradwatch is not installed
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+COPIES = {"deepcopy": copy.deepcopy, "pickle": _pickled, "torch.save": _saved,
+          "AveragedModel": lambda m: torch.optim.swa_utils.AveragedModel(m).module,
+          "ema": lambda m: copy.deepcopy(m).requires_grad_(False)}
+
+
+@pytest.mark.parametrize("moment", ["between steps", "mid measured step"])
+@pytest.mark.parametrize("how", list(COPIES))
+def test_copies_of_a_watched_model_are_clean_and_compute_the_same(how, moment):
+    model = seeded(models.small_cnn)
+    x, y = torch.randn(4, 1, 12, 12), torch.randint(0, 3, (4,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with GradWatch(model, every=1, quiet=True, strict=True, optimizer=opt, functional=True) as watch:
+        models.train(model, 2, x, y)
+        if moment == "mid measured step":
+            out = model(x)  # the per-layer hooks are on now, the step is open
+            assert gradwatch_traces(model)
+        twin = COPIES[how](model)
+        assert gradwatch_traces(twin) == []
+        model.eval(), twin.eval()
+        assert torch.equal(model(x), twin(x))
+        seen = watch.steps
+        models.train(twin.train().requires_grad_(True), 2, x, y)  # the copy trains unwatched
+        assert watch.steps == seen
+        with GradWatch(twin, every=1, quiet=True, strict=True) as other:  # and can be watched on its own
+            models.train(twin, 1, x, y)
+        assert other.report().layers["1"].count > 0 and gradwatch_traces(twin) == []
+    assert gradwatch_traces(model) == [] and all_hooks(model) == 0
+
+
+def all_hooks(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._forward_hooks_always_called)
+               for m in model.modules())
+
+
+def test_a_copied_hook_is_a_no_op_that_removes_itself():
+    """Copies that bypass the module's __getstate__ (a hook dict copied by hand) get inert hooks."""
+    model = seeded(models.small_mlp)
+    with GradWatch(model, every=1, quiet=True, strict=True):
+        model(X)  # mid measured step: root and layer hooks
+        twin = seeded(models.small_mlp)
+        for a, b in zip(model.modules(), twin.modules()):
+            for key in ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_always_called"):
+                getattr(b, key).update(copy.deepcopy(getattr(a, key)))
+        assert all_hooks(twin) > 0
+        assert torch.equal(twin(X), model(X))
+    assert all_hooks(twin) == 0 and all_hooks(model) == 0
+
+
+@pytest.mark.parametrize("with_optimizer", [False, True])
+def test_a_forgotten_watch_never_keeps_the_model_alive(with_optimizer):
+    model = models.small_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    watch = GradWatch(model, every=1, quiet=True, optimizer=opt if with_optimizer else None).attach()
+    models.train(model, 2)
+    model(X)  # mid measured step
+    ref, watch_ref = weakref.ref(model), weakref.ref(watch)
+    del model, watch, opt
+    gc.collect()
+    assert ref() is None and watch_ref() is None
+
+
+class WithScripted(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Linear(8, 16), nn.ReLU())
+        self.scripted = torch.jit.script(nn.Sequential(nn.Linear(16, 16), nn.Tanh()))
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.scripted(self.stem(x)))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_a_torchscript_child_is_skipped_with_one_note_and_the_rest_is_measured():
+    model = seeded(WithScripted)
+    with pytest.warns(GradWatchWarning, match=r"scripted of WithScripted is TorchScript.*2 layer\(s\)") as record:
+        with watching(model, True, functional=True) as run:
+            for _ in range(3):
+                out = model(X)
+                model.zero_grad()
+                F.cross_entropy(out, Y).backward()
+                run.expected = norms(model)
+    assert len([r for r in record if "TorchScript" in str(r.message)]) == 1
+    st = run.rec.steps[2]
+    assert {"stem.0", "stem.1", "head"} <= set(st.layers) and not any(n.startswith("scripted") for n in st.layers)
+    check_params(st, run.expected)  # the scripted child's parameters too
+    assert sum("TorchScript" in n for n in run.rec.notes) == 1

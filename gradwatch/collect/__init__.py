@@ -24,11 +24,12 @@ from ..config import Options
 from ..layers import Layer
 from ..report import StepData
 from . import ranks, summary
-from .blind import BlindSpot
+from .blind import BlindSpot, scripted
 from .buffers import Reduction, StepBuffers, UnitHistory, in_backward
 from .functional import FunctionalTaps
 from .gradients import GradientReader
 from .guard import Guard
+from .hooks import CleanCopies, forward_hook, forward_pre_hook
 from .taps import LayerTaps
 
 __all__ = ["Collector"]
@@ -40,7 +41,9 @@ class Collector:
     def __init__(self, model: nn.Module, layers: List[Layer], options: Options,
                  on_root_forward: Callable[[nn.Module], None], say: Callable[[str], None]) -> None:
         self.model = model
+        layers, self._scripted = scripted(model, layers)  # TorchScript children take no hooks
         self.layers = layers
+        self.say = say
         self.guard = Guard(options.strict)
         self.enabled = False  # False during forwards gradwatch must ignore (eval forwards by default)
         self._buf: Optional[StepBuffers] = None
@@ -53,6 +56,7 @@ class Collector:
         self.blind = BlindSpot(model, len(layers), say, layers_seen=lambda: self.taps.seen)
         self._on_root_forward = on_root_forward
         self._root_handles: List[RemovableHandle] = []
+        self.copies = CleanCopies()
         self._depth = 0  # nesting of the root's forward (a root that calls itself)
 
     def _current(self) -> Optional[StepBuffers]:
@@ -60,9 +64,12 @@ class Collector:
 
     # ------------------------------------------------------------------ attach / detach
     def attach(self) -> None:
-        self._root_handles.append(self.model.register_forward_pre_hook(self._root_pre_hook))
+        if self._scripted is not None:
+            self.say(self._scripted)
+        self.copies.install(self.model)  # copies of the watched model (deepcopy, pickle) carry no hook
+        self._root_handles.append(forward_pre_hook(self.model, self._root_pre_hook))
         # always_call: the functional tap must be left even when the forward raises.
-        self._root_handles.append(self.model.register_forward_hook(self._root_hook, always_call=True))
+        self._root_handles.append(forward_hook(self.model, self._root_hook, always_call=True))
         params = self.gradients.params()
         self.blind.attach(params[0][2] if params else None)
 
@@ -80,6 +87,7 @@ class Collector:
         for h in self._root_handles:
             h.remove()
         self._root_handles.clear()
+        self.copies.remove()
         self.blind.detach()
         self.enabled = False
 

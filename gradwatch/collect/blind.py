@@ -9,12 +9,15 @@ measured steps see gradients but no layer output, gradwatch says so once, with t
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
+import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from ..layers import Layer, display_name
 from ..report import StepData
+from .hooks import WeakHook
 
 UNSEEN_AFTER = 3
 """Backward passes without any forward seen before gradwatch says it is blind."""
@@ -23,6 +26,24 @@ COMPILE_FIX = ("torch.compile skips module hook guards by default: when the mode
                "class (a plain twin, an EMA or teacher copy), was compiled before gradwatch attached, the cached "
                "graph runs without gradwatch's hooks. Attach GradWatch before compiling anything of that class, or "
                "set torch._dynamo.config.skip_nnmodule_hook_guards = False.")
+
+
+def scripted(model: nn.Module, layers: List[Layer]) -> Tuple[List[Layer], Optional[str]]:
+    """TorchScript modules inside ``model`` take no Python hooks: the layers outside them, and
+    the note that names them (None when there are none)."""
+    tops: List[str] = []
+    for name, m in model.named_modules():
+        if isinstance(m, torch.jit.ScriptModule) and not any(name.startswith(t + ".") for t in tops):
+            tops.append(name)
+    if not tops:
+        return layers, None
+    inside = {id(m) for t in tops for m in model.get_submodule(t).modules()}
+    kept = [layer for layer in layers if id(layer.module) not in inside]
+    names = ", ".join(display_name(t) for t in tops)
+    return kept, (f"gradwatch: {names} of {type(model).__name__} is TorchScript (torch.jit.script), which takes no "
+                  f"hooks: its {len(layers) - len(kept)} layer(s) are not measured, their parameters' gradients "
+                  f"and the rest of the model are. Watch the module before scripting it (or leave it eager) to "
+                  f"measure its layers.")
 
 
 class BlindSpot:
@@ -42,7 +63,7 @@ class BlindSpot:
 
     def attach(self, first_param: Optional[nn.Parameter]) -> None:
         if first_param is not None and hasattr(first_param, "register_post_accumulate_grad_hook"):
-            self._handle = first_param.register_post_accumulate_grad_hook(self._trained)
+            self._handle = first_param.register_post_accumulate_grad_hook(WeakHook(self._trained))
 
     def detach(self) -> None:
         if self._handle is not None:

@@ -27,6 +27,7 @@ from .. import stats
 from ..layers import Selector, select_parameters
 from .buffers import GradientRead, Reduction, StepBuffers
 from .guard import Guard
+from .hooks import WeakHook
 from .outputs import iter_tensors
 from .ranks import local_shard, reduce_shards
 
@@ -71,7 +72,7 @@ class GradientReader:
             return
         for _, _, p in self.params():
             if hasattr(p, "register_post_accumulate_grad_hook"):
-                self.handles.append(p.register_post_accumulate_grad_hook(self._accumulated))
+                self.handles.append(p.register_post_accumulate_grad_hook(WeakHook(self._accumulated)))
 
     def remove(self) -> None:
         for h in self.handles:

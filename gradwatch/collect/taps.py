@@ -25,6 +25,7 @@ from .. import stats
 from ..layers import ActivationKind, Layer
 from .buffers import Reduction, StepBuffers, in_backward, site_name
 from .guard import Guard
+from .hooks import forward_hook, forward_pre_hook
 
 Current = Callable[[], Optional[StepBuffers]]
 """Returns the buffers of the step being measured, or None when nothing is to be recorded."""
@@ -93,8 +94,8 @@ class LayerTaps:
             return
         for layer in self.layers:
             if layer.spec.kind is ActivationKind.GENERIC:
-                self.handles.append(layer.module.register_forward_pre_hook(self._pre_hook(layer)))
-            self.handles.append(layer.module.register_forward_hook(self._hook(layer)))
+                self.handles.append(forward_pre_hook(layer.module, self._pre_hook(layer)))
+            self.handles.append(forward_hook(layer.module, self._hook(layer)))
 
     def remove(self) -> None:
         for h in self.handles:
