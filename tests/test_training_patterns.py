@@ -19,7 +19,7 @@ import warnings
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import pytest
 import torch
@@ -807,3 +807,78 @@ def test_a_torchscript_child_is_skipped_with_one_note_and_the_rest_is_measured()
     assert {"stem.0", "stem.1", "head"} <= set(st.layers) and not any(n.startswith("scripted") for n in st.layers)
     check_params(st, run.expected)  # the scripted child's parameters too
     assert sum("TorchScript" in n for n in run.rec.notes) == 1
+
+
+# ---------------------------------------------------------------- non-finite values at the step they appear
+class NanGrad(torch.autograd.Function):
+    """Identity forward; a NaN gradient backward (a sqrt at 0, a norm of a zero vector)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> Tensor:
+        return g * float("nan")
+
+
+class Planted(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.act1 = nn.Linear(8, 16), nn.Tanh()
+        self.fc2, self.nan, self.act2 = nn.Linear(16, 16), models.NanAt(), nn.Tanh()
+        self.head = nn.Linear(16, 3)
+        self.grad_nan = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.act1(self.fc1(x))
+        if self.grad_nan:
+            h = NanGrad.apply(h)
+        return self.head(self.act2(self.nan(self.fc2(h))))
+
+
+def nonfinite_at(step_of_nan: int, where: str) -> Tuple[GradWatch, Recorder]:
+    model = seeded(Planted)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    rec = Recorder()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GradWatchWarning)
+        watch = GradWatch(model, quiet=True, strict=True)  # the default schedule: step 12 is not measured
+        watch.sinks.sinks.append(rec)
+        with watch:
+            for step in range(25):
+                model.nan.armed = where == "activation" and step >= step_of_nan
+                model.grad_nan = where == "gradient" and step >= step_of_nan
+                out = model(X)
+                opt.zero_grad()
+                F.cross_entropy(out, Y).backward()
+                opt.step()
+    return watch, rec
+
+
+def test_a_non_finite_activation_is_reported_at_its_own_step_naming_the_first_layer():
+    watch, rec = nonfinite_at(12, "activation")
+    assert not watch.schedule.measures(12)  # by the schedule
+    first = [f for f in watch.findings if f.kind.value == "non_finite"][0]
+    assert (first.step, first.layer) == (12, "nan")
+    st = rec.steps[12]  # measured because of the NaN: every layer of that step, in forward order
+    assert [n for n, s in st.layers.items() if s.nonfinite][0] == "nan"
+    assert not st.layers["fc2"].nonfinite and st.layers["fc1"].count == 32 * 16
+    assert 11 not in rec.steps  # steps before it stay unmeasured
+
+
+def test_a_non_finite_gradient_is_reported_at_its_own_step_naming_the_first_parameter():
+    watch, rec = nonfinite_at(13, "gradient")
+    assert not watch.schedule.measures(13)
+    first = [f for f in watch.findings if f.kind.value == "non_finite"][0]
+    assert (first.step, first.layer) == (13, "fc1")
+    st = rec.steps[13]
+    assert st.params["fc1.weight"].nonfinite and not st.params["head.weight"].nonfinite
+    assert 12 not in rec.steps
+
+
+def test_the_finiteness_check_is_cheap_and_changes_nothing_on_healthy_steps():
+    model = seeded(models.small_mlp)
+    with watching(model, True, every=5) as run:
+        models.train(model, 12)
+    assert sorted(run.rec.steps) == [0, 5, 10]

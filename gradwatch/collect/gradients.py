@@ -101,6 +101,8 @@ class GradientReader:
         if not self._queued:
             self._queue()
 
+    accumulated = _accumulated  # a gradient was written: read them all at the end of this backward
+
     def _queue(self) -> None:
         buf = self.current()
         if buf is None:

@@ -6,6 +6,11 @@ uses no random numbers. Gradients at outputs are read with tensor hooks
 (``Tensor.register_hook``), not full module backward hooks, which fail on in-place modules
 such as ``nn.ReLU(inplace=True)``.
 
+Between measured steps, each layer carries one light hook instead (:meth:`LayerTaps.keep`):
+it keeps a reference to the layer's output until the model's forward returns, so that when the
+model's output turns out non-finite, that step's outputs can still be measured in forward order
+(:meth:`LayerTaps.replay`) and the first non-finite layer named at the step it appeared.
+
 A module object called at several places of one forward (one ``nn.ReLU()`` reused through a
 block) gets one record per call site: ``relu#1``, ``relu#2``, ... counted afresh at each forward
 of the model, so the sites of two forwards in one step (siamese pairs) merge site by site.
@@ -15,7 +20,7 @@ Forwards that autograd re-runs during backward (activation checkpointing) are no
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -79,6 +84,9 @@ class LayerTaps:
         self.current = current
         self.handles: List[RemovableHandle] = []
         self.seen = 0  # layer outputs recorded since attach
+        self.light: List[RemovableHandle] = []  # the keeping hooks of unmeasured steps
+        self.keeping = False  # True during a root forward of an unmeasured step
+        self.kept: List[Tuple[Layer, Any]] = []
         self._calls: Dict[str, int] = {}  # per module, calls in the current forward of the model
         self._calls_of: Optional[StepBuffers] = None  # the step those calls were counted in
         self._layout = {layer.name: channels_first(layer.module) for layer in layers}
@@ -92,15 +100,55 @@ class LayerTaps:
     def register(self) -> None:
         if self.handles:
             return
+        self._remove_light()
         for layer in self.layers:
             if layer.spec.kind is ActivationKind.GENERIC:
                 self.handles.append(forward_pre_hook(layer.module, self._pre_hook(layer)))
             self.handles.append(forward_hook(layer.module, self._hook(layer)))
 
-    def remove(self) -> None:
+    def remove(self, light: bool = True) -> None:
+        """Take the measuring hooks off, and the keeping hooks too unless ``light`` is False."""
         for h in self.handles:
             h.remove()
         self.handles.clear()
+        if light:
+            self._remove_light()
+
+    def keep(self) -> None:
+        """An unmeasured step: one light hook per layer, keeping its outputs during the forward."""
+        if self.handles or self.light:
+            return
+        for layer in self.layers:
+            self.light.append(forward_hook(layer.module, self._keeper(layer)))
+
+    def _remove_light(self) -> None:
+        for h in self.light:
+            h.remove()
+        self.light.clear()
+        self.kept.clear()
+
+    def _keeper(self, layer: Layer) -> Callable[..., None]:
+        kept = self.kept
+
+        def keep(module: nn.Module, args: Any, output: Any) -> None:
+            # Only with autograd on: its graph holds most outputs anyway, so keeping them to the
+            # end of the forward costs little memory (under no_grad it could cost a lot).
+            if self.keeping and torch.is_grad_enabled():
+                kept.append((layer, output))
+        return eager(keep)
+
+    def take(self) -> List[Tuple[Layer, Any]]:
+        """The outputs kept during the forward that just ended (and stop keeping)."""
+        self.keeping = False
+        kept = list(self.kept)
+        self.kept.clear()
+        return kept
+
+    def replay(self, buf: StepBuffers, kept: List[Tuple[Layer, Any]]) -> None:
+        """Measure the kept outputs of a forward as a measured step would have, in forward order."""
+        for layer, output in kept:
+            if layer.name not in self.guard.broken:
+                self.guard(layer.name, self._on_output, layer, buf, output)
 
     def new_forward(self) -> None:
         """The model's forward begins: call sites are counted from 1 again."""
