@@ -882,3 +882,15 @@ def test_the_finiteness_check_is_cheap_and_changes_nothing_on_healthy_steps():
     with watching(model, True, every=5) as run:
         models.train(model, 12)
     assert sorted(run.rec.steps) == [0, 5, 10]
+
+
+def test_the_sentinel_check_itself():
+    from gradwatch.collect.finite import Sentinel
+
+    s = Sentinel()
+    big = torch.full((4,), 60000.0, dtype=torch.float16)  # its fp16 sum overflows; it is finite
+    assert s.check(big, 0, "out") is True
+    assert s.check({"a": torch.ones(3), "b": torch.tensor([1.0, math.inf])}, 0, "out") is False
+    assert s.check(torch.tensor([math.nan]), 0, "out") is False
+    assert s.check((torch.arange(3), "text"), 0, "out") is None  # nothing floating to check
+    assert s.poll() is None and not s.pending
