@@ -677,22 +677,6 @@ def test_dead_units_are_counted_on_the_right_axis(make, x, units):
     assert run.rec.steps[0].layers[relu].dead_fraction == pytest.approx(1 / units)
 
 
-# ---------------------------------------------------------------- the same numbers, watched or not
-PATTERNS = [two_backward_passes, accumulation_in_one_optimizer_step, gradient_penalty, siamese, unfreezing, dtypes,
-            huge_gradients, custom_outputs, two_tower, complex_params, replaced_parameters, reused_relu,
-            checkpointed, recursive]
-
-
-@pytest.mark.parametrize("pattern", PATTERNS, ids=[p.__name__ for p in PATTERNS])
-def test_outputs_and_gradients_are_bit_identical_with_and_without_gradwatch(pattern):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", GradWatchWarning)
-        plain, watched = pattern(False), pattern(True)
-    assert len(plain.trace) == len(watched.trace) > 0
-    for a, b in zip(plain.trace, watched.trace):
-        assert a.dtype == b.dtype and torch.equal(a, b)
-
-
 # ---------------------------------------------------------------- surviving what users do
 def gradwatch_traces(model: nn.Module) -> List[str]:
     """Every trace of gradwatch on ``model``: module hooks, parameter hooks, instance attributes."""
@@ -837,27 +821,32 @@ class Planted(nn.Module):
         return self.head(self.act2(self.nan(self.fc2(h))))
 
 
-def nonfinite_at(step_of_nan: int, where: str) -> Tuple[GradWatch, Recorder]:
+def nonfinite_at(step_of_nan: int, where: str, watched: bool = True) -> Run:
     model = seeded(Planted)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    rec = Recorder()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", GradWatchWarning)
-        watch = GradWatch(model, quiet=True, strict=True)  # the default schedule: step 12 is not measured
-        watch.sinks.sinks.append(rec)
-        with watch:
+        with watching(model, watched, every=None) as run:  # the default schedule: steps 12, 13 not measured
             for step in range(25):
                 model.nan.armed = where == "activation" and step >= step_of_nan
                 model.grad_nan = where == "gradient" and step >= step_of_nan
                 out = model(X)
                 opt.zero_grad()
                 F.cross_entropy(out, Y).backward()
+                keep(run, out, model)
                 opt.step()
-    return watch, rec
+    return run
+
+
+def nan_between_measured_steps(watched: bool) -> Run:
+    run = nonfinite_at(12, "activation", watched)
+    run.trace += nonfinite_at(13, "gradient", watched).trace
+    return run
 
 
 def test_a_non_finite_activation_is_reported_at_its_own_step_naming_the_first_layer():
-    watch, rec = nonfinite_at(12, "activation")
+    run = nonfinite_at(12, "activation")
+    watch, rec = run.watch, run.rec
     assert not watch.schedule.measures(12)  # by the schedule
     first = [f for f in watch.findings if f.kind.value == "non_finite"][0]
     assert (first.step, first.layer) == (12, "nan")
@@ -868,7 +857,8 @@ def test_a_non_finite_activation_is_reported_at_its_own_step_naming_the_first_la
 
 
 def test_a_non_finite_gradient_is_reported_at_its_own_step_naming_the_first_parameter():
-    watch, rec = nonfinite_at(13, "gradient")
+    run = nonfinite_at(13, "gradient")
+    watch, rec = run.watch, run.rec
     assert not watch.schedule.measures(13)
     first = [f for f in watch.findings if f.kind.value == "non_finite"][0]
     assert (first.step, first.layer) == (13, "fc1")
@@ -894,3 +884,21 @@ def test_the_sentinel_check_itself():
     assert s.check(torch.tensor([math.nan]), 0, "out") is False
     assert s.check((torch.arange(3), "text"), 0, "out") is None  # nothing floating to check
     assert s.poll() is None and not s.pending
+
+
+# ---------------------------------------------------------------- the same numbers, watched or not
+PATTERNS = [two_backward_passes, accumulation_in_one_optimizer_step, gradient_penalty, siamese, unfreezing, dtypes,
+            huge_gradients, custom_outputs, two_tower, complex_params, replaced_parameters, reused_relu,
+            checkpointed, recursive, nan_between_measured_steps]
+
+
+@pytest.mark.parametrize("pattern", PATTERNS, ids=[p.__name__ for p in PATTERNS])
+def test_outputs_and_gradients_are_bit_identical_with_and_without_gradwatch(pattern):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GradWatchWarning)
+        plain, watched = pattern(False), pattern(True)
+    assert len(plain.trace) == len(watched.trace) > 0
+    for a, b in zip(plain.trace, watched.trace):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(a, b) or (a.is_floating_point() and torch.equal(a.isnan(), b.isnan())
+                                     and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0)))
