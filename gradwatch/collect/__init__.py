@@ -26,8 +26,8 @@ from ..layers import Layer
 from ..report import StepData
 from . import ranks, summary
 from .blind import BlindSpot, scripted
-from .finite import Sentinel, smallest_near_input
 from .buffers import Reduction, StepBuffers, UnitHistory, in_backward
+from .finite import Sentinel, smallest_near_input
 from .functional import FunctionalTaps
 from .gradients import GradientReader
 from .guard import Guard
@@ -61,6 +61,7 @@ class Collector:
         self.copies = CleanCopies()
         self._depth = 0  # nesting of the root's forward (a root that calls itself)
         self.sentinel = Sentinel()
+        self.checking = False  # the per-step finiteness check (one process only, see attach)
         self.step: Optional[int] = None  # the running step (set by the clock)
 
     def _current(self) -> Optional[StepBuffers]:
@@ -76,7 +77,10 @@ class Collector:
         self._root_handles.append(forward_hook(self.model, self._root_hook, always_call=True))
         params = self.gradients.params()
         self.blind.attach(params[0][2] if params else None)
-        near_input = smallest_near_input(params)
+        # Under several processes a step that one rank turned into a measured one would leave the
+        # others out of its all-reduce: the check runs in a single process only.
+        self.checking = ranks.world() == 1
+        near_input = smallest_near_input(params) if self.checking else None
         if near_input is not None and hasattr(near_input, "register_post_accumulate_grad_hook"):
             self._root_handles.append(near_input.register_post_accumulate_grad_hook(WeakHook(self._check_grad)))
 
@@ -119,7 +123,8 @@ class Collector:
     def pause(self) -> None:
         """An unmeasured step begins: the per-layer measuring hooks make way for light ones."""
         self._remove_step_hooks(light=False)
-        self.taps.keep()
+        if self.checking:
+            self.taps.keep()
 
     def _remove_step_hooks(self, light: bool = True) -> None:
         self.taps.remove(light)
@@ -182,7 +187,7 @@ class Collector:
         if self._depth or in_backward():
             return
         kept = self.taps.take()
-        if self._buf is None and self.enabled:
+        if self._buf is None and self.enabled and self.checking:
             self.guard("finiteness check", self._check_output, output, kept)
         if self.functional is not None:
             self.functional.leave()
