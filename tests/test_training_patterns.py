@@ -752,12 +752,13 @@ def test_a_copied_hook_is_a_no_op_that_removes_itself():
     assert all_hooks(twin) == 0 and all_hooks(model) == 0
 
 
+@pytest.mark.parametrize("every", [1, None])  # None: the default schedule, unmeasured steps from step 10
 @pytest.mark.parametrize("with_optimizer", [False, True])
-def test_a_forgotten_watch_never_keeps_the_model_alive(with_optimizer):
+def test_a_forgotten_watch_never_keeps_the_model_alive(with_optimizer, every):
     model = models.small_mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    watch = GradWatch(model, every=1, quiet=True, optimizer=opt if with_optimizer else None).attach()
-    models.train(model, 2)
+    watch = GradWatch(model, every=every, quiet=True, optimizer=opt if with_optimizer else None).attach()
+    models.train(model, 12)
     model(X)  # mid measured step
     ref, watch_ref = weakref.ref(model), weakref.ref(watch)
     del model, watch, opt

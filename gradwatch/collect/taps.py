@@ -30,7 +30,7 @@ from .. import stats
 from ..layers import ActivationKind, Layer
 from .buffers import Reduction, StepBuffers, in_backward, site_name
 from .guard import Guard
-from .hooks import forward_hook, forward_pre_hook
+from .hooks import Hook, forward_hook, forward_pre_hook
 
 Current = Callable[[], Optional[StepBuffers]]
 """Returns the buffers of the step being measured, or None when nothing is to be recorded."""
@@ -59,6 +59,29 @@ def eager(fn: Callable[..., Any]) -> Callable[..., Any]:
     break each) instead of being compiled, and recompiled, once per layer."""
     disable = getattr(getattr(torch, "compiler", None), "disable", None)
     return disable(fn) if disable is not None else fn
+
+
+_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
+
+
+class _Keeper(Hook):
+    """The light hook of unmeasured steps: keeps the layer's output until the forward returns.
+    Called on every step, so it is one plain call (not wrapped for the compiler: under
+    torch.compile it does nothing, which traces into nothing)."""
+
+    __slots__ = ("taps", "layer")
+
+    def __init__(self, taps: "LayerTaps", layer: Layer) -> None:
+        self.taps, self.layer = taps, layer
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        if _compiling():
+            return
+        taps = self.taps
+        # Only with autograd on: its graph holds most outputs anyway, so keeping them to the
+        # end of the forward costs little memory (under no_grad it could cost a lot).
+        if taps.keeping and torch.is_grad_enabled():
+            taps.kept.append((self.layer, output))
 
 
 @dataclass
@@ -119,23 +142,13 @@ class LayerTaps:
         if self.handles or self.light:
             return
         for layer in self.layers:
-            self.light.append(forward_hook(layer.module, self._keeper(layer)))
+            self.light.append(layer.module.register_forward_hook(_Keeper(self, layer)))
 
     def _remove_light(self) -> None:
         for h in self.light:
             h.remove()
         self.light.clear()
         self.kept.clear()
-
-    def _keeper(self, layer: Layer) -> Callable[..., None]:
-        kept = self.kept
-
-        def keep(module: nn.Module, args: Any, output: Any) -> None:
-            # Only with autograd on: its graph holds most outputs anyway, so keeping them to the
-            # end of the forward costs little memory (under no_grad it could cost a lot).
-            if self.keeping and torch.is_grad_enabled():
-                kept.append((layer, output))
-        return eager(keep)
 
     def take(self) -> List[Tuple[Layer, Any]]:
         """The outputs kept during the forward that just ended (and stop keeping)."""
