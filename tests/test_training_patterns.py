@@ -869,6 +869,28 @@ def test_a_non_finite_gradient_is_reported_at_its_own_step_naming_the_first_para
     assert 12 not in rec.steps
 
 
+def test_on_an_accelerator_the_step_is_named_a_step_later(monkeypatch):
+    """On a device the flag is read a step late (simulated here: a finished event on the CPU)."""
+    from gradwatch.collect import finite
+
+    real = finite.Sentinel.check
+
+    class Finished:
+        def query(self) -> bool:
+            return True
+
+    def deferred(self: Any, value: Any, step: Optional[int], what: str) -> Optional[bool]:
+        if real(self, value, step, what) is False:
+            self._pending.append((step, what, torch.tensor(True), Finished()))
+        return None
+
+    monkeypatch.setattr(finite.Sentinel, "check", deferred)
+    run = nonfinite_at(12, "activation")
+    notes = [n for n in run.watch.report().notes if "first appeared" in n]
+    assert len(notes) == 1 and "at step 12, in the model's output" in notes[0] and "step 13 is measured" in notes[0]
+    assert 12 not in run.rec.steps and run.rec.steps[13].layers["nan"].nonfinite
+
+
 def test_the_finiteness_check_is_cheap_and_changes_nothing_on_healthy_steps():
     model = seeded(models.small_mlp)
     with watching(model, True, every=5) as run:

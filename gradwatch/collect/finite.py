@@ -43,6 +43,7 @@ class Sentinel:
         self._pending: List[Tuple[int, str, Tensor, Any]] = []  # (step, what, host flag, event)
         self._ring: List[Tensor] = []
         self._next = 0
+        self.said = False  # the late finding was said (once)
 
     def check(self, value: Any, step: Optional[int], what: str) -> Optional[bool]:
         """False when ``value`` (a tensor or a module output) holds a NaN/Inf, True when it does
