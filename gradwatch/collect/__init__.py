@@ -215,16 +215,13 @@ class Collector:
 
     def _found_late(self, step: int, what: str) -> None:
         """A device flag of an earlier step tripped: said once; the running step is measured."""
-        if self.sentinel.said:
-            if self._buf is None:
-                self.begin(histograms=False)
-            return
-        self.sentinel.said = True
-        self.say(f"gradwatch: non-finite values (NaN/Inf) first appeared at step {step}, in {what}. On this "
-                 f"device each step's check is read a step later (reading it at once would wait for the device), "
-                 f"so the layer could not be named at step {step}; step {self.step} is measured instead, and the "
-                 f"layer it names may lie after the one where the values arose. Later steps with non-finite "
-                 f"values are measured the same way without a further note.")
+        if not self.sentinel.said:
+            self.sentinel.said = True
+            self.say(f"gradwatch: non-finite values (NaN/Inf) first appeared at step {step}, in {what}. On this "
+                     f"device each step's check is read a step later (reading it at once would wait for the "
+                     f"device), so the layer could not be named at step {step}; step {self.step} is measured "
+                     f"instead, and the layer it names may lie after the one where the values arose. Later steps "
+                     f"with non-finite values are measured the same way without a further note.")
         if self._buf is None:
             self.begin(histograms=False)
 
