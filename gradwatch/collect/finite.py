@@ -18,6 +18,7 @@ step is measured (the layer named there may be a later one than where the values
 
 from __future__ import annotations
 
+import math
 from typing import Any, List, Optional, Tuple
 
 import torch
@@ -28,12 +29,10 @@ from .outputs import iter_tensors
 _RING = 4  # pinned host flags in flight (an accelerator runs at most a step or two ahead)
 
 
-def _bad(tensors: List[Tensor]) -> Tensor:
-    """True where a tensor holds a NaN/Inf: a float sum of it is non-finite (one kernel each)."""
-    sums = [t.detach().sum(dtype=torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else None)
-            for t in tensors]
-    total = sums[0] if len(sums) == 1 else torch.stack([s.to(sums[0].dtype) for s in sums]).sum()
-    return ~torch.isfinite(total)
+def _sum(t: Tensor) -> Tensor:
+    """A float sum over every element: non-finite exactly when a NaN/Inf is present (half
+    precision is summed in float32, so large finite values do not overflow it)."""
+    return t.detach().sum(dtype=torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else None)
 
 
 class Sentinel:
@@ -51,12 +50,13 @@ class Sentinel:
         tensors = [t for t in iter_tensors(value) if t.is_floating_point() and t.numel()]
         if not tensors:
             return None
-        bad = _bad(tensors)
         device = tensors[0].device
-        if device.type == "cpu":
-            return not bool(bad)
+        if device.type == "cpu":  # reading a CPU number costs no synchronisation: one sum and one read
+            return all(math.isfinite(_sum(t).item()) for t in tensors)
         if step is None or not hasattr(torch, device.type):
             return None
+        sums = [_sum(t) for t in tensors]
+        bad = ~torch.isfinite(sums[0] if len(sums) == 1 else torch.stack([s.to(sums[0].dtype) for s in sums]).sum())
         host = self._slot()
         host.copy_(bad, non_blocking=True)
         event = getattr(torch, device.type).Event()
