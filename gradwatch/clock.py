@@ -45,6 +45,7 @@ class StepClock:
 
     def _open(self) -> None:
         step = self.step = 0 if self.step is None else self.step + 1
+        self.collector.step = step
         self.seen += 1
         self._adapt(step)
         self.collector.enabled = True

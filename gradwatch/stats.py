@@ -136,22 +136,34 @@ def slope_saturation(y: Tensor, grad_in: Tensor, grad_out: Tensor, slope: float,
     return torch.stack([valid.sum().double(), saturated.double(), observed.double()])
 
 
-def unit_dim(ndim: int) -> Optional[int]:
-    """The dimension that indexes *units*: features of (N, F), channels of (N, C, ...),
-    the last dimension of (N, L, F) sequences. None when there is no batch dimension."""
+def unit_dim(ndim: int, channels_first: Optional[bool] = None) -> Optional[int]:
+    """The dimension that indexes *units*, for an output with a batch dimension first.
+
+    ``channels_first`` says how the tensor that the activation received was laid out:
+    True for the outputs of convolutions and of BatchNorm/InstanceNorm/GroupNorm (channels
+    are dim 1 of ``(N, C, ...)``), False for Linear, LayerNorm, embeddings and recurrent layers
+    (features are the last dim, also of ``(N, L, F)`` sequences and channels-last images).
+    Unknown (None): features of ``(N, F)``, the last dim of ``(N, L, F)`` sequences, channels
+    of ``(N, C, H, W)`` and ``(N, C, D, H, W)``. None when there is no batch dimension.
+
+    >>> unit_dim(3), unit_dim(3, channels_first=True), unit_dim(4), unit_dim(4, channels_first=False)
+    (2, 1, 1, 3)
+    """
     if ndim < 2:
         return None
-    return 2 if ndim == 3 else 1
+    if channels_first is None:
+        channels_first = ndim >= 4
+    return 1 if channels_first else ndim - 1
 
 
-def active_units(y: Tensor, nonnegative: bool = False) -> Optional[Tensor]:
+def active_units(y: Tensor, channels_first: Optional[bool] = None, nonnegative: bool = False) -> Optional[Tensor]:
     """Per unit (see :func:`unit_dim`): did any element of this unit differ from zero?
     ``nonnegative``: the output cannot be negative (a rectifier), so one reduction suffices.
 
     >>> active_units(torch.tensor([[0.0, 1.0, 0.0], [0.0, 2.0, -3.0]])).tolist()
     [False, True, True]
     """
-    d = unit_dim(y.dim())
+    d = unit_dim(y.dim(), channels_first)
     if d is None or y.numel() == 0:
         return None
     x = y.detach()

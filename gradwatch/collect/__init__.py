@@ -8,7 +8,8 @@ each other; :class:`Collector` composes them::
     step end   --> summary.totals (one host transfer) --> ranks.combine --> summary.finish --> StepData
 
 Only the root module carries permanent hooks (to count steps and to see backward passes);
-per-layer hooks exist on measured steps only, so other steps cost one cheap hook call.
+per-layer measuring hooks exist on measured steps only. Other steps cost the root's hooks, one
+light hook per layer and the per-step finiteness check of :mod:`.finite`.
 :mod:`.guard` keeps a bug in gradwatch from ever breaking the user's training.
 """
 
@@ -24,11 +25,13 @@ from ..config import Options
 from ..layers import Layer
 from ..report import StepData
 from . import ranks, summary
-from .blind import BlindSpot
+from .blind import BlindSpot, scripted
 from .buffers import Reduction, StepBuffers, UnitHistory, in_backward
+from .finite import Sentinel, smallest_near_input
 from .functional import FunctionalTaps
 from .gradients import GradientReader
 from .guard import Guard
+from .hooks import CleanCopies, WeakHook, forward_hook, forward_pre_hook
 from .taps import LayerTaps
 
 __all__ = ["Collector"]
@@ -40,7 +43,9 @@ class Collector:
     def __init__(self, model: nn.Module, layers: List[Layer], options: Options,
                  on_root_forward: Callable[[nn.Module], None], say: Callable[[str], None]) -> None:
         self.model = model
+        layers, self._scripted = scripted(model, layers)  # TorchScript children take no hooks
         self.layers = layers
+        self.say = say
         self.guard = Guard(options.strict)
         self.enabled = False  # False during forwards gradwatch must ignore (eval forwards by default)
         self._buf: Optional[StepBuffers] = None
@@ -50,21 +55,34 @@ class Collector:
         self.functional = FunctionalTaps(model, how, self.guard, self._current) if options.functional else None
         self.units = UnitHistory(options.dead_window)
         self.combiner = ranks.RankCombiner()
-        self.blind = BlindSpot(model, len(layers), say)
+        self.blind = BlindSpot(model, len(layers), say, layers_seen=lambda: self.taps.seen)
         self._on_root_forward = on_root_forward
         self._root_handles: List[RemovableHandle] = []
+        self.copies = CleanCopies()
         self._depth = 0  # nesting of the root's forward (a root that calls itself)
+        self.sentinel = Sentinel()
+        self.checking = False  # the per-step finiteness check (one process only, see attach)
+        self.step: Optional[int] = None  # the running step (set by the clock)
 
     def _current(self) -> Optional[StepBuffers]:
         return self._buf if self.enabled else None
 
     # ------------------------------------------------------------------ attach / detach
     def attach(self) -> None:
-        self._root_handles.append(self.model.register_forward_pre_hook(self._root_pre_hook))
+        if self._scripted is not None:
+            self.say(self._scripted)
+        self.copies.install(self.model)  # copies of the watched model (deepcopy, pickle) carry no hook
+        self._root_handles.append(forward_pre_hook(self.model, self._root_pre_hook))
         # always_call: the functional tap must be left even when the forward raises.
-        self._root_handles.append(self.model.register_forward_hook(self._root_hook, always_call=True))
+        self._root_handles.append(forward_hook(self.model, self._root_hook, always_call=True))
         params = self.gradients.params()
         self.blind.attach(params[0][2] if params else None)
+        # Under several processes a step that one rank turned into a measured one would leave the
+        # others out of its all-reduce: the check runs in a single process only.
+        self.checking = ranks.world() == 1
+        near_input = smallest_near_input(params) if self.checking else None
+        if near_input is not None and hasattr(near_input, "register_post_accumulate_grad_hook"):
+            self._root_handles.append(near_input.register_post_accumulate_grad_hook(WeakHook(self._check_grad)))
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer,
                          on_step: Optional[Callable[[], None]] = None) -> None:
@@ -80,6 +98,7 @@ class Collector:
         for h in self._root_handles:
             h.remove()
         self._root_handles.clear()
+        self.copies.remove()
         self.blind.detach()
         self.enabled = False
 
@@ -102,11 +121,13 @@ class Collector:
             self.functional.register()
 
     def pause(self) -> None:
-        """An unmeasured step begins: take the per-layer hooks off, so it costs nothing."""
-        self._remove_step_hooks()
+        """An unmeasured step begins: the per-layer measuring hooks make way for light ones."""
+        self._remove_step_hooks(light=False)
+        if self.checking:
+            self.taps.keep()
 
-    def _remove_step_hooks(self) -> None:
-        self.taps.remove()
+    def _remove_step_hooks(self, light: bool = True) -> None:
+        self.taps.remove(light)
         self.gradients.remove()
         if self.functional is not None:
             self.functional.remove()
@@ -154,6 +175,10 @@ class Collector:
             self._depth -= 1
             raise
         self.taps.new_forward()
+        late = self.guard("finiteness check", self.sentinel.poll) if self.sentinel.pending else None
+        if late is not None:
+            self._found_late(*late)
+        self.taps.keeping = self._buf is None and self.enabled
         if self.functional is not None and self._current() is not None:
             self.functional.enter()
 
@@ -161,9 +186,44 @@ class Collector:
         self._depth = max(self._depth - 1, 0)
         if self._depth or in_backward():
             return
+        kept = self.taps.take()
+        if self._buf is None and self.enabled and self.checking:
+            self.guard("finiteness check", self._check_output, output, kept)
         if self.functional is not None:
             self.functional.leave()
         self.guard("parameter gradients", self.gradients.watch_output, output)
+
+    # ------------------------------------------------------------------ non-finite values between measured steps
+    def _check_output(self, output: Any, kept: List[Any]) -> None:
+        if self.sentinel.check(output, self.step, "the model's output") is False:
+            # This step becomes a measured one now: its layers' outputs (kept until here) in
+            # forward order, and its gradients at the end of its backward.
+            self._buf = StepBuffers(histograms=False)
+            self.taps.register()
+            self.gradients.register()
+            self.taps.replay(self._buf, kept)
+
+    def _check_grad(self, param: torch.Tensor) -> None:
+        if self._buf is None and self.enabled and param.grad is not None:
+            self.guard("finiteness check", self._check_grad_now, param)
+
+    def _check_grad_now(self, param: torch.Tensor) -> None:
+        if self.sentinel.check(param.grad, self.step, "a gradient near the input") is False:
+            self._buf = StepBuffers(histograms=False)  # read every gradient at the end of this backward
+            self.gradients.register()
+            self.gradients.accumulated(param)
+
+    def _found_late(self, step: int, what: str) -> None:
+        """A device flag of an earlier step tripped: said once; the running step is measured."""
+        if not self.sentinel.said:
+            self.sentinel.said = True
+            self.say(f"gradwatch: non-finite values (NaN/Inf) first appeared at step {step}, in {what}. On this "
+                     f"device each step's check is read a step later (reading it at once would wait for the "
+                     f"device), so the layer could not be named at step {step}; step {self.step} is measured "
+                     f"instead, and the layer it names may lie after the one where the values arose. Later steps "
+                     f"with non-finite values are measured the same way without a further note.")
+        if self._buf is None:
+            self.begin(histograms=False)
 
 
 def _is_compiled(model: nn.Module) -> bool:

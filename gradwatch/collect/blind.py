@@ -9,12 +9,15 @@ measured steps see gradients but no layer output, gradwatch says so once, with t
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
+import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from ..layers import Layer, display_name
 from ..report import StepData
+from .hooks import WeakHook
 
 UNSEEN_AFTER = 3
 """Backward passes without any forward seen before gradwatch says it is blind."""
@@ -25,13 +28,33 @@ COMPILE_FIX = ("torch.compile skips module hook guards by default: when the mode
                "set torch._dynamo.config.skip_nnmodule_hook_guards = False.")
 
 
+def scripted(model: nn.Module, layers: List[Layer]) -> Tuple[List[Layer], Optional[str]]:
+    """TorchScript modules inside ``model`` take no Python hooks: the layers outside them, and
+    the note that names them (None when there are none)."""
+    tops: List[str] = []
+    for name, m in model.named_modules():
+        if isinstance(m, torch.jit.ScriptModule) and not any(name.startswith(t + ".") for t in tops):
+            tops.append(name)
+    if not tops:
+        return layers, None
+    inside = {id(m) for t in tops for m in model.get_submodule(t).modules()}
+    kept = [layer for layer in layers if id(layer.module) not in inside]
+    names = ", ".join(display_name(t) for t in tops)
+    return kept, (f"gradwatch: {names} of {type(model).__name__} is TorchScript (torch.jit.script), which takes no "
+                  f"hooks: its {len(layers) - len(kept)} layer(s) are not measured, their parameters' gradients "
+                  f"and the rest of the model are. Watch the module before scripting it (or leave it eager) to "
+                  f"measure its layers.")
+
+
 class BlindSpot:
     """Watches for training that gradwatch cannot see; ``say`` receives each explanation once."""
 
-    def __init__(self, model: nn.Module, n_layers: int, say: Callable[[str], None]) -> None:
+    def __init__(self, model: nn.Module, n_layers: int, say: Callable[[str], None],
+                 layers_seen: Callable[[], int] = lambda: 0) -> None:
         self.model = model
         self.n_layers = n_layers
         self.say = say
+        self.layers_seen = layers_seen  # layer outputs recorded so far (optimizer steps without a forward)
         self.forwards = 0  # root forwards seen (training mode or not)
         self.backwards = 0  # backward passes that wrote a watched parameter's gradient
         self.measured_without_grads = 0
@@ -40,7 +63,7 @@ class BlindSpot:
 
     def attach(self, first_param: Optional[nn.Parameter]) -> None:
         if first_param is not None and hasattr(first_param, "register_post_accumulate_grad_hook"):
-            self._handle = first_param.register_post_accumulate_grad_hook(self._trained)
+            self._handle = first_param.register_post_accumulate_grad_hook(WeakHook(self._trained))
 
     def detach(self) -> None:
         if self._handle is not None:
@@ -54,12 +77,13 @@ class BlindSpot:
 
     def _trained(self, param: nn.Parameter) -> None:
         self.backwards += 1
-        if self.backwards >= UNSEEN_AFTER and self.forwards == 0:
+        if self.backwards >= UNSEEN_AFTER and self.forwards == 0 and not self.layers_seen():
             self._once("unseen", (
                 f"gradwatch: {type(self.model).__name__} trained ({self.backwards} backward passes) but none of its "
-                f"forwards reached gradwatch's hooks, so no step was measured. {COMPILE_FIX} If the hooks were "
-                f"removed (module._forward_hooks.clear()) re-attach the watch; if the model is trained through "
-                f"another method than forward (model.encode(x)), pass optimizer=opt, steps=\"optimizer\"."))
+                f"forwards reached gradwatch's hooks, so no step was counted or measured. If the model is trained "
+                f"through another method than forward (model.encode(x)), pass optimizer=opt, steps=\"optimizer\" "
+                f"(or steps=\"manual\" and call watch.step()). Otherwise: {COMPILE_FIX} If the hooks were removed "
+                f"(module._forward_hooks.clear()), re-attach the watch."))
 
     def check_step(self, data: Optional[StepData], compiled: bool) -> None:
         """After a measured step: gradients but no layer output means the layers were not seen."""

@@ -8,7 +8,7 @@ kept between steps except what :class:`UnitHistory` holds on purpose (per-unit c
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -60,8 +60,11 @@ class SiteBuffer:
     out_grad: List[Tensor] = field(default_factory=list)  # L2 norms of the gradient at the output
     alive: Optional[Tensor] = None  # per unit: any non-zero output in this step
 
-    def add_output(self, output: Any, spec: ActivationSpec, how: Reduction, histograms: bool) -> List[Tensor]:
-        """Reduce one call's output on its device; returns its floating-point tensors."""
+    def add_output(self, output: Any, spec: ActivationSpec, how: Reduction, histograms: bool,
+                   layout: Optional[Tuple[torch.Size, bool]] = None) -> List[Tensor]:
+        """Reduce one call's output on its device; returns its floating-point tensors.
+        ``layout``: the shape of the last output whose layout is known, and whether it was
+        channels-first: the units of an activation of that shape follow it (``stats.unit_dim``)."""
         self.calls += 1
         tensors, others = [], []
         for t in iter_tensors(output):  # one walk over the output
@@ -81,7 +84,8 @@ class SiteBuffer:
         if histograms and self.histogram is None:
             self.histogram = stats.histogram(first, how.bins, how.samples)
         if spec.tracks_dead_units and len(tensors) == 1:
-            alive = stats.active_units(first, nonnegative=spec.kind is ActivationKind.RECTIFIER)
+            channels_first = layout[1] if layout is not None and layout[0] == first.shape else None
+            alive = stats.active_units(first, channels_first, nonnegative=spec.kind is ActivationKind.RECTIFIER)
             if alive is not None:
                 if self.alive is None:
                     self.alive = alive
@@ -109,10 +113,16 @@ class StepBuffers:
     applied: Optional[GradientRead] = None  # read at optimizer.step(), after clipping
     grad_hist: Dict[str, Tensor] = field(default_factory=dict)
     notes: List[str] = field(default_factory=list)
+    layout: Optional[Tuple[torch.Size, bool]] = None  # the last output of a module with a known layout
 
-    def record(self, site: str, output: Any, spec: ActivationSpec, how: Reduction) -> List[Tensor]:
-        """Reduce one call's output into ``site`` and watch the gradient that reaches it."""
-        tensors = self.site(site).add_output(output, spec, how, self.histograms)
+    def record(self, site: str, output: Any, spec: ActivationSpec, how: Reduction,
+               channels_first: Optional[bool] = None) -> List[Tensor]:
+        """Reduce one call's output into ``site`` and watch the gradient that reaches it.
+        ``channels_first``: the layout of the recording module's output, when its type tells
+        (convolutions and batch norms: True; Linear, LayerNorm, embeddings: False)."""
+        tensors = self.site(site).add_output(output, spec, how, self.histograms, self.layout)
+        if channels_first is not None and tensors:
+            self.layout = (tensors[0].shape, channels_first)
         if torch.is_grad_enabled():
             for t in tensors:
                 if t.requires_grad:

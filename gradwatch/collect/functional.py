@@ -23,6 +23,7 @@ from torch.utils.hooks import RemovableHandle
 from ..layers import ActivationKind, ActivationSpec, Layer, activation_spec, display_name, is_wrapper
 from .buffers import Reduction, StepBuffers, in_backward, site_name
 from .guard import Guard
+from .hooks import forward_hook, forward_pre_hook
 
 _RECT = ActivationSpec(ActivationKind.RECTIFIER)
 _SMOOTH = ActivationSpec(ActivationKind.SMOOTH)
@@ -103,8 +104,10 @@ class FunctionalTaps:
         if self.handles:
             return
         for module in self._names:  # track which module's forward is running
-            self.handles.append(module.register_forward_pre_hook(self._push))
-            self.handles.append(module.register_forward_hook(self._pop, always_call=True))
+            if isinstance(module, torch.jit.ScriptModule):  # takes no hooks (see blind.scripted)
+                continue
+            self.handles.append(forward_pre_hook(module, self._push))
+            self.handles.append(forward_hook(module, self._pop, always_call=True))
 
     def remove(self) -> None:
         self.leave()

@@ -32,6 +32,7 @@ from .. import stats
 from ..layers import Selector, select_parameters
 from .buffers import GradientRead, Reduction, StepBuffers
 from .guard import Guard
+from .hooks import WeakHook
 from .outputs import iter_tensors
 from .ranks import local_shard, reduce_shards
 
@@ -69,6 +70,7 @@ class GradientReader:
         self._key: List[Tuple[int, bool]] = []  # (id, requires_grad) of every parameter, at the last look-up
         self._params: List[Tuple[str, str, nn.Parameter]] = []
         self._assigned = False  # some watched parameter is sharded (FSDP)
+        self._hooked: Optional[List[Tuple[str, str, nn.Parameter]]] = None  # the list the hooks are on
 
     def params(self) -> List[Tuple[str, str, nn.Parameter]]:
         """(name, owning layer, parameter) of the watched parameters that train, as they are now:
@@ -85,12 +87,16 @@ class GradientReader:
 
     # ------------------------------------------------------------------ triggers
     def register(self) -> None:
-        """A measured step begins: hook every watched parameter's gradient accumulation."""
-        if self.handles:
+        """A measured step begins: hook every watched parameter's gradient accumulation (again
+        when parameters were replaced, frozen or unfrozen since the hooks were placed)."""
+        params = self.params()
+        if self.handles and self._hooked is params:
             return
-        for _, _, p in self.params():
+        self.remove()
+        self._hooked = params
+        for _, _, p in params:
             if hasattr(p, "register_post_accumulate_grad_hook"):
-                self.handles.append(p.register_post_accumulate_grad_hook(self._accumulated))
+                self.handles.append(p.register_post_accumulate_grad_hook(WeakHook(self._accumulated)))
 
     def remove(self) -> None:
         for h in self.handles:
@@ -121,6 +127,8 @@ class GradientReader:
         self._wrote = True
         if not self._queued:
             self._queue()
+
+    accumulated = _accumulated  # a gradient was written: read them all at the end of this backward
 
     def _queue(self) -> None:
         buf = self.current()

@@ -6,6 +6,11 @@ uses no random numbers. Gradients at outputs are read with tensor hooks
 (``Tensor.register_hook``), not full module backward hooks, which fail on in-place modules
 such as ``nn.ReLU(inplace=True)``.
 
+Between measured steps, each layer carries one light hook instead (:meth:`LayerTaps.keep`):
+it keeps a reference to the layer's output until the model's forward returns, so that when the
+model's output turns out non-finite, that step's outputs can still be measured in forward order
+(:meth:`LayerTaps.replay`) and the first non-finite layer named at the step it appeared.
+
 A module object called at several places of one forward (one ``nn.ReLU()`` reused through a
 block) gets one record per call site: ``relu#1``, ``relu#2``, ... counted afresh at each forward
 of the model, so the sites of two forwards in one step (siamese pairs) merge site by site.
@@ -15,7 +20,7 @@ Forwards that autograd re-runs during backward (activation checkpointing) are no
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -25,9 +30,28 @@ from .. import stats
 from ..layers import ActivationKind, Layer
 from .buffers import Reduction, StepBuffers, in_backward, site_name
 from .guard import Guard
+from .hooks import Hook, forward_hook, forward_pre_hook
 
 Current = Callable[[], Optional[StepBuffers]]
 """Returns the buffers of the step being measured, or None when nothing is to be recorded."""
+
+_CHANNELS_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm,
+                   nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+                   nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+                   nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+_CHANNELS_LAST = (nn.Linear, nn.Bilinear, nn.LayerNorm, nn.Embedding, nn.EmbeddingBag, nn.RNNBase,
+                  nn.MultiheadAttention) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+
+
+def channels_first(module: nn.Module) -> Optional[bool]:
+    """Whether ``module``'s output has its units at dim 1 (convolutions, batch/instance/group
+    norms, pooling), at the last dim (Linear, LayerNorm, embeddings, recurrent layers), or
+    None when its type does not say. The activations that follow count dead units on that axis."""
+    if isinstance(module, _CHANNELS_FIRST):
+        return True
+    if isinstance(module, _CHANNELS_LAST):
+        return False
+    return None
 
 
 def eager(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -35,6 +59,29 @@ def eager(fn: Callable[..., Any]) -> Callable[..., Any]:
     break each) instead of being compiled, and recompiled, once per layer."""
     disable = getattr(getattr(torch, "compiler", None), "disable", None)
     return disable(fn) if disable is not None else fn
+
+
+_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
+
+
+class _Keeper(Hook):
+    """The light hook of unmeasured steps: keeps the layer's output until the forward returns.
+    Called on every step, so it is one plain call (not wrapped for the compiler: under
+    torch.compile it does nothing, which traces into nothing)."""
+
+    __slots__ = ("taps", "layer")
+
+    def __init__(self, taps: "LayerTaps", layer: Layer) -> None:
+        self.taps, self.layer = taps, layer
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        if _compiling():
+            return
+        taps = self.taps
+        # Only with autograd on: its graph holds most outputs anyway, so keeping them to the
+        # end of the forward costs little memory (under no_grad it could cost a lot).
+        if taps.keeping and torch.is_grad_enabled():
+            taps.kept.append((self.layer, output))
 
 
 @dataclass
@@ -59,7 +106,13 @@ class LayerTaps:
         self.guard = guard
         self.current = current
         self.handles: List[RemovableHandle] = []
+        self.seen = 0  # layer outputs recorded since attach
+        self.light: List[RemovableHandle] = []  # the keeping hooks of unmeasured steps
+        self.keeping = False  # True during a root forward of an unmeasured step
+        self.kept: List[Tuple[Layer, Any]] = []
         self._calls: Dict[str, int] = {}  # per module, calls in the current forward of the model
+        self._calls_of: Optional[StepBuffers] = None  # the step those calls were counted in
+        self._layout = {layer.name: channels_first(layer.module) for layer in layers}
         self._probes: Dict[str, List[Optional[_SlopeProbe]]] = {}
         self._peak: Dict[str, Tensor] = {}  # per site, the largest slope seen (kept across steps)
 
@@ -70,15 +123,45 @@ class LayerTaps:
     def register(self) -> None:
         if self.handles:
             return
+        self._remove_light()
         for layer in self.layers:
             if layer.spec.kind is ActivationKind.GENERIC:
-                self.handles.append(layer.module.register_forward_pre_hook(self._pre_hook(layer)))
-            self.handles.append(layer.module.register_forward_hook(self._hook(layer)))
+                self.handles.append(forward_pre_hook(layer.module, self._pre_hook(layer)))
+            self.handles.append(forward_hook(layer.module, self._hook(layer)))
 
-    def remove(self) -> None:
+    def remove(self, light: bool = True) -> None:
+        """Take the measuring hooks off, and the keeping hooks too unless ``light`` is False."""
         for h in self.handles:
             h.remove()
         self.handles.clear()
+        if light:
+            self._remove_light()
+
+    def keep(self) -> None:
+        """An unmeasured step: one light hook per layer, keeping its outputs during the forward."""
+        if self.handles or self.light:
+            return
+        for layer in self.layers:
+            self.light.append(layer.module.register_forward_hook(_Keeper(self, layer)))
+
+    def _remove_light(self) -> None:
+        for h in self.light:
+            h.remove()
+        self.light.clear()
+        self.kept.clear()
+
+    def take(self) -> List[Tuple[Layer, Any]]:
+        """The outputs kept during the forward that just ended (and stop keeping)."""
+        self.keeping = False
+        kept = list(self.kept)
+        self.kept.clear()
+        return kept
+
+    def replay(self, buf: StepBuffers, kept: List[Tuple[Layer, Any]]) -> None:
+        """Measure the kept outputs of a forward as a measured step would have, in forward order."""
+        for layer, output in kept:
+            if layer.name not in self.guard.broken:
+                self.guard(layer.name, self._on_output, layer, buf, output)
 
     def new_forward(self) -> None:
         """The model's forward begins: call sites are counted from 1 again."""
@@ -115,11 +198,15 @@ class LayerTaps:
         return eager(hook)
 
     def _on_output(self, layer: Layer, buf: StepBuffers, output: Any) -> None:
+        self.seen += 1
+        if buf is not self._calls_of:  # a new step (a model trained through other methods
+            self._calls_of = buf  # than forward has no root forward to count sites from)
+            self._calls.clear()
         call = self._calls[layer.name] = self._calls.get(layer.name, 0) + 1
         site = site_name(layer.name, call)
         probes = self._probes.get(layer.name)
         probe = probes.pop() if probes else None
-        tensors = buf.record(site, output, layer.spec, self.how)
+        tensors = buf.record(site, output, layer.spec, self.how, self._layout.get(layer.name))
         if not tensors or not torch.is_grad_enabled():
             return
         first = tensors[0]
