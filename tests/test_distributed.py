@@ -204,16 +204,11 @@ def auto_worker(rank: int, world: int, port: int, out: dict) -> None:
         model = nn.parallel.DistributedDataParallel(make_model())
         x, y = data()
         x, y = x[rank * 32:(rank + 1) * 32], y[rank * 32:(rank + 1) * 32]
-        def busy(module, args, output):  # rank 1's steps take longer (returns None: output unchanged)
-            torch.randn(300, 300) @ torch.randn(300, 300)
-
-        if rank == 1:
-            slow = model.module[1].register_forward_hook(busy)
-        with GradWatch(model, quiet=True, budget=1e-4) as watch:  # an interval that moves, differently per rank
+        with GradWatch(model, quiet=True) as watch:
+            if rank == 1:  # only rank 1's budget asks for a wider interval (a timing-free stand-in)
+                watch.schedule.adapt = lambda step, own=0.0: 80 if step == 100 else None
             for _ in range(200):
                 nn.functional.cross_entropy(model(x), y).backward()
-        if rank == 1:
-            slow.remove()
         out[rank] = (watch.every, watch.report().step)
     finally:
         dist.destroy_process_group()
@@ -225,4 +220,4 @@ def test_ranks_agree_on_an_adaptive_interval():
         out = manager.dict()
         mp.spawn(auto_worker, args=(2, free_port(), out), nprocs=2, join=True)
         ranks = dict(out)
-    assert ranks[0] == ranks[1] and ranks[0][0] > 20  # same interval, same last measured step: no hang
+    assert ranks[0] == ranks[1] == (80, 160)  # rank 0 adopts rank 1's interval: same measured steps, no hang
