@@ -56,6 +56,15 @@ class Thresholds:
         exploding_norm: warn when the global gradient L2 norm exceeds this bound.
         jump_factor: warn when the global gradient norm grows by this factor over the
             median of the last few logged steps.
+        update_ratio_high: warn (``learning_rate``) when a weight's update-to-weight ratio
+            ``‖Δw‖/‖w‖`` per optimizer step stays at or above this over ``update_window``
+            measured steps (needs ``optimizer=``; healthy training: around 1e-3).
+        update_ratio_low: note when most weights' update ratios stay at or below this over
+            ``update_window`` measured steps (the layers barely learn).
+        update_window: measured steps with an update that a learning-rate verdict must cover
+            (an integer, 2 or more).
+        attention_saturated_fraction: warn (``attention_collapse``) when more than this share
+            of an attention layer's sampled queries put more than 0.99 of their weight on one key.
     """
 
     saturation_slope: float = 0.04
@@ -65,9 +74,14 @@ class Thresholds:
     exploding_ratio: float = 1e2
     exploding_norm: float = 1e3
     jump_factor: float = 1e2
+    update_ratio_high: float = 1e-1
+    update_ratio_low: float = 1e-5
+    update_window: int = 5
+    attention_saturated_fraction: float = 0.5
 
     def __post_init__(self) -> None:
-        open_unit = ("saturation_slope", "saturated_fraction", "dead_fraction", "vanishing_ratio")
+        open_unit = ("saturation_slope", "saturated_fraction", "dead_fraction", "vanishing_ratio",
+                     "update_ratio_high", "update_ratio_low", "attention_saturated_fraction")
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -76,6 +90,11 @@ class Thresholds:
                 raise ValueError(f"Thresholds.{f.name} must be between 0 and 1 (exclusive), got {value!r}")
             if f.name not in open_unit and not value > 1:
                 raise ValueError(f"Thresholds.{f.name} must be greater than 1, got {value!r}")
+        if not isinstance(self.update_window, int):
+            raise ValueError(f"Thresholds.update_window must be an integer (measured steps), got {self.update_window!r}")
+        if not self.update_ratio_low < self.update_ratio_high:
+            raise ValueError(f"Thresholds.update_ratio_low ({self.update_ratio_low!r}) must be below "
+                             f"update_ratio_high ({self.update_ratio_high!r})")
 
     @property
     def saturation_margin(self) -> float:

@@ -9,10 +9,10 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
-from typing import Deque, Dict, Iterable, List, Sequence, Set, Tuple
+from typing import Deque, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from .config import Thresholds
-from .report import Finding, FindingKind, StepStats
+from .report import Finding, FindingKind, ParamStats, StepStats
 
 _SATURATING_ADVICE = ("Try a ReLU-family activation (ReLU, LeakyReLU, ELU), normalise the pre-activations "
                       "(BatchNorm/LayerNorm), or scale the inputs and initial weights down.")
@@ -28,6 +28,8 @@ def evaluate(stats: StepStats, thresholds: Thresholds, history: Sequence[float] 
     findings += dead_units(stats, thresholds, dead_window)
     findings += gradient_flow(stats, thresholds)
     findings += gradient_size(stats, thresholds, history)
+    findings += learning_rate(stats, thresholds)
+    findings += attention_collapse(stats, thresholds)
     return findings
 
 
@@ -171,3 +173,94 @@ class Debouncer:
         # A (kind, layer) that did not fire this time has cleared and may warn again later.
         self._active = keys
         return fresh
+
+
+def _judged_updates(stats: StepStats, thresholds: Thresholds) -> List[ParamStats]:
+    """Weight matrices and kernels (ndim >= 2) with a full window of update ratios, in a group with a
+    non-zero learning rate. Biases and norm scales are left out: starting at zero or one, their
+    ratios say little about the learning rate (a zero-initialised bias has a large ratio at first)."""
+    return [ps for ps in stats.params.values()
+            if ps.ndim >= 2 and ps.update_window >= thresholds.update_window and ps.learning_rate != 0
+            and ps.update_ratio_min is not None and ps.update_ratio_max is not None]
+
+
+def _lr_text(params: Sequence[ParamStats]) -> str:
+    lrs = sorted({ps.learning_rate for ps in params if ps.learning_rate is not None})
+    return "learning rate " + ", ".join(f"{lr:g}" for lr in lrs) if lrs else "the learning rate"
+
+
+def learning_rate(stats: StepStats, thresholds: Thresholds) -> List[Finding]:
+    """Updates as large as the weights: a weight's update-to-weight ratio ``‖Δw‖/‖w‖`` stayed at or
+    above ``update_ratio_high`` over the last ``update_window`` measured steps, or reached ten times
+    that in one step (by default 1: one step moved the weight by more than its own size -- a blow-up
+    that saturates or breaks the network before any window fills). One finding per layer."""
+    high = thresholds.update_ratio_high
+    by_layer: Dict[str, List[Tuple[ParamStats, float, str]]] = {}
+    for ps in stats.params.values():
+        if ps.ndim < 2 or ps.learning_rate == 0 or ps.update_ratio_min is None or ps.update_ratio is None:
+            continue  # not judged (see _judged_updates); update_ratio_min is None for zero-initialised weights
+        if ps.update_window >= thresholds.update_window and ps.update_ratio_min >= high:
+            seen = (ps.update_ratio_min, f"at least {ps.update_ratio_min:.2g} over the last {ps.update_window} "
+                                         f"measured steps")
+        elif math.isfinite(ps.update_ratio) and ps.update_ratio >= 10 * high:
+            seen = (ps.update_ratio, f"{ps.update_ratio:.2g} in this one step, over 10x the threshold")
+        else:
+            continue
+        by_layer.setdefault(ps.layer, []).append((ps, *seen))
+    out = []
+    for layer, found in by_layer.items():
+        worst, value, how = max(found, key=lambda e: e[1])
+        out.append(Finding(
+            FindingKind.LEARNING_RATE, layer, stats.step, value, high,
+            f"An optimizer step changes {worst.name} by {worst.update_ratio:.2g} of its size "
+            f"(‖Δw‖/‖w‖ {how}; around 1e-3 is typical): the weights are rewritten rather than refined.",
+            f"The {_lr_text([e[0] for e in found])} is too high for this layer: lower it about "
+            f"{value / 1e-3:.0f}x towards a ratio of 1e-3, add learning-rate warm-up, or give this layer a "
+            f"smaller rate in its own param group."))
+    return out
+
+
+def update_floor_note(stats: StepStats, thresholds: Thresholds) -> Optional[str]:
+    """A note, not a warning: most weights' update ratios stayed at or below ``update_ratio_low``
+    over the last ``update_window`` measured steps -- the layers barely learn (a learning rate too
+    low, or training that has stalled)."""
+    judged = _judged_updates(stats, thresholds)
+    low = [ps for ps in judged if ps.update_ratio_max <= thresholds.update_ratio_low]  # type: ignore[operator]
+    if not judged or 2 * len(low) <= len(judged):
+        return None
+    top = max(low, key=lambda p: p.update_ratio_max)  # type: ignore[arg-type, return-value]
+    layers = sorted({ps.layer for ps in low})
+    shown = ", ".join(layers[:5]) + (f" and {len(layers) - 5} more" if len(layers) > 5 else "")
+    return (f"gradwatch: from step {stats.step} on, optimizer steps change {len(low)} of {len(judged)} weight "
+            f"tensors by at most {thresholds.update_ratio_low:g} of their size over {thresholds.update_window} "
+            f"measured steps (largest: {top.name}, {top.update_ratio_max:.2g}) in {shown}: with the "
+            f"{_lr_text(low)} these layers barely learn; raise it, or check the optimizer holds them.")
+
+
+_ATTENTION_ADVICE = ("Bound the logits: normalise queries and keys (QK-norm) or scale the logits down; use "
+                     "learning-rate warm-up, and a lower learning rate (or weight decay) for the attention's "
+                     "query/key projections.")
+
+
+def attention_collapse(stats: StepStats, thresholds: Thresholds) -> List[Finding]:
+    """Entropy collapse: more than ``attention_saturated_fraction`` of an attention layer's sampled
+    queries put over 0.99 of their weight on one key; the heads doing so are named."""
+    limit = thresholds.attention_saturated_fraction
+    out = []
+    for ls in stats.layers.values():
+        frac = ls.attention_saturated_fraction
+        if frac is None or not frac > limit:
+            continue
+        heads = [i for i, h in enumerate(ls.attention_heads or [])
+                 if h.get("saturated_fraction") is not None and h["saturated_fraction"] > limit]
+        which = (f"heads {', '.join(map(str, heads))} of {len(ls.attention_heads or [])}" if heads
+                 else "its heads together")
+        entropy = ("" if ls.attention_entropy_normalised is None
+                   else f", entropy {ls.attention_entropy_normalised:.2f} of the uniform")
+        logit = "" if ls.attention_max_logit is None else f", largest logit {ls.attention_max_logit:.3g}"
+        out.append(Finding(
+            FindingKind.ATTENTION_COLLAPSE, ls.name, stats.step, frac, limit,
+            f"{frac:.0%} of the sampled queries attend to a single key (weight > 0.99) in {which}"
+            f"{entropy}{logit}: the softmax is saturated and passes almost no gradient to queries and keys.",
+            _ATTENTION_ADVICE))
+    return out

@@ -24,12 +24,14 @@ from ..config import Options
 from ..layers import Layer
 from ..report import StepData
 from . import ranks, summary
+from .attention import AttentionTaps
 from .blind import BlindSpot
 from .buffers import Reduction, StepBuffers, UnitHistory, in_backward
 from .functional import FunctionalTaps
 from .gradients import GradientReader
 from .guard import Guard
 from .taps import LayerTaps
+from .updates import RatioWindow, UpdateReader
 
 __all__ = ["Collector"]
 
@@ -49,6 +51,9 @@ class Collector:
         self.gradients = GradientReader(model, options.include, options.exclude, how, self.guard, self._current)
         self.functional = FunctionalTaps(model, how, self.guard, self._current) if options.functional else None
         self.units = UnitHistory(options.dead_window)
+        self.updates = UpdateReader(self.gradients.params, self.guard, self._current)
+        self.update_window = RatioWindow(options.thresholds.update_window)
+        self.attention = AttentionTaps(layers, self.guard, self._current)
         self.combiner = ranks.RankCombiner()
         self.blind = BlindSpot(model, len(layers), say)
         self._on_root_forward = on_root_forward
@@ -71,6 +76,7 @@ class Collector:
         """Read the gradients as the optimizer is about to apply them; optionally mark a step
         after each ``step()``."""
         self._root_handles.append(self.gradients.attach_optimizer(optimizer))
+        self._root_handles += self.updates.attach(optimizer)  # its post-hook before on_step's: same step
         if on_step is not None:
             self._root_handles.append(optimizer.register_step_post_hook(lambda opt, args, kwargs: on_step()))
 
@@ -98,6 +104,7 @@ class Collector:
         self._buf = StepBuffers(histograms=histograms)
         self.taps.register()
         self.gradients.register()
+        self.attention.register()
         if self.functional is not None:
             self.functional.register()
 
@@ -108,6 +115,7 @@ class Collector:
     def _remove_step_hooks(self) -> None:
         self.taps.remove()
         self.gradients.remove()
+        self.attention.remove()
         if self.functional is not None:
             self.functional.remove()
 
@@ -132,8 +140,10 @@ class Collector:
         if world > 1:
             tot = self.combiner.combine(tot)
         params = self.gradients.params()
-        return summary.finish(step, tot, layer_of, {n: layer for n, layer, _ in params},
+        data = summary.finish(step, tot, layer_of, {n: layer for n, layer, _ in params},
                               {n: p.numel() for n, _, p in params}, world)
+        self.update_window.fold(data.stats, tot.updates)
+        return data
 
     def layer_index(self) -> Dict[str, Layer]:
         """Every layer by name, the functional ones discovered so far included."""

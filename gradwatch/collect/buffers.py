@@ -59,6 +59,7 @@ class SiteBuffer:
     slope: List[Tensor] = field(default_factory=list)  # stats.slope_saturation rows
     out_grad: List[Tensor] = field(default_factory=list)  # L2 norms of the gradient at the output
     alive: Optional[Tensor] = None  # per unit: any non-zero output in this step
+    attention: List[Tensor] = field(default_factory=list)  # stats.attention_summary per call (attention.py)
 
     def add_output(self, output: Any, spec: ActivationSpec, how: Reduction, histograms: bool) -> List[Tensor]:
         """Reduce one call's output on its device; returns its floating-point tensors."""
@@ -109,6 +110,7 @@ class StepBuffers:
     applied: Optional[GradientRead] = None  # read at optimizer.step(), after clipping
     grad_hist: Dict[str, Tensor] = field(default_factory=dict)
     notes: List[str] = field(default_factory=list)
+    updates: Any = None  # an updates.UpdateRead: update norms across optimizer.step()
 
     def record(self, site: str, output: Any, spec: ActivationSpec, how: Reduction) -> List[Tensor]:
         """Reduce one call's output into ``site`` and watch the gradient that reaches it."""
