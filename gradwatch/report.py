@@ -123,7 +123,7 @@ class LayerStats:
     # Softmax attention (nn.MultiheadAttention), recomputed from a sample of queries on measured steps:
     attention_entropy: Optional[float] = None  # mean entropy of a query's attention weights (nats)
     attention_entropy_normalised: Optional[float] = None  # the same over log(keys): 1 uniform, 0 one key
-    attention_saturated_fraction: Optional[float] = None  # queries whose largest weight > 0.99
+    attention_saturated_fraction: Optional[float] = None  # queries (with 2+ keys) whose largest weight > 0.99
     attention_max_logit: Optional[float] = None  # the largest scaled query-key logit
     attention_heads: Optional[List[Dict[str, Any]]] = None  # the same per head (rank 0's sample)
 

@@ -214,9 +214,9 @@ def learning_rate(stats: StepStats, thresholds: Thresholds) -> List[Finding]:
             FindingKind.LEARNING_RATE, layer, stats.step, value, high,
             f"An optimizer step changes {worst.name} by {worst.update_ratio:.2g} of its size "
             f"(‖Δw‖/‖w‖ {how}; around 1e-3 is typical): the weights are rewritten rather than refined.",
-            f"The {_lr_text([e[0] for e in found])} is too high for this layer: lower it about "
-            f"{value / 1e-3:.0f}x towards a ratio of 1e-3, add learning-rate warm-up, or give this layer a "
-            f"smaller rate in its own param group."))
+            f"The {_lr_text([e[0] for e in found])} is too high for this layer: lower it (about {value / 1e-3:.0f}x "
+            f"would bring the ratio near 1e-3), add learning-rate warm-up, or give this layer a smaller rate "
+            f"in its own param group."))
     return out
 
 

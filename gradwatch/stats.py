@@ -370,7 +370,8 @@ def attention_summary(logits: Tensor, saturation: float = 0.99) -> Tensor:
     - ``entropy``: sum over those queries of the attention entropy ``-sum_j p_j log p_j`` (nats);
     - ``entropy_normalised``: sum of the entropy divided by ``log`` of the query's number of keys
       (1: uniform attention, 0: one key), over the ``normalisable`` queries with two keys or more;
-    - ``saturated``: queries whose largest weight exceeds ``saturation`` (one-hot attention);
+    - ``saturated``: of the ``normalisable`` queries, those whose largest weight exceeds ``saturation``
+      (one-hot attention; a query with one key to attend to has no choice, and is not counted);
     - ``max_logit``: the largest logit of a key that may be attended to (``-inf`` when none).
 
     >>> s = attention_summary(torch.tensor([[[[0.0, 0.0], [30.0, 0.0]]]]))  # uniform, then one-hot
@@ -387,7 +388,7 @@ def attention_summary(logits: Tensor, saturation: float = 0.99) -> Tensor:
     entropy = torch.where(rows, entropy, torch.zeros_like(entropy))
     normalisable = n_keys >= 2
     normalised = torch.where(normalisable, entropy / n_keys.clamp_min(2).float().log(), torch.zeros_like(entropy))
-    saturated = rows & (p.amax(-1) > saturation)
+    saturated = normalisable & (p.amax(-1) > saturation)
     inf = x.new_full((), math.inf)
     max_logit = torch.where(allowed, x, -inf).amax(dim=(0, 2, 3)) if x.numel() else x.new_full(x.shape[1:2], -math.inf)
     return torch.stack([rows.float().sum((0, 2)), entropy.sum((0, 2)), normalised.sum((0, 2)),

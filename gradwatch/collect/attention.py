@@ -207,7 +207,7 @@ def finish_layer(ls: LayerStats, t: Any, heads: Optional[List[List[float]]]) -> 
     ls.attention_entropy = t.attn_entropy / t.attn_queries
     ls.attention_entropy_normalised = (t.attn_entropy_normalised / t.attn_normalisable
                                        if t.attn_normalisable else None)
-    ls.attention_saturated_fraction = t.attn_saturated / t.attn_queries
+    ls.attention_saturated_fraction = t.attn_saturated / t.attn_normalisable if t.attn_normalisable else None
     ls.attention_max_logit = t.attn_max_logit if math.isfinite(t.attn_max_logit) else None
     if heads:
         ls.attention_heads = [_head(v) for v in heads]
@@ -217,5 +217,5 @@ def _head(v: List[float]) -> Dict[str, Optional[float]]:
     queries, entropy, normalised, normalisable, saturated, max_logit = v
     return {"entropy": entropy / queries if queries else None,
             "entropy_normalised": normalised / normalisable if normalisable else None,
-            "saturated_fraction": saturated / queries if queries else None,
+            "saturated_fraction": saturated / normalisable if normalisable else None,
             "max_logit": max_logit if math.isfinite(max_logit) else None}
