@@ -238,3 +238,67 @@ def test_thresholds_are_validated():
     with pytest.raises(ValueError, match="between 0 and 1"):
         Thresholds(update_ratio_high=2.0)
     assert math.isclose(Thresholds().update_ratio_high, 0.1)
+
+
+# ---------------------------------------------------------------- several processes
+def _ratios_worker(rank: int, world: int, port: int, how: str, out: dict) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from tests.test_distributed import data, make_model
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = make_model()
+        if how == "ddp":
+            model = nn.parallel.DistributedDataParallel(model)
+        else:
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = init_device_mesh("cpu", (world,))
+            for layer in model:
+                if isinstance(layer, nn.Linear):
+                    fully_shard(layer, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+        x, y = data()
+        x, y = x[rank * 32:(rank + 1) * 32], y[rank * 32:(rank + 1) * 32]
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with GradWatch(model, every=1, quiet=True, strict=True, optimizer=opt) as watch:
+            train(model, opt, 2, x=x, y=y)
+        out[rank] = {n: p.update_ratio for n, p in watch.report().params.items()}
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["ddp", "fsdp"])
+def test_ranks_report_the_ratio_of_the_whole_parameter(how):
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    from tests.test_distributed import data, free_port, make_model
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed unavailable")
+    if how == "fsdp":
+        from torch.distributed import fsdp
+
+        if not hasattr(fsdp, "fully_shard"):
+            pytest.skip("torch.distributed.fsdp.fully_shard is not in this torch")
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_ratios_worker, args=(2, free_port(), how, out), nprocs=2, join=True)
+        ranks = dict(out)
+    model = make_model()
+    x, y = data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with GradWatch(model, every=1, quiet=True, strict=True, optimizer=opt) as watch:
+        train(model, opt, 2, x=x, y=y)
+    one = {n: p.update_ratio for n, p in watch.report().params.items()}
+    for rank in (0, 1):
+        assert ranks[rank].keys() == one.keys()
+        for name, ratio in one.items():
+            assert ranks[rank][name] == pytest.approx(ratio, rel=1e-4), (how, rank, name)
