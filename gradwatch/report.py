@@ -126,6 +126,7 @@ class LayerStats:
     attention_saturated_fraction: Optional[float] = None  # queries (with 2+ keys) whose largest weight > 0.99
     attention_max_logit: Optional[float] = None  # the largest scaled query-key logit
     attention_heads: Optional[List[Dict[str, Any]]] = None  # the same per head (rank 0's sample)
+    update_ratio: Optional[float] = None  # ‖Δw‖/‖w‖ over the layer's own parameters (optimizer= given)
 
     def to_dict(self) -> Dict[str, Any]:
         return {k: _json_float(v) if k != "attention_heads" or v is None else

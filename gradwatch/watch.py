@@ -60,7 +60,9 @@ class GradWatch:
             (32768: a share within +-0.3%); means, NaN/Inf, dead units, norms use every element.
         steps: ``"forward"`` (default), ``"optimizer"`` or ``"manual"``, see above.
         optimizer: your optimizer: gradients are then also read at ``optimizer.step()``
-            (after accumulation, all-reduce and clipping) as ``applied_grad_norm``.
+            (after accumulation, all-reduce and clipping) as ``applied_grad_norm``, and each
+            step's update-to-weight ratio ``‖Δw‖/‖w‖`` is measured as ``update_ratio``
+            (a strided sample of at most 4,096 elements per tensor is kept across the step).
         budget: the share of step time measuring may cost (0.02 when ``every`` is not given).
         functional: also measure activations called as functions (``F.relu``,
             ``torch.sigmoid``, ``x.tanh()``) as layers ``"<module>:<function>"``.

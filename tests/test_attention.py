@@ -162,6 +162,9 @@ def test_healthy_transformer_is_silent_with_numbers_in_the_report():
         assert ls["attention_entropy"] == pytest.approx(ls["attention_entropy_normalised"] * math.log(24), rel=0.02)
         assert ls["attention_saturated_fraction"] == 0.0 and 0 < ls["attention_max_logit"] < 10
         assert len(ls["attention_heads"]) == 4
+    from gradwatch.render import to_text
+
+    assert "attn H" in to_text(watch.report().table(full=True), width=200)
 
 
 def test_scaled_queries_and_keys_are_named_with_their_heads():

@@ -61,6 +61,18 @@ def test_sgd_ratio_is_lr_times_gradient_norm_over_weight_norm():
         assert got[name]["update_ratio"] == pytest.approx(ratio, rel=1e-5), name
         assert got[name]["learning_rate"] == 0.1
     assert watch.report().params["0.weight"].ndim == 2 and watch.report().params["0.bias"].ndim == 1
+    layer = watch.report().layers["0"].update_ratio  # the layer's weight and bias together
+    w, b = model[0].weight, model[0].bias
+    delta = 0.1 * math.hypot(w.grad.norm().item(), b.grad.norm().item())
+    assert layer == pytest.approx(delta / math.hypot((w + 0.1 * w.grad).norm().item(), (b + 0.1 * b.grad).norm().item()),
+                                  rel=1e-5)
+    from gradwatch.render import to_text
+
+    assert "Δw/w" in to_text(watch.report().table())
+    other = models.small_mlp()
+    with GradWatch(other, every=1, quiet=True) as without:  # no optimizer=: no column, and no word of it
+        models.train(other, 1)
+    assert "Δw/w" not in to_text(without.report().table())
 
 
 def test_large_tensors_are_sampled_with_the_same_elements_before_and_after():

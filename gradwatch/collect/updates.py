@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from .. import stats
-from ..report import ParamStats, StepStats
+from ..report import LayerStats, ParamStats, StepStats
 from .buffers import StepBuffers
 from .guard import Guard
 from .ranks import local_shard, reduce_shards
@@ -158,19 +158,31 @@ def _as_float(lr: Any) -> Optional[float]:
 
 
 def finish(params: Dict[str, ParamStats], read: Optional[Tuple[List[str], List[float], List[Optional[float]],
-                                                                List[int]]]) -> None:
-    """Host side: the update ratio, learning rate and dimensions onto each parameter's stats."""
+                                                                List[int]]],
+           layers: Optional[Dict[str, LayerStats]] = None) -> None:
+    """Host side: the update ratio, learning rate and dimensions onto each parameter's stats, and
+    each layer's ratio over its own parameters onto its layer stats."""
     if read is None:
         return
+    layers = layers if layers is not None else {}
+    per_layer: Dict[str, List[float]] = {}
     names, flat, lrs, ndims = read
     k = len(names)
     for i, name in enumerate(names):
         ps = params.get(name)
         if ps is None:
             continue
-        delta, weight = flat[i], flat[k + i]
-        ps.update_ratio = delta / weight if weight > 0 else (math.inf if delta > 0 else math.nan)
+        ps.update_ratio = _ratio(flat[i], flat[k + i])
         ps.learning_rate, ps.ndim = lrs[i], ndims[i]
+        per_layer[ps.layer] = [a + b for a, b in zip(per_layer.get(ps.layer, [0.0, 0.0]),
+                                                     (flat[i] ** 2, flat[k + i] ** 2))]
+    for layer, (delta_sq, weight_sq) in per_layer.items():  # a layer's own parameters together
+        if layer in layers:
+            layers[layer].update_ratio = _ratio(math.sqrt(delta_sq), math.sqrt(weight_sq))
+
+
+def _ratio(delta: float, weight: float) -> float:
+    return delta / weight if weight > 0 else (math.inf if delta > 0 else math.nan)
 
 
 class RatioWindow:
@@ -186,7 +198,7 @@ class RatioWindow:
     def fold(self, stats_: StepStats, read: Optional[Tuple[List[str], List[float], List[Optional[float]],
                                                          List[int]]]) -> None:
         """The step's update norms (``StepTotals.updates``, on the host) onto its parameters' stats."""
-        finish(stats_.params, read)
+        finish(stats_.params, read, stats_.layers)
         for name, ps in stats_.params.items():
             if ps.update_ratio is None:
                 continue
