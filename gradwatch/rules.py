@@ -193,30 +193,32 @@ def learning_rate(stats: StepStats, thresholds: Thresholds) -> List[Finding]:
     """Updates as large as the weights: a weight's update-to-weight ratio ``‖Δw‖/‖w‖`` stayed at or
     above ``update_ratio_high`` over the last ``update_window`` measured steps, or reached ten times
     that in one step (by default 1: one step moved the weight by more than its own size -- a blow-up
-    that saturates or breaks the network before any window fills). One finding per layer."""
+    that saturates or breaks the network before any window fills). One finding per learning rate
+    (param group), on the first layer concerned, naming the weights and their ratios."""
     high = thresholds.update_ratio_high
-    by_layer: Dict[str, List[Tuple[ParamStats, float, str]]] = {}
+    by_lr: Dict[Optional[float], List[Tuple[ParamStats, float, bool]]] = {}
     for ps in stats.params.values():
         if ps.ndim < 2 or ps.learning_rate == 0 or ps.update_ratio_min is None or ps.update_ratio is None:
             continue  # not judged (see _judged_updates); update_ratio_min is None for zero-initialised weights
         if ps.update_window >= thresholds.update_window and ps.update_ratio_min >= high:
-            seen = (ps.update_ratio_min, f"at least {ps.update_ratio_min:.2g} over the last {ps.update_window} "
-                                         f"measured steps")
+            by_lr.setdefault(ps.learning_rate, []).append((ps, ps.update_ratio_min, True))
         elif math.isfinite(ps.update_ratio) and ps.update_ratio >= 10 * high:
-            seen = (ps.update_ratio, f"{ps.update_ratio:.2g} in this one step, over 10x the threshold")
-        else:
-            continue
-        by_layer.setdefault(ps.layer, []).append((ps, *seen))
+            by_lr.setdefault(ps.learning_rate, []).append((ps, ps.update_ratio, False))
     out = []
-    for layer, found in by_layer.items():
-        worst, value, how = max(found, key=lambda e: e[1])
+    for found in by_lr.values():
+        ranked = sorted(found, key=lambda e: -e[1])
+        worst, value, held = ranked[0]
+        how = (f"at least {value:.2g} over the last {worst.update_window} measured steps" if held
+               else f"{value:.2g} in one step, over 10x the threshold")
+        shown = ", ".join(f"{ps.name} {v:.2g}" for ps, v, _ in ranked[:5])
+        more = f" and {len(ranked) - 5} more" if len(ranked) > 5 else ""
         out.append(Finding(
-            FindingKind.LEARNING_RATE, layer, stats.step, value, high,
-            f"An optimizer step changes {worst.name} by {worst.update_ratio:.2g} of its size "
-            f"(‖Δw‖/‖w‖ {how}; around 1e-3 is typical): the weights are rewritten rather than refined.",
-            f"The {_lr_text([e[0] for e in found])} is too high for this layer: lower it (about {value / 1e-3:.0f}x "
-            f"would bring the ratio near 1e-3), add learning-rate warm-up, or give this layer a smaller rate "
-            f"in its own param group."))
+            FindingKind.LEARNING_RATE, found[0][0].layer, stats.step, value, high,
+            f"Optimizer steps change weights by a large share of their size (‖Δw‖/‖w‖ of {worst.name} "
+            f"{how}; around 1e-3 is typical): {shown}{more}. The weights are rewritten rather than refined.",
+            f"The {_lr_text([e[0] for e in found])} is too high for these layers: lower it (about "
+            f"{value / 1e-3:.0f}x would bring the ratio near 1e-3), add learning-rate warm-up, or give these "
+            f"layers a smaller rate in their own param group."))
     return out
 
 

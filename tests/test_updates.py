@@ -137,7 +137,8 @@ def test_too_high_learning_rates_are_named(make, act, lr):
     assert found and caught
     f = found[0]
     assert f.layer in {"0", "2", "4"} and f.value >= f.threshold == 0.1
-    assert f"learning rate {lr} is too high" in f.advice and "weight" in f.message
+    assert f"learning rate {lr} is too high" in f.advice and ".weight " in f.message
+    assert len([g for g in found if g.step == f.step]) == 1  # one finding per learning rate, naming the layers
 
 
 def test_a_ratio_that_stays_high_over_the_window():
