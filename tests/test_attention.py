@@ -207,3 +207,21 @@ def test_tensorboard_scalars_and_head_histogram(tmp_path):
         assert f"attention.{tag}/enc.layers.1.self_attn" in acc.Tags()["scalars"]
     hist = acc.Histograms("attention.head_entropy/enc.layers.0.self_attn")
     assert hist[0].histogram_value.num == 4  # one value per head
+
+
+def test_bf16_autocast_and_a_bf16_model_are_recomputed_in_float32():
+    base = make(scale=4.0)
+    with GradWatch(base, every=1, quiet=True, strict=True) as watch:
+        train(base, 1, False)
+    ref = watch.report().layers["enc.layers.0.self_attn"]
+    for how in ("autocast", "bf16 model"):
+        model = make(scale=4.0)
+        if how == "bf16 model":
+            model = model.to(torch.bfloat16)
+        x = torch.randint(0, 20, (8, 24), generator=torch.Generator().manual_seed(1))
+        with GradWatch(model, every=1, quiet=True, strict=True) as watch:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=how == "autocast"):
+                model(x).float().mean().backward()
+        got = watch.report().layers["enc.layers.0.self_attn"]
+        # the inputs differ only by the model's own bf16 rounding; the softmax itself is float32
+        assert got.attention_entropy_normalised == pytest.approx(ref.attention_entropy_normalised, abs=0.05), how

@@ -9,8 +9,8 @@ a forward pre-hook on each watched ``nn.MultiheadAttention`` (also inside
 - at most :data:`BATCH_SAMPLE` sequences of the batch and :data:`QUERY_SAMPLE` query positions
   of each (evenly strided), against every key;
 - the queries and keys are projected with the module's own ``in_proj_weight``/``in_proj_bias``
-  (or ``q_proj_weight``/``k_proj_weight``), split into heads and scaled by ``1/sqrt(head_dim)``
-  as the module does; ``attn_mask`` (boolean or additive, 2-D or per head), ``key_padding_mask``,
+  (or ``q_proj_weight``/``k_proj_weight``), in float32 with autocast off, split into heads and
+  scaled by ``1/sqrt(head_dim)`` as the module does; ``attn_mask`` (boolean or additive, 2-D or per head), ``key_padding_mask``,
   ``is_causal``, ``add_bias_kv`` and ``add_zero_attn`` are applied the same way;
 - :func:`gradwatch.stats.attention_summary` reduces them on the device, per head.
 
@@ -26,6 +26,7 @@ site's totals (combined over processes like every other total) and :func:`finish
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable, Dict, List, Optional
 
@@ -92,7 +93,7 @@ class AttentionTaps:
         query, key = call.get("query"), call.get("key")
         if not isinstance(query, Tensor) or not isinstance(key, Tensor) or query.is_nested or key.is_nested:
             return
-        with torch.no_grad():
+        with torch.no_grad(), _full_precision(query.device):
             logits = attention_logits(module, query, key, call.get("attn_mask"), call.get("key_padding_mask"),
                                       bool(call.get("is_causal", False)))
             buf.site(name).attention.append(stats.attention_summary(logits, SATURATION))
@@ -122,8 +123,9 @@ def attention_logits(mha: nn.MultiheadAttention, query: Tensor, key: Tensor, att
     b_q = b_k = None
     if mha.in_proj_bias is not None:
         b_q, b_k = mha.in_proj_bias[:e], mha.in_proj_bias[e:2 * e]
-    q = F.linear(q_in, w_q.detach(), None if b_q is None else b_q.detach()).float()
-    k = F.linear(k_in, w_k.detach(), None if b_k is None else b_k.detach()).float()
+    # In float32 whatever the model's dtype (the sample is small): bf16 logits would blur the entropy.
+    q = F.linear(q_in.float(), w_q.detach().float(), None if b_q is None else b_q.detach().float())
+    k = F.linear(k_in.float(), w_k.detach().float(), None if b_k is None else b_k.detach().float())
     bsz = q.shape[0]
     extra = 0
     if mha.bias_k is not None:
@@ -153,6 +155,14 @@ def attention_logits(mha: nn.MultiheadAttention, query: Tensor, key: Tensor, att
         kpm = key_padding_mask.detach()[::sb]  # (B, S)
         logits = _apply(logits, _pad(kpm, extra)[:, None, None, :])
     return logits
+
+
+def _full_precision(device: torch.device) -> Any:
+    """Autocast off inside the hook (it would run the recomputation in half precision)."""
+    try:
+        return torch.autocast(device.type, enabled=False)
+    except RuntimeError:  # a device type autocast does not know
+        return contextlib.nullcontext()
 
 
 def _stride(n: int, most: int) -> int:
