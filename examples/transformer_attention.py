@@ -84,6 +84,7 @@ def train(name: str, run: common.Run, progress, task) -> dict:
     curves: Dict[str, Dict[str, List[Optional[float]]]] = {}
     steps: List[int] = []
     losses: List[float] = []
+    loss_at: Dict[int, float] = {}
     ratios: List[Optional[float]] = []
     with warnings.catch_warnings(record=True):  # the findings are kept in the results and printed below
         warnings.simplefilter("always")
@@ -96,11 +97,13 @@ def train(name: str, run: common.Run, progress, task) -> dict:
                 loss.backward()
                 opt.step()
                 sched.step()
+                loss_at[step] = loss.item()
                 rep = watch.report()
-                if rep.stats is not None and rep.step != seen:  # the step before this one was measured
+                if rep.stats is not None and rep.step != seen:  # a measured step was closed by this one
                     seen = rep.step
                     steps.append(rep.step)
-                    losses.append(round(loss.item(), 4))
+                    losses.append(round(loss_at.pop(rep.step), 4))
+                    loss_at.clear()
                     ups = [p.update_ratio for p in rep.params.values() if p.update_ratio is not None and p.ndim >= 2]
                     ratios.append(max(ups) if ups else None)
                     for layer, ls in rep.layers.items():
