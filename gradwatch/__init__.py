@@ -15,6 +15,8 @@ from .exceptions import (
     NonFiniteWarning,
     SaturationWarning,
     VanishingGradientWarning,
+    LearningRateWarning,
+    AttentionCollapseWarning,
 )
 from .report import Finding, FindingKind, LayerStats, ParamStats, Report
 from .watch import GradWatch
@@ -39,4 +41,6 @@ __all__ = [
     "DeadUnitsWarning",
     "SaturationWarning",
     "NonFiniteWarning",
+    "LearningRateWarning",
+    "AttentionCollapseWarning",
 ]

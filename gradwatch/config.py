@@ -66,6 +66,15 @@ class Thresholds:
         flow_window: vanishing and exploding gradients must hold on this many measured
             steps in a row before they are reported (a run with fewer measured steps is
             judged at its end, on all of them).
+        update_ratio_high: warn (``learning_rate``) when a weight's update-to-weight ratio
+            ``‖Δw‖/‖w‖`` per optimizer step stays at or above this over ``update_window``
+            measured steps (needs ``optimizer=``; healthy training: around 1e-3).
+        update_ratio_low: note when most weights' update ratios stay at or below this over
+            ``update_window`` measured steps (the layers barely learn).
+        update_window: measured steps with an update that a learning-rate verdict must cover
+            (an integer, 2 or more).
+        attention_saturated_fraction: warn (``attention_collapse``) when more than this share
+            of an attention layer's sampled queries put more than 0.99 of their weight on one key.
     """
 
     saturation_slope: float = 0.04
@@ -78,9 +87,14 @@ class Thresholds:
     blowup_growth: float = 2.0
     blowup_steps: int = 5
     flow_window: int = 3
+    update_ratio_high: float = 1e-1
+    update_ratio_low: float = 1e-5
+    update_window: int = 5
+    attention_saturated_fraction: float = 0.5
 
     def __post_init__(self) -> None:
-        open_unit = ("saturation_slope", "saturated_fraction", "dead_fraction", "vanishing_ratio")
+        open_unit = ("saturation_slope", "saturated_fraction", "dead_fraction", "vanishing_ratio",
+                     "update_ratio_high", "update_ratio_low", "attention_saturated_fraction")
         counts = ("blowup_steps", "flow_window")
         for f in fields(self):
             value = getattr(self, f.name)
@@ -93,6 +107,11 @@ class Thresholds:
                 raise ValueError(f"Thresholds.{f.name} must be between 0 and 1 (exclusive), got {value!r}")
             if f.name not in open_unit and not value > 1:
                 raise ValueError(f"Thresholds.{f.name} must be greater than 1, got {value!r}")
+        if not isinstance(self.update_window, int):
+            raise ValueError(f"Thresholds.update_window must be an integer (measured steps), got {self.update_window!r}")
+        if not self.update_ratio_low < self.update_ratio_high:
+            raise ValueError(f"Thresholds.update_ratio_low ({self.update_ratio_low!r}) must be below "
+                             f"update_ratio_high ({self.update_ratio_high!r})")
 
     @property
     def saturation_margin(self) -> float:

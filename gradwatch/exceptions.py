@@ -44,6 +44,14 @@ class NonFiniteWarning(GradWatchWarning):
     """NaN or Inf appeared in activations or gradients."""
 
 
+class LearningRateWarning(GradWatchWarning):
+    """Optimizer steps change weights by a large share of their size, step after step."""
+
+
+class AttentionCollapseWarning(GradWatchWarning):
+    """Softmax attention heads put almost all their weight on one key (entropy collapse)."""
+
+
 __all__ = [
     "GradWatchError",
     "AlreadyWatchedError",
@@ -54,4 +62,6 @@ __all__ = [
     "DeadUnitsWarning",
     "SaturationWarning",
     "NonFiniteWarning",
+    "LearningRateWarning",
+    "AttentionCollapseWarning",
 ]

@@ -36,7 +36,7 @@ _KIND_STYLE = {"vanishing": "magenta", "exploding": "red", "dead_units": "yellow
 MAX_ROWS = 30
 """Above this many measured layers the default table shows only the layers worth a look."""
 
-DROP_ORDER: Tuple[str, ...] = ("type", "zeros", "mean", "∇out", "satur.", "dead")
+DROP_ORDER: Tuple[str, ...] = ("attn H", "Δw/w", "type", "zeros", "mean", "∇out", "satur.", "dead")
 """Columns left out first when the terminal is too narrow; ``layer`` and ``∇W`` always stay."""
 
 CONCEPTS_LINK = "docs/concepts.md"
@@ -192,6 +192,7 @@ class _Stat:
     attr: str
     legend: str
     extremes: Tuple[str, ...]  # "high", "low" or "abs": which end of the scale is worth a look
+    optional: bool = False  # a column only where measured (optimizer=, attention layers), never said missing
 
 
 def _stats(th: "Thresholds") -> List[_Stat]:
@@ -205,6 +206,9 @@ def _stats(th: "Thresholds") -> List[_Stat]:
               ("high",)),
         _Stat("∇out", "output_grad_norm", "L2 norm of the gradient at the layer's output", ("low", "high")),
         _Stat("∇W", "grad_norm", "L2 norm of the gradient of the layer's parameters", ("low", "high")),
+        _Stat("Δw/w", "update_ratio", "update-to-weight ratio of one optimizer step", ("high",), optional=True),
+        _Stat("attn H", "attention_entropy_normalised", "attention entropy / log(keys): 1 uniform, 0 one key",
+              ("low", "high"), optional=True),
     ]
 
 
@@ -326,8 +330,8 @@ class ReportTable:
                        "(eval forwards are skipped unless include_eval=True)")
             yield from _findings(report.findings)
             return
-        stats = _stats(th)
         layers = report.layers
+        stats = [s for s in _stats(th) if not s.optional or any(_value(ls, s.attr) is not None for ls in layers.values())]
         names = list(layers)
         shown, marks = self._rows()
         columns = [Column("layer", justify="left", flexible=True),

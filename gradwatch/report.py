@@ -19,6 +19,8 @@ from .exceptions import (
     NonFiniteWarning,
     SaturationWarning,
     VanishingGradientWarning,
+    LearningRateWarning,
+    AttentionCollapseWarning,
 )
 
 
@@ -30,6 +32,8 @@ class FindingKind(str, enum.Enum):
     DEAD_UNITS = "dead_units"
     SATURATION = "saturation"
     NON_FINITE = "non_finite"
+    LEARNING_RATE = "learning_rate"
+    ATTENTION_COLLAPSE = "attention_collapse"
 
     @property
     def category(self) -> Type[GradWatchWarning]:
@@ -42,6 +46,8 @@ _CATEGORY = {
     FindingKind.DEAD_UNITS: DeadUnitsWarning,
     FindingKind.SATURATION: SaturationWarning,
     FindingKind.NON_FINITE: NonFiniteWarning,
+    FindingKind.LEARNING_RATE: LearningRateWarning,
+    FindingKind.ATTENTION_COLLAPSE: AttentionCollapseWarning,
 }
 
 
@@ -78,6 +84,12 @@ class ParamStats:
     grad_max_abs: float
     weight_norm: float
     applied_grad_norm: Optional[float] = None  # at optimizer.step(), after clipping (optimizer= given)
+    update_ratio: Optional[float] = None  # ‖Δw‖ / ‖w‖ across optimizer.step() (optimizer= given)
+    update_ratio_min: Optional[float] = None  # smallest / largest ratio over the last update_window
+    update_ratio_max: Optional[float] = None  # measured steps with an update
+    update_window: int = 0
+    learning_rate: Optional[float] = None  # of the optimizer's param group holding it
+    ndim: int = 0  # dimensions (the learning-rate rule judges weight matrices and kernels, ndim >= 2)
 
     @property
     def ratio(self) -> float:
@@ -109,9 +121,17 @@ class LayerStats:
     output_grad_nonfinite: bool = False
     grad_norm: Optional[float] = None  # L2 norm over this layer's own parameter gradients
     note: Optional[str] = None  # e.g. outputs skipped because they are not floating point
+    # Softmax attention (nn.MultiheadAttention), recomputed from a sample of queries on measured steps:
+    attention_entropy: Optional[float] = None  # mean entropy of a query's attention weights (nats)
+    attention_entropy_normalised: Optional[float] = None  # the same over log(keys): 1 uniform, 0 one key
+    attention_saturated_fraction: Optional[float] = None  # queries (with 2+ keys) whose largest weight > 0.99
+    attention_max_logit: Optional[float] = None  # the largest scaled query-key logit
+    attention_heads: Optional[List[Dict[str, Any]]] = None  # the same per head (rank 0's sample)
+    update_ratio: Optional[float] = None  # ‖Δw‖/‖w‖ over the layer's own parameters (optimizer= given)
 
     def to_dict(self) -> Dict[str, Any]:
-        return {k: _json_float(v) for k, v in asdict(self).items()}
+        return {k: _json_float(v) if k != "attention_heads" or v is None else
+                [{hk: _json_float(hv) for hk, hv in h.items()} for h in v] for k, v in asdict(self).items()}
 
 
 @dataclass
@@ -172,7 +192,8 @@ class Report:
         params = {n: {"layer": p.layer, "numel": p.numel, "grad_norm": _json_float(p.grad_norm),
                       "grad_max_abs": _json_float(p.grad_max_abs), "weight_norm": _json_float(p.weight_norm),
                       "ratio": _json_float(p.ratio), "nonfinite": p.nonfinite,
-                      "applied_grad_norm": _json_float(p.applied_grad_norm)}
+                      "applied_grad_norm": _json_float(p.applied_grad_norm),
+                      "update_ratio": _json_float(p.update_ratio), "learning_rate": _json_float(p.learning_rate)}
                   for n, p in self.params.items()}
         return {"step": self.step, "steps_seen": self.steps_seen, "every": self.every, "notes": list(self.notes),
                 "layers": {n: s.to_dict() for n, s in self.layers.items()},

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Deque, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from .config import Thresholds
-from .report import Finding, FindingKind, StepStats
+from .report import Finding, FindingKind, ParamStats, StepStats
 
 # Conditions of the whole model: one finding each, whichever layer it names at the moment.
 _GLOBAL = {"depth", "size", "jump", "updates"}
@@ -127,7 +127,8 @@ def evaluate(stats: StepStats, thresholds: Thresholds, history: Sequence[float] 
         findings = [replace(f, message=f"{f.message} Gradients reaching {v.layer} are {v.value:.1e} x the "
                                        f"last layer's.") for f in sat] + findings[len(sat):]
         flow = []
-    return findings + flow + gradient_size(stats, thresholds, history)
+    return (findings + flow + gradient_size(stats, thresholds, history) + learning_rate(stats, thresholds)
+            + attention_collapse(stats, thresholds))
 
 
 def non_finite(stats: StepStats) -> List[Finding]:
@@ -521,3 +522,96 @@ class Debouncer:
         # A condition that did not fire this time has cleared and may warn again later.
         self._active = keys
         return fresh
+
+
+def _judged_updates(stats: StepStats, thresholds: Thresholds) -> List[ParamStats]:
+    """Weight matrices and kernels (ndim >= 2) with a full window of update ratios, in a group with a
+    non-zero learning rate. Biases and norm scales are left out: starting at zero or one, their
+    ratios say little about the learning rate (a zero-initialised bias has a large ratio at first)."""
+    return [ps for ps in stats.params.values()
+            if ps.ndim >= 2 and ps.update_window >= thresholds.update_window and ps.learning_rate != 0
+            and ps.update_ratio_min is not None and ps.update_ratio_max is not None]
+
+
+def _lr_text(params: Sequence[ParamStats]) -> str:
+    lrs = sorted({ps.learning_rate for ps in params if ps.learning_rate is not None})
+    return "learning rate " + ", ".join(f"{lr:g}" for lr in lrs) if lrs else "the learning rate"
+
+
+def learning_rate(stats: StepStats, thresholds: Thresholds) -> List[Finding]:
+    """Updates as large as the weights: a weight's update-to-weight ratio ``‖Δw‖/‖w‖`` stayed at or
+    above ``update_ratio_high`` over the last ``update_window`` measured steps, or reached ten times
+    that in one step (by default 1: one step moved the weight by more than its own size -- a blow-up
+    that saturates or breaks the network before any window fills). One finding per learning rate
+    (param group), on the first layer concerned, naming the weights and their ratios."""
+    high = thresholds.update_ratio_high
+    by_lr: Dict[Optional[float], List[Tuple[ParamStats, float, bool]]] = {}
+    for ps in stats.params.values():
+        if ps.ndim < 2 or ps.learning_rate == 0 or ps.update_ratio_min is None or ps.update_ratio is None:
+            continue  # not judged (see _judged_updates); update_ratio_min is None for zero-initialised weights
+        if ps.update_window >= thresholds.update_window and ps.update_ratio_min >= high:
+            by_lr.setdefault(ps.learning_rate, []).append((ps, ps.update_ratio_min, True))
+        elif math.isfinite(ps.update_ratio) and ps.update_ratio >= 10 * high:
+            by_lr.setdefault(ps.learning_rate, []).append((ps, ps.update_ratio, False))
+    out = []
+    for found in by_lr.values():
+        ranked = sorted(found, key=lambda e: -e[1])
+        worst, value, held = ranked[0]
+        how = (f"at least {value:.2g} over the last {worst.update_window} measured steps" if held
+               else f"{value:.2g} in one step, over 10x the threshold")
+        shown = ", ".join(f"{ps.name} {v:.2g}" for ps, v, _ in ranked[:5])
+        more = f" and {len(ranked) - 5} more" if len(ranked) > 5 else ""
+        out.append(Finding(
+            FindingKind.LEARNING_RATE, found[0][0].layer, stats.step, value, high,
+            f"Optimizer steps change weights by a large share of their size (‖Δw‖/‖w‖ of {worst.name} "
+            f"{how}; around 1e-3 is typical): {shown}{more}. The weights are rewritten rather than refined.",
+            f"The {_lr_text([e[0] for e in found])} is too high for these layers: lower it (about "
+            f"{value / 1e-3:.0f}x would bring the ratio near 1e-3), add learning-rate warm-up, or give these "
+            f"layers a smaller rate in their own param group."))
+    return out
+
+
+def update_floor_note(stats: StepStats, thresholds: Thresholds) -> Optional[str]:
+    """A note, not a warning: most weights' update ratios stayed at or below ``update_ratio_low``
+    over the last ``update_window`` measured steps -- the layers barely learn (a learning rate too
+    low, or training that has stalled)."""
+    judged = _judged_updates(stats, thresholds)
+    low = [ps for ps in judged if ps.update_ratio_max <= thresholds.update_ratio_low]  # type: ignore[operator]
+    if not judged or 2 * len(low) <= len(judged):
+        return None
+    top = max(low, key=lambda p: p.update_ratio_max)  # type: ignore[arg-type, return-value]
+    layers = sorted({ps.layer for ps in low})
+    shown = ", ".join(layers[:5]) + (f" and {len(layers) - 5} more" if len(layers) > 5 else "")
+    return (f"gradwatch: from step {stats.step} on, optimizer steps change {len(low)} of {len(judged)} weight "
+            f"tensors by at most {thresholds.update_ratio_low:g} of their size over {thresholds.update_window} "
+            f"measured steps (largest: {top.name}, {top.update_ratio_max:.2g}) in {shown}: with the "
+            f"{_lr_text(low)} these layers barely learn; raise it, or check the optimizer holds them.")
+
+
+_ATTENTION_ADVICE = ("Bound the logits: normalise queries and keys (QK-norm) or scale the logits down; use "
+                     "learning-rate warm-up, and a lower learning rate (or weight decay) for the attention's "
+                     "query/key projections.")
+
+
+def attention_collapse(stats: StepStats, thresholds: Thresholds) -> List[Finding]:
+    """Entropy collapse: more than ``attention_saturated_fraction`` of an attention layer's sampled
+    queries put over 0.99 of their weight on one key; the heads doing so are named."""
+    limit = thresholds.attention_saturated_fraction
+    out = []
+    for ls in stats.layers.values():
+        frac = ls.attention_saturated_fraction
+        if frac is None or not frac > limit:
+            continue
+        heads = [i for i, h in enumerate(ls.attention_heads or [])
+                 if h.get("saturated_fraction") is not None and h["saturated_fraction"] > limit]
+        which = (f"heads {', '.join(map(str, heads))} of {len(ls.attention_heads or [])}" if heads
+                 else "its heads together")
+        entropy = ("" if ls.attention_entropy_normalised is None
+                   else f", entropy {ls.attention_entropy_normalised:.2f} of the uniform")
+        logit = "" if ls.attention_max_logit is None else f", largest logit {ls.attention_max_logit:.3g}"
+        out.append(Finding(
+            FindingKind.ATTENTION_COLLAPSE, ls.name, stats.step, frac, limit,
+            f"{frac:.0%} of the sampled queries attend to a single key (weight > 0.99) in {which}"
+            f"{entropy}{logit}: the softmax is saturated and passes almost no gradient to queries and keys.",
+            _ATTENTION_ADVICE))
+    return out

@@ -337,3 +337,77 @@ def to_host(tensors: Sequence[Tensor]) -> List[List[float]]:
             out[i] = flat[pos:pos + n]
             pos += n
     return out
+
+
+def update_norms(before: Sequence[Tensor], after: Sequence[Tensor], scales: Sequence[float]) -> Tensor:
+    """Per pair of parameter samples taken before and after an optimizer step: ``‖after - before‖``
+    and ``‖before‖``, each multiplied by ``scales[i]``. Returns float64 of shape (2, k) on the first
+    sample's device; the ratio of the two rows is the update-to-weight ratio.
+
+    With ``scales[i] = sqrt(n / m)`` for an ``m``-element sample of an ``n``-element tensor each row
+    estimates the whole tensor's norm, so the norms of several shards combine as the root of
+    their summed squares (:func:`gradwatch.collect.ranks.reduce_shards`); the ratio itself does
+    not depend on the scale.
+
+    >>> update_norms([torch.tensor([3.0, 4.0])], [torch.tensor([3.0, 5.0])], [1.0]).tolist()
+    [[1.0], [5.0]]
+    """
+    if not before:
+        return torch.zeros(2, 0, dtype=torch.float64)
+    device = before[0].device
+    out = torch.empty(2, len(before), dtype=torch.float64, device=device)
+    groups: dict = {}
+    for i, b in enumerate(before):
+        groups.setdefault((b.device, b.dtype), []).append(i)
+    with torch.no_grad():
+        for idx in groups.values():
+            b = [before[i] for i in idx]
+            d = torch._foreach_sub([after[i] for i in idx], b)
+            rows = [torch._foreach_norm(d), torch._foreach_norm(b)]
+            s = [float(scales[i]) for i in idx]
+            for r, norms in enumerate(rows):
+                col = torch.stack(torch._foreach_mul(norms, s)).to(device, torch.float64)
+                if idx == list(range(idx[0], idx[-1] + 1)):  # callers sort by dtype: a slice, no index copy
+                    out[r, idx[0]:idx[-1] + 1] = col
+                else:
+                    for j, i in enumerate(idx):
+                        out[r, i] = col[j]
+    return out
+
+
+ATTENTION_FIELDS = ("queries", "entropy", "entropy_normalised", "normalisable", "saturated", "max_logit")
+"""Rows of :func:`attention_summary`, per head (sums, except ``max_logit``, a maximum)."""
+
+
+def attention_summary(logits: Tensor, saturation: float = 0.99) -> Tensor:
+    """Softmax attention of one call, per head, from its logits ``(batch, heads, queries, keys)``
+    (scaled query-key products, masks applied: a masked key is ``-inf``). Returns float32 of shape
+    ``(len(ATTENTION_FIELDS), heads)``:
+
+    - ``queries``: queries with at least one key they may attend to (fully masked ones are left out);
+    - ``entropy``: sum over those queries of the attention entropy ``-sum_j p_j log p_j`` (nats);
+    - ``entropy_normalised``: sum of the entropy divided by ``log`` of the query's number of keys
+      (1: uniform attention, 0: one key), over the ``normalisable`` queries with two keys or more;
+    - ``saturated``: of the ``normalisable`` queries, those whose largest weight exceeds ``saturation``
+      (one-hot attention; a query with one key to attend to has no choice, and is not counted);
+    - ``max_logit``: the largest logit of a key that may be attended to (``-inf`` when none).
+
+    >>> s = attention_summary(torch.tensor([[[[0.0, 0.0], [30.0, 0.0]]]]))  # uniform, then one-hot
+    >>> [round(v, 4) for v in s[:, 0].tolist()]
+    [2.0, 0.6931, 1.0, 2.0, 1.0, 30.0]
+    """
+    x = logits.detach().float()
+    allowed = x > -math.inf
+    n_keys = allowed.sum(-1)
+    rows = n_keys > 0
+    safe = torch.where(rows.unsqueeze(-1), x, torch.zeros_like(x))  # a fully masked row would be NaN
+    p = torch.softmax(safe, dim=-1)
+    entropy = -torch.special.xlogy(p, p).sum(-1)
+    entropy = torch.where(rows, entropy, torch.zeros_like(entropy))
+    normalisable = n_keys >= 2
+    normalised = torch.where(normalisable, entropy / n_keys.clamp_min(2).float().log(), torch.zeros_like(entropy))
+    saturated = normalisable & (p.amax(-1) > saturation)
+    inf = x.new_full((), math.inf)
+    max_logit = torch.where(allowed, x, -inf).amax(dim=(0, 2, 3)) if x.numel() else x.new_full(x.shape[1:2], -math.inf)
+    return torch.stack([rows.float().sum((0, 2)), entropy.sum((0, 2)), normalised.sum((0, 2)),
+                        normalisable.float().sum((0, 2)), saturated.float().sum((0, 2)), max_logit])

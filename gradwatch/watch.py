@@ -17,7 +17,7 @@ from .config import Options, StepMode, Thresholds, check_model
 from .exceptions import GradWatchWarning
 from .layers import Selector, select_layers, select_parameters
 from .report import Finding, Report, StepData, StepStats
-from .rules import Judge
+from .rules import Judge, update_floor_note
 from .schedule import DEFAULT_HISTOGRAM_EVERY, Schedule
 from .sinks import build_sinks
 from .sinks.fanout import Fanout
@@ -60,7 +60,9 @@ class GradWatch:
             (32768: a share within +-0.3%); means, NaN/Inf, dead units, norms use every element.
         steps: ``"forward"`` (default), ``"optimizer"`` or ``"manual"``, see above.
         optimizer: your optimizer: gradients are then also read at ``optimizer.step()``
-            (after accumulation, all-reduce and clipping) as ``applied_grad_norm``.
+            (after accumulation, all-reduce and clipping) as ``applied_grad_norm``, and each
+            step's update-to-weight ratio ``‖Δw‖/‖w‖`` is measured as ``update_ratio``
+            (a strided sample of at most 4,096 elements per tensor is kept across the step).
         budget: the share of step time measuring may cost (0.02 when ``every`` is not given).
         functional: also measure activations called as functions (``F.relu``,
             ``torch.sigmoid``, ``x.tanh()``) as layers ``"<module>:<function>"``.
@@ -102,6 +104,7 @@ class GradWatch:
         self._latest: Optional[StepStats] = None
         self._findings: List[Finding] = []
         self._notes: List[str] = []  # said once: what cannot be measured, interval changes
+        self._slow_said = False  # the note on too small updates (rules.update_floor_note) is said once
 
     def attach(self) -> "GradWatch":
         """Register the hooks (what ``with`` does on entry). Returns ``self``."""
@@ -178,6 +181,10 @@ class GradWatch:
 
     def _emit(self, data: StepData, final: bool = False) -> None:
         new = self._judge.new_findings(data.stats, final)
+        slow = None if self._slow_said else update_floor_note(data.stats, self.options.thresholds)
+        if slow is not None:  # updates too small to learn: a note, said once a run
+            self._slow_said = True
+            self._note(slow)
         self._findings.extend(new)
         self._latest = data.stats
         self.sinks.on_step(data, new)

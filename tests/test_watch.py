@@ -364,7 +364,8 @@ def test_public_surface():
     assert sorted(gradwatch.__all__) == sorted([
         "GradWatch", "Thresholds", "StepMode", "Report", "LayerStats", "ParamStats", "Finding", "FindingKind",
         "GradWatchError", "AlreadyWatchedError", "LogDirError", "GradWatchWarning", "VanishingGradientWarning",
-        "ExplodingGradientWarning", "DeadUnitsWarning", "SaturationWarning", "NonFiniteWarning"])
+        "ExplodingGradientWarning", "DeadUnitsWarning", "SaturationWarning", "NonFiniteWarning",
+        "LearningRateWarning", "AttentionCollapseWarning"])
     for name in gradwatch.__all__:
         assert getattr(gradwatch, name).__module__.startswith("gradwatch.")
     assert issubclass(NonFiniteWarning, GradWatchWarning) and issubclass(GradWatchWarning, UserWarning)

@@ -25,6 +25,7 @@ from ..config import Options
 from ..layers import Layer
 from ..report import StepData
 from . import ranks, summary
+from .attention import AttentionTaps
 from .blind import BlindSpot, scripted
 from .buffers import Reduction, StepBuffers, UnitHistory, in_backward
 from .finite import Sentinel, smallest_near_input
@@ -33,6 +34,7 @@ from .gradients import GradientReader
 from .guard import Guard
 from .hooks import CleanCopies, WeakHook, forward_hook, forward_pre_hook
 from .taps import LayerTaps
+from .updates import RatioWindow, UpdateReader
 
 __all__ = ["Collector"]
 
@@ -54,6 +56,9 @@ class Collector:
         self.gradients = GradientReader(model, options.include, options.exclude, how, self.guard, self._current)
         self.functional = FunctionalTaps(model, how, self.guard, self._current) if options.functional else None
         self.units = UnitHistory(options.dead_window)
+        self.updates = UpdateReader(self.gradients.params, self.guard, self._current)
+        self.update_window = RatioWindow(options.thresholds.update_window)
+        self.attention = AttentionTaps(layers, self.guard, self._current)
         self.combiner = ranks.RankCombiner()
         self.blind = BlindSpot(model, len(layers), say, layers_seen=lambda: self.taps.seen)
         self._on_root_forward = on_root_forward
@@ -89,6 +94,7 @@ class Collector:
         """Read the gradients as the optimizer is about to apply them; optionally mark a step
         after each ``step()``."""
         self._root_handles.append(self.gradients.attach_optimizer(optimizer))
+        self._root_handles += self.updates.attach(optimizer)  # its post-hook before on_step's: same step
         if on_step is not None:
             self._root_handles.append(optimizer.register_step_post_hook(lambda opt, args, kwargs: on_step()))
 
@@ -117,6 +123,7 @@ class Collector:
         self._buf = StepBuffers(histograms=histograms)
         self.taps.register()
         self.gradients.register()
+        self.attention.register()
         if self.functional is not None:
             self.functional.register()
 
@@ -129,6 +136,7 @@ class Collector:
     def _remove_step_hooks(self, light: bool = True) -> None:
         self.taps.remove(light)
         self.gradients.remove()
+        self.attention.remove()
         if self.functional is not None:
             self.functional.remove()
 
@@ -153,8 +161,10 @@ class Collector:
         if world > 1:
             tot = self.combiner.combine(tot)
         params = self.gradients.params()
-        return summary.finish(step, tot, layer_of, {n: layer for n, layer, _ in params},
+        data = summary.finish(step, tot, layer_of, {n: layer for n, layer, _ in params},
                               {n: p.numel() for n, _, p in params}, world)
+        self.update_window.fold(data.stats, tot.updates)
+        return data
 
     def layer_index(self) -> Dict[str, Layer]:
         """Every layer by name, the functional ones discovered so far included."""

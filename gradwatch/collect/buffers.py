@@ -59,6 +59,7 @@ class SiteBuffer:
     slope: List[Tensor] = field(default_factory=list)  # stats.slope_saturation rows
     out_grad: List[Tensor] = field(default_factory=list)  # L2 norms of the gradient at the output
     alive: Optional[Tensor] = None  # per unit: any non-zero output in this step
+    attention: List[Tensor] = field(default_factory=list)  # stats.attention_summary per call (attention.py)
 
     def add_output(self, output: Any, spec: ActivationSpec, how: Reduction, histograms: bool,
                    layout: Optional[Tuple[torch.Size, bool]] = None) -> List[Tensor]:
@@ -114,6 +115,7 @@ class StepBuffers:
     grad_hist: Dict[str, Tensor] = field(default_factory=dict)
     notes: List[str] = field(default_factory=list)
     layout: Optional[Tuple[torch.Size, bool]] = None  # the last output of a module with a known layout
+    updates: Any = None  # an updates.UpdateRead: update norms across optimizer.step()
 
     def record(self, site: str, output: Any, spec: ActivationSpec, how: Reduction,
                channels_first: Optional[bool] = None) -> List[Tensor]:

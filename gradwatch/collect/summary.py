@@ -16,6 +16,7 @@ from torch import Tensor
 from .. import stats
 from ..layers import ActivationKind, Layer
 from ..report import LayerStats, ParamStats, StepData, StepStats
+from . import attention
 from .buffers import StepBuffers, UnitHistory
 
 
@@ -44,6 +45,12 @@ class SiteTotals:
     nonfinite: float = _max()
     out_grad_sq: float = _sum()  # squared L2 norm of the gradient at the output
     out_grad_seen: float = _sum()
+    attn_queries: float = _sum()  # attention: (query, head) pairs sampled, and their attention.FIELDS sums
+    attn_entropy: float = _sum()
+    attn_entropy_normalised: float = _sum()
+    attn_normalisable: float = _sum()
+    attn_saturated: float = _sum()
+    attn_max_logit: float = _max(-math.inf)
 
 
 REDUCTIONS: Tuple[Tuple[str, str], ...] = tuple((f.name, f.metadata["reduce"]) for f in fields(SiteTotals))
@@ -62,6 +69,8 @@ class StepTotals:
     grad_hist: Dict[str, List[float]]
     backward_order: List[str]
     skipped: Dict[str, List[str]] = field(default_factory=dict)
+    attention: Dict[str, List[List[float]]] = field(default_factory=dict)  # per site, per head (this rank)
+    updates: Optional[Tuple[List[str], List[float], List[Optional[float]], List[int]]] = None  # updates.finish
 
 
 def totals(buf: StepBuffers, units: UnitHistory, kinds: Dict[str, ActivationKind]) -> StepTotals:
@@ -87,12 +96,16 @@ def totals(buf: StepBuffers, units: UnitHistory, kinds: Dict[str, ActivationKind
             put(("dead", name), dead.float())
         if site.histogram is not None:
             put(("act_hist", name), site.histogram)
+        for row in site.attention:
+            put(("attn", name), row)
     for name, t in buf.grad_hist.items():
         put(("grad_hist", name), t)
     if buf.grads is not None:
         put(("params", ""), buf.grads.summary)
     if buf.applied is not None:
         put(("applied", ""), buf.applied.summary)
+    if buf.updates is not None:
+        put(("updates", ""), buf.updates.summary)
     host = stats.to_host(tensors)
 
     def get(kind: str, name: str) -> List[List[float]]:
@@ -110,12 +123,18 @@ def totals(buf: StepBuffers, units: UnitHistory, kinds: Dict[str, ActivationKind
     if buf.applied is not None:
         flat = get("applied", "")[0]
         applied = (buf.applied.names, flat[:len(buf.applied.names)])
+    heads = {n: attention.fold(get("attn", n)) for n, s in buf.sites.items() if s.attention}
+    for name, per_head in heads.items():
+        attention.add_totals(sites[name], per_head)
+    updates = None if buf.updates is None else (buf.updates.names, get("updates", "")[0], buf.updates.lrs,
+                                                buf.updates.ndims)
     return StepTotals(sites=sites, dead={n: get("dead", n)[0] for n in windows}, dead_window=windows,
                       grads=grads, applied=applied,
                       act_hist={n: get("act_hist", n)[0] for n, s in buf.sites.items() if s.histogram is not None},
                       grad_hist={n: get("grad_hist", n)[0] for n in buf.grad_hist},
                       backward_order=list(buf.backward_order),
-                      skipped={n: s.skipped for n, s in buf.sites.items() if s.skipped})
+                      skipped={n: s.skipped for n, s in buf.sites.items() if s.skipped},
+                      attention=heads, updates=updates)
 
 
 def _site_totals(calls: int, sizes: List[Tuple[int, int]], parts: List[List[float]], slope: List[List[float]],
@@ -171,6 +190,7 @@ def finish(step: int, tot: StepTotals, layer_of: Dict[str, Layer], owner: Dict[s
             # averages, so the whole batch's gradient at an output is the ranks' sum / world.
             ls.output_grad_norm = math.sqrt(t.out_grad_sq) / world
             ls.output_grad_nonfinite = not math.isfinite(ls.output_grad_norm)
+        attention.finish_layer(ls, t, tot.attention.get(site))
         layers[ls.name] = ls
     params: Dict[str, ParamStats] = {}
     if tot.grads is not None:

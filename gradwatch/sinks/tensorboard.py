@@ -17,6 +17,12 @@ Tag scheme (``<layer>`` and ``<param>`` are qualified names as ``named_modules()
 ``gradient.ratio/<param>``         gradient norm / weight norm
 ``gradient.global_norm``           L2 norm over all watched parameter gradients (end of backward)
 ``gradient.global_applied_norm``   the same at ``optimizer.step()``, after clipping (``optimizer=``)
+``update.ratio/<param>``           update-to-weight ratio ‖Δw‖/‖w‖ across ``optimizer.step()`` (``optimizer=``)
+``attention.entropy/<layer>``      mean attention entropy of a query, in nats (``nn.MultiheadAttention``)
+``attention.entropy_normalised/<layer>``  the same over log(number of keys): 1 uniform, 0 one key
+``attention.saturated_fraction/<layer>``  share of queries whose largest attention weight exceeds 0.99
+``attention.max_logit/<layer>``    largest scaled query-key logit
+histogram ``attention.head_entropy/<layer>``  normalised entropy of each head
 ``findings/<kind>``                1 at a step where a new finding of that kind was raised
 histogram ``activation/<layer>``   output values (strided sample)
 histogram ``gradient/<param>``     gradient values (strided sample)
@@ -43,8 +49,13 @@ LAYER_SCALARS = {
     "activation.nonfinite": "nonfinite",
     "gradient.output_norm": "output_grad_norm",
     "gradient.layer_norm": "grad_norm",
+    "attention.entropy": "attention_entropy",
+    "attention.entropy_normalised": "attention_entropy_normalised",
+    "attention.saturated_fraction": "attention_saturated_fraction",
+    "attention.max_logit": "attention_max_logit",
 }
-PARAM_SCALARS = {"gradient.norm": "grad_norm", "gradient.max_abs": "grad_max_abs", "gradient.ratio": "ratio"}
+PARAM_SCALARS = {"gradient.norm": "grad_norm", "gradient.max_abs": "grad_max_abs", "gradient.ratio": "ratio",
+                 "update.ratio": "update_ratio"}
 
 
 def custom_scalars_layout() -> Dict[str, Dict[str, List[Any]]]:
@@ -58,6 +69,8 @@ def custom_scalars_layout() -> Dict[str, Dict[str, List[Any]]]:
             **{"param " + p.split(".", 1)[1]: chart(p) for p in PARAM_SCALARS},
             "global_norm": ["Multiline", [r"^gradient\.global_norm$", r"^gradient\.global_applied_norm$"]],
         },
+        "gradwatch: updates": {"param update ratio": chart("update.ratio")},
+        "gradwatch: attention": {p.split(".", 1)[1]: chart(p) for p in LAYER_SCALARS if p.startswith("attention")},
     }
 
 
@@ -177,7 +190,8 @@ class TensorBoardSink(Sink):
                     w.add_scalar(f"{tag}/{name}", float(value), step)
         for pname, ps in st.params.items():
             for tag, attr in PARAM_SCALARS.items():
-                w.add_scalar(f"{tag}/{pname}", float(getattr(ps, attr)), step)
+                if getattr(ps, attr) is not None:  # update_ratio: only with optimizer=
+                    w.add_scalar(f"{tag}/{pname}", float(getattr(ps, attr)), step)
         if st.total_grad_norm is not None:
             w.add_scalar("gradient.global_norm", st.total_grad_norm, step)
         if st.total_applied_grad_norm is not None:
@@ -186,6 +200,13 @@ class TensorBoardSink(Sink):
             _histogram(w, f"activation/{name}", h, step)
         for name, h in data.grad_histograms.items():
             _histogram(w, f"gradient/{name}", h, step)
+        for name, ls in st.layers.items():
+            heads = [h["entropy_normalised"] for h in ls.attention_heads or [] if h["entropy_normalised"] is not None]
+            if heads:
+                import numpy as np
+
+                w.add_histogram(f"attention.head_entropy/{name}", np.asarray(heads, dtype=np.float64), step,
+                                bins=np.linspace(0.0, 1.0, 21))
         for f in new_findings:
             w.add_scalar(f"findings/{f.kind.value}", 1.0, step)
             w.add_text("gradwatch/findings", f"**{f.kind.category.__name__}** `{f.layer}`: {f.message}\n\n"
