@@ -404,10 +404,15 @@ class Judge:
         self._unapplied_streak = 0
         self._root: Optional[Finding] = None  # non-finite values or a learning-rate blow-up
         self._said_after_blowup = False
+        self._slow_said = False  # the note on too small updates is said once a run
 
     def new_findings(self, stats: StepStats, final: bool = False) -> List[Finding]:
         """The findings that are new at this measured step (``final``: the run's last)."""
         self._measured += 1
+        slow = None if self._slow_said else update_floor_note(stats, self.thresholds)
+        if slow is not None:  # updates too small to learn: a note, not a warning
+            self._slow_said = True
+            self.note(slow)
         for w in weighted_layers(stats):
             if w.name not in self._seen and w.zero:
                 self.zero_init.add(w.name)

@@ -17,7 +17,7 @@ from .config import Options, StepMode, Thresholds, check_model
 from .exceptions import GradWatchWarning
 from .layers import Selector, select_layers, select_parameters
 from .report import Finding, Report, StepData, StepStats
-from .rules import Judge, update_floor_note
+from .rules import Judge
 from .schedule import DEFAULT_HISTOGRAM_EVERY, Schedule
 from .sinks import build_sinks
 from .sinks.fanout import Fanout
@@ -104,7 +104,6 @@ class GradWatch:
         self._latest: Optional[StepStats] = None
         self._findings: List[Finding] = []
         self._notes: List[str] = []  # said once: what cannot be measured, interval changes
-        self._slow_said = False  # the note on too small updates (rules.update_floor_note) is said once
 
     def attach(self) -> "GradWatch":
         """Register the hooks (what ``with`` does on entry). Returns ``self``."""
@@ -181,10 +180,6 @@ class GradWatch:
 
     def _emit(self, data: StepData, final: bool = False) -> None:
         new = self._judge.new_findings(data.stats, final)
-        slow = None if self._slow_said else update_floor_note(data.stats, self.options.thresholds)
-        if slow is not None:  # updates too small to learn: a note, said once a run
-            self._slow_said = True
-            self._note(slow)
         self._findings.extend(new)
         self._latest = data.stats
         self.sinks.on_step(data, new)
@@ -195,9 +190,7 @@ class GradWatch:
         return Report(step=step, stats=self._latest, findings=list(self._findings), steps_seen=self._clock.seen,
                       every=self.every, thresholds=self.options.thresholds, notes=list(self._notes))
 
-    @property
-    def findings(self) -> List[Finding]:  # every finding so far, oldest first
-        return list(self._findings)
+    findings = property(lambda self: list(self._findings), doc="Every finding so far, oldest first.")
 
     def __repr__(self) -> str:
         state = "attached" if self._attached else "detached"

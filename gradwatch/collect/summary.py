@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from torch import Tensor
 
@@ -73,9 +73,9 @@ class StepTotals:
     updates: Optional[Tuple[List[str], List[float], List[Optional[float]], List[int]]] = None  # updates.finish
 
 
-def totals(buf: StepBuffers, units: UnitHistory, kinds: Dict[str, ActivationKind]) -> StepTotals:
-    """Gather every small tensor of the step into one list, move it to the host once, and add up.
-    ``kinds``: the activation kind of each site's module (slope saturation is for generic ones)."""
+def _gather(buf: StepBuffers, units: UnitHistory) -> Tuple[Callable[[str, str], List[List[float]]], Dict[str, int]]:
+    """Every small tensor of the step, moved to the host in one transfer: returns a look-up by
+    (kind, site) and the dead-unit window of each site that tracks units."""
     tensors: List[Tensor] = []
     index: Dict[Tuple[str, str], List[int]] = {}
 
@@ -110,7 +110,13 @@ def totals(buf: StepBuffers, units: UnitHistory, kinds: Dict[str, ActivationKind
 
     def get(kind: str, name: str) -> List[List[float]]:
         return [host[i] for i in index.get((kind, name), [])]
+    return get, windows
 
+
+def totals(buf: StepBuffers, units: UnitHistory, kinds: Dict[str, ActivationKind]) -> StepTotals:
+    """The step's additive totals per site, from one host transfer. ``kinds``: the activation
+    kind of each site's module (slope saturation is for generic ones)."""
+    get, windows = _gather(buf, units)
     sites = {name: _site_totals(site.calls, [(p.numel, p.sampled) for p in site.parts], get("act", name),
                                 get("slope", name) if kinds.get(name) is ActivationKind.GENERIC else [],
                                 get("grad", name))
