@@ -350,7 +350,7 @@ def blowup(before: Tuple[int, Dict[str, float]], now: Tuple[int, Dict[str, float
     fastest = max(common, key=lambda n: w1[n] / w0[n] if math.isfinite(w1[n]) else math.inf)
     grew = ("turned non-finite" if not math.isfinite(growth) else
             f"grew {growth:.1f} x ({total0:.3g} -> {total1:.3g}; fastest {fastest}, {w1[fastest] / w0[fastest]:.1f} x)")
-    return [Finding(FindingKind.EXPLODING, fastest, s1, growth, thresholds.blowup_growth,
+    return [Finding(FindingKind.LEARNING_RATE, fastest, s1, growth, thresholds.blowup_growth,
                     f"The weights {grew} in {s1 - s0} step(s): the updates outgrow the weights they change, "
                     f"which is a learning rate that is too high, not the model's layers.",
                     "Lower the learning rate (try 10x lower), add a warm-up, or clip gradients "
@@ -446,7 +446,7 @@ class Judge:
     def _non_finite(self, stats: StepStats, conditions: List[Finding]) -> List[Finding]:
         bad = [c for c in conditions if c.kind is FindingKind.NON_FINITE]
         rest = [c for c in conditions if c.kind is not FindingKind.NON_FINITE]
-        blown = self._root is not None and self._root.kind is FindingKind.EXPLODING
+        blown = self._root is not None and self._root.condition == "updates"  # a learning-rate blow-up
         if not bad:
             if self._unapplied is not None:
                 self.note(f"gradwatch: non-finite gradients at step {self._unapplied.step} were not "

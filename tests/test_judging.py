@@ -193,7 +193,7 @@ def test_learning_rate_blow_up_is_named_with_learning_rate_advice():
                 F.cross_entropy(model(x), y).backward()
                 opt.step()
     kinds = [(f.kind, f.condition) for f in watch.findings]
-    assert kinds == [(FindingKind.EXPLODING, "updates")], [str(f) for f in watch.findings]
+    assert kinds == [(FindingKind.LEARNING_RATE, "updates")], [str(f) for f in watch.findings]
     f = watch.findings[0]
     assert "learning rate" in f.advice and "ReLU" not in f.advice and "learning rate" in f.message
 

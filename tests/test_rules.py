@@ -190,7 +190,7 @@ def test_learning_rate_blow_up_is_named_instead_of_its_consequences():
         steps.append(layered(s, (100, 100, 10), (1e-7, 1e-6, 1.0), weights=(5.0, 25.0, 120.0),
                              types={"l1": "Sigmoid"}, l1={"saturated_fraction": 1.0, "saturation_method": "bounds"}))
     out, _ = judge_run(steps)
-    assert [(f.kind, f.condition) for f in out] == [(FindingKind.EXPLODING, "updates")]
+    assert [(f.kind, f.condition) for f in out] == [(FindingKind.LEARNING_RATE, "updates")]
     assert out[0].step == 3 and out[0].layer == "l2" and "learning rate" in out[0].advice.lower()
     assert "ReLU" not in out[0].advice
     # slow, healthy growth of the weights is not a blow-up
