@@ -393,8 +393,8 @@ def attention_summary(logits: Tensor, saturation: float = 0.99) -> Tensor:
     - ``max_logit``: the largest logit of a key that may be attended to (``-inf`` when none).
 
     >>> s = attention_summary(torch.tensor([[[[0.0, 0.0], [30.0, 0.0]]]]))  # uniform, then one-hot
-    >>> [round(v, 4) for v in s[:, 0].tolist()]
-    [2.0, 0.6931, 1.0, 2.0, 1.0, 30.0]
+    >>> tuple(round(v, 4) for v in s[:, 0].tolist())
+    (2.0, 0.6931, 1.0, 2.0, 1.0, 30.0)
     """
     x = logits.detach().float()
     allowed = x > -math.inf
