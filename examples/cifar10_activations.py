@@ -450,16 +450,7 @@ def describe(run: common.Run, n_train: int, n_test: int) -> dict:
 def main(argv: Optional[List[str]] = None) -> dict:
     p = common.parser(__doc__, variants=ACTIVATIONS, steps=(FULL_STEPS, QUICK_STEPS))
     run = common.start(p, EXAMPLE, argv)
-    parts = None
-    if run.merging:
-        results, setup, parts = run.merged()
-    else:
-        xtr, ytr, xte, yte = run.load(lambda: load(run.args, run.quick))
-        data = tuple(t.to(run.device) for t in (xtr, ytr, xte, yte))
-        setup = describe(run, len(xtr), len(xte))
-        common.console.print(f"[bold]{EXAMPLE}[/]: {len(xtr):,} train / {len(xte):,} test images, {run.steps:,} "
-                             f"steps per activation, device {setup['device']}, {setup['threads']} threads")
-        results = run.train(lambda act, bar, task: train(act, data, run, bar, task))
+    results, setup, parts = run.train_or_merge(lambda: load(run.args, run.quick), describe, train)
 
     checks = acceptance(results)
     common.console.print(results_table(results, run.steps))

@@ -152,6 +152,21 @@ class Run:
                 console.print(report)
         return results
 
+    def train_or_merge(self, load: Callable[[], Tuple[Any, ...]], describe: Callable[..., Dict[str, Any]],
+                       train_one: Callable[[str, Any, Tuple[Any, ...], Any, Any], dict]
+                       ) -> Tuple[Dict[str, dict], Dict[str, Any], Optional[List[dict]]]:
+        """An image study's results: merged from ``--merge`` folders, or trained here on the
+        data ``load()`` returns as ``(x_train, y_train, x_test, y_test)`` (moved to the device).
+        ``describe(run, n_train, n_test)`` gives the setup record; returns (results, setup, parts)."""
+        if self.merging:
+            return self.merged()
+        xtr, ytr, xte, yte = self.load(load)
+        data = tuple(t.to(self.device) for t in (xtr, ytr, xte, yte))
+        setup = describe(self, len(xtr), len(xte))
+        console.print(f"[bold]{self.example}[/]: {len(xtr):,} train / {len(xte):,} test images, {self.steps:,} "
+                      f"steps per activation, device {setup['device']}, {setup['threads']} threads")
+        return self.train(lambda act, bar, task: train_one(act, data, self, bar, task)), setup, None
+
     def merged(self) -> Tuple[Dict[str, dict], Dict[str, Any], List[dict]]:
         """The ``--merge`` folders' results: (variants, their common setup, one record per part).
 
