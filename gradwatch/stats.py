@@ -14,7 +14,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-ACTIVATION_FIELDS = ("sum", "sample_sum", "sample_dev_norm", "sample_nonzero", "sample_saturated")
+ACTIVATION_FIELDS = ("sum", "sample_dev_norm", "sample_nonzero", "sample_saturated")
 """Order of the values :func:`activation_summary` returns (see :func:`activation_moments`)."""
 
 
@@ -35,21 +35,22 @@ def l2_norm(t: Tensor) -> Tensor:
 
 
 def activation_summary(y: Tensor, lower: Optional[float] = None, upper: Optional[float] = None,
-                       margin: float = 0.01, max_elements: int = 1 << 15) -> Tensor:
+                       margin: float = 0.01, max_elements: int = 1 << 15, nonnegative: bool = False) -> Tensor:
     """Summarise an activation tensor into raw ``ACTIVATION_FIELDS`` (one small tensor on ``y``'s device).
 
     ``sum`` covers every element, so the mean is exact and any NaN/Inf shows (it makes
     the sum non-finite). The spread, the share of zeros and the share of saturated
     elements come from an evenly strided sample of at most ``max_elements`` elements
     (every element when the tensor is smaller; the stride is coprime with the last
-    dimension, so every unit is visited): ``sample_sum``, ``sample_dev_norm`` (L2 norm
-    of the sample minus its mean: a two-pass variance, exact also when the mean is
-    large), ``sample_nonzero`` and, only when a bound is given, ``sample_saturated``
-    (elements within ``margin`` of the output range from a bound ``lower``/``upper``;
-    an open side is ignored; the range of a one-sided activation is taken as 1). The
-    sample's size is :func:`sample_size` (known on the host). Divisions happen on the host in
-    :func:`activation_moments`: on the hot path each device kernel costs more than the
-    arithmetic. The kernels are the cheap ones: on CPU, ``var_mean`` and boolean
+    dimension, so every unit is visited): ``sample_dev_norm`` (L2 norm of the sample minus
+    the exact mean of the whole tensor: a two-pass variance, exact also when the mean is
+    large, and unbiased for the whole tensor's variance), ``sample_nonzero`` and, only when a
+    bound is given, ``sample_saturated`` (elements within ``margin`` of the output range from a
+    bound ``lower``/``upper``; an open side is ignored; the range of a one-sided activation is
+    taken as 1). ``nonnegative``: the output cannot be negative (a rectifier), which saves a
+    pass. The sample's size is :func:`sample_size` (known on the host). Divisions happen on the
+    host in :func:`activation_moments`. Each pass over the sample is one device kernel, and
+    on the hot path the number of kernels is the cost: on CPU, ``var_mean`` and boolean
     ``.sum()`` are 10-30x slower than a sum, a norm or ``sign``.
 
     >>> raw = activation_summary(torch.tensor([0.0, 0.5, 0.999, 1.0]), 0.0, 1.0, margin=0.01)
@@ -59,14 +60,16 @@ def activation_summary(y: Tensor, lower: Optional[float] = None, upper: Optional
     x = y.detach()
     n = x.numel()
     acc = _acc_dtype(x)
+    bounded = lower is not None or upper is not None
     if n == 0:
-        return torch.zeros(len(ACTIVATION_FIELDS), dtype=acc, device=x.device)
+        return torch.zeros(len(ACTIVATION_FIELDS) - (not bounded), dtype=acc, device=x.device)
     total = x.sum(dtype=acc)
     s = strided_sample(x, max_elements)
-    s_total = total if s.numel() == n else s.sum(dtype=acc)
-    dev = torch.linalg.vector_norm(s - (s_total / s.numel()).to(s.dtype), dtype=acc)
-    parts = [total, s_total, dev, _count_nonzero(s)]
-    if lower is not None or upper is not None:
+    # A 0-dim tensor does not promote: s - mean keeps s's dtype (half stays half).
+    dev = torch.linalg.vector_norm(s - total / n, dtype=acc)
+    nonzero = torch.sign(s)
+    parts = [total, dev, (nonzero if nonnegative else nonzero.abs_()).sum(dtype=acc)]
+    if bounded:
         parts.append(_near_bounds(s, lower, upper, margin))
     return torch.stack(parts)
 
@@ -85,15 +88,11 @@ def activation_moments(values: Sequence[float], n: int, m: int) -> dict:
             "saturated": v["sample_saturated"] * scale}
 
 
-def _count_nonzero(x: Tensor) -> Tensor:
-    # sign() is 0 exactly at zero and +-1 elsewhere: a float sum of it counts non-zeros
-    # ~6x faster than a boolean sum on CPU (NaN makes it NaN, which nonfinite reports).
-    return torch.sign(x).abs_().sum(dtype=_acc_dtype(x))
-
-
 def _count_above(x: Tensor, threshold: float) -> Tensor:
     """Number of elements strictly above ``threshold`` (x is consumed as a scratch tensor)."""
-    return x.sub_(threshold).clamp_(min=0).sign_().sum(dtype=_acc_dtype(x))
+    if threshold:
+        x = x.sub_(threshold)
+    return x.clamp_(min=0).sign_().sum(dtype=_acc_dtype(x))
 
 
 def _near_bounds(x: Tensor, lower: Optional[float], upper: Optional[float], margin: float) -> Tensor:
@@ -284,7 +283,11 @@ def _grad_rows(grads: List[Tensor], weights: List[Tensor], device: torch.device)
     norms = torch.stack(torch._foreach_norm(grads, dtype=acc))
     wacc = torch.float32 if weights[0].dtype in (torch.float16, torch.bfloat16) else None
     wnorms = torch.stack(torch._foreach_norm(weights, dtype=wacc))
-    if hasattr(torch, "_foreach_max"):  # on CPU the inf-norm kernel is ~15x slower than abs + max
+    if device.type == "cpu" and not grads[0].is_complex():
+        # One pass per tensor and no copy; on CPU the fused kernels loop over the tensors anyway.
+        lows, highs = zip(*[torch.aminmax(g) for g in grads])
+        maxabs = torch.maximum(torch.stack(highs), torch.stack(lows).neg_())
+    elif hasattr(torch, "_foreach_max"):  # on CPU the inf-norm kernel is ~15x slower than abs + max
         maxabs = torch.stack(torch._foreach_max(torch._foreach_abs(grads)))
     else:
         maxabs = torch.stack(torch._foreach_norm(grads, ord=math.inf))

@@ -67,18 +67,21 @@ class SiteBuffer:
         ``layout``: the shape of the last output whose layout is known, and whether it was
         channels-first: the units of an activation of that shape follow it (``stats.unit_dim``)."""
         self.calls += 1
-        tensors, others = [], []
-        for t in iter_tensors(output):  # one walk over the output
-            (tensors if t.is_floating_point() else others).append(t)
-        for t in others:
-            dtype = str(t.dtype).replace("torch.", "")
-            if dtype not in self.skipped:
-                self.skipped = sorted(self.skipped + [dtype])
-        bounded = spec.kind in (ActivationKind.BOUNDED, ActivationKind.RECTIFIER)
-        lower, upper = (spec.lower, spec.upper) if bounded else (None, None)
+        if type(output) is Tensor and output.is_floating_point():  # the usual case: one walk less
+            tensors = [output]
+        else:
+            tensors, others = [], []
+            for t in iter_tensors(output):  # one walk over the output
+                (tensors if t.is_floating_point() else others).append(t)
+            for t in others:
+                dtype = str(t.dtype).replace("torch.", "")
+                if dtype not in self.skipped:
+                    self.skipped = sorted(self.skipped + [dtype])
+        rectifier = spec.kind is ActivationKind.RECTIFIER
+        lower, upper = (spec.lower, spec.upper) if rectifier or spec.kind is ActivationKind.BOUNDED else (None, None)
         for t in tensors:
-            self.parts.append(ActivationPart(t.numel(), stats.sample_size(t, how.samples),
-                                             stats.activation_summary(t, lower, upper, how.margin, how.samples)))
+            self.parts.append(ActivationPart(t.numel(), stats.sample_size(t, how.samples), stats.activation_summary(
+                t, lower, upper, how.margin, how.samples, nonnegative=rectifier)))
         if not tensors:
             return tensors
         first = tensors[0]
@@ -86,7 +89,7 @@ class SiteBuffer:
             self.histogram = stats.histogram(first, how.bins, how.samples)
         if spec.tracks_dead_units and len(tensors) == 1:
             channels_first = layout[1] if layout is not None and layout[0] == first.shape else None
-            alive = stats.active_units(first, channels_first, nonnegative=spec.kind is ActivationKind.RECTIFIER)
+            alive = stats.active_units(first, channels_first, nonnegative=rectifier)
             if alive is not None:
                 if self.alive is None:
                     self.alive = alive
