@@ -9,7 +9,8 @@ machine's speed hits them all alike. Reported: the median over rounds of
     python benchmarks/overhead.py --quick    # a smoke run
 
 Targets (CPU, 2 threads): defaults <= 1.03, every-step scalars <= 1.15 (with ``optimizer=`` too,
-which adds the update-to-weight ratios on measured steps).
+which adds the update-to-weight ratios on measured steps), every-step histograms written into a
+log_dir (TensorBoard) <= 2.0 on the MLP and <= 1.5 on the CNN.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import copy
 import inspect
 import random
 import statistics
+import tempfile
 import time
 import warnings
 from typing import Any, Callable, Dict, List, Optional
@@ -72,7 +74,8 @@ VARIANTS: Dict[str, Callable[[nn.Module, torch.optim.Optimizer], object]] = {
     "every-step scalars": lambda m, opt: GradWatch(m, every=1, histogram_every=None, quiet=True).attach(),
     "every-step scalars + optimizer=": lambda m, opt: GradWatch(m, every=1, histogram_every=None, quiet=True,
                                                                optimizer=opt).attach(),
-    "every-step scalars + histograms": lambda m, opt: GradWatch(m, every=1, histogram_every=1, quiet=True).attach(),
+    "every-step scalars + histograms": lambda m, opt: GradWatch(m, every=1, histogram_every=1, quiet=True,
+                                                                log_dir=tempfile.mkdtemp(prefix="gw-bench-")).attach(),
     "naive .item() hooks": NaiveHooks,
 }
 

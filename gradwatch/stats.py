@@ -214,11 +214,15 @@ def sample_size(t: Tensor, max_elements: int) -> int:
 
 def histogram(t: Tensor, bins: int, max_elements: int = 1 << 16) -> Tensor:
     """Histogram of (a strided sample of) ``t``, computed on its device in a fixed number of
-    kernels (about fifteen, whatever the size) and no host synchronisation.
+    kernels, whatever the size, and no host synchronisation.
 
     Returns float64 ``[min, max, num, sum, sum_squares, count_0, ..., count_{bins-1}]``
     over equal-width bins spanning [min, max] -- the fields TensorBoard's
     ``add_histogram_raw`` takes. NaN/Inf values are left out.
+
+    On the CPU, where reading a number costs no synchronisation, a finite sample takes eight
+    kernels (``aminmax``, a sum, a dot product, four to bin and a ``bincount``); elsewhere, and
+    when the sample holds a NaN/Inf, about fifteen masked ones.
 
     >>> histogram(torch.tensor([0.0, 1.0, 1.0, 4.0]), bins=4).tolist()
     [0.0, 4.0, 4.0, 6.0, 18.0, 1.0, 2.0, 0.0, 1.0]
@@ -226,6 +230,15 @@ def histogram(t: Tensor, bins: int, max_elements: int = 1 << 16) -> Tensor:
     x = as_float(strided_sample(t, max_elements)).reshape(-1)
     if x.numel() == 0:
         return torch.zeros(5 + bins, dtype=torch.float64, device=x.device)
+    if x.device.type == "cpu":
+        lo, hi = torch.aminmax(x)
+        low, high = lo.item(), hi.item()
+        if math.isfinite(low) and math.isfinite(high):  # NaN propagates into both, Inf into one
+            # histc and histogram are 5-10x slower on CPU than scaling, truncating and bincount.
+            scale = bins / (high - low) if high > low else 0.0  # one value: every element in the first bin
+            counts = torch.bincount(x.sub(low).mul_(scale).to(torch.int32).clamp_(0, bins - 1), minlength=bins)
+            head = torch.stack([lo, hi, lo.new_tensor(float(x.numel())), x.sum(), torch.dot(x, x)])
+            return torch.cat([head, counts]).double()
     bad = ~torch.isfinite(x)
     weight = (~bad).to(x.dtype)
     xz = x.masked_fill(bad, 0.0)

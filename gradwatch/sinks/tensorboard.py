@@ -183,23 +183,25 @@ class TensorBoardSink(Sink):
         if not self._layout_written:
             w.add_custom_scalars(custom_scalars_layout())
             self._layout_written = True
+        event = _Event(w)
         for name, ls in st.layers.items():
             for tag, attr in LAYER_SCALARS.items():
                 value = getattr(ls, attr)
                 if value is not None and not (attr in ("mean", "std") and ls.count == 0):
-                    w.add_scalar(f"{tag}/{name}", float(value), step)
+                    event.scalar(f"{tag}/{name}", float(value))
         for pname, ps in st.params.items():
             for tag, attr in PARAM_SCALARS.items():
                 if getattr(ps, attr) is not None:  # update_ratio: only with optimizer=
-                    w.add_scalar(f"{tag}/{pname}", float(getattr(ps, attr)), step)
+                    event.scalar(f"{tag}/{pname}", float(getattr(ps, attr)))
         if st.total_grad_norm is not None:
-            w.add_scalar("gradient.global_norm", st.total_grad_norm, step)
+            event.scalar("gradient.global_norm", st.total_grad_norm)
         if st.total_applied_grad_norm is not None:
-            w.add_scalar("gradient.global_applied_norm", st.total_applied_grad_norm, step)
+            event.scalar("gradient.global_applied_norm", st.total_applied_grad_norm)
         for name, h in data.act_histograms.items():
-            _histogram(w, f"activation/{name}", h, step)
+            event.histogram(f"activation/{name}", h)
         for name, h in data.grad_histograms.items():
-            _histogram(w, f"gradient/{name}", h, step)
+            event.histogram(f"gradient/{name}", h)
+        event.write(step)
         for name, ls in st.layers.items():
             heads = [h["entropy_normalised"] for h in ls.attention_heads or [] if h["entropy_normalised"] is not None]
             if heads:
@@ -223,14 +225,56 @@ class TensorBoardSink(Sink):
             self.writer.flush()
 
 
-def _histogram(writer: Any, tag: str, h: List[float], step: int) -> None:
-    mn, mx, num, total, sumsq = h[:5]
-    counts = h[5:]
-    if num <= 0 or not counts:
-        return
-    width = (mx - mn) / len(counts) if mx > mn else 1.0
-    limits = [mn + (i + 1) * width for i in range(len(counts))]
-    if not all(math.isfinite(v) for v in limits):
-        return
-    writer.add_histogram_raw(tag, min=mn, max=mx, num=int(num), sum=total, sum_squares=sumsq,
-                             bucket_limits=limits, bucket_counts=counts, global_step=step)
+class _Event:
+    """One step's scalars and histograms, written as one TensorBoard event (one ``Summary``
+    with many values) instead of one event each: on a model with a hundred tags, a hundred
+    protocol buffers, queue hand-offs and record writes become one. A writer that is not
+    PyTorch's ``SummaryWriter`` (tensorboardX, a logger's wrapper) gets one call per value."""
+
+    def __init__(self, writer: Any) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = writer
+        self.batched = isinstance(writer, SummaryWriter)
+        self.values: List[Any] = []
+
+    def scalar(self, tag: str, value: float) -> None:
+        if self.batched:
+            from tensorboard.compat.proto.summary_pb2 import Summary
+
+            self.values.append(Summary.Value(tag=tag, simple_value=value))
+        else:
+            self.values.append(("scalar", tag, value))
+
+    def histogram(self, tag: str, h: List[float]) -> None:
+        mn, mx, num, total, sumsq = h[:5]
+        counts = h[5:]
+        if num <= 0 or not counts:
+            return
+        width = (mx - mn) / len(counts) if mx > mn else 1.0
+        limits = [mn + (i + 1) * width for i in range(len(counts))]
+        if not all(math.isfinite(v) for v in limits):
+            return
+        if self.batched:
+            from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
+
+            histo = HistogramProto(min=mn, max=mx, num=int(num), sum=total, sum_squares=sumsq,
+                                   bucket_limit=limits, bucket=counts)
+            self.values.append(Summary.Value(tag=tag, histo=histo))
+        else:
+            self.values.append(("histogram", tag, dict(min=mn, max=mx, num=int(num), sum=total, sum_squares=sumsq,
+                                                       bucket_limits=limits, bucket_counts=counts)))
+
+    def write(self, step: int) -> None:
+        if not self.values:
+            return
+        if self.batched:
+            from tensorboard.compat.proto.summary_pb2 import Summary
+
+            self.writer._get_file_writer().add_summary(Summary(value=self.values), step)
+            return
+        for kind, tag, value in self.values:
+            if kind == "scalar":
+                self.writer.add_scalar(tag, value, step)
+            else:
+                self.writer.add_histogram_raw(tag, global_step=step, **value)
