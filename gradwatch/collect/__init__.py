@@ -33,7 +33,7 @@ from .functional import FunctionalTaps
 from .gradients import GradientReader
 from .guard import Guard
 from .hooks import CleanCopies, WeakHook, forward_hook, forward_pre_hook
-from .taps import LayerTaps
+from .taps import LayerTaps, eager
 from .updates import RatioWindow, UpdateReader
 
 __all__ = ["Collector"]
@@ -77,9 +77,10 @@ class Collector:
         if self._scripted is not None:
             self.say(self._scripted)
         self.copies.install(self.model)  # copies of the watched model (deepcopy, pickle) carry no hook
-        self._root_handles.append(forward_pre_hook(self.model, self._root_pre_hook))
+        # The root's hooks are the edges of a compiled model's graph: never traced (see traced).
+        self._root_handles.append(forward_pre_hook(self.model, eager(self._root_pre_hook)))
         # always_call: the functional tap must be left even when the forward raises.
-        self._root_handles.append(forward_hook(self.model, self._root_hook, always_call=True))
+        self._root_handles.append(forward_hook(self.model, eager(self._root_hook), always_call=True))
         params = self.gradients.params()
         self.blind.attach(params[0][2] if params else None)
         # Under several processes a step that one rank turned into a measured one would leave the
@@ -107,6 +108,7 @@ class Collector:
         self.copies.remove()
         self.blind.detach()
         self.enabled = False
+        self.taps.traced.on = False
 
     @property
     def spent(self) -> float:
@@ -121,6 +123,7 @@ class Collector:
         """Start a measured step: register the per-layer hooks (kept from the previous step
         when that one was measured too, as with ``every=1``)."""
         self._buf = StepBuffers(histograms=histograms)
+        self.taps.traced.on = True
         self.taps.register()
         self.gradients.register()
         self.attention.register()
@@ -130,6 +133,7 @@ class Collector:
     def pause(self) -> None:
         """An unmeasured step begins: the per-layer measuring hooks make way for light ones."""
         self._remove_step_hooks(light=False)
+        self.taps.traced.on = False
         if self.checking:
             self.taps.keep()
 
@@ -197,6 +201,9 @@ class Collector:
         if self._depth or in_backward():
             return
         kept = self.taps.take()
+        traced = self.taps.traced.take()
+        if traced and self._current() is not None:  # a compiled forward: its layers' reductions
+            self.taps.replay_traced(self._buf, traced)
         if self._buf is None and self.enabled and self.checking:
             self.guard("finiteness check", self._check_output, output, kept)
         if self.functional is not None:

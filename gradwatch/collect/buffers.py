@@ -89,13 +89,22 @@ class SiteBuffer:
             self.histogram = stats.histogram(first, how.bins, how.samples)
         if spec.tracks_dead_units and len(tensors) == 1:
             channels_first = layout[1] if layout is not None and layout[0] == first.shape else None
-            alive = stats.active_units(first, channels_first, nonnegative=rectifier)
-            if alive is not None:
-                if self.alive is None:
-                    self.alive = alive
-                elif self.alive.shape == alive.shape:
-                    self.alive = self.alive | alive
+            self.merge_alive(stats.active_units(first, channels_first, nonnegative=rectifier))
         return tensors
+
+    def add_summary(self, numel: int, sampled: int, summary: Tensor, alive: Optional[Tensor]) -> None:
+        """One call reduced elsewhere (inside a compiled graph, see ``traced``)."""
+        self.calls += 1
+        self.parts.append(ActivationPart(numel, sampled, summary))
+        self.merge_alive(alive)
+
+    def merge_alive(self, alive: Optional[Tensor]) -> None:
+        """A unit is alive in the step when any of its calls gave it a non-zero output."""
+        if alive is not None:
+            if self.alive is None:
+                self.alive = alive
+            elif self.alive.shape == alive.shape:
+                self.alive = self.alive | alive
 
 
 @dataclass

@@ -31,6 +31,7 @@ from ..layers import ActivationKind, Layer
 from .buffers import Reduction, StepBuffers, in_backward, site_name
 from .guard import Guard
 from .hooks import Hook, forward_hook, forward_pre_hook
+from .traced import TracedRecord, TracedTaps, compiling
 
 Current = Callable[[], Optional[StepBuffers]]
 """Returns the buffers of the step being measured, or None when nothing is to be recorded."""
@@ -55,13 +56,10 @@ def channels_first(module: nn.Module) -> Optional[bool]:
 
 
 def eager(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Keep torch.compile from tracing into gradwatch's hooks: they run eagerly (one graph
-    break each) instead of being compiled, and recompiled, once per layer."""
+    """Keep torch.compile from tracing into ``fn``: gradwatch's eager code (step boundaries,
+    records of a step) runs at the compiled graph's edges only, never inside it."""
     disable = getattr(getattr(torch, "compiler", None), "disable", None)
     return disable(fn) if disable is not None else fn
-
-
-_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
 
 
 class _Keeper(Hook):
@@ -75,7 +73,7 @@ class _Keeper(Hook):
         self.taps, self.layer = taps, layer
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
-        if _compiling():
+        if compiling():
             return
         taps = self.taps
         # Only with autograd on: its graph holds most outputs anyway, so keeping them to the
@@ -115,6 +113,7 @@ class LayerTaps:
         self._layout = {layer.name: channels_first(layer.module) for layer in layers}
         self._probes: Dict[str, List[Optional[_SlopeProbe]]] = {}
         self._peak: Dict[str, Tensor] = {}  # per site, the largest slope seen (kept across steps)
+        self.traced = TracedTaps(how)  # what the hooks record when torch.compile traces them
 
     @property
     def registered(self) -> bool:
@@ -167,12 +166,21 @@ class LayerTaps:
         """The model's forward begins: call sites are counted from 1 again."""
         self._calls.clear()
         self._probes.clear()
+        self.traced.take()
+
+    def replay_traced(self, buf: StepBuffers, records: List[TracedRecord]) -> None:
+        """The reductions a compiled forward computed in its graph, recorded as eager calls are."""
+        for r in records:
+            if r.layer.name not in self.guard.broken:
+                self.seen += 1
+                site = self._site(r.layer, buf)
+                buf.site(site).add_summary(r.numel, r.sampled, r.summary, r.alive)
 
     # ------------------------------------------------------------------ hooks
     def _pre_hook(self, layer: Layer) -> Callable[..., None]:
         name = layer.name
 
-        def pre_hook(module: nn.Module, args: Any) -> None:  # must return None: a value replaces the input
+        def measure(module: nn.Module, args: Any) -> None:  # must return None: a value replaces the input
             buf = self.current()
             if buf is None or name in self.guard.broken or in_backward():
                 return
@@ -185,25 +193,40 @@ class LayerTaps:
                 probe = _SlopeProbe(x.shape)
                 x.register_hook(self._input_grad_hook(name, probe))
             self._probes.setdefault(name, []).append(probe)
-        return eager(pre_hook)
+        measure = eager(measure)
+
+        def pre_hook(module: nn.Module, args: Any) -> None:
+            if not compiling():  # compiled: no slope probes (see traced)
+                measure(module, args)
+        return pre_hook
 
     def _hook(self, layer: Layer) -> Callable[..., None]:
-        name = layer.name
+        name, own_layout = layer.name, self._layout.get(layer.name)
 
-        def hook(module: nn.Module, args: Any, output: Any) -> None:  # None: a value replaces the output
+        def measure(module: nn.Module, args: Any, output: Any) -> None:  # None: a value replaces the output
             buf = self.current()
             if buf is None or name in self.guard.broken or in_backward():
                 return
             self.guard(name, self._on_output, layer, buf, output)
-        return eager(hook)
+        measure = eager(measure)
 
-    def _on_output(self, layer: Layer, buf: StepBuffers, output: Any) -> None:
-        self.seen += 1
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if compiling():  # traced into the compiled graph, without a graph break
+                self.traced.record(layer, output, own_layout)
+            else:
+                measure(module, args, output)
+        return hook
+
+    def _site(self, layer: Layer, buf: StepBuffers) -> str:
         if buf is not self._calls_of:  # a new step (a model trained through other methods
             self._calls_of = buf  # than forward has no root forward to count sites from)
             self._calls.clear()
         call = self._calls[layer.name] = self._calls.get(layer.name, 0) + 1
-        site = site_name(layer.name, call)
+        return site_name(layer.name, call)
+
+    def _on_output(self, layer: Layer, buf: StepBuffers, output: Any) -> None:
+        self.seen += 1
+        site = self._site(layer, buf)
         probes = self._probes.get(layer.name)
         probe = probes.pop() if probes else None
         tensors = buf.record(site, output, layer.spec, self.how, self._layout.get(layer.name))

@@ -1,0 +1,77 @@
+"""Layer hooks that torch.compile traces into the model's graph instead of breaking it.
+
+When ``torch.compile`` traces a watched layer's forward hook, the hook does not run
+gradwatch's eager code (which would split the graph at every layer); it adds the same
+device reductions as a measured step's (:func:`gradwatch.stats.activation_summary` and the
+per-unit activity of :func:`gradwatch.stats.active_units`) to the graph, where the compiler
+fuses them with the layer, and appends the small results to :attr:`TracedTaps.records`.
+After the forward, the root module's hook (eager, at the graph's edge) hands them to the
+step's buffers like any other record.
+
+Whether a step is measured is one Python flag, :attr:`TracedTaps.on`. The compiler guards on
+its value, so a compiled model gets two graphs, one that measures and one that does not, and
+switching between them as the step count advances recompiles nothing. Nothing step-dependent
+(step numbers, buffers of a step, counters) is read inside the traced hook.
+
+Not measured inside a compiled region: gradients at layer outputs and the slope-based
+saturation of generic activations (both need autograd hooks on intermediate tensors);
+parameter gradients are read as in eager mode, at the end of backward.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import stats
+from ..layers import ActivationKind, Layer
+from .buffers import Reduction
+
+compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
+
+
+class TracedRecord(NamedTuple):
+    """One compiled layer call: the output's size, its sample's size and its summaries."""
+
+    layer: Layer
+    numel: int
+    sampled: int
+    summary: Tensor
+    alive: Optional[Tensor]
+
+
+class TracedTaps:
+    """The reductions of compiled layers, in the order the layers ran."""
+
+    def __init__(self, how: Reduction) -> None:
+        self.how = how
+        self.on = False  # the running step is measured (a guard of the compiled graph)
+        self.records: List[TracedRecord] = []  # emptied (never replaced) before every forward of the model
+        self.layout: Optional[Tuple[torch.Size, bool]] = None  # as StepBuffers.layout, within one forward
+
+    def record(self, layer: Layer, output: Any, own_layout: Optional[bool]) -> None:
+        """Traced by torch.compile: reduce ``output`` into the graph when the step is measured.
+        ``own_layout``: whether the module's type puts units at dim 1 (see ``taps.channels_first``)."""
+        if not self.on or not isinstance(output, Tensor) or not output.is_floating_point():
+            return
+        if own_layout is not None:
+            self.layout = (output.shape, own_layout)
+        layout = self.layout
+        channels_first = layout[1] if layout is not None and layout[0] == output.shape else None
+        spec, how = layer.spec, self.how
+        rectifier = spec.kind is ActivationKind.RECTIFIER
+        bounded = rectifier or spec.kind is ActivationKind.BOUNDED
+        summary = stats.activation_summary(output, spec.lower if bounded else None, spec.upper if bounded else None,
+                                           how.margin, how.samples, nonnegative=rectifier)
+        alive = stats.active_units(output, channels_first, nonnegative=rectifier) if spec.tracks_dead_units else None
+        self.records.append(TracedRecord(layer, output.numel(), stats.sample_size(output, how.samples), summary,
+                                         alive))
+
+    def take(self) -> List[TracedRecord]:
+        """The records of the forward that just ended; the next forward starts afresh."""
+        records = list(self.records)
+        self.records.clear()
+        self.layout = None
+        return records
