@@ -44,3 +44,54 @@ def test_a_model_compiled_after_attaching_is_measured():
             models.train(compiled, 3, x, y)
     rep = watch.report()
     assert rep.layers["1"].count == 32 * 16 and rep.params["0.weight"].grad_norm > 0
+
+
+def _compile_counts():
+    from torch._dynamo.utils import counters
+
+    return counters["stats"].get("unique_graphs", 0), sum(counters["graph_break"].values())
+
+
+@pytest.mark.slow
+def test_compiled_layers_are_measured_inside_the_graph_without_recompiles_or_breaks_per_layer():
+    from torch._dynamo.utils import counters
+
+    model = fresh()
+    x, y = models.batch()
+    counters.clear()
+    with GradWatch(model, every=3, quiet=True) as watch:  # measured and unmeasured steps alternate
+        compiled = torch.compile(model, backend="eager")
+        models.train(compiled, 4, x, y)  # warm-up: the measuring and the non-measuring graph
+        graphs, breaks = _compile_counts()
+        models.train(compiled, 12, x, y)
+        assert _compile_counts() == (graphs, breaks)  # no recompile, no new break as steps advance
+    assert graphs == 2
+    assert breaks <= 3  # the root's hooks, the graph's edges: none per layer (the model has 5)
+    rep = watch.report()
+    assert rep.step == 15
+    for name in ("0", "1", "2", "3", "4"):  # every layer's activations, measured in the graph
+        assert rep.layers[name].count == 32 * (16 if name != "4" else 3)
+    assert rep.layers["1"].dead_fraction is not None and rep.params["0.weight"].grad_norm > 0
+
+
+@pytest.mark.slow
+def test_compiled_and_eager_measure_the_same_numbers_and_training_is_unchanged():
+    x, y = models.batch()
+    reports, losses = [], []
+    for compile_it in (False, True, None):  # eager watched, compiled watched, compiled unwatched
+        model = fresh()
+        watch = GradWatch(model, every=2, quiet=True).attach() if compile_it is not None else None
+        run = torch.compile(model, backend="eager") if compile_it is not False else model
+        losses.append(torch.tensor(models.train(run, 6, x, y)))
+        if watch is not None:
+            reports.append(watch.report())
+            watch.detach()
+    assert torch.equal(losses[1], losses[2])  # watching a compiled model changes nothing in its training
+    eager, compiled = reports
+    assert eager.step == compiled.step == 4
+    for name, ls in eager.layers.items():
+        other = compiled.layers[name]
+        assert (other.count, other.zero_fraction, other.dead_fraction) == (ls.count, ls.zero_fraction, ls.dead_fraction)
+        assert other.mean == pytest.approx(ls.mean, rel=1e-5, abs=1e-7)
+        assert other.std == pytest.approx(ls.std, rel=1e-5)
+        assert other.output_grad_norm is None  # not measured inside a compiled graph (documented)
