@@ -7,9 +7,10 @@ each other; :class:`Collector` composes them::
     backward   --> gradients (end of each backward pass, optimizer.step)  --> buffers
     step end   --> summary.totals (one host transfer) --> ranks.combine --> summary.finish --> StepData
 
-Only the root module carries permanent hooks (to count steps and to see backward passes);
-per-layer measuring hooks exist on measured steps only. Other steps cost the root's hooks, one
-light hook per layer and the per-step finiteness check of :mod:`.finite`.
+The root module's hooks count steps and see backward passes; each watched layer has one
+permanent hook (:mod:`.taps`), which measures on measured steps only; gradient, attention and
+functional hooks are placed for measured steps only. Other steps cost the root's hooks, one
+light call per layer and the per-step finiteness check of :mod:`.finite`.
 :mod:`.guard` keeps a bug in gradwatch from ever breaking the user's training.
 """
 
@@ -77,6 +78,7 @@ class Collector:
         if self._scripted is not None:
             self.say(self._scripted)
         self.copies.install(self.model)  # copies of the watched model (deepcopy, pickle) carry no hook
+        self.taps.attach()
         # The root's hooks are the edges of a compiled model's graph: never traced (see traced).
         self._root_handles.append(forward_pre_hook(self.model, eager(self._root_pre_hook)))
         # always_call: the functional tap must be left even when the forward raises.
@@ -102,6 +104,7 @@ class Collector:
     def detach(self) -> None:
         """Remove every hook. Safe to call twice."""
         self._remove_step_hooks()
+        self.taps.detach()
         for h in self._root_handles:
             h.remove()
         self._root_handles.clear()
@@ -120,25 +123,21 @@ class Collector:
 
     # ------------------------------------------------------------------ step boundaries
     def begin(self, *, histograms: bool) -> None:
-        """Start a measured step: register the per-layer hooks (kept from the previous step
-        when that one was measured too, as with ``every=1``)."""
+        """Start a measured step: the layers' hooks measure, gradient and attention hooks are
+        placed (kept from the previous step when that one was measured too, as with ``every=1``)."""
         self._buf = StepBuffers(histograms=histograms)
         self.taps.traced.on = True
-        self.taps.register()
         self.gradients.register()
         self.attention.register()
         if self.functional is not None:
             self.functional.register()
 
     def pause(self) -> None:
-        """An unmeasured step begins: the per-layer measuring hooks make way for light ones."""
-        self._remove_step_hooks(light=False)
+        """An unmeasured step begins: the step's hooks go; the layers' hooks only keep outputs."""
+        self._remove_step_hooks()
         self.taps.traced.on = False
-        if self.checking:
-            self.taps.keep()
 
-    def _remove_step_hooks(self, light: bool = True) -> None:
-        self.taps.remove(light)
+    def _remove_step_hooks(self) -> None:
         self.gradients.remove()
         self.attention.remove()
         if self.functional is not None:
@@ -192,7 +191,7 @@ class Collector:
         late = self.guard("finiteness check", self.sentinel.poll) if self.sentinel.pending else None
         if late is not None:
             self._found_late(*late)
-        self.taps.keeping = self._buf is None and self.enabled
+        self.taps.keeping = self._buf is None and self.enabled and self.checking
         if self.functional is not None and self._current() is not None:
             self.functional.enter()
 
@@ -216,7 +215,6 @@ class Collector:
             # This step becomes a measured one now: its layers' outputs (kept until here) in
             # forward order, and its gradients at the end of its backward.
             self._buf = StepBuffers(histograms=False)
-            self.taps.register()
             self.gradients.register()
             self.taps.replay(self._buf, kept)
 

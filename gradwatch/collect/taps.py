@@ -1,13 +1,14 @@
 """Forward and backward hooks on watched modules: one record per call site, written into buffers.
 
-Per-layer hooks exist only on measured steps (:meth:`LayerTaps.register` / :meth:`remove`).
+Each watched layer carries one permanent forward hook (:meth:`LayerTaps.attach`), which
+reduces the layer's output on measured steps and does almost nothing on the others.
 Hooks observe and never modify: every hook returns ``None``, reads detached tensors, and
 uses no random numbers. Gradients at outputs are read with tensor hooks
 (``Tensor.register_hook``), not full module backward hooks, which fail on in-place modules
 such as ``nn.ReLU(inplace=True)``.
 
-Between measured steps, each layer carries one light hook instead (:meth:`LayerTaps.keep`):
-it keeps a reference to the layer's output until the model's forward returns, so that when the
+Between measured steps, the same hook keeps a reference to the layer's output until the
+model's forward returns (the per-step finiteness check, :mod:`.finite`), so that when the
 model's output turns out non-finite, that step's outputs can still be measured in forward order
 (:meth:`LayerTaps.replay`) and the first non-finite layer named at the step it appeared.
 
@@ -62,26 +63,6 @@ def eager(fn: Callable[..., Any]) -> Callable[..., Any]:
     return disable(fn) if disable is not None else fn
 
 
-class _Keeper(Hook):
-    """The light hook of unmeasured steps: keeps the layer's output until the forward returns.
-    Called on every step, so it is one plain call (not wrapped for the compiler: under
-    torch.compile it does nothing, which traces into nothing)."""
-
-    __slots__ = ("taps", "layer")
-
-    def __init__(self, taps: "LayerTaps", layer: Layer) -> None:
-        self.taps, self.layer = taps, layer
-
-    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
-        if compiling():
-            return
-        taps = self.taps
-        # Only with autograd on: its graph holds most outputs anyway, so keeping them to the
-        # end of the forward costs little memory (under no_grad it could cost a lot).
-        if taps.keeping and torch.is_grad_enabled():
-            taps.kept.append((self.layer, output))
-
-
 @dataclass
 class _SlopeProbe:
     """A generic module's input gradient, paired with its output and the gradient at it."""
@@ -105,8 +86,7 @@ class LayerTaps:
         self.current = current
         self.handles: List[RemovableHandle] = []
         self.seen = 0  # layer outputs recorded since attach
-        self.light: List[RemovableHandle] = []  # the keeping hooks of unmeasured steps
-        self.keeping = False  # True during a root forward of an unmeasured step
+        self.keeping = False  # True during a root forward of an unmeasured step (finiteness check)
         self.kept: List[Tuple[Layer, Any]] = []
         self._calls: Dict[str, int] = {}  # per module, calls in the current forward of the model
         self._calls_of: Optional[StepBuffers] = None  # the step those calls were counted in
@@ -115,38 +95,23 @@ class LayerTaps:
         self._peak: Dict[str, Tensor] = {}  # per site, the largest slope seen (kept across steps)
         self.traced = TracedTaps(how)  # what the hooks record when torch.compile traces them
 
-    @property
-    def registered(self) -> bool:
-        return bool(self.handles)
-
-    def register(self) -> None:
+    def attach(self) -> None:
+        """One permanent forward hook per layer (and a pre-hook per generic activation). On a
+        measured step it reduces the output; on an unmeasured one it keeps the output until the
+        forward returns (see :meth:`take`); traced by torch.compile, it adds the reductions to the
+        graph (see ``traced``). The hooks never change between steps, so a compiled graph traced
+        with them stays valid whatever the compiler's hook guards."""
         if self.handles:
             return
-        self._remove_light()
         for layer in self.layers:
             if layer.spec.kind is ActivationKind.GENERIC:
                 self.handles.append(forward_pre_hook(layer.module, self._pre_hook(layer)))
             self.handles.append(forward_hook(layer.module, self._hook(layer)))
 
-    def remove(self, light: bool = True) -> None:
-        """Take the measuring hooks off, and the keeping hooks too unless ``light`` is False."""
+    def detach(self) -> None:
         for h in self.handles:
             h.remove()
         self.handles.clear()
-        if light:
-            self._remove_light()
-
-    def keep(self) -> None:
-        """An unmeasured step: one light hook per layer, keeping its outputs during the forward."""
-        if self.handles or self.light:
-            return
-        for layer in self.layers:
-            self.light.append(layer.module.register_forward_hook(_Keeper(self, layer)))
-
-    def _remove_light(self) -> None:
-        for h in self.light:
-            h.remove()
-        self.light.clear()
         self.kept.clear()
 
     def take(self) -> List[Tuple[Layer, Any]]:
@@ -196,7 +161,7 @@ class LayerTaps:
         measure = eager(measure)
 
         def pre_hook(module: nn.Module, args: Any) -> None:
-            if not compiling():  # compiled: no slope probes (see traced)
+            if not compiling() and self.current() is not None:  # compiled: no slope probes (see traced)
                 measure(module, args)
         return pre_hook
 
@@ -213,8 +178,12 @@ class LayerTaps:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if compiling():  # traced into the compiled graph, without a graph break
                 self.traced.record(layer, output, own_layout)
-            else:
+            elif self.current() is not None:
                 measure(module, args, output)
+            # Kept only with autograd on: its graph holds most outputs anyway, so keeping them
+            # to the end of the forward costs little memory (under no_grad it could cost a lot).
+            elif self.keeping and torch.is_grad_enabled():
+                self.kept.append((layer, output))
         return hook
 
     def _site(self, layer: Layer, buf: StepBuffers) -> str:
