@@ -8,6 +8,7 @@ tested against a numpy reference in ``tests/test_stats.py``.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import List, Optional, Sequence, Tuple
 
@@ -192,6 +193,7 @@ def strided_sample(t: Tensor, max_elements: int) -> Tensor:
     return flat if stride == 1 else flat[::stride].contiguous()
 
 
+@functools.lru_cache(maxsize=4096)  # a model's shapes repeat every step
 def _stride(n: int, last: int, max_elements: int) -> int:
     """The stride coprime with ``last`` nearest to ``n / max_elements`` (at least 2), so the
     sample holds about ``max_elements`` elements and still visits every feature."""
