@@ -56,8 +56,8 @@ class GradWatch:
         include_eval: also measure forwards in eval mode, as steps of their own.
         quiet: no table at the end; warnings still appear. ``console``: the rich Console.
         bins: histogram bins.
-        samples: the largest strided sample of a tensor for its spread, shares and histogram
-            (32768: a share within +-0.3%); means, NaN/Inf, dead units, norms use every element.
+        samples: the largest strided sample of a tensor for its spread and shares (32768: a share
+            within +-0.3%; histograms take at most 8192); means, NaN/Inf, dead units, norms: all.
         steps: ``"forward"`` (default), ``"optimizer"`` or ``"manual"``, see above.
         optimizer: your optimizer: gradients are then also read at ``optimizer.step()``
             (after accumulation, all-reduce and clipping) as ``applied_grad_norm``, and each

@@ -37,6 +37,10 @@ class Reduction:
     samples: int
     bins: int
 
+    @property
+    def histogram_samples(self) -> int:
+        return min(self.samples, stats.HISTOGRAM_SAMPLES)
+
 
 @dataclass
 class ActivationPart:
@@ -86,7 +90,7 @@ class SiteBuffer:
             return tensors
         first = tensors[0]
         if histograms and self.histogram is None:
-            self.histogram = stats.histogram(first, how.bins, how.samples)
+            self.histogram = stats.histogram(first, how.bins, how.histogram_samples)
         if spec.tracks_dead_units and len(tensors) == 1:
             channels_first = layout[1] if layout is not None and layout[0] == first.shape else None
             self.merge_alive(stats.active_units(first, channels_first, nonnegative=rectifier))

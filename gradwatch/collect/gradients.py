@@ -195,5 +195,5 @@ class GradientReader:
             grads = [g * inv.to(g.device, g.real.dtype) for g in grads] if histograms else grads
         if histograms:
             buf.grad_hist = {n: stats.histogram(g if not g.is_complex() else g.abs(), self.how.bins,
-                                                self.how.samples) for n, g in zip(names, grads)}
+                                                self.how.histogram_samples) for n, g in zip(names, grads)}
         return GradientRead(names, summary)
