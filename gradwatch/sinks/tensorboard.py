@@ -252,9 +252,9 @@ class _Event:
         if num <= 0 or not counts:
             return
         width = (mx - mn) / len(counts) if mx > mn else 1.0
-        limits = [mn + (i + 1) * width for i in range(len(counts))]
-        if not all(math.isfinite(v) for v in limits):
+        if not (math.isfinite(mn) and math.isfinite(width) and math.isfinite(mn + len(counts) * width)):
             return
+        limits = [mn + (i + 1) * width for i in range(len(counts))]
         if self.batched:
             from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
 
