@@ -142,3 +142,22 @@ def test_a_full_disk_gives_one_warning_and_the_findings_file_goes_on(tmp_path, m
     assert watch.steps == 5
     lines = (tmp_path / "run" / "findings.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [f.step for f in watch.findings]
+
+
+def test_a_steps_scalars_and_histograms_are_one_event(tmp_path):
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    model = models.small_mlp()
+    with GradWatch(model, log_dir=tmp_path / "run", every=1, histogram_every=1, quiet=True):
+        models.train(model, 4)
+    files = list((tmp_path / "run").glob("events.out.tfevents.*"))
+    events = [e for f in files for e in EventFileLoader(str(f)).Load() if e.HasField("summary")]
+    per_step = {}
+    for e in events:
+        if any(v.tag.startswith("activation.mean/") for v in e.summary.value):
+            per_step.setdefault(e.step, []).append(e)
+    assert sorted(per_step) == [0, 1, 2, 3]
+    for step, found in per_step.items():
+        assert len(found) == 1  # every number of the step in one record, not one record per tag
+        tags = {v.tag for v in found[0].summary.value}
+        assert {"activation.mean/0", "gradient.norm/0.weight", "activation/1", "gradient/0.weight"} <= tags
