@@ -158,7 +158,7 @@ class Options:
                              'steps="optimizer")')
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
                                    or not 0 < budget < 1):
-            raise ValueError(f"budget must be a fraction of step time between 0 and 1 (e.g. 0.02), got {budget!r}")
+            raise ValueError(f"budget must be a fraction of step time between 0 and 1 (e.g. 0.01), got {budget!r}")
         if log_dir is not None and writer is not None:
             raise ValueError("pass either log_dir= or writer=, not both (writer= writes where the writer writes)")
         if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
