@@ -42,6 +42,15 @@ class Reduction:
         return min(self.samples, stats.HISTOGRAM_SAMPLES)
 
 
+def summarise(t: Tensor, spec: ActivationSpec, how: Reduction) -> Tensor:
+    """``stats.activation_summary`` of one output tensor, with the bounds its kind has (a
+    rectifier's are its upper one, if any; its output cannot be negative)."""
+    rectifier = spec.kind is ActivationKind.RECTIFIER
+    bounded = rectifier or spec.kind is ActivationKind.BOUNDED
+    return stats.activation_summary(t, spec.lower if bounded else None, spec.upper if bounded else None,
+                                    how.margin, how.samples, nonnegative=rectifier)
+
+
 @dataclass
 class ActivationPart:
     """One output tensor of one call: ``stats.activation_summary`` over ``numel`` elements,
@@ -81,11 +90,8 @@ class SiteBuffer:
                 dtype = str(t.dtype).replace("torch.", "")
                 if dtype not in self.skipped:
                     self.skipped = sorted(self.skipped + [dtype])
-        rectifier = spec.kind is ActivationKind.RECTIFIER
-        lower, upper = (spec.lower, spec.upper) if rectifier or spec.kind is ActivationKind.BOUNDED else (None, None)
         for t in tensors:
-            self.parts.append(ActivationPart(t.numel(), stats.sample_size(t, how.samples), stats.activation_summary(
-                t, lower, upper, how.margin, how.samples, nonnegative=rectifier)))
+            self.parts.append(ActivationPart(t.numel(), stats.sample_size(t, how.samples), summarise(t, spec, how)))
         if not tensors:
             return tensors
         first = tensors[0]
@@ -93,7 +99,8 @@ class SiteBuffer:
             self.histogram = stats.histogram(first, how.bins, how.histogram_samples)
         if spec.tracks_dead_units and len(tensors) == 1:
             channels_first = layout[1] if layout is not None and layout[0] == first.shape else None
-            self.merge_alive(stats.active_units(first, channels_first, nonnegative=rectifier))
+            self.merge_alive(stats.active_units(first, channels_first,
+                                                nonnegative=spec.kind is ActivationKind.RECTIFIER))
         return tensors
 
     def add_summary(self, numel: int, sampled: int, summary: Tensor, alive: Optional[Tensor]) -> None:

@@ -31,7 +31,7 @@ from .. import stats
 from ..layers import ActivationKind, Layer
 from .buffers import Reduction, StepBuffers, in_backward, site_name
 from .guard import Guard
-from .hooks import Hook, forward_hook, forward_pre_hook
+from .hooks import forward_hook, forward_pre_hook
 from .traced import TracedRecord, TracedTaps, compiling
 
 Current = Callable[[], Optional[StepBuffers]]

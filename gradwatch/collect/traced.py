@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .. import stats
 from ..layers import ActivationKind, Layer
-from .buffers import Reduction
+from .buffers import Reduction, summarise
 
 compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
 
@@ -61,13 +61,11 @@ class TracedTaps:
         layout = self.layout
         channels_first = layout[1] if layout is not None and layout[0] == output.shape else None
         spec, how = layer.spec, self.how
-        rectifier = spec.kind is ActivationKind.RECTIFIER
-        bounded = rectifier or spec.kind is ActivationKind.BOUNDED
-        summary = stats.activation_summary(output, spec.lower if bounded else None, spec.upper if bounded else None,
-                                           how.margin, how.samples, nonnegative=rectifier)
-        alive = stats.active_units(output, channels_first, nonnegative=rectifier) if spec.tracks_dead_units else None
-        self.records.append(TracedRecord(layer, output.numel(), stats.sample_size(output, how.samples), summary,
-                                         alive))
+        alive = None
+        if spec.tracks_dead_units:
+            alive = stats.active_units(output, channels_first, nonnegative=spec.kind is ActivationKind.RECTIFIER)
+        self.records.append(TracedRecord(layer, output.numel(), stats.sample_size(output, how.samples),
+                                         summarise(output, spec, how), alive))
 
     def take(self) -> List[TracedRecord]:
         """The records of the forward that just ended; the next forward starts afresh."""
