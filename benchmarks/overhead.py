@@ -133,6 +133,7 @@ def bench(name: str, make: Callable[[], nn.Module], batch: torch.Tensor, target:
             per_step[v].append(times[v] / block)
         for v in ratios:
             ratios[v].append(times[v] / times["unwatched"])
+    intervals = {v: getattr(h, "every", None) for v, (_, _, _, h) in runs.items() if isinstance(h, GradWatch)}
     for _, _, _, handle in runs.values():
         if handle is not None:
             handle.detach()
@@ -140,7 +141,8 @@ def bench(name: str, make: Callable[[], nn.Module], batch: torch.Tensor, target:
     print(f"\n{name}: unwatched {statistics.median(per_step['unwatched']) * 1e3:.1f} ms/step, "
           f"{rounds} rounds x {block} steps per variant")
     for v, r in result.items():
-        print(f"  {v:34s} {r:.3f}x  (rounds: min {min(ratios[v]):.3f}, max {max(ratios[v]):.3f})")
+        print(f"  {v:34s} {r:.3f}x  (rounds: min {min(ratios[v]):.3f}, max {max(ratios[v]):.3f})"
+              + (f"  interval {intervals[v]}" if v in intervals else ""))
     if detail is not None:
         detail["ms_per_step"] = {v: statistics.median(t) * 1e3 for v, t in per_step.items()}
         detail["ratios"] = ratios
