@@ -160,6 +160,22 @@ def test_grad_summaries_match_numpy():
         assert got[2, i] == pytest.approx(np.linalg.norm(w.numpy()), rel=1e-5)
 
 
+@pytest.mark.parametrize("dtype,weight_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32),
+                                                (torch.float64, torch.float64)])
+def test_grad_summaries_in_other_dtypes_and_with_the_largest_entry_negative(dtype, weight_dtype):
+    g = torch.Generator().manual_seed(7)
+    grads = [torch.randn(40, 30, generator=g).to(dtype), torch.randn(30, generator=g).to(dtype)]
+    grads[0][3, 4] = -9.0  # the largest magnitude is a negative entry
+    weights = [torch.randn(40, 30, generator=g).to(weight_dtype), torch.randn(30, generator=g).to(weight_dtype)]
+    got = stats.grad_summaries(grads, weights).numpy()
+    for i, (gr, w) in enumerate(zip(grads, weights)):
+        a, b = gr.double().numpy(), w.double().numpy()
+        assert got[0, i] == pytest.approx(np.linalg.norm(a), rel=1e-3)
+        assert got[1, i] == pytest.approx(np.abs(a).max(), rel=1e-6)
+        assert got[2, i] == pytest.approx(np.linalg.norm(b), rel=1e-3)
+    assert got[1, 0] == 9.0
+
+
 def test_grad_summaries_flag_nonfinite():
     got = stats.grad_summaries([torch.tensor([1.0, float("nan")])], [torch.ones(2)])
     assert math.isnan(got[0, 0].item())
