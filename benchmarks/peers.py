@@ -131,7 +131,8 @@ def _cell(detail: Dict[str, Any], variant: str) -> str:
 
 
 def section(results: Dict[str, Dict[str, Any]], notes: List[str], command: str, rounds: int, load: str,
-            seconds: float) -> str:
+            seconds: float, busy: bool = False) -> str:
+    """The section's text; ``busy``: the load average exceeded the machine's cores during the run."""
     models = list(results)
     names = [v for v in next(iter(results.values()))["ratios"]]
     lines = [START, "", f"## Beside the peers — `{command}`", "",
@@ -139,17 +140,19 @@ def section(results: Dict[str, Dict[str, Any]], notes: List[str], command: str, 
              "configurations: the harness and seed models of `benchmarks/overhead.py`, median over "
              f"{rounds} rounds of (variant time / unwatched time in the same round), in brackets the "
              "smallest and largest round.", "",
-             f"Machine: {machine()}; {load}. Run time {seconds / 60:.0f} min.", "",
-             "The machine's 2 cores were shared with other jobs while this ran, so single rounds are noisy (the "
-             "brackets) and absolute step times are several times those of an idle machine; the ratios are still "
-             "like for like, because every variant runs in each round, in a shuffled order, on the same machine "
-             "state. Where the machine is that busy, use one thread (`--threads 1`): with two, OpenMP threads wait "
-             "for each other and steps become erratic. A busy machine also lowers the ratios where compute "
-             "dominates (the CNN), since the fixed per-step costs weigh less against a slower step.", "",
-             "| configuration | " + " | ".join(models) + " |",
-             "|---|" + "---|" * len(models),
-             "| unwatched step | " + " | ".join(f"{results[m]['ms_per_step']['unwatched']:.1f} ms" for m in models)
-             + " |"]
+             f"Machine: {machine()}; {load}. Run time {seconds / 60:.0f} min.", ""]
+    if busy:
+        lines += ["The machine's cores were shared with other jobs while this ran, so single rounds are noisy (the "
+                  "brackets) and absolute step times are several times those of an idle machine; the ratios are "
+                  "still like for like, because every variant runs in each round, in a shuffled order, on the same "
+                  "machine state. Where the machine is that busy, use one thread (`--threads 1`): with two, OpenMP "
+                  "threads wait for each other and steps become erratic. A busy machine also lowers the ratios "
+                  "where compute dominates (the CNN), since the fixed per-step costs weigh less against a slower "
+                  "step.", ""]
+    lines += ["| configuration | " + " | ".join(models) + " |",
+              "|---|" + "---|" * len(models),
+              "| unwatched step | " + " | ".join(f"{results[m]['ms_per_step']['unwatched']:.1f} ms" for m in models)
+              + " |"]
     for v in names:
         label = f"gradwatch: {v}" if v in GRADWATCH else v
         lines.append(f"| {label} | " + " | ".join(_cell(results[m], v) for m in models) + " |")
@@ -226,7 +229,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     write = args.write if args.write is not None else not args.quick
     if write:
         command = "python benchmarks/peers.py" + (f" --threads {args.threads}" if args.threads != 2 else "")
-        write_section(section(results, notes, command, rounds, load, seconds))
+        busy = load1 is not None and load0 is not None and max(load0, load1) > (os.cpu_count() or 1)
+        write_section(section(results, notes, command, rounds, load, seconds, busy))
         print(f"wrote the peers section of {DOC.name}")
     return 0
 
