@@ -75,11 +75,15 @@ def test_compiled_layers_are_measured_inside_the_graph_without_recompiles_or_bre
 
 
 @pytest.mark.slow
-def test_compiled_and_eager_measure_the_same_numbers_and_training_is_unchanged():
-    x, y = models.batch()
+@pytest.mark.parametrize("make", [models.small_mlp, models.small_cnn])
+def test_compiled_and_eager_measure_the_same_numbers_and_training_is_unchanged(make):
+    x, y = (models.batch() if make is models.small_mlp else
+            (torch.randn(16, 1, 12, 12, generator=torch.Generator().manual_seed(0)), torch.arange(16) % 3))
     reports, losses = [], []
     for compile_it in (False, True, None):  # eager watched, compiled watched, compiled unwatched
-        model = fresh()
+        torch._dynamo.reset()
+        torch.manual_seed(0)  # the same weights, and the same dropout masks, in every run
+        model = make()
         watch = GradWatch(model, every=2, quiet=True).attach() if compile_it is not None else None
         run = torch.compile(model, backend="eager") if compile_it is not False else model
         losses.append(torch.tensor(models.train(run, 6, x, y)))
@@ -89,6 +93,7 @@ def test_compiled_and_eager_measure_the_same_numbers_and_training_is_unchanged()
     assert torch.equal(losses[1], losses[2])  # watching a compiled model changes nothing in its training
     eager, compiled = reports
     assert eager.step == compiled.step == 4
+    assert sum(ls.dead_fraction is not None for ls in compiled.layers.values()) >= 2  # the ReLUs' units
     for name, ls in eager.layers.items():
         other = compiled.layers[name]
         assert (other.count, other.zero_fraction, other.dead_fraction) == (ls.count, ls.zero_fraction, ls.dead_fraction)
