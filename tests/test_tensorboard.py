@@ -161,3 +161,33 @@ def test_a_steps_scalars_and_histograms_are_one_event(tmp_path):
         assert len(found) == 1  # every number of the step in one record, not one record per tag
         tags = {v.tag for v in found[0].summary.value}
         assert {"activation.mean/0", "gradient.norm/0.weight", "activation/1", "gradient/0.weight"} <= tags
+
+
+def test_a_writer_that_is_not_pytorchs_gets_one_call_per_value():
+    class Recorder:  # tensorboardX, or a logger's wrapper: the SummaryWriter methods, nothing more
+        def __init__(self):
+            self.calls = []
+
+        def add_custom_scalars(self, layout):
+            self.calls.append(("layout", None, None))
+
+        def add_scalar(self, tag, value, step):
+            self.calls.append(("scalar", tag, step))
+
+        def add_histogram_raw(self, tag, global_step, **fields):
+            assert fields["num"] > 0 and len(fields["bucket_limits"]) == len(fields["bucket_counts"])
+            self.calls.append(("histogram", tag, global_step))
+
+        def add_text(self, *args, **kwargs):
+            pass
+
+        def flush(self):
+            pass
+
+    writer = Recorder()
+    model = models.small_mlp()
+    with GradWatch(model, writer=writer, every=1, histogram_every=2, quiet=True):
+        models.train(model, 3)
+    assert ("scalar", "activation.mean/0", 2) in writer.calls
+    assert ("histogram", "gradient/0.weight", 2) in writer.calls
+    assert not any(kind == "histogram" and step == 1 for kind, _, step in writer.calls)

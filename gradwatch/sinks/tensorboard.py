@@ -232,19 +232,11 @@ class _Event:
     PyTorch's ``SummaryWriter`` (tensorboardX, a logger's wrapper) gets one call per value."""
 
     def __init__(self, writer: Any) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-
         self.writer = writer
-        self.batched = isinstance(writer, SummaryWriter)
-        self.values: List[Any] = []
+        self.values: List[Any] = []  # ("scalar", tag, value) or ("histogram", tag, fields)
 
     def scalar(self, tag: str, value: float) -> None:
-        if self.batched:
-            from tensorboard.compat.proto.summary_pb2 import Summary
-
-            self.values.append(Summary.Value(tag=tag, simple_value=value))
-        else:
-            self.values.append(("scalar", tag, value))
+        self.values.append(("scalar", tag, value))
 
     def histogram(self, tag: str, h: List[float]) -> None:
         mn, mx, num, total, sumsq = h[:5]
@@ -255,23 +247,23 @@ class _Event:
         if not (math.isfinite(mn) and math.isfinite(width) and math.isfinite(mn + len(counts) * width)):
             return
         limits = [mn + (i + 1) * width for i in range(len(counts))]
-        if self.batched:
-            from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
-
-            histo = HistogramProto(min=mn, max=mx, num=int(num), sum=total, sum_squares=sumsq,
-                                   bucket_limit=limits, bucket=counts)
-            self.values.append(Summary.Value(tag=tag, histo=histo))
-        else:
-            self.values.append(("histogram", tag, dict(min=mn, max=mx, num=int(num), sum=total, sum_squares=sumsq,
-                                                       bucket_limits=limits, bucket_counts=counts)))
+        self.values.append(("histogram", tag, dict(min=mn, max=mx, num=int(num), sum=total, sum_squares=sumsq,
+                                                   bucket_limits=limits, bucket_counts=counts)))
 
     def write(self, step: int) -> None:
         if not self.values:
             return
-        if self.batched:
-            from tensorboard.compat.proto.summary_pb2 import Summary
+        from torch.utils.tensorboard import SummaryWriter
 
-            self.writer._get_file_writer().add_summary(Summary(value=self.values), step)
+        if isinstance(self.writer, SummaryWriter):
+            from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
+
+            values = [Summary.Value(tag=tag, simple_value=v) if kind == "scalar" else Summary.Value(
+                tag=tag, histo=HistogramProto(min=v["min"], max=v["max"], num=v["num"], sum=v["sum"],
+                                              sum_squares=v["sum_squares"], bucket_limit=v["bucket_limits"],
+                                              bucket=v["bucket_counts"]))
+                      for kind, tag, v in self.values]
+            self.writer._get_file_writer().add_summary(Summary(value=values), step)
             return
         for kind, tag, value in self.values:
             if kind == "scalar":
