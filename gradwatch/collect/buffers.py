@@ -51,6 +51,12 @@ def summarise(t: Tensor, spec: ActivationSpec, how: Reduction) -> Tensor:
                                     how.margin, how.samples, nonnegative=rectifier)
 
 
+def follows_layout(layout: Optional[Tuple[torch.Size, bool]], shape: torch.Size) -> Optional[bool]:
+    """Whether an activation of ``shape`` is channels-first, from ``layout`` (the shape of the
+    last output whose module type tells, and what it told); None when the shapes differ."""
+    return layout[1] if layout is not None and layout[0] == shape else None
+
+
 @dataclass
 class ActivationPart:
     """One output tensor of one call: ``stats.activation_summary`` over ``numel`` elements,
@@ -98,8 +104,7 @@ class SiteBuffer:
         if histograms and self.histogram is None:
             self.histogram = stats.histogram(first, how.bins, how.histogram_samples)
         if spec.tracks_dead_units and len(tensors) == 1:
-            channels_first = layout[1] if layout is not None and layout[0] == first.shape else None
-            self.merge_alive(stats.active_units(first, channels_first,
+            self.merge_alive(stats.active_units(first, follows_layout(layout, first.shape),
                                                 nonnegative=spec.kind is ActivationKind.RECTIFIER))
         return tensors
 

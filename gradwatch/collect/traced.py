@@ -14,8 +14,8 @@ switching between them as the step count advances recompiles nothing. Nothing st
 (step numbers, buffers of a step, counters) is read inside the traced hook.
 
 Not measured inside a compiled region: gradients at layer outputs and the slope-based
-saturation of generic activations (both need autograd hooks on intermediate tensors);
-parameter gradients are read as in eager mode, at the end of backward.
+saturation of generic activations (both need autograd hooks on intermediate tensors), and
+activation histograms; parameter gradients are read as in eager mode, at the end of backward.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .. import stats
 from ..layers import ActivationKind, Layer
-from .buffers import Reduction, summarise
+from .buffers import Reduction, follows_layout, summarise
 
 compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
 
@@ -58,12 +58,11 @@ class TracedTaps:
             return
         if own_layout is not None:
             self.layout = (output.shape, own_layout)
-        layout = self.layout
-        channels_first = layout[1] if layout is not None and layout[0] == output.shape else None
         spec, how = layer.spec, self.how
         alive = None
         if spec.tracks_dead_units:
-            alive = stats.active_units(output, channels_first, nonnegative=spec.kind is ActivationKind.RECTIFIER)
+            alive = stats.active_units(output, follows_layout(self.layout, output.shape),
+                                       nonnegative=spec.kind is ActivationKind.RECTIFIER)
         self.records.append(TracedRecord(layer, output.numel(), stats.sample_size(output, how.samples),
                                          summarise(output, spec, how), alive))
 

@@ -256,17 +256,23 @@ class _Event:
         from torch.utils.tensorboard import SummaryWriter
 
         if isinstance(self.writer, SummaryWriter):
-            from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
+            from tensorboard.compat.proto import summary_pb2 as pb
 
-            values = [Summary.Value(tag=tag, simple_value=v) if kind == "scalar" else Summary.Value(
-                tag=tag, histo=HistogramProto(min=v["min"], max=v["max"], num=v["num"], sum=v["sum"],
-                                              sum_squares=v["sum_squares"], bucket_limit=v["bucket_limits"],
-                                              bucket=v["bucket_counts"]))
-                      for kind, tag, v in self.values]
-            self.writer._get_file_writer().add_summary(Summary(value=values), step)
+            values = [_value(pb, kind, tag, v) for kind, tag, v in self.values]
+            self.writer._get_file_writer().add_summary(pb.Summary(value=values), step)
             return
         for kind, tag, value in self.values:
             if kind == "scalar":
                 self.writer.add_scalar(tag, value, step)
             else:
                 self.writer.add_histogram_raw(tag, global_step=step, **value)
+
+
+def _value(pb: Any, kind: str, tag: str, v: Any) -> Any:
+    """One ``Summary.Value`` (``pb``: TensorBoard's summary_pb2): a scalar, or a histogram from
+    ``add_histogram_raw``'s fields."""
+    if kind == "scalar":
+        return pb.Summary.Value(tag=tag, simple_value=v)
+    return pb.Summary.Value(tag=tag, histo=pb.HistogramProto(
+        min=v["min"], max=v["max"], num=v["num"], sum=v["sum"], sum_squares=v["sum_squares"],
+        bucket_limit=v["bucket_limits"], bucket=v["bucket_counts"]))
