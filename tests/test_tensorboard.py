@@ -131,13 +131,13 @@ def test_a_full_disk_gives_one_warning_and_the_findings_file_goes_on(tmp_path, m
     import errno
     import json
 
-    from tensorboard.summary.writer import record_writer
+    from tensorboard.compat.tensorflow_stub.io import gfile
 
     def full(self, data):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     watch, warned, thread_errors = _train_through_a_failure(
-        tmp_path, monkeypatch, lambda: monkeypatch.setattr(record_writer.RecordWriter, "write", full))
+        tmp_path, monkeypatch, lambda: monkeypatch.setattr(gfile.GFile, "write", full))
     assert thread_errors == [] and len(warned) == 1 and "No space left on device" in str(warned[0].message)
     assert watch.steps == 5
     lines = (tmp_path / "run" / "findings.jsonl").read_text().splitlines()
@@ -161,6 +161,46 @@ def test_a_steps_scalars_and_histograms_are_one_event(tmp_path):
         assert len(found) == 1  # every number of the step in one record, not one record per tag
         tags = {v.tag for v in found[0].summary.value}
         assert {"activation.mean/0", "gradient.norm/0.weight", "activation/1", "gradient/0.weight"} <= tags
+
+
+def test_records_are_framed_byte_for_byte_as_tensorboard_frames_them():
+    import io
+    import random
+
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    from gradwatch.sinks.tensorboard import frame_record
+
+    rng = random.Random(0)
+    for data in (b"", b"\x00", bytes(rng.getrandbits(8) for _ in range(5000))):
+        theirs = io.BytesIO()
+        RecordWriter(theirs).write(data)
+        assert frame_record(data) == theirs.getvalue()
+
+
+def test_the_event_file_of_a_long_run_reads_back_whole(tmp_path):
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    model = models.small_mlp()
+    with GradWatch(model, log_dir=tmp_path / "run", every=1, histogram_every=1, quiet=True):
+        models.train(model, 30)
+    files = list((tmp_path / "run").glob("events.out.tfevents.*"))
+    steps = sorted({e.step for f in files for e in EventFileLoader(str(f)).Load()  # checks each record's CRC
+                    if e.HasField("summary") and any(v.tag.startswith("activation/") for v in e.summary.value)})
+    assert steps == list(range(30))
+
+
+def test_gradwatchs_own_writer_never_checksums_in_python(tmp_path, monkeypatch):
+    from tensorboard.summary.writer import record_writer
+
+    calls = []
+    slow = record_writer.masked_crc32c
+    model = models.small_mlp()
+    with GradWatch(model, log_dir=tmp_path / "run", every=1, histogram_every=1, quiet=True):
+        # (the writer's first record, its file version, is written before gradwatch can step in)
+        monkeypatch.setattr(record_writer, "masked_crc32c", lambda data: calls.append(len(data)) or slow(data))
+        models.train(model, 3)
+    assert calls == []
 
 
 def test_a_writer_that_is_not_pytorchs_gets_one_call_per_value():

@@ -33,9 +33,17 @@ text ``gradwatch/findings``        each finding with its advice
 from __future__ import annotations
 
 import math
+import struct
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from .base import Sink
+
+try:  # TensorBoard without TensorFlow checksums every record in pure Python (about 150 ns a byte)
+    import google_crc32c
+
+    _FAST_CRC = google_crc32c.implementation == "c"
+except ImportError:  # pragma: no cover - a declared dependency; TensorBoard's own framing is the fallback
+    _FAST_CRC = False
 
 if TYPE_CHECKING:
     from ..report import Finding, Report, StepData
@@ -74,18 +82,36 @@ def custom_scalars_layout() -> Dict[str, Dict[str, List[Any]]]:
     }
 
 
+def _masked_crc32c(data: bytes) -> int:
+    """The masked CRC-32C TensorBoard's record format puts after a record's length and data."""
+    crc = int(google_crc32c.value(data))
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def frame_record(data: bytes) -> bytes:
+    """One record of an event file, byte for byte as TensorBoard's ``RecordWriter`` frames it
+    (length, its masked CRC-32C, the data, the data's masked CRC-32C), with the checksums
+    computed in C. TensorBoard's own pure-Python CRC costs about 4 ms for one step's 24 kB of
+    scalars and histograms on a small MLP, on a writer thread that holds the GIL meanwhile."""
+    header = struct.pack("<Q", len(data))
+    return header + struct.pack("<I", _masked_crc32c(header)) + data + struct.pack("<I", _masked_crc32c(data))
+
+
 class _GuardedRecords:
     """Stands in for the record writer of a ``SummaryWriter`` gradwatch owns.
 
     TensorBoard writes from a background thread; a failure there (disk full, log folder
     removed mid-run) would print a thread traceback and then fail every later call. Here
     the first failure is kept instead, later writes are dropped, and the sink reports it
-    once as a warning on the training thread.
+    once as a warning on the training thread. Records are framed by :func:`frame_record`
+    and written to the record writer's file, when both are found.
     """
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
         self.error: Optional[BaseException] = None
+        file = getattr(inner, "_writer", None)
+        self.file = file if _FAST_CRC and type(inner).__name__ == "RecordWriter" and hasattr(file, "write") else None
 
     def _guard(self, method: str, *args: Any) -> None:
         if self.error is not None:
@@ -96,7 +122,13 @@ class _GuardedRecords:
             self.error = exc
 
     def write(self, data: bytes) -> None:
-        self._guard("write", data)
+        if self.file is None:
+            self._guard("write", data)
+        elif self.error is None:
+            try:
+                self.file.write(frame_record(data))
+            except Exception as exc:  # noqa: BLE001 - as in _guard
+                self.error = exc
 
     def flush(self) -> None:
         self._guard("flush")
