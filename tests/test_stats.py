@@ -11,6 +11,14 @@ import torch
 from gradwatch import stats
 
 
+@pytest.fixture(autouse=True, params=["numpy", "torch"])
+def cpu_path(request, monkeypatch):
+    """Every test runs twice on the CPU: the NumPy reductions CPU tensors get, and the PyTorch
+    ones every other device gets."""
+    monkeypatch.setattr(stats, "HOST_ARRAYS", request.param == "numpy")
+    return request.param
+
+
 @pytest.fixture
 def x():
     g = torch.Generator().manual_seed(0)
@@ -139,6 +147,28 @@ def test_histogram_matches_numpy():
 def test_histogram_skips_nonfinite_and_handles_constants():
     h = stats.histogram(torch.tensor([2.0, 2.0, float("nan")]), bins=4).tolist()
     assert h[:3] == [2.0, 2.0, 2.0] and sum(h[5:]) == 2
+
+
+@pytest.mark.parametrize("values", [[1.0, float("nan"), 0.0, 3.0], [0.0, float("inf"), 2.0], [5.0, 5.0],
+                                    [0.0, 1e-44, 2e-44]])
+def test_both_paths_give_the_same_numbers(values, monkeypatch):
+    t = torch.tensor(values * 100)
+    for args in [(), (0.0, 1.0), (None, 4.0), (-1.0, None)]:
+        rows = []
+        for host in (True, False):
+            monkeypatch.setattr(stats, "HOST_ARRAYS", host)
+            rows.append((stats.activation_summary(t, *args).tolist(), stats.histogram(t, bins=8).tolist()))
+        np.testing.assert_allclose(np.array(rows[0][0]), np.array(rows[1][0]), rtol=1e-6, equal_nan=True)
+        np.testing.assert_allclose(np.array(rows[0][1]), np.array(rows[1][1]), rtol=1e-6, equal_nan=True)
+
+
+def test_a_cpu_tensor_is_read_in_place_only_when_plain(monkeypatch):
+    monkeypatch.setattr(stats, "HOST_ARRAYS", True)
+    assert stats.host_array(torch.ones(3)) is not None
+    assert stats.host_array(torch.ones(3, requires_grad=True)) is not None  # read detached
+    assert stats.host_array(torch.ones(3, dtype=torch.float16)) is None  # NumPy sums float16 in float16
+    assert stats.host_array(torch.ones(3).to_sparse()) is None
+    assert stats.host_array(torch.nn.Parameter(torch.ones(3))) is not None
 
 
 def test_histogram_samples_without_rng():
