@@ -1,6 +1,6 @@
 """gradwatch on a torch.compile'd model: step-time ratios, graph breaks and recompiles.
 
-    python benchmarks/compiled.py [--backend inductor|eager] [--rounds 15] [--warmup 150]
+    python benchmarks/compiled.py [--backend inductor|eager] [--rounds 15] [--warmup 150] [--device cuda]
 
 Variants, each on its own copy of the Fashion-MNIST seed MLP (batch 256), compiled with the
 same backend: watched at the defaults, watched every step, and unwatched. The watched copies
@@ -11,7 +11,9 @@ also given a class of its own, so that every variant compiles its own graphs. Ea
 interval passing its first adaptation point at step 100), then the variants take turns block by
 block in a shuffled order; the ratio is the median over rounds of (variant / unwatched) block
 time. Graph breaks and recompiles are counted during warm-up and after it (the target: none
-after warm-up), and the interval each watch reached is printed.
+after warm-up), and the interval each watch reached is printed. Last, one measured step of a
+compiled copy is compared with the same step of an eager one (the numbers measured inside the
+graph must equal the eager ones).
 
 Targets (issue 12): defaults <= 1.03 with the interval <= 100, every step <= 1.15.
 """
@@ -48,6 +50,7 @@ def main() -> None:
     p.add_argument("--block", type=int, default=20)
     p.add_argument("--warmup", type=int, default=150)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
@@ -56,12 +59,14 @@ def main() -> None:
     base = fashion_mlp()
     g = torch.Generator().manual_seed(0)
     x, y = torch.rand(256, 784, generator=g) * 2 - 1, torch.randint(0, 10, (256,), generator=g)
+    x, y = x.to(args.device), y.to(args.device)
     configs: Dict[str, Any] = {"defaults": {}, "every step (scalars)": {"every": 1, "histogram_every": None},
                                "unwatched": None}  # watched copies first (see the docstring)
     runs: Dict[str, Dict[str, Any]] = {}
-    print(f"torch {torch.__version__}, backend {args.backend}, {torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, backend {args.backend}, {torch.get_num_threads()} threads, {args.device}"
+          + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else ""))
     for i, (name, kwargs) in enumerate(configs.items()):
-        model = _own_class(i)(copy.deepcopy(base))  # graphs of its own (see the docstring)
+        model = _own_class(i)(copy.deepcopy(base)).to(args.device)  # graphs of its own (see the docstring)
         watch = GradWatch(model, quiet=True, **kwargs).attach() if kwargs is not None else None
         run = {"model": torch.compile(model, backend=args.backend), "watch": watch,
                "opt": torch.optim.Adam(model.parameters(), lr=1e-4), "graphs": 0, "breaks": 0}
@@ -100,6 +105,30 @@ def main() -> None:
             line += f"; interval {watch.every}, layers measured {len(watch.report().layers)}"
             watch.detach()
         print(line)
+    print(_compare(base, x, y, args.backend))
+
+
+def _compare(base: nn.Module, x: torch.Tensor, y: torch.Tensor, backend: str) -> str:
+    """One measured step of a compiled copy against the same step of an eager one."""
+    reports = []
+    for i, compiled in ((10, False), (11, True)):
+        model = _own_class(i)(copy.deepcopy(base)).to(x.device)
+        with GradWatch(model, every=1, histogram_every=None, quiet=True) as watch:
+            F.cross_entropy((torch.compile(model, backend=backend) if compiled else model)(x), y).backward()
+            model(x)  # the next step's forward closes the measured one
+        reports.append(watch.report().layers)
+    eager, comp = reports
+    worst, fields = 0.0, ("mean", "std", "zero_fraction", "dead_fraction")
+    for name, ls in eager.items():
+        for f in fields:
+            a, b = getattr(ls, f), getattr(comp.get(name), f, None)
+            if a is not None and b is not None:
+                worst = max(worst, abs(a - b) / max(abs(a), 1e-12))
+            elif (a is None) != (b is None):
+                return f"compiled vs eager: {name}.{f} measured in one only ({a} vs {b})"
+    same = sorted(eager) == sorted(comp)
+    return (f"compiled vs eager, one measured step: {len(comp)} of {len(eager)} layers measured, "
+            f"largest relative difference of {'/'.join(fields)}: {worst:.2g}" + ("" if same else " (layers differ)"))
 
 
 def _own_class(i: int) -> type:
@@ -124,6 +153,8 @@ def _block(run: Dict[str, Any], steps: int, x: torch.Tensor, y: torch.Tensor) ->
         opt.zero_grad()
         loss.backward()
         opt.step()
+    if x.is_cuda:
+        torch.cuda.synchronize()
     return time.perf_counter() - t0
 
 
