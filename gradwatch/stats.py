@@ -39,6 +39,7 @@ HOST_SUM_ELEMENTS = 1 << 15
 (NumPy's pairwise sum uses one, about 3x slower on 131,072 floats)."""
 
 _compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
+_HOST_DTYPES = (torch.float32, torch.float64)
 
 
 def host_array(t: Tensor) -> Optional[np.ndarray]:
@@ -46,11 +47,11 @@ def host_array(t: Tensor) -> Optional[np.ndarray]:
     tensor, outside torch.compile's tracing; else None. Reducing a small CPU tensor costs mostly
     the calls, and a NumPy call costs about 1 us where a PyTorch op costs 3-5 us (its
     dispatcher), so the CPU reduces in NumPy: the same arithmetic, in the same dtype."""
-    if not HOST_ARRAYS or t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64):
+    if not HOST_ARRAYS or not t.is_cpu or t.dtype not in _HOST_DTYPES or t.layout is not torch.strided:
         return None
-    x = t.detach()
-    if type(x) is not Tensor or x.layout is not torch.strided or _compiling():
-        return None  # tensor subclasses (FakeTensor, DTensor, functorch wrappers), sparse layouts
+    x = t.detach() if t.requires_grad or type(t) is not Tensor else t  # (detach: 0.6 us, a third of the rest)
+    if type(x) is not Tensor or _compiling():
+        return None  # tensor subclasses (FakeTensor, DTensor, functorch wrappers)
     try:
         return x.numpy()
     except (RuntimeError, TypeError, ValueError):
