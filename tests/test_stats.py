@@ -157,8 +157,7 @@ def test_both_paths_give_the_same_numbers(values, monkeypatch):
         rows = []
         for host in (True, False):
             monkeypatch.setattr(stats, "HOST_ARRAYS", host)
-            rows.append((stats.activation_summary(t, *args).tolist(), stats.histogram(t, bins=8).tolist(),
-                         [stats.l2_norm(t).item()], stats.grad_summaries([t], [t.flip(0)]).reshape(-1).tolist()))
+            rows.append((stats.activation_summary(t, *args).tolist(), stats.histogram(t, bins=8).tolist()))
         for host, plain in zip(*rows):
             np.testing.assert_allclose(np.array(host), np.array(plain), rtol=1e-6, equal_nan=True)
 

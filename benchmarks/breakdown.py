@@ -1,0 +1,125 @@
+"""Where a measured step's time goes: gradwatch's parts timed inside one training process.
+
+    python benchmarks/breakdown.py [--steps 300] [--histograms]
+
+Trains the Fashion-MNIST seed MLP (batch 256) watched every step, with a timer around each
+part of gradwatch's work (the timers add a little of their own), and prints microseconds per
+step beside the plain step's forward, backward and optimizer time. Parts nest: "summarise" is
+inside "layer outputs", "gradient read" runs inside the backward. Gradients at layer outputs
+(a tensor hook and a norm each, during backward) are timed as "output gradients".
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import copy
+import tempfile
+import time
+import warnings
+from typing import Any, Callable, Dict
+
+import torch
+import torch.nn.functional as F
+
+from gradwatch import GradWatch
+from gradwatch.collect import buffers, summary
+from overhead import fashion_mlp  # noqa: E402  (run from the repository root or benchmarks/)
+
+spent: Dict[str, float] = collections.Counter()
+labels = ["output gradients"]  # the order they print in
+
+
+def timed(owner: Any, name: str, label: str) -> None:
+    """Wrap ``owner.name`` (a function or method) in a timer adding to ``spent[label]``."""
+    fn = getattr(owner, name)
+    labels.append(label)
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            spent[label] += time.perf_counter() - t0
+    setattr(owner, name, wrapper)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--histograms", action="store_true", help="histograms every step, into a log_dir")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore")
+    torch.manual_seed(0)
+    base = fashion_mlp()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(256, 784, generator=g) * 2 - 1, torch.randint(0, 10, (256,), generator=g)
+    plain, watched = copy.deepcopy(base), copy.deepcopy(base)
+    kwargs: Dict[str, Any] = {"histogram_every": 1, "log_dir": tempfile.mkdtemp(prefix="gw-breakdown-")} \
+        if args.histograms else {"histogram_every": None}
+    watch = GradWatch(watched, every=1, quiet=True, **kwargs).attach()
+    c = watch._collector
+    original_hook = buffers.StepBuffers._output_grad_hook
+
+    def output_grad_hook(self: buffers.StepBuffers, site: str) -> Callable[[torch.Tensor], None]:
+        hook = original_hook(self, site)
+
+        def timed_hook(grad: torch.Tensor) -> None:
+            t0 = time.perf_counter()
+            hook(grad)
+            spent["output gradients"] += time.perf_counter() - t0
+        return timed_hook
+    buffers.StepBuffers._output_grad_hook = output_grad_hook  # type: ignore[method-assign]
+    timed(c.taps, "_on_output", "layer outputs (forward)")
+    timed(buffers, "summarise", "  summarise (activation_summary)")
+    timed(buffers.stats, "active_units", "  dead-unit activity (active_units)")
+    timed(c.gradients, "read", "gradient read (end of backward)")
+    timed(buffers.stats, "histogram", "histograms (in the two parts above)")
+    timed(c, "end", "step summary (Collector.end)")
+    timed(summary, "_gather", "  one read of the step's small tensors, unit counters")
+    timed(summary, "finish", "  per-layer records")
+    timed(watch._judge, "new_findings", "rules")
+    timed(watch.sinks, "on_step", "sinks (TensorBoard event when a log_dir is given)")
+    phases = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+
+    def run(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int, clock: bool) -> None:
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            out = model(x)
+            t1 = time.perf_counter()
+            loss = F.cross_entropy(out, y)
+            opt.zero_grad()
+            t2 = time.perf_counter()
+            loss.backward()
+            t3 = time.perf_counter()
+            opt.step()
+            t4 = time.perf_counter()
+            if clock:
+                phases["forward"] += t1 - t0
+                phases["backward"] += t3 - t2
+                phases["optimizer"] += t4 - t3
+    opts = [torch.optim.Adam(m.parameters(), lr=1e-4) for m in (plain, watched)]
+    run(plain, opts[0], 50, False)
+    run(watched, opts[1], 50, False)
+    spent.clear()
+    run(plain, opts[0], args.steps, True)
+    plain_phases = dict(phases)
+    phases.update(forward=0.0, backward=0.0, optimizer=0.0)
+    run(watched, opts[1], args.steps, True)
+    watch.detach()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; seed MLP, every step"
+          + (" with histograms into a log_dir" if args.histograms else "") + f", {args.steps} steps")
+    print(f"{'phase':52s} {'plain':>9s} {'watched':>9s}  (us per step)")
+    for k in phases:
+        print(f"  {k:50s} {plain_phases[k] / args.steps * 1e6:9.0f} {phases[k] / args.steps * 1e6:9.0f}")
+    print(f"  {'(the step summary, rules and sinks run in the forward)':50s}")
+    print("gradwatch's parts (us per step)")
+    for label in labels:
+        if label in spent:
+            print(f"  {label:50s} {spent[label] / args.steps * 1e6:9.0f}")
+
+
+if __name__ == "__main__":
+    main()
