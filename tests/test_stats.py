@@ -162,6 +162,22 @@ def test_both_paths_give_the_same_numbers(values, monkeypatch):
             np.testing.assert_allclose(np.array(host), np.array(plain), rtol=1e-6, equal_nan=True)
 
 
+@pytest.mark.parametrize("layout", ["channels_last", "transposed", "expanded", "sliced", "float64", "empty", "scalar"])
+def test_both_paths_agree_on_every_memory_layout(layout, monkeypatch):
+    g = torch.Generator().manual_seed(9)
+    base = torch.relu(torch.randn(16, 8, 12, 12, generator=g))
+    t = {"channels_last": base.to(memory_format=torch.channels_last), "transposed": base[0, 0].t(),
+         "expanded": base[:, :1].expand(16, 8, 12, 12), "sliced": base[::3, 1:5, ::2],
+         "float64": base.double(), "empty": base[:0], "scalar": base[0, 0, 0, 0]}[layout]
+    rows = []
+    for host in (True, False):
+        monkeypatch.setattr(stats, "HOST_ARRAYS", host)
+        rows.append((stats.activation_summary(t, 0.0, 1.0, max_elements=256).tolist(),
+                     stats.histogram(t, bins=8, max_elements=128).tolist()))
+    for host, plain in zip(*rows):
+        np.testing.assert_allclose(np.array(host), np.array(plain), rtol=1e-5, atol=1e-6)
+
+
 def test_a_cpu_tensor_is_read_in_place_only_when_plain(monkeypatch):
     monkeypatch.setattr(stats, "HOST_ARRAYS", True)
     assert stats.host_array(torch.ones(3)) is not None
