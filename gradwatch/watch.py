@@ -63,7 +63,7 @@ class GradWatch:
             (after accumulation, all-reduce and clipping) as ``applied_grad_norm``, and each
             step's update-to-weight ratio ``‖Δw‖/‖w‖`` is measured as ``update_ratio``
             (a strided sample of at most 4,096 elements per tensor is kept across the step).
-        budget: the share of step time measuring may cost (0.01 when ``every`` is not given).
+        budget: the share of step time measuring may cost (0.005 when ``every`` is not given).
         functional: also measure activations called as functions (``F.relu``,
             ``torch.sigmoid``, ``x.tanh()``) as layers ``"<module>:<function>"``.
         strict: re-raise errors inside gradwatch's hooks instead of warning (tests).
