@@ -113,10 +113,11 @@ def _activation_summary_host(x: Tensor, a: np.ndarray, lower: Optional[float], u
     the same passes in the same dtype; float64 results."""
     n = a.size
     flat = a.reshape(-1)
-    total = float(flat.sum()) if n <= HOST_SUM_ELEMENTS else x.sum().item()
     stride = _stride(n, x.shape[-1] if x.dim() else 1, max_elements)
     s = flat[::stride].copy() if stride > 1 else flat  # contiguous, as strided_sample's
-    with np.errstate(all="ignore"):  # NaN/Inf arithmetic: no RuntimeWarning (``-W error`` would raise it)
+    # NaN/Inf and overflowing sums give no RuntimeWarning (``-W error`` would raise it in the user's step)
+    with np.errstate(all="ignore"):
+        total = float(flat.sum()) if n <= HOST_SUM_ELEMENTS else x.sum().item()
         d = s - total / n
         dev = math.sqrt(float(np.dot(d, d)))
         nonzero = s != 0
@@ -302,11 +303,11 @@ def histogram(t: Tensor, bins: int, max_elements: int = HISTOGRAM_SAMPLES) -> Te
         low, high = float(s.min()), float(s.max())
         if math.isfinite(low) and math.isfinite(high):  # else: PyTorch's masked kernels below
             scale = bins / (high - low) if high > low else 0.0  # as on the CPU below, in NumPy
-            with np.errstate(all="ignore"):  # (high - low) * scale may overflow float32 to Inf
+            with np.errstate(all="ignore"):  # overflows (to Inf, as PyTorch's) give no RuntimeWarning
                 idx = ((s - low) * scale).astype(np.intp)
-            np.clip(idx, 0, bins - 1, out=idx)
-            out = np.empty(5 + bins)
-            out[:5] = (low, high, s.size, s.sum(), np.dot(s, s))
+                np.clip(idx, 0, bins - 1, out=idx)
+                out = np.empty(5 + bins)
+                out[:5] = (low, high, s.size, s.sum(), np.dot(s, s))
             out[5:] = np.bincount(idx, minlength=bins)
             return torch.from_numpy(out)
     x = as_float(strided_sample(t, max_elements)).reshape(-1)

@@ -178,6 +178,18 @@ def test_both_paths_agree_on_every_memory_layout(layout, monkeypatch):
         np.testing.assert_allclose(np.array(host), np.array(plain), rtol=1e-5, atol=1e-6)
 
 
+def test_huge_values_raise_no_numpy_warning_under_warnings_as_errors():
+    import warnings
+
+    t = torch.tensor([3e38, -3e38, 1e30, 0.0] * 50)  # sums and squares overflow float32
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a RuntimeWarning from NumPy would raise in the user's step
+        summary_row = stats.activation_summary(t, 0.0, 1.0).tolist()
+        hist = stats.histogram(t, bins=4).tolist()
+    assert math.isinf(summary_row[1]) or math.isnan(summary_row[1])  # as PyTorch's norm: overflowed
+    assert hist[2] == t.numel() and sum(hist[5:]) == t.numel()
+
+
 def test_a_cpu_tensor_is_read_in_place_only_when_plain(monkeypatch):
     monkeypatch.setattr(stats, "HOST_ARRAYS", True)
     assert stats.host_array(torch.ones(3)) is not None
