@@ -113,10 +113,14 @@ def _compare(base: nn.Module, x: torch.Tensor, y: torch.Tensor, backend: str) ->
     reports = []
     for i, compiled in ((10, False), (11, True)):
         model = _own_class(i)(copy.deepcopy(base)).to(x.device)
-        with GradWatch(model, every=1, histogram_every=None, quiet=True) as watch:
-            F.cross_entropy((torch.compile(model, backend=backend) if compiled else model)(x), y).backward()
-            model(x)  # the next step's forward closes the measured one
-        reports.append(watch.report().layers)
+        run = torch.compile(model, backend=backend) if compiled else model
+        with GradWatch(model, every=2, histogram_every=None, quiet=True) as watch:
+            F.cross_entropy(run(x), y).backward()  # step 0: measured
+            run(x)  # step 1 (not measured) closes step 0
+            report = watch.report()
+        if report.step != 0 or watch.steps != 2:
+            return f"compiled vs eager: not compared (step {report.step} of {watch.steps} reported)"
+        reports.append(report.layers)
     eager, comp = reports
     worst, fields = 0.0, ("mean", "std", "zero_fraction", "dead_fraction")
     for name, ls in eager.items():
