@@ -107,14 +107,20 @@ def activation_summary(y: Tensor, lower: Optional[float] = None, upper: Optional
     return torch.stack(parts)
 
 
+def _host_sample(a: np.ndarray, t: Tensor, max_elements: int) -> Tuple[np.ndarray, np.ndarray]:
+    """``a`` (the memory of ``t``) flattened, and the sample :func:`strided_sample` takes of
+    ``t``, as a contiguous array."""
+    flat = a.reshape(-1)
+    stride = _stride(flat.size, t.shape[-1] if t.dim() else 1, max_elements)
+    return flat, (flat[::stride].copy() if stride > 1 else flat)
+
+
 def _activation_summary_host(x: Tensor, a: np.ndarray, lower: Optional[float], upper: Optional[float],
                              margin: float, max_elements: int) -> Tensor:
     """:func:`activation_summary` of a CPU tensor ``x``, whose memory ``a`` shares, in NumPy:
     the same passes in the same dtype; float64 results."""
     n = a.size
-    flat = a.reshape(-1)
-    stride = _stride(n, x.shape[-1] if x.dim() else 1, max_elements)
-    s = flat[::stride].copy() if stride > 1 else flat  # contiguous, as strided_sample's
+    flat, s = _host_sample(a, x, max_elements)
     # NaN/Inf and overflowing sums give no RuntimeWarning (``-W error`` would raise it in the user's step)
     with np.errstate(all="ignore"):
         total = float(flat.sum()) if n <= HOST_SUM_ELEMENTS else x.sum().item()
@@ -297,9 +303,7 @@ def histogram(t: Tensor, bins: int, max_elements: int = HISTOGRAM_SAMPLES) -> Te
     """
     a = host_array(t)
     if a is not None and a.size:
-        flat = a.reshape(-1)
-        stride = _stride(a.size, t.shape[-1] if t.dim() else 1, max_elements)
-        s = flat[::stride].copy() if stride > 1 else flat
+        _, s = _host_sample(a, t, max_elements)
         low, high = float(s.min()), float(s.max())
         if math.isfinite(low) and math.isfinite(high):  # else: PyTorch's masked kernels below
             scale = bins / (high - low) if high > low else 0.0  # as on the CPU below, in NumPy
