@@ -74,7 +74,7 @@ def main() -> None:
     buffers.StepBuffers._output_grad_hook = output_grad_hook  # type: ignore[method-assign]
     timed(c.taps, "_on_output", "layer outputs (forward)")
     timed(buffers, "summarise", "  summarise (activation_summary)")
-    timed(buffers.stats, "active_units", "  dead-unit activity (active_units)")
+    timed(buffers.stats, "unit_sums", "  dead-unit activity (unit_sums of rectifiers)")
     timed(c.gradients, "read", "gradient read (end of backward)")
     timed(buffers.stats, "histogram", "histograms (in the two parts above)")
     timed(c, "end", "step summary (Collector.end)")

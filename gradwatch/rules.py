@@ -12,6 +12,7 @@ it means, and suggests what to try next -- advice that fits the model's own laye
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 from collections import deque
@@ -49,7 +50,13 @@ class Traits:
 
 
 def traits(stats: StepStats) -> Traits:
-    types = {name: ls.type.lower() for name, ls in stats.layers.items()}
+    # The same layers come back at every measured step: worked out once per set of layers.
+    return _traits(tuple((name, ls.type) for name, ls in stats.layers.items()))
+
+
+@functools.lru_cache(maxsize=16)
+def _traits(layers: Tuple[Tuple[str, str], ...]) -> Traits:
+    types = {name: type_name.lower() for name, type_name in layers}
     return Traits(
         squashing=tuple(n for n, t in types.items()
                         if any(k in t for k in ("sigmoid", "tanh", "softsign")) and "shrink" not in t),
@@ -108,11 +115,14 @@ def _sentence(tips: List[str]) -> str:
 
 # ---------------------------------------------------------------- one step
 def evaluate(stats: StepStats, thresholds: Thresholds, history: Sequence[float] = (),
-             dead_window: int = 1, zero_init: Iterable[str] = ()) -> List[Finding]:
+             dead_window: int = 1, zero_init: Iterable[str] = (), *,
+             weighted: Optional[List[_Weighted]] = None) -> List[Finding]:
     """The conditions that hold at one logging step. ``history``: global gradient norms of
     earlier logging steps; ``dead_window``: logged batches a dead-unit verdict must cover;
-    ``zero_init``: layers that started at zero (not compared for gradient flow)."""
+    ``zero_init``: layers that started at zero (not compared for gradient flow); ``weighted``:
+    ``weighted_layers(stats)``, when the caller has it already."""
     t = traits(stats)
+    weighted = weighted_layers(stats) if weighted is None else weighted
     root = non_finite(stats)
     if root and root[0].condition != "backward":  # everything below is only its consequence
         return root
@@ -120,14 +130,15 @@ def evaluate(stats: StepStats, thresholds: Thresholds, history: Sequence[float] 
     findings = sat + dead_units(stats, thresholds, dead_window)
     if root:  # gradients alone are non-finite: the forward's findings stand, the gradients' do not
         return root + findings
-    flow = gradient_flow(stats, thresholds, t, zero_init)
+    flow = gradient_flow(stats, thresholds, t, zero_init, weighted=weighted)
     if sat and flow and flow[0].kind is FindingKind.VANISHING:
         # Saturated activations are why the gradient vanishes: one finding, at the cause.
         v = flow[0]
         findings = [replace(f, message=f"{f.message} Gradients reaching {v.layer} are {v.value:.1e} x the "
                                        f"last layer's.") for f in sat] + findings[len(sat):]
         flow = []
-    return (findings + flow + gradient_size(stats, thresholds, history) + learning_rate(stats, thresholds)
+    return (findings + flow + gradient_size(stats, thresholds, history, weighted=weighted)
+            + learning_rate(stats, thresholds)
             + attention_collapse(stats, thresholds))
 
 
@@ -239,14 +250,14 @@ def _compared(stats: StepStats) -> Set[str]:
 
 
 def gradient_flow(stats: StepStats, thresholds: Thresholds, t: Optional[Traits] = None,
-                  zero_init: Iterable[str] = ()) -> List[Finding]:
+                  zero_init: Iterable[str] = (), *, weighted: Optional[List[_Weighted]] = None) -> List[Finding]:
     """Vanishing / exploding across depth: the first weighted layer's per-element gradient
     scale over the last's. Zero-initialised layers are left out: everything below one has a
     zero gradient at first, by design."""
     t = t or traits(stats)
     skip = set(zero_init)
     compared = _compared(stats)
-    every = [w for w in weighted_layers(stats) if math.isfinite(w.rms)]
+    every = [w for w in (weighted_layers(stats) if weighted is None else weighted) if math.isfinite(w.rms)]
     layers = [w for w in every if w.name not in skip and not w.zero and (w.name in compared
                                                                         or w.name not in stats.layers)]
     if len(layers) < 2:
@@ -281,7 +292,8 @@ def gradient_flow(stats: StepStats, thresholds: Thresholds, t: Optional[Traits] 
     return []
 
 
-def gradient_size(stats: StepStats, thresholds: Thresholds, history: Sequence[float]) -> List[Finding]:
+def gradient_size(stats: StepStats, thresholds: Thresholds, history: Sequence[float], *,
+                  weighted: Optional[List[_Weighted]] = None) -> List[Finding]:
     """Exploding in size: the global norm passes a bound, or jumps over its recent median. The
     gradient the optimizer applied is used when known (after a loss scaler's unscaling and
     clipping); otherwise the gradient at the end of backward."""
@@ -289,7 +301,7 @@ def gradient_size(stats: StepStats, thresholds: Thresholds, history: Sequence[fl
     total = applied if applied is not None else stats.total_grad_norm
     if total is None or not math.isfinite(total):
         return []
-    layers = [w for w in weighted_layers(stats) if math.isfinite(w.rms)]
+    layers = [w for w in (weighted_layers(stats) if weighted is None else weighted) if math.isfinite(w.rms)]
     top = max((w.rms for w in layers), default=0.0)
     # Named: where the forward activations leave unit scale, when the gradient is largest at the
     # output end (it grows with the activations feeding it); else the first layer, in forward
@@ -413,11 +425,13 @@ class Judge:
         if slow is not None:  # updates too small to learn: a note, not a warning
             self._slow_said = True
             self.note(slow)
-        for w in weighted_layers(stats):
+        weighted = weighted_layers(stats)
+        for w in weighted:
             if w.name not in self._seen and w.zero:
                 self.zero_init.add(w.name)
             self._seen.add(w.name)
-        conditions = evaluate(stats, self.thresholds, list(self.history), self.dead_window, self.zero_init)
+        conditions = evaluate(stats, self.thresholds, list(self.history), self.dead_window, self.zero_init,
+                              weighted=weighted)
         conditions = self._learning_rate(stats) + conditions
         conditions = self._non_finite(stats, conditions)
         if self._root is not None:

@@ -64,7 +64,8 @@ def l2_norm(t: Tensor) -> Tensor:
 
 
 def activation_summary(y: Tensor, lower: Optional[float] = None, upper: Optional[float] = None,
-                       margin: float = 0.01, max_elements: int = 1 << 15, nonnegative: bool = False) -> Tensor:
+                       margin: float = 0.01, max_elements: int = 1 << 15, nonnegative: bool = False, *,
+                       total: Optional[Tensor] = None) -> Tensor:
     """Summarise an activation tensor into raw ``ACTIVATION_FIELDS`` (one small tensor on ``y``'s device).
 
     ``sum`` covers every element, so the mean is exact and any NaN/Inf shows (it makes
@@ -81,7 +82,9 @@ def activation_summary(y: Tensor, lower: Optional[float] = None, upper: Optional
     host in :func:`activation_moments`. Each pass over the sample is one device kernel, and
     on the hot path the number of kernels is the cost: on CPU, ``var_mean`` and boolean
     ``.sum()`` are 10-30x slower than a sum, a norm or ``sign``. float32/float64 CPU tensors
-    are reduced in NumPy (:func:`host_array`), with the same results.
+    are reduced in NumPy (:func:`host_array`), with the same results. ``total``: the sum of every
+    element, when the caller has it already (a 0-dim tensor, e.g. the sum of :func:`unit_sums`),
+    which saves the pass over the whole tensor.
 
     >>> raw = activation_summary(torch.tensor([0.0, 0.5, 0.999, 1.0]), 0.0, 1.0, margin=0.01)
     >>> {k: round(float(v), 4) for k, v in activation_moments(raw.tolist(), 4, 4).items()}
@@ -95,8 +98,8 @@ def activation_summary(y: Tensor, lower: Optional[float] = None, upper: Optional
         return torch.zeros(len(ACTIVATION_FIELDS) - (not bounded), dtype=acc, device=x.device)
     a = host_array(x)
     if a is not None:
-        return _activation_summary_host(x, a, lower, upper, margin, max_elements)
-    total = x.sum(dtype=acc)
+        return _activation_summary_host(x, a, lower, upper, margin, max_elements, total)
+    total = x.sum(dtype=acc) if total is None else total.to(acc)
     s = strided_sample(x, max_elements)
     # A 0-dim tensor does not promote: s - mean keeps s's dtype (half stays half).
     dev = torch.linalg.vector_norm(s - total / n, dtype=acc)
@@ -116,14 +119,17 @@ def _host_sample(a: np.ndarray, t: Tensor, max_elements: int) -> Tuple[np.ndarra
 
 
 def _activation_summary_host(x: Tensor, a: np.ndarray, lower: Optional[float], upper: Optional[float],
-                             margin: float, max_elements: int) -> Tensor:
+                             margin: float, max_elements: int, known_total: Optional[Tensor] = None) -> Tensor:
     """:func:`activation_summary` of a CPU tensor ``x``, whose memory ``a`` shares, in NumPy:
     the same passes in the same dtype; float64 results."""
     n = a.size
     flat, s = _host_sample(a, x, max_elements)
     # NaN/Inf and overflowing sums give no RuntimeWarning (``-W error`` would raise it in the user's step)
     with np.errstate(all="ignore"):
-        total = float(flat.sum()) if n <= HOST_SUM_ELEMENTS else x.sum().item()
+        if known_total is not None:
+            total = known_total.item()
+        else:
+            total = float(flat.sum()) if n <= HOST_SUM_ELEMENTS else x.sum().item()
         d = s - total / n
         dev = math.sqrt(float(np.dot(d, d)))
         nonzero = s != 0
@@ -238,6 +244,22 @@ def active_units(y: Tensor, channels_first: Optional[bool] = None, nonnegative: 
     if nonnegative:
         return x.amax(dim=dims) > 0
     return (x.amax(dim=dims) > 0) | (x.amin(dim=dims) < 0)
+
+
+def unit_sums(y: Tensor, channels_first: Optional[bool] = None) -> Optional[Tensor]:
+    """Per unit (see :func:`unit_dim`): the sum of its elements, accumulated in float32 at least.
+    For an output that cannot be negative (a rectifier's) one pass gives two things: a unit is
+    active exactly where its sum is positive (a NaN sum is not), as :func:`active_units` says, and
+    the sum of the sums is the whole tensor's (``activation_summary(..., total=)``).
+
+    >>> unit_sums(torch.tensor([[0.0, 1.0, 0.0], [0.0, 2.0, 3.0]])).tolist()
+    [0.0, 3.0, 3.0]
+    """
+    d = unit_dim(y.dim(), channels_first)
+    if d is None or y.numel() == 0:
+        return None
+    x = y.detach()
+    return x.sum(dim=tuple(i for i in range(x.dim()) if i != d), dtype=_acc_dtype(x))
 
 
 def strided_sample(t: Tensor, max_elements: int) -> Tensor:

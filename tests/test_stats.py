@@ -133,6 +133,28 @@ def test_active_units_needs_a_batch_dimension():
     assert stats.active_units(torch.ones(3)) is None
 
 
+@pytest.mark.parametrize("shape,dim", [((5, 7), 1), ((5, 4, 7), 2), ((5, 3, 6, 6), 1), ((2, 3, 4, 4, 4), 1)])
+def test_unit_sums_of_a_rectifier_give_its_active_units_and_its_total(shape, dim):
+    g = torch.Generator().manual_seed(4)
+    t = torch.relu(torch.randn(*shape, generator=g) - 1.0)
+    t[(slice(None),) * dim + (0,)] = 0.0  # one unit never active
+    a = t.numpy().astype(np.float64)
+    axes = tuple(i for i in range(a.ndim) if i != dim)
+    sums = stats.unit_sums(t)
+    np.testing.assert_allclose(sums.numpy(), a.sum(axis=axes), rtol=1e-6)
+    np.testing.assert_array_equal((sums > 0).numpy(), stats.active_units(t, nonnegative=True).numpy())
+    assert not (sums > 0)[0]
+    # The total from the sums summarises as the tensor's own does.
+    given = summary(t, 0.0, None, nonnegative=True, total=sums.sum())
+    assert given == pytest.approx(summary(t, 0.0, None, nonnegative=True), rel=1e-6)
+
+
+def test_unit_sums_count_a_unit_with_a_nan_as_inactive_and_need_a_batch_dimension():
+    t = torch.tensor([[0.0, 1.0, float("nan")], [0.0, 2.0, 1.0]])
+    assert (stats.unit_sums(t) > 0).tolist() == [False, True, False] == stats.active_units(t, nonnegative=True).tolist()
+    assert stats.unit_sums(torch.ones(3)) is None and stats.unit_sums(torch.ones(0, 3)) is None
+
+
 def test_histogram_matches_numpy():
     g = torch.Generator().manual_seed(3)
     t = torch.randn(10_000, generator=g)

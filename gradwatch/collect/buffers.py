@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -42,13 +43,28 @@ class Reduction:
         return min(self.samples, stats.HISTOGRAM_SAMPLES)
 
 
-def summarise(t: Tensor, spec: ActivationSpec, how: Reduction) -> Tensor:
+def summarise(t: Tensor, spec: ActivationSpec, how: Reduction, total: Optional[Tensor] = None) -> Tensor:
     """``stats.activation_summary`` of one output tensor, with the bounds its kind has (a
     rectifier's are its upper one, if any; its output cannot be negative)."""
     rectifier = spec.kind is ActivationKind.RECTIFIER
     bounded = rectifier or spec.kind is ActivationKind.BOUNDED
     return stats.activation_summary(t, spec.lower if bounded else None, spec.upper if bounded else None,
-                                    how.margin, how.samples, nonnegative=rectifier)
+                                    how.margin, how.samples, nonnegative=rectifier, total=total)
+
+
+def summarise_with_units(t: Tensor, spec: ActivationSpec, how: Reduction,
+                         layout: Optional[Tuple[torch.Size, bool]]) -> Tuple[Tensor, Optional[Tensor]]:
+    """``summarise`` and, for an activation that tracks dead units, its per-unit activity
+    (``stats.active_units``). A rectifier's output cannot be negative, so one pass of per-unit
+    sums gives both its activity and its total (``stats.unit_sums``): a pass less."""
+    if not spec.tracks_dead_units:
+        return summarise(t, spec, how), None
+    channels_first = follows_layout(layout, t.shape)
+    if spec.kind is ActivationKind.RECTIFIER:
+        sums = stats.unit_sums(t, channels_first)
+        if sums is not None:
+            return summarise(t, spec, how, total=sums.sum()), sums > 0
+    return summarise(t, spec, how), stats.active_units(t, channels_first)
 
 
 def follows_layout(layout: Optional[Tuple[torch.Size, bool]], shape: torch.Size) -> Optional[bool]:
@@ -96,16 +112,15 @@ class SiteBuffer:
                 dtype = str(t.dtype).replace("torch.", "")
                 if dtype not in self.skipped:
                     self.skipped = sorted(self.skipped + [dtype])
-        for t in tensors:
-            self.parts.append(ActivationPart(t.numel(), stats.sample_size(t, how.samples), summarise(t, spec, how)))
-        if not tensors:
-            return tensors
-        first = tensors[0]
-        if histograms and self.histogram is None:
-            self.histogram = stats.histogram(first, how.bins, how.histogram_samples)
-        if spec.tracks_dead_units and len(tensors) == 1:
-            self.merge_alive(stats.active_units(first, follows_layout(layout, first.shape),
-                                                nonnegative=spec.kind is ActivationKind.RECTIFIER))
+        if len(tensors) == 1:  # per-unit activity is tracked for single-tensor outputs
+            summary, alive = summarise_with_units(tensors[0], spec, how, layout)
+            self.parts.append(ActivationPart(tensors[0].numel(), stats.sample_size(tensors[0], how.samples), summary))
+            self.merge_alive(alive)
+        else:
+            for t in tensors:
+                self.parts.append(ActivationPart(t.numel(), stats.sample_size(t, how.samples), summarise(t, spec, how)))
+        if tensors and histograms and self.histogram is None:
+            self.histogram = stats.histogram(tensors[0], how.bins, how.histogram_samples)
         return tensors
 
     def add_summary(self, numel: int, sampled: int, summary: Tensor, alive: Optional[Tensor]) -> None:
@@ -182,12 +197,19 @@ class UnitHistory:
     seen: Dict[str, int] = field(default_factory=dict)
 
     def update(self, name: str, alive: Tensor) -> "tuple[int, Tensor]":
-        """Fold in one measured batch; returns (batches covered, per-unit dead flags) on the device."""
+        """Fold in one measured batch; returns (batches covered, per-unit dead flags as 1.0/0.0,
+        float32) on the device."""
         idle = self.idle.get(name)
-        if idle is None or idle.shape != alive.shape:
+        if idle is None or idle.shape != alive.shape or idle.device != alive.device:
             idle, self.seen[name] = torch.zeros(alive.shape, dtype=torch.int32, device=alive.device), 0
+        seen = self.seen[name] = min(self.seen[name] + 1, self.window)
         # A counter of consecutive idle batches gives the sliding window in two small ops.
+        if alive.is_cpu and type(alive) is Tensor:  # in place, in NumPy: a third of the three PyTorch ops' cost
+            counter = idle.numpy()
+            counter += 1
+            np.putmask(counter, alive.numpy(), 0)
+            self.idle[name] = idle
+            return seen, torch.from_numpy((counter >= seen).astype(np.float32))
         idle = (idle + 1).masked_fill_(alive, 0)
         self.idle[name] = idle
-        self.seen[name] = min(self.seen[name] + 1, self.window)
-        return self.seen[name], idle >= self.seen[name]
+        return seen, (idle >= seen).float()

@@ -93,7 +93,7 @@ def _gather(buf: StepBuffers, units: UnitHistory) -> Tuple[Callable[[str, str], 
             put(("grad", name), g)
         if site.alive is not None:
             windows[name], dead = units.update(name, site.alive)
-            put(("dead", name), dead.float())
+            put(("dead", name), dead)
         if site.histogram is not None:
             put(("act_hist", name), site.histogram)
         for row in site.attention:
@@ -189,7 +189,9 @@ def finish(step: int, tot: StepTotals, layer_of: Dict[str, Layer], owner: Dict[s
             ls.saturated_fraction, ls.saturation_method = t.saturated / t.count, "bounds"
         flags = tot.dead.get(site)
         if flags:
-            ls.dead_fraction = sum(1 for v in flags if v >= world) / len(flags)
+            # (flags are 1.0/0.0 in one process; summed over processes, dead on all where they reach world)
+            dead = sum(flags) if world == 1 else sum(1 for v in flags if v >= world)
+            ls.dead_fraction = dead / len(flags)
             ls.dead_window = tot.dead_window[site]
         if t.out_grad_seen:
             # Under several processes each rank's loss is a mean over its own samples and DDP

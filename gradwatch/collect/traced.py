@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .. import stats
 from ..layers import ActivationKind, Layer
-from .buffers import Reduction, follows_layout, summarise
+from .buffers import Reduction, summarise_with_units
 
 compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
 
@@ -58,13 +58,9 @@ class TracedTaps:
             return
         if own_layout is not None:
             self.layout = (output.shape, own_layout)
-        spec, how = layer.spec, self.how
-        alive = None
-        if spec.tracks_dead_units:
-            alive = stats.active_units(output, follows_layout(self.layout, output.shape),
-                                       nonnegative=spec.kind is ActivationKind.RECTIFIER)
-        self.records.append(TracedRecord(layer, output.numel(), stats.sample_size(output, how.samples),
-                                         summarise(output, spec, how), alive))
+        summary, alive = summarise_with_units(output, layer.spec, self.how, self.layout)
+        self.records.append(TracedRecord(layer, output.numel(), stats.sample_size(output, self.how.samples),
+                                         summary, alive))
 
     def take(self) -> List[TracedRecord]:
         """The records of the forward that just ended; the next forward starts afresh."""
