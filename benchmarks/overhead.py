@@ -11,6 +11,10 @@ machine's speed hits them all alike. Reported: the median over rounds of
 Targets (CPU, 2 threads): defaults <= 1.03, every-step scalars <= 1.15 (with ``optimizer=`` too,
 which adds the update-to-weight ratios on measured steps), every-step histograms written into a
 log_dir (TensorBoard) <= 2.0 on the MLP and <= 1.5 on the CNN.
+
+Beside gradwatch: the naive hooks people write by hand (three ``.item()`` reads per layer), and
+the floor of the every-step mode: the same statistics from the same ``gradwatch.stats``
+functions, called from bare hooks with none of gradwatch's bookkeeping.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradwatch import GradWatch
+from gradwatch import GradWatch, stats
 
 
 def fashion_mlp() -> nn.Module:
@@ -67,6 +71,41 @@ class NaiveHooks:
             h.remove()
 
 
+class BareStatistics:
+    """The floor of gradwatch's every-step arithmetic: the same statistics from the same functions
+    (``gradwatch.stats``: each output's summary, a rectifier's per-unit sums, each output
+    gradient's norm, the parameter gradients' norms and largest entries, one read of the small
+    results per step), called from bare hooks, with none of gradwatch's bookkeeping (call sites,
+    step buffers, schedule, per-layer records, rules)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        leaves = [m for m in model.modules() if not list(m.children())]
+        self.handles = [m.register_forward_hook(self.hook) for m in leaves]
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.small: List[torch.Tensor] = []
+
+    def hook(self, module: nn.Module, args: Any, out: Any) -> None:
+        if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+            return
+        if isinstance(module, nn.ReLU):
+            sums = stats.unit_sums(out)
+            self.small += [stats.activation_summary(out, 0.0, None, nonnegative=True, total=sums.sum()), sums > 0]
+        else:
+            self.small.append(stats.activation_summary(out))
+        if out.requires_grad:
+            out.register_hook(lambda g: self.small.append(stats.l2_norm(g)))
+
+    def after_step(self, loss: torch.Tensor) -> None:
+        grads = [p.grad for p in self.params if p.grad is not None]
+        self.small.append(stats.grad_summaries(grads, [p for p in self.params if p.grad is not None]))
+        stats.to_host(self.small)
+        self.small = []
+
+    def detach(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
 VARIANTS: Dict[str, Callable[[nn.Module, torch.optim.Optimizer], object]] = {
     "unwatched": lambda m, opt: None,
     "defaults": lambda m, opt: GradWatch(m, quiet=True).attach(),
@@ -77,6 +116,7 @@ VARIANTS: Dict[str, Callable[[nn.Module, torch.optim.Optimizer], object]] = {
     "every-step scalars + histograms": lambda m, opt: GradWatch(m, every=1, histogram_every=1, quiet=True,
                                                                 log_dir=tempfile.mkdtemp(prefix="gw-bench-")).attach(),
     "naive .item() hooks": NaiveHooks,
+    "every-step arithmetic alone (floor)": BareStatistics,
 }
 
 
