@@ -1,12 +1,19 @@
 """Where a measured step's time goes: gradwatch's parts timed inside one training process.
 
     python benchmarks/breakdown.py [--steps 300] [--histograms]
+    python benchmarks/breakdown.py --cold [--steps 300]
 
 Trains the Fashion-MNIST seed MLP (batch 256) watched every step, with a timer around each
 part of gradwatch's work (the timers add a little of their own), and prints microseconds per
 step beside the plain step's forward, backward and optimizer time. Parts nest: "summarise" is
 inside "layer outputs", "gradient read" runs inside the backward. Gradients at layer outputs
 (a tensor hook and a norm each, during backward) are timed as "output gradients".
+
+``--cold``: why a call costs more inside a training step than in a micro-benchmark. An unwatched
+MLP gets a plain forward hook on each layer that calls the same function twice on the layer's
+output (``activation_summary``; on the last layer also a one-element ``sum().item()``) and
+times each call: the first call of a step finds PyTorch's and NumPy's code cold (the training's
+own kernels ran in between), the second, on the same data, warm.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
+import statistics
 import tempfile
 import time
 import warnings
@@ -22,7 +30,7 @@ from typing import Any, Callable, Dict
 import torch
 import torch.nn.functional as F
 
-from gradwatch import GradWatch
+from gradwatch import GradWatch, stats
 from gradwatch.collect import buffers, summary
 from overhead import fashion_mlp  # noqa: E402  (run from the repository root or benchmarks/)
 
@@ -44,11 +52,50 @@ def timed(owner: Any, name: str, label: str) -> None:
     setattr(owner, name, wrapper)
 
 
+def cold_calls(steps: int, x: torch.Tensor, y: torch.Tensor) -> None:
+    """Each layer's output summarised twice inside the step: median us of the first and second call."""
+    model = fashion_mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    first: Dict[str, list] = collections.defaultdict(list)
+    again: Dict[str, list] = collections.defaultdict(list)
+
+    def twice(name: str, fn: Callable[[torch.Tensor], Any]) -> Callable[..., None]:
+        def hook(module: torch.nn.Module, args: Any, out: torch.Tensor) -> None:
+            t0 = time.perf_counter()
+            fn(out)
+            t1 = time.perf_counter()
+            fn(out)
+            first[name].append(t1 - t0)
+            again[name].append(time.perf_counter() - t1)
+        return hook
+    for i, layer in enumerate(model):
+        model[i].register_forward_hook(twice(f"{i} {type(layer).__name__}: activation_summary", stats.activation_summary))
+    last = len(model) - 1
+    model[last].register_forward_hook(twice(f"{last} {type(model[last]).__name__}: sum().item() of 2560 floats",
+                                            lambda out: out.detach().sum().item()))
+    for _ in range(steps + 50):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; seed MLP, {steps} steps, unwatched; "
+          f"median us per call inside the step")
+    print(f"{'call':60s} {'first':>8s} {'again':>8s}")
+    for name in first:
+        a, b = statistics.median(first[name][50:]) * 1e6, statistics.median(again[name][50:]) * 1e6
+        print(f"  {name:58s} {a:8.1f} {b:8.1f}")
+    summaries = [n for n in first if "activation_summary" in n]
+    print(f"  {'all activation_summary calls of a step':58s} "
+          f"{sum(statistics.median(first[n][50:]) for n in summaries) * 1e6:8.0f} "
+          f"{sum(statistics.median(again[n][50:]) for n in summaries) * 1e6:8.0f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--histograms", action="store_true", help="histograms every step, into a log_dir")
+    p.add_argument("--cold", action="store_true", help="the same call twice inside the step (see above)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
@@ -56,6 +103,9 @@ def main() -> None:
     base = fashion_mlp()
     g = torch.Generator().manual_seed(0)
     x, y = torch.rand(256, 784, generator=g) * 2 - 1, torch.randint(0, 10, (256,), generator=g)
+    if args.cold:
+        cold_calls(args.steps, x, y)
+        return
     plain, watched = copy.deepcopy(base), copy.deepcopy(base)
     kwargs: Dict[str, Any] = {"histogram_every": 1, "log_dir": tempfile.mkdtemp(prefix="gw-breakdown-")} \
         if args.histograms else {"histogram_every": None}

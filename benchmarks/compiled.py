@@ -10,7 +10,9 @@ watched twins would share one graph (see "compiled models" in docs/performance.m
 also given a class of its own, so that every variant compiles its own graphs. Each variant warms up (compiling, and the automatic
 interval passing its first adaptation point at step 100), then the variants take turns block by
 block in a shuffled order; the ratio is the median over rounds of (variant / unwatched) block
-time. Graph breaks and recompiles are counted during warm-up and after it (the target: none
+time. A second unwatched copy is timed the same way: its ratio, an A/A control, shows how far
+two identical compiled copies differ on this machine (a few percent on a shared 2-core machine,
+the size of the defaults' target). Graph breaks and recompiles are counted during warm-up and after it (the target: none
 after warm-up), and the interval each watch reached is printed. Last, one measured step of a
 compiled copy is compared with the same step of an eager one (the numbers measured inside the
 graph must equal the eager ones).
@@ -61,7 +63,8 @@ def main() -> None:
     x, y = torch.rand(256, 784, generator=g) * 2 - 1, torch.randint(0, 10, (256,), generator=g)
     x, y = x.to(args.device), y.to(args.device)
     configs: Dict[str, Any] = {"defaults": {}, "every step (scalars)": {"every": 1, "histogram_every": None},
-                               "unwatched": None}  # watched copies first (see the docstring)
+                               "unwatched": None,  # watched copies first (see the docstring)
+                               "unwatched again": None}  # an A/A control: how far two plain copies differ
     runs: Dict[str, Dict[str, Any]] = {}
     print(f"torch {torch.__version__}, backend {args.backend}, {torch.get_num_threads()} threads, {args.device}"
           + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else ""))
