@@ -142,13 +142,12 @@ def section(results: Dict[str, Dict[str, Any]], notes: List[str], command: str, 
              "smallest and largest round.", "",
              f"Machine: {machine()}; {load}. Run time {seconds / 60:.0f} min.", ""]
     if busy:
-        lines += ["The machine's cores were shared with other jobs while this ran, so single rounds are noisy (the "
-                  "brackets) and absolute step times are several times those of an idle machine; the ratios are "
-                  "still like for like, because every variant runs in each round, in a shuffled order, on the same "
-                  "machine state. Where the machine is that busy, use one thread (`--threads 1`): with two, OpenMP "
-                  "threads wait for each other and steps become erratic. A busy machine also lowers the ratios "
-                  "where compute dominates (the CNN), since the fixed per-step costs weigh less against a slower "
-                  "step.", ""]
+        lines += ["The load average passed the number of cores during this run (other jobs, or jobs that had "
+                  "just ended), so single rounds are noisier (the brackets); the ratios are still like for like, "
+                  "because every variant runs in each round, in a shuffled order, on the same machine state. On a "
+                  "busy machine use one thread (`--threads 1`): with two, OpenMP threads wait for each other and "
+                  "steps become erratic. A slower step also lowers the ratios where compute dominates (the CNN), "
+                  "since the fixed per-step costs weigh less against it.", ""]
     lines += ["| configuration | " + " | ".join(models) + " |",
               "|---|" + "---|" * len(models),
               "| unwatched step | " + " | ".join(f"{results[m]['ms_per_step']['unwatched']:.1f} ms" for m in models)
