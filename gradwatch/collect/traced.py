@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .. import stats
-from ..layers import ActivationKind, Layer
+from ..layers import Layer
 from .buffers import Reduction, summarise_with_units
 
 compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
