@@ -2,6 +2,7 @@
 
     python benchmarks/breakdown.py [--steps 300] [--histograms]
     python benchmarks/breakdown.py --cold [--steps 300]
+    python benchmarks/breakdown.py --between [--rounds 30]
 
 Trains the Fashion-MNIST seed MLP (batch 256) watched every step, with a timer around each
 part of gradwatch's work (the timers add a little of their own), and prints microseconds per
@@ -14,6 +15,14 @@ MLP gets a plain forward hook on each layer that calls the same function twice o
 output (``activation_summary``; on the last layer also a one-element ``sum().item()``) and
 times each call: the first call of a step finds PyTorch's and NumPy's code cold (the training's
 own kernels ran in between), the second, on the same data, warm.
+
+``--between``: what a step that is not measured costs (most of the defaults' overhead), built up
+in parts on copies of the MLP, timed in interleaved blocks as ``overhead.py`` times its variants:
+the root module's two hooks doing nothing (step counting's place), plus a forward hook doing
+nothing on every layer (where outputs are kept), plus the per-step finiteness check (a sum read
+of the model's output, and of the first layer's bias gradient from a hook during backward), and
+gradwatch itself with no step measured after its first (``every=10**6``). A second unwatched copy
+is the A/A control.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
+import math
 import statistics
 import tempfile
 import time
@@ -32,7 +42,7 @@ import torch.nn.functional as F
 
 from gradwatch import GradWatch, stats
 from gradwatch.collect import buffers, summary
-from overhead import fashion_mlp  # noqa: E402  (run from the repository root or benchmarks/)
+from overhead import bench, fashion_mlp  # noqa: E402  (run from the repository root or benchmarks/)
 
 spent: Dict[str, float] = collections.Counter()
 labels = ["output gradients"]  # the order they print in
@@ -90,12 +100,55 @@ def cold_calls(steps: int, x: torch.Tensor, y: torch.Tensor) -> None:
           f"{sum(statistics.median(again[n][50:]) for n in summaries) * 1e6:8.0f}")
 
 
+class BetweenSteps:
+    """The parts of an unmeasured step, without gradwatch: ``layers`` adds a forward hook doing
+    nothing on every leaf module, ``check`` the per-step finiteness check."""
+
+    def __init__(self, model: torch.nn.Module, layers: bool, check: bool) -> None:
+        nothing = torch.compiler.disable(lambda *args: None)  # as gradwatch's root hooks are
+        out_check = torch.compiler.disable(
+            lambda module, args, out: math.isfinite(out.detach().sum().item()) and None)
+        self.handles = [model.register_forward_pre_hook(nothing),
+                        model.register_forward_hook(out_check if check else nothing, always_call=True)]
+        if layers:
+            leaves = [m for m in model.modules() if not list(m.children())]
+            self.handles += [m.register_forward_hook(lambda *args: None) for m in leaves]
+        if check:
+            first_bias = [p for p in model.parameters() if p.dim() == 1][0]
+            self.handles.append(first_bias.register_post_accumulate_grad_hook(
+                lambda p: math.isfinite(p.grad.sum().item()) and None))
+
+    def detach(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def between_steps(rounds: int, x: torch.Tensor, y: torch.Tensor) -> None:
+    variants: Dict[str, Callable[..., Any]] = {
+        "unwatched": lambda m: None,
+        "unwatched again (A/A control)": lambda m: None,
+        "root hooks doing nothing": lambda m: BetweenSteps(m, layers=False, check=False),
+        "+ a hook doing nothing per layer": lambda m: BetweenSteps(m, layers=True, check=False),
+        "+ the finiteness check (2 sums read)": lambda m: BetweenSteps(m, layers=True, check=True),
+        "gradwatch, no step measured": lambda m: GradWatch(m, every=10**6, quiet=True).attach(),
+    }
+    detail: Dict[str, Any] = {}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; seed MLP, steps that are not measured")
+    bench("Fashion-MNIST MLP 784-512-256-256-128-10, batch 256", fashion_mlp, x, y, rounds, 40, variants, detail)
+    plain = detail["ms_per_step"]["unwatched"]
+    print("extra per step over unwatched (median of rounds, us)")
+    for v, ratios in detail["ratios"].items():
+        print(f"  {v:40s} {(statistics.median(ratios) - 1) * plain * 1e3:7.0f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--histograms", action="store_true", help="histograms every step, into a log_dir")
     p.add_argument("--cold", action="store_true", help="the same call twice inside the step (see above)")
+    p.add_argument("--between", action="store_true", help="what a step that is not measured costs (see above)")
+    p.add_argument("--rounds", type=int, default=30, help="rounds of --between")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
@@ -105,6 +158,9 @@ def main() -> None:
     x, y = torch.rand(256, 784, generator=g) * 2 - 1, torch.randint(0, 10, (256,), generator=g)
     if args.cold:
         cold_calls(args.steps, x, y)
+        return
+    if args.between:
+        between_steps(args.rounds, x, y)
         return
     plain, watched = copy.deepcopy(base), copy.deepcopy(base)
     kwargs: Dict[str, Any] = {"histogram_every": 1, "log_dir": tempfile.mkdtemp(prefix="gw-breakdown-")} \
