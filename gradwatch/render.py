@@ -30,9 +30,6 @@ if TYPE_CHECKING:
     from .config import Thresholds
     from .report import Finding, LayerStats, Report
 
-_KIND_STYLE = {"vanishing": "magenta", "exploding": "red", "dead_units": "yellow",
-               "saturation": "yellow", "non_finite": "bold red"}
-
 MAX_ROWS = 30
 """Above this many measured layers the default table shows only the layers worth a look."""
 
@@ -447,7 +444,7 @@ def report_summary(report: "Report", thresholds: "Optional[Thresholds]" = None, 
 def finding_text(f: "Finding") -> Text:
     t = Text()
     t.append(f"step {f.step} ", style="dim")
-    t.append(f"{f.kind.category.__name__} ", style=_KIND_STYLE.get(f.kind.value, ""))
+    t.append(f"{f.kind.category.__name__} ", style=f.kind.style)
     t.append(f"{f.layer}: ", style="bold")
     t.append(f.message)
     return t
@@ -458,8 +455,10 @@ def finding_panel(f: "Finding") -> Panel:
     body.append(f.message + "\n")
     body.append(f"value {_num(f.value)}  threshold {_num(f.threshold)}\n", style="dim")
     body.append("→ " + f.advice, style="italic")
-    return Panel(body, title=f"[{_KIND_STYLE.get(f.kind.value, '')}]{f.kind.category.__name__}[/] · {f.layer} · "
-                             f"step {f.step}", title_align="left", border_style=_KIND_STYLE.get(f.kind.value, ""))
+    style = f.kind.style
+    # Built from Text, never from markup: a layer name such as ``blocks[0]`` must print as it is.
+    title = Text.assemble((f.kind.category.__name__, style), f" · {f.layer} · step {f.step}")
+    return Panel(body, title=title, title_align="left", border_style=style)
 
 
 def to_text(renderable: object, width: int = 120) -> str:

@@ -39,6 +39,11 @@ class FindingKind(str, enum.Enum):
     def category(self) -> Type[GradWatchWarning]:
         return _CATEGORY[self]
 
+    @property
+    def style(self) -> str:
+        """The rich style its warnings are drawn in."""
+        return _STYLE[self]
+
 
 _CATEGORY = {
     FindingKind.VANISHING: VanishingGradientWarning,
@@ -48,6 +53,16 @@ _CATEGORY = {
     FindingKind.NON_FINITE: NonFiniteWarning,
     FindingKind.LEARNING_RATE: LearningRateWarning,
     FindingKind.ATTENTION_COLLAPSE: AttentionCollapseWarning,
+}
+
+_STYLE = {
+    FindingKind.VANISHING: "magenta",
+    FindingKind.EXPLODING: "red",
+    FindingKind.DEAD_UNITS: "yellow",
+    FindingKind.SATURATION: "yellow",
+    FindingKind.NON_FINITE: "bold red",
+    FindingKind.LEARNING_RATE: "bold magenta",
+    FindingKind.ATTENTION_COLLAPSE: "cyan",
 }
 
 

@@ -12,7 +12,8 @@ import torch
 from rich.console import Console
 
 from gradwatch import GradWatch
-from gradwatch.report import LayerStats, Report, StepStats
+from gradwatch.render import finding_panel, finding_text
+from gradwatch.report import Finding, FindingKind, LayerStats, Report, StepStats
 from gradwatch.sinks import warn as warn_sink
 from tests import models
 
@@ -223,3 +224,14 @@ def test_numbers_keep_three_significant_digits_without_exponents_for_everyday_va
 
     assert [_num(v) for v in (-100.0, 0.0983, 12.34, 1.8e-5, 2.5e4, 0.0, math.inf)] == \
         ["-100", "0.0983", "12.3", "1.8e-05", "2.5e+04", "0", "inf"]
+
+
+@pytest.mark.parametrize("kind", list(FindingKind))
+def test_every_finding_kind_draws_as_a_panel_and_names_are_never_markup(kind):
+    con, buf = console(color=True)
+    finding = Finding(kind, "blocks[0].attn[/]", 3, 0.5, 0.1, "message [bold]as written[/]", "advice [x]")
+    con.print(finding_panel(finding))
+    con.print(finding_text(finding))
+    out = buf.getvalue()
+    assert kind.category.__name__ in out and "blocks[0].attn[/]" in out and "[bold]as written[/]" in out
+    assert kind.style  # every kind has a style of its own
