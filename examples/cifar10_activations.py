@@ -314,9 +314,10 @@ def train(act: str, data: tuple, run: common.Run, progress, task) -> dict:
         "conv1_weight_grad_norm_median": float(np.median(conv1)) if conv1 else None,
         "conv1_weight_grad_rms_median": float(np.median(conv1) / math.sqrt(numel["conv1"])) if conv1 else None,
         "weight_numel": numel,
-        "weight_grad_norm": {"steps": grads.steps, **grads.norms},
-        "cross_entropy": [round(v, 5) for v in ce_hist],  # per step; 5 decimals keep results.json small
-        "total_loss": [round(v, 5) for v in total_hist],
+        "weight_grad_norm": grads.thinned(),
+        # Block means keep results.json small; every step's value is in the TensorBoard run.
+        "cross_entropy": common.block_means(ce_hist),
+        "total_loss": common.block_means(total_hist),
         "layers": {n: {k: v for k, v in ls.to_dict().items()
                        if k in ("type", "zero_fraction", "saturated_fraction", "dead_fraction", "grad_norm")}
                    for n, ls in report.layers.items()},
@@ -334,10 +335,12 @@ def plot_losses(results: Dict[str, dict], path, steps: int, mode: str) -> None:
     for ax, key, title in ((axes[0], "cross_entropy", "Cross-entropy"),
                            (axes[1], "total_loss", "Total loss = cross-entropy + 0.004·L2(local3, local4)")):
         for i, (act, r) in enumerate(results.items()):
-            v = r[key]
-            x = np.arange(len(v))
-            ax.plot(x, v, color=colors(i), alpha=0.18, lw=0.6)
-            ax.plot(x, running_mean(v, SMOOTH), color=colors(i), lw=1.8, label=act)
+            block, v = r[key]["block"], r[key]["mean"]
+            x = block * np.arange(len(v)) + (block - 1) / 2  # the middle of each block
+            ax.plot(x, v, color=colors(i), alpha=0.35 if block < SMOOTH else 1.0, lw=0.8 if block < SMOOTH else 1.8,
+                    label=None if block < SMOOTH else act)
+            if block < SMOOTH:
+                ax.plot(x, running_mean(v, max(1, SMOOTH // block)), color=colors(i), lw=1.8, label=act)
         ax.axhline(LN10, color="0.3", ls="--", lw=1, label="ln 10 = 2.303")
         if key == "cross_entropy":
             ax.axhline(OTHERS_BELOW, color="0.5", ls=":", lw=1, label="1.6")
@@ -347,7 +350,10 @@ def plot_losses(results: Dict[str, dict], path, steps: int, mode: str) -> None:
         ax.set_xlabel("training step (batch 128)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    axes[0].set_ylabel(f"loss (faint: per step; bold: {SMOOTH}-step running mean)")
+    block = next(iter(results.values()))["cross_entropy"]["block"]
+    faint = "per step" if block == 1 else f"mean of each {block} steps"
+    axes[0].set_ylabel(f"loss (faint: {faint}; bold: about {SMOOTH}-step running mean)" if block < SMOOTH
+                       else f"loss (mean of each {block} steps)")
     fig.suptitle(f"CIFAR-10, TF-tutorial CNN, SGD lr 0.1, batch 128, {steps:,} steps per activation ({mode})",
                  fontsize=11)
     fig.tight_layout()

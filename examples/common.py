@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, TypeVar
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -298,6 +299,11 @@ def progress() -> Any:
 
 
 # ----------------------------------------------------------------------------- training helpers
+MAX_POINTS = 300
+"""The most points a per-step series keeps in results.json (every series of a study at its full
+schedule stays well under 200 KB); the full series are in the TensorBoard runs."""
+
+
 class GradNormLog:
     """Per-layer weight-gradient norms as gradwatch measured them, one row per measured step.
 
@@ -324,6 +330,28 @@ class GradNormLog:
 
     def last(self) -> Dict[str, float]:
         return {n: v[-1] for n, v in self.norms.items() if v}
+
+    def thinned(self, max_points: int = MAX_POINTS) -> Dict[str, list]:
+        """``{"steps": [...], layer: [...]}`` with at most about ``max_points`` rows: every k-th
+        measured step, the last one always kept (for results.json; TensorBoard has them all)."""
+        keep = thin_indices(len(self.steps), max_points)
+        return {"steps": [self.steps[i] for i in keep], **{n: [v[i] for i in keep] for n, v in self.norms.items()}}
+
+
+def thin_indices(n: int, max_points: int = MAX_POINTS) -> List[int]:
+    """Every k-th index of ``n`` so that at most about ``max_points`` remain; the last is kept."""
+    k = max(1, math.ceil(n / max_points))
+    keep = list(range(0, n, k))
+    if n and keep[-1] != n - 1:
+        keep.append(n - 1)
+    return keep
+
+
+def block_means(values: Sequence[float], max_points: int = MAX_POINTS) -> Dict[str, Any]:
+    """A per-step series as means of consecutive blocks of ``block`` steps, at most ``max_points``
+    of them (the last block may be shorter): ``{"block": k, "mean": [...]}``."""
+    k = max(1, math.ceil(len(values) / max_points))
+    return {"block": k, "mean": [float(np.mean(values[i:i + k])) for i in range(0, len(values), k)]}
 
 
 def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator,
@@ -390,6 +418,8 @@ def _plain(v: Any) -> Any:
         return None
     if isinstance(v, tuple):
         return [_plain(x) for x in v]
+    if isinstance(v, list) and v and all(isinstance(x, float) for x in v):
+        return [float(f"{x:.5g}") if math.isfinite(x) else None for x in v]  # 5 digits: a figure's worth
     if isinstance(v, list) and any(isinstance(x, (float, Path, tuple)) for x in v):
         return [_plain(x) for x in v]
     if isinstance(v, (str, int, float, bool, list, dict)) or v is None:

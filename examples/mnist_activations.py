@@ -218,7 +218,7 @@ def train(act: str, data: tuple, run: common.Run, progress, task) -> dict:
         "wall_seconds": common.seconds(t0),
         "ms_per_step": round(1000 * train_seconds / max(len(losses), 1), 1),
         "curve": curve,
-        "weight_grad_norm": {"steps": grads.steps, **grads.norms},
+        "weight_grad_norm": grads.thinned(),
         "last_weight_grad_norm": grads.last(),
         "layers": {n: {k: v for k, v in ls.to_dict().items()
                        if k in ("type", "zero_fraction", "saturated_fraction", "dead_fraction", "grad_norm")}

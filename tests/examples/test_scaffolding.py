@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from examples import common, mnist_activations
@@ -76,9 +77,10 @@ def test_variants_trained_apart_merge_into_one_result(tmp_path, recwarn):
     assert written["wall_seconds"] == max(p["wall_seconds"] for p in written["parts"])
     assert written["setup"]["steps"] == 4 and "--merge" in written["command"]
     assert (tmp_path / "m" / "test_curves.png").stat().st_size > 1000
-    # the same seeds, the same batches: apart or together, the same numbers
+    # the same seeds, the same batches: apart or together, the same numbers written
+    one = json.loads((tmp_path / "one" / "results.json").read_text())
     for act in ("relu", "sigmoid"):
-        assert merged["activations"][act]["curve"] == together["activations"][act]["curve"]
+        assert written["activations"][act]["curve"] == one["activations"][act]["curve"]
         assert merged["activations"][act]["test_accuracy"] == together["activations"][act]["test_accuracy"]
     assert set(merged["acceptance"]) == set(together["acceptance"])
 
@@ -149,3 +151,29 @@ def test_committed_results_say_how_they_were_made(path):
     r = json.loads(path.read_text())
     assert r["command"].startswith("python -m examples.") and r["example"] in r["command"]
     assert isinstance(r.get("wall_seconds"), (int, float)) and math.isfinite(r["wall_seconds"])
+
+
+def test_a_full_schedule_keeps_results_json_small(tmp_path):
+    # 14,000 steps of two losses and 700 measured steps of five layers' norms, for five activations
+    rng = np.random.default_rng(0)
+    log = common.GradNormLog(["conv1", "conv2", "local3", "local4", "softmax_linear"])
+    for step in range(0, 14_000, 20):
+        log.steps.append(step)
+        for n in log.norms:
+            log.norms[n].append(float(rng.lognormal()))
+    per_act = {"cross_entropy": common.block_means(list(rng.random(14_000) + 1.0)),
+               "total_loss": common.block_means(list(rng.random(14_000) + 1.1)),
+               "weight_grad_norm": log.thinned()}
+    path = common.write_results(tmp_path, {"activations": {a: per_act for a in "abcde"}})
+    assert path.stat().st_size < 200_000
+    written = json.loads(path.read_text())["activations"]["a"]
+    block = written["cross_entropy"]["block"]
+    assert len(written["cross_entropy"]["mean"]) == math.ceil(14_000 / block) <= common.MAX_POINTS
+    assert written["weight_grad_norm"]["steps"][-1] == 13_980  # the last measured step is kept
+    assert len(written["weight_grad_norm"]["steps"]) == len(written["weight_grad_norm"]["conv1"])
+
+
+def test_block_means_average_each_block_and_keep_the_tail():
+    assert common.block_means([1.0, 3.0, 5.0, 7.0, 9.0], max_points=3) == {"block": 2, "mean": [2.0, 6.0, 9.0]}
+    assert common.thin_indices(10, max_points=4) == [0, 3, 6, 9]
+    assert common.thin_indices(11, max_points=4) == [0, 3, 6, 9, 10]
