@@ -192,10 +192,12 @@ def test_learning_rate_blow_up_is_named_with_learning_rate_advice():
                 opt.zero_grad()
                 F.cross_entropy(model(x), y).backward()
                 opt.step()
-    kinds = [(f.kind, f.condition) for f in watch.findings]
-    assert kinds == [(FindingKind.LEARNING_RATE, "updates")], [str(f) for f in watch.findings]
-    f = watch.findings[0]
+    f, *later = watch.findings
+    assert (f.kind, f.condition) == (FindingKind.LEARNING_RATE, "updates"), [str(f) for f in watch.findings]
     assert "learning rate" in f.advice and "ReLU" not in f.advice and "learning rate" in f.message
+    # what it left behind once the weights stopped growing (saturated sigmoids) is named with it
+    assert all(g.kind is FindingKind.SATURATION and f"after the learning-rate blow-up at step {f.step}" in g.message
+               for g in later), [str(g) for g in later]
 
 
 def test_healthy_default_schedule_runs_stay_silent():
