@@ -34,8 +34,8 @@ def test_vanishing_and_exploding_across_depth():
 
 
 def test_exploding_bound_and_jump():
-    assert (FindingKind.EXPLODING, "l1") in found(step((1.0, 2e3)))
-    assert (FindingKind.EXPLODING, "l1") in found(step((1.0, 200.0)), history=[1.0, 1.2, 0.9])
+    assert (FindingKind.EXPLODING, "l0") in found(step((1.0, 2e3)))
+    assert (FindingKind.EXPLODING, "l0") in found(step((1.0, 200.0)), history=[1.0, 1.2, 0.9])
     assert found(step((1.0, 2.0)), history=[1.0, 1.2, 0.9]) == set()
 
 
@@ -351,11 +351,13 @@ def test_the_value_of_a_finding_is_the_named_layers():
     st = layered(0, (10,) * 9, (10.0, 200.0) + (1.0,) * 7)
     (f,) = evaluate(st, Thresholds())
     assert (f.kind, f.condition, f.layer, f.value) == (FindingKind.EXPLODING, "depth", "l1", pytest.approx(200.0))
-    # the norm bound: named at the layer with the largest gradient (norms 31.6, 1265, 31.6; total 1265.7)
+    # the norm bound: the value is the model's; named at the first layer, the message naming the layer with
+    # the largest gradient (norms 31.6, 1265, 31.6; total 1265.7)
     st = layered(0, (10, 10, 10), (10.0, 400.0, 10.0))
     (f,) = evaluate(st, Thresholds())
-    assert (f.kind, f.condition, f.layer) == (FindingKind.EXPLODING, "size", "l1")
-    assert f.value == pytest.approx(math.sqrt(2 * 1000 + 1600000)) and "the largest gradient is l1's (norm 1.26e+03 of 1.27e+03)" in f.message
+    assert (f.kind, f.condition, f.layer) == (FindingKind.EXPLODING, "size", "l0")
+    assert f.value == pytest.approx(math.sqrt(2 * 1000 + 1600000))
+    assert "named at the first layer; the largest gradient is l1's (norm 1.26e+03 of 1.27e+03)" in f.message
 
 
 def test_call_sites_of_one_module_make_one_finding():
@@ -387,3 +389,13 @@ def test_call_sites_of_one_module_make_one_finding():
     for i in range(2, 31):
         one.layers[f"cell.gate#{i}"].saturated_fraction = 0.1
     assert ("cell.gate#1", 0.74) in [(f.layer, f.value) for f in judge_run([one])[0]]
+
+
+def test_a_blow_ups_gradients_are_part_of_it_and_the_running_median_starts_again_after_it():
+    # weights 1 at steps 0-4, 3 from step 5 (a 3x blow-up) with a 200x gradient spike at step 5; the blow-up
+    # holds while a step within blowup_steps (5) has a third of the norm: until step 9, over at step 10
+    steps = [layered(s, (10, 10), (200.0 if s == 5 else 1.0,) * 2, weights=(1.0 if s < 5 else 3.0,) * 2)
+             for s in range(14)]
+    out, notes = judge_run(steps)
+    assert [(f.kind, f.condition, f.step) for f in out] == [(FindingKind.LEARNING_RATE, "updates", 5)]
+    assert notes == []

@@ -2,10 +2,10 @@
 
 * ``depth``: the gradient per weight grows from the last layer back to the first by more than
   ``exploding_ratio`` -- each layer amplifies it. Named at the early layer the value is from.
-* ``size``: the global gradient norm is over ``exploding_norm``. Named at the layer with the
-  largest gradient norm (the largest part of the value).
+* ``size``: the global gradient norm is over ``exploding_norm``. Named at the first layer (the
+  value is the whole model's); the message names the layer with the largest gradient norm.
 * ``jump``: the global norm is ``jump_factor`` times its running median (a corrupt batch, a
-  loss spike). An event: reported at its step, once, and said when it clears.
+  loss spike). An event: reported at its step, once, and said when it clears. Named as ``size``.
 
 ``depth`` and ``size`` must hold on ``flow_window`` measured steps in a row (the judge's
 persistence). The gradient the optimizer applied is judged when known (after a loss scaler's
@@ -65,20 +65,22 @@ def _total(stats: StepStats) -> Tuple[Optional[float], str]:
     return stats.total_grad_norm, "gradient"
 
 
-def _largest(stats: StepStats, weighted: Optional[List[Weighted]]) -> Tuple[str, str]:
-    """The layer with the largest gradient norm, and a clause saying so (and where the forward's
-    activations leave unit scale, when they do: the gradient grows with the activations feeding it)."""
+def _where(stats: StepStats, weighted: Optional[List[Weighted]]) -> Tuple[str, str]:
+    """The first weighted layer, where the finding is named, and a clause saying so, which layer
+    has the largest gradient norm, and where the forward's activations leave unit scale when they
+    do (the gradient grows with the activations feeding it)."""
     layers = [w for w in (weighted_layers(stats) if weighted is None else weighted) if math.isfinite(w.norm)]
     if not layers:
         return "", ""
     top = max(layers, key=lambda w: w.norm)
     total = math.sqrt(sum(w.norm ** 2 for w in layers))
-    clause = f"the largest gradient is {top.name}'s (norm {top.norm:.3g} of {total:.3g})"
+    clause = (f"named at the first layer; the largest gradient is {top.name}'s (norm {top.norm:.3g} of "
+              f"{total:.3g})")
     grown = [w.name for w in layers if w.name in stats.layers and stats.layers[w.name].std > 10]
     if grown:
         clause += (f"; the activations exceed unit scale from {grown[0]} on "
                    f"(output std {stats.layers[grown[0]].std:.3g})")
-    return top.name, clause
+    return layers[0].name, clause
 
 
 def size(stats: StepStats, thresholds: Thresholds, *, weighted: Optional[List[Weighted]] = None) -> List[Finding]:
@@ -86,7 +88,7 @@ def size(stats: StepStats, thresholds: Thresholds, *, weighted: Optional[List[We
     total, what = _total(stats)
     if total is None or not math.isfinite(total) or not total > thresholds.exploding_norm:
         return []
-    layer, clause = _largest(stats, weighted)
+    layer, clause = _where(stats, weighted)
     return [Finding(FindingKind.EXPLODING, layer, stats.step, total, thresholds.exploding_norm,
                     f"Global {what} norm is {total:.3g} (bound {thresholds.exploding_norm:.3g}); {clause}.",
                     _SIZE_ADVICE, "size")]
@@ -103,7 +105,7 @@ def jump(stats: StepStats, thresholds: Thresholds, history: Sequence[float], *,
     base = statistics.median(recent)
     if not total > thresholds.jump_factor * base:
         return []
-    layer, clause = _largest(stats, weighted)
+    layer, clause = _where(stats, weighted)
     return [Finding(FindingKind.EXPLODING, layer, stats.step, total / base, thresholds.jump_factor,
                     f"Global {what} norm jumped {total / base:.3g} x over its running median ({base:.3g} -> "
                     f"{total:.3g}) at this step; {clause}.", _JUMP_ADVICE, "jump")]

@@ -9,8 +9,9 @@
 * **Zero-initialised layers** (a fine-tuning head, LoRA's B, a zero-initialised residual branch)
   are left out of the gradient-flow comparison.
 * **Root causes.** Non-finite values and a learning-rate blow-up are reported once; dead units,
-  saturation and vanishing gradients are not reported while the cause lasts (values non-finite,
-  weights still growing). What outlasts it is reported, linked to it.
+  saturation, vanishing and exploding gradients are not reported while the cause lasts (values
+  non-finite, weights still growing). What outlasts it is reported, linked to it; the running
+  median of the gradient norm starts afresh.
 * **Loss scalers.** Non-finite gradients alone are what a GradScaler skips and backs off from:
   where a scaler is given or half precision is in use, they are reported only once they outlast
   its back-off (:data:`SCALER_BACKOFF_STEPS`) or reach the weights; elsewhere at their step.
@@ -42,7 +43,8 @@ Key = Tuple[FindingKind, str]
 _GRADIENT = {"depth", "size", "jump"}  # conditions judged only on steps with gradient data
 _GLOBAL = _GRADIENT | {"updates", "ratio"}  # conditions of the whole model: one finding each
 _PERSISTENT = {"depth", "size"}
-_FOLLOW_ONS = {FindingKind.DEAD_UNITS, FindingKind.SATURATION, FindingKind.VANISHING}
+# What a root cause brings with it: held while it lasts (a blow-up's gradients are huge too).
+_FOLLOW_ONS = {FindingKind.DEAD_UNITS, FindingKind.SATURATION, FindingKind.VANISHING, FindingKind.EXPLODING}
 _PER_SITE = {FindingKind.DEAD_UNITS, FindingKind.SATURATION, FindingKind.ATTENTION_COLLAPSE}
 
 
@@ -220,6 +222,7 @@ class Judge:
     def _end_cause(self) -> None:
         self._ended.append((self._cause, self._measured))  # type: ignore[arg-type]
         self._cause, self._said_after_blowup = None, False
+        self.history.clear()  # the gradient's running median starts afresh from the run as it is now
 
     def _linked(self, key: Key, f: Finding) -> Finding:
         """A consequence that outlasted its cause, named with it: it began during the cause (or
