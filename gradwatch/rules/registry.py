@@ -2,8 +2,8 @@
 category, its style in the terminal and its row in the README's findings table.
 
 ``FindingKind.category`` and ``FindingKind.style`` read this table; ``tests/test_registry.py``
-checks that every ``FindingKind`` and every warning category is in it, and that the README's
-table is the one :func:`markdown_table` writes (``python -m gradwatch.rules.registry`` prints it).
+checks that every ``FindingKind`` and every warning category is in it, that the README's table
+is the one :func:`markdown_table` writes, and that docs/concepts.md has a row for every kind.
 Adding a kind: a module in this package, a ``FindingKind`` member, a warning class in
 ``exceptions.py``, and one entry here.
 """
@@ -51,10 +51,10 @@ _KINDS = (
          lambda t: f"> {_n(t.exploding_ratio)}; > {_n(t.exploding_norm)}; × {_n(t.jump_factor)}"),
     Kind(FindingKind.DEAD_UNITS, dead_units, ex.DeadUnitsWarning, "yellow",
          "share of units (features / channels) with no non-zero output on any sample of the last "
-         "`dead_window` measured batches", lambda t: f"> {t.dead_fraction:.0%}", share="of units dead"),
+         "`dead_window` measured batches", lambda t: f"> {100 * t.dead_fraction:.0f} %", share="of units dead"),
     Kind(FindingKind.SATURATION, saturation, ex.SaturationWarning, "yellow",
          "share of outputs where the activation is flat (see below)",
-         lambda t: f"> {t.saturated_fraction:.0%}", share="saturated"),
+         lambda t: f"> {100 * t.saturated_fraction:.0f} %", share="saturated"),
     Kind(FindingKind.NON_FINITE, non_finite, ex.NonFiniteWarning, "bold red",
          "first layer in forward order with NaN/Inf in its output, else first in backward order with a "
          "NaN/Inf gradient", lambda t: "any"),
@@ -65,7 +65,7 @@ _KINDS = (
                    f"≥ {_n(10 * t.update_ratio_high)}"),
     Kind(FindingKind.ATTENTION_COLLAPSE, attention_collapse, ex.AttentionCollapseWarning, "cyan",
          "share of an `nn.MultiheadAttention` layer's queries putting > 0.99 of their weight on one key "
-         "(recomputed from a sample of queries)", lambda t: f"> {t.attention_saturated_fraction:.0%}",
+         "(recomputed from a sample of queries)", lambda t: f"> {100 * t.attention_saturated_fraction:.0f} %",
          share="of sampled queries on one key"),
 )
 
@@ -78,6 +78,3 @@ def markdown_table(thresholds: Thresholds = Thresholds()) -> str:
     rows += [f"| `{k.warning.__name__}` | {k.measured} | {k.threshold(thresholds)} |" for k in _KINDS]
     return "\n".join(rows)
 
-
-if __name__ == "__main__":
-    print(markdown_table())
