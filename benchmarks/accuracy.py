@@ -1235,14 +1235,14 @@ CASES: List[Case] = [
          f"{BLANK_STEP} (between measured steps)", p_inf_at_step_cnn, expect=((N, "standardize"),)),
     Case("nan-fully-masked-attention", "attention", "hand-written masked attention; an empty sequence at step "
          f"{EMPTY_STEP} makes its softmax NaN", p_fully_masked_attention, expect=((N, "blocks.0.attn*"),)),
-    Case("lr-10-sigmoid-mlp", "MLP", "SGD lr 10 on a sigmoid MLP: the cause is the learning rate, not the sigmoids",
-         p_lr_sigmoid_mlp, expect=((L, "*"),)),
+    Case("lr-10-sigmoid-mlp", "MLP", "SGD lr 10 on a sigmoid MLP: the learning rate is the cause; the sigmoids it "
+         "leaves saturated are named with it", p_lr_sigmoid_mlp, expect=((L, "*"), (S, "act*"))),
     Case("attention-qk-x30", "attention", "query/key projections scaled x30: one-hot attention",
          p_attention_collapse, expect=((A, "encoder.layers.*.self_attn"),)),
     Case("corrupt-batch-spike", "data", f"one batch of unnormalised inputs (x1000) at step {CORRUPT_STEP}, Adam",
          p_corrupt_batch, expect=((E, "fc1"),)),
     Case("one-batch-check", "training loop", "one training step of the amplifying stack, then a forward without "
-         "backward: the last measured step has no gradients", p_one_batch_check, expect=((E, "fc[1-6]"),),
+         "backward (every=1): the last measured step has no gradients", p_one_batch_check, expect=((E, "fc[1-6]"),),
          steps=1, every=1),
     Case("amplifying-stack-metric-forwards", "training loop", "the amplifying stack, each step followed by a "
          "forward without backward: measured steps alternate with and without gradients",
@@ -1448,7 +1448,8 @@ def markdown(outcomes: Sequence[Outcome], scores: Dict[FindingKind, Dict[str, in
         "",
         "Does gradwatch stay silent on healthy training, and name the cause when something is wrong? "
         "`benchmarks/accuracy.py` trains small models for a few hundred steps each on synthetic data "
-        f"(CPU, fixed seeds) under `GradWatch(model, every={DEFAULT_EVERY}, quiet=True)` and compares the "
+        f"(CPU, fixed seeds) under `GradWatch(model, every={DEFAULT_EVERY}, quiet=True)` (unless a case says "
+        "otherwise) and compares the "
         "findings with what each case expects: nothing for a **healthy** setup, a finding of the right "
         "kind naming the right layer for a **planted** pathology.",
         "",
