@@ -997,9 +997,165 @@ def p_attention_collapse() -> Setup:
     return supervised(model, Batches(*tokens(seed=48), batch=32), opt)
 
 
+def heavy_tailed(n: int = 2048, dim: int = 32, classes: int = 10, df: int = 3, noise: float = 0.1,
+                 seed: int = 8) -> Tuple[Tensor, Tensor]:
+    """Student-t inputs (``df`` degrees of freedom: rare samples many standard deviations out), labelled
+    by a random tanh teacher, with a share ``noise`` of the labels random."""
+    g = _gen(seed)
+    z = torch.randn(n, dim, generator=g)
+    chi2 = torch.randn(n, dim, df, generator=g).pow(2).sum(-1)
+    x = z / (chi2 / df).sqrt()
+    w1 = torch.randn(dim, 64, generator=g) / math.sqrt(dim)
+    w2 = torch.randn(64, classes, generator=g) / 8
+    y = (torch.tanh(x @ w1) @ w2).argmax(1)
+    flip = torch.rand(n, generator=g) < noise
+    return x, torch.where(flip, torch.randint(classes, (n,), generator=g), y)
+
+
+def h_noisy_batches() -> Setup:
+    """Heavy-tailed inputs, noisy labels and batches of 8: the gradient norm swings from batch to batch,
+    as it does on real data; none of it is a spike."""
+    model = mlp([32, 128, 128, 10], nn.ReLU)
+    opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    return supervised(model, Batches(*heavy_tailed(), batch=8), opt)
+
+
+def h_metric_forwards() -> Setup:
+    """After each training step, one more forward in train mode (a running accuracy, computed without
+    torch.no_grad): measured steps alternate between steps with gradients and steps without."""
+    model = mlp([32, 128, 128, 10], nn.ReLU)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    return with_metric_forward(supervised(model, Batches(*teacher(seed=18), batch=64), opt))
+
+
+def with_metric_forward(setup: Setup, data: Optional[Batches] = None) -> Setup:
+    """The same training, each step followed by a forward of the next batch without backward."""
+    train, model = setup.step, setup.model
+    x = teacher(seed=19)[0][:64] if data is None else data(0)[0]
+
+    def step(i: int) -> float:
+        loss = train(i)
+        model(x)  # a metric's forward: no backward follows it
+        return loss
+    return Setup(model, step, setup.watch)
+
+
+CORRUPT_STEP = 150
+"""The step at which ``p_corrupt_batch``'s loader yields one batch of unnormalised inputs (a measured step)."""
+
+
+def p_corrupt_batch() -> Setup:
+    """Adam on a ReLU MLP; at step 150 one batch arrives unnormalised (inputs x1000, like raw pixel values):
+    a one-step gradient spike behind a loss spike."""
+    model = mlp([32, 128, 128, 10], nn.ReLU)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    data = Batches(*teacher(seed=49), batch=64)
+
+    def step(i: int) -> float:
+        x, y = data(i)
+        loss = F.cross_entropy(model(x * 1000 if i == CORRUPT_STEP else x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return loss.item()
+    return Setup(model, step)
+
+
+def p_one_batch_check() -> Setup:
+    """One training step on one batch, then a forward of it in train mode to see its loss (no backward):
+    the run's last measured step has no gradients. The amplifying stack's gradient must still be named."""
+    return with_metric_forward(p_amplifying_stack(), Batches(*regression(seed=34), batch=64))
+
+
+def p_embedding_transformer_blowup() -> Setup:
+    """AdamW at lr 0.1 on a token transformer with a 1,000-token vocabulary: every encoder layer's weights
+    triple within a few steps, while the embedding (std-1 init, most of the weights' norm; rows of tokens
+    not seen get no update) barely moves."""
+    model = TokenTransformer(vocab=1000)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    return supervised(model, Batches(*tokens(seed=50), batch=32), opt)
+
+
+SPIKE_STEPS = range(100, 103)
+"""The steps at which ``p_lr_spike_dead_relu`` trains at a learning rate 200x too high."""
+
+
+def p_lr_spike_dead_relu() -> Setup:
+    """SGD on a ReLU MLP; at steps 100-102 the learning rate spikes from 0.05 to 10 (a schedule bug), then
+    returns to normal. The weights stop growing, but most units of two ReLU layers stay dead."""
+    model = mlp([32, 128, 128, 128, 10], nn.ReLU)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    train = supervised(model, Batches(*teacher(seed=51), batch=64), opt).step
+
+    def step(i: int) -> float:
+        for group in opt.param_groups:
+            group["lr"] = 10.0 if i in SPIKE_STEPS else 0.05
+        return train(i)
+    return Setup(model, step)
+
+
+class LSTMCellByHand(nn.Module):
+    """An LSTM cell written out, as in tutorials: one ``gate`` sigmoid module called for three gates."""
+
+    def __init__(self, inputs: int, hidden: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(inputs + hidden, 4 * hidden)
+        self.gate, self.cand = nn.Sigmoid(), nn.Tanh()
+
+    def forward(self, x: Tensor, h: Tensor, c: Tensor) -> Tuple[Tensor, Tensor]:
+        i, f, g, o = self.lin(torch.cat([x, h], -1)).chunk(4, -1)
+        c = self.gate(f) * c + self.gate(i) * self.cand(g)
+        return self.gate(o) * torch.tanh(c), c
+
+
+def p_unrolled_cell_unnormalised() -> Setup:
+    """A hand-written LSTM cell unrolled over 20 time steps, fed unnormalised inputs (x20): its gates
+    saturate at every one of their 60 call sites, which make one finding."""
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cell, self.head = LSTMCellByHand(8, 32), nn.Linear(32, 2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = c = x.new_zeros(x.shape[0], 32)
+            for t in range(x.shape[1]):
+                h, c = self.cell(x[:, t], h, c)
+            return self.head(h)
+
+    x, y = sequences(seed=52)
+    model = Net()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    return supervised(model, Batches(20 * x, y, batch=32), opt)
+
+
+NAN_BACKWARD_STEP = 100
+"""The step at which ``p_nan_in_backward`` takes sqrt(0) in its loss (a measured step)."""
+
+
+def p_nan_in_backward() -> Setup:
+    """fp32, no loss scaler: at step 100 a loss term takes sqrt of a value that is exactly 0 -- finite
+    forward, NaN gradient (the slope of sqrt at 0 is infinite), which SGD then applies."""
+    model = mlp([32, 64, 64, 10], nn.ReLU)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    data = Batches(*teacher(seed=53), batch=64)
+
+    def step(i: int) -> float:
+        x, y = data(i)
+        out = model(x)
+        loss = F.cross_entropy(out, y)
+        if i == NAN_BACKWARD_STEP:
+            loss = loss + torch.sqrt(out[:, :1].relu() * 0).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return loss.item()
+    return Setup(model, step)
+
+
 # ====================================================================== the list
-V, E, D, S, N = (FindingKind.VANISHING, FindingKind.EXPLODING, FindingKind.DEAD_UNITS, FindingKind.SATURATION,
-                 FindingKind.NON_FINITE)
+V, E, D, S, N, L, A = (FindingKind.VANISHING, FindingKind.EXPLODING, FindingKind.DEAD_UNITS,
+                       FindingKind.SATURATION, FindingKind.NON_FINITE, FindingKind.LEARNING_RATE,
+                       FindingKind.ATTENTION_COLLAPSE)
 
 CASES: List[Case] = [
     # ---- healthy: must raise nothing
@@ -1042,6 +1198,10 @@ CASES: List[Case] = [
     Case("adam-tanh-mlp", "optimizer", "Xavier-initialised tanh MLP, Adam lr 1e-3", h_adam_tanh),
     Case("sgd-high-lr", "optimizer", "BatchNorm ReLU MLP, SGD lr 0.3 momentum 0.9 (high, but it trains)",
          h_sgd_high_lr),
+    Case("noisy-small-batches", "data", "Student-t (3 d.o.f.) inputs, 10 % label noise, batches of 8, SGD+momentum",
+         h_noisy_batches),
+    Case("metric-forwards", "training loop", "a train-mode forward without backward after each training step",
+         h_metric_forwards),
     # ---- planted: must be named with the right kind and layer
     Case("deep-sigmoid-mlp", "MLP", "10 sigmoid layers, default init", p_deep_sigmoid_mlp,
          expect=((V, "fc1"),)),
@@ -1056,7 +1216,7 @@ CASES: List[Case] = [
          p_rnn_huge_init, expect=((E, "rnn"),)),
     Case("lr-blowup-cnn", "convolutional", "CNN, SGD lr 1.0 momentum 0.9: diverges, NaN by step 20",
          p_lr_blowup_cnn,
-         expect=(("learning_rate", "*"),)),
+         expect=((L, "*"),)),
     Case("dead-relu-mlp", "MLP", "bias -5 on 3 of 4 units of fc2, before act2", p_dead_relu_mlp,
          expect=((D, "act2*"),)),
     Case("dead-relu-cnn", "convolutional", "bias -5 on 3 of 4 channels of conv2, before act2", p_dead_relu_cnn,
@@ -1075,11 +1235,29 @@ CASES: List[Case] = [
          f"{BLANK_STEP} (between measured steps)", p_inf_at_step_cnn, expect=((N, "standardize"),)),
     Case("nan-fully-masked-attention", "attention", "hand-written masked attention; an empty sequence at step "
          f"{EMPTY_STEP} makes its softmax NaN", p_fully_masked_attention, expect=((N, "blocks.0.attn*"),)),
-    # ---- kinds to come (issue 14): listed, skipped until gradwatch has the kind
-    Case("lr-10-sigmoid-mlp", "MLP", "SGD lr 10 on a sigmoid MLP (issue 11: today reported as vanishing)",
-         p_lr_sigmoid_mlp, expect=(("learning_rate", "*"),)),
+    Case("lr-10-sigmoid-mlp", "MLP", "SGD lr 10 on a sigmoid MLP: the learning rate is the cause; the sigmoids it "
+         "leaves saturated are named with it", p_lr_sigmoid_mlp, expect=((L, "*"), (S, "act*"))),
     Case("attention-qk-x30", "attention", "query/key projections scaled x30: one-hot attention",
-         p_attention_collapse, expect=(("attention_collapse", "encoder.layers.*.self_attn"),)),
+         p_attention_collapse, expect=((A, "encoder.layers.*.self_attn"),)),
+    Case("corrupt-batch-spike", "data", f"one batch of unnormalised inputs (x1000) at step {CORRUPT_STEP}, Adam",
+         p_corrupt_batch, expect=((E, "fc1"),)),
+    Case("one-batch-check", "training loop", "one training step of the amplifying stack, then a forward without "
+         "backward (every=1): the last measured step has no gradients", p_one_batch_check, expect=((E, "fc[1-6]"),),
+         steps=1, every=1),
+    Case("amplifying-stack-metric-forwards", "training loop", "the amplifying stack, each step followed by a "
+         "forward without backward: measured steps alternate with and without gradients",
+         lambda: with_metric_forward(p_amplifying_stack(), Batches(*regression(seed=34), batch=64)),
+         expect=((E, "fc[1-6]"),)),
+    Case("transformer-blowup-behind-embedding", "attention", "AdamW lr 0.1 on a token transformer: encoder "
+         "layers' weights triple while the std-1 embedding holds most of the weights' norm",
+         p_embedding_transformer_blowup, expect=((L, "*"), (A, "encoder.layers.*.self_attn"))),
+    Case("lr-spike-dead-relu", "optimizer", f"SGD, learning rate 10 instead of 0.05 at steps {SPIKE_STEPS.start}-"
+         f"{SPIKE_STEPS.stop - 1}: units of two ReLU layers stay dead after it", p_lr_spike_dead_relu,
+         expect=((L, "*"), (D, "act*"))),
+    Case("unrolled-lstm-cell", "recurrent", "hand-written LSTM cell unrolled 20 times, inputs x20: one gate "
+         "module at 60 call sites", p_unrolled_cell_unnormalised, expect=((S, "cell.gate"), (S, "cell.cand"))),
+    Case("nan-in-backward-fp32", "MLP", f"sqrt(0) in the loss at step {NAN_BACKWARD_STEP}: finite forward, NaN "
+         "gradient, no loss scaler", p_nan_in_backward, expect=((N, "*"),)),
 ]
 
 
@@ -1270,7 +1448,8 @@ def markdown(outcomes: Sequence[Outcome], scores: Dict[FindingKind, Dict[str, in
         "",
         "Does gradwatch stay silent on healthy training, and name the cause when something is wrong? "
         "`benchmarks/accuracy.py` trains small models for a few hundred steps each on synthetic data "
-        f"(CPU, fixed seeds) under `GradWatch(model, every={DEFAULT_EVERY}, quiet=True)` and compares the "
+        f"(CPU, fixed seeds) under `GradWatch(model, every={DEFAULT_EVERY}, quiet=True)` (unless a case says "
+        "otherwise) and compares the "
         "findings with what each case expects: nothing for a **healthy** setup, a finding of the right "
         "kind naming the right layer for a **planted** pathology.",
         "",

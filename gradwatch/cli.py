@@ -104,8 +104,8 @@ def findings_table(run: Run) -> Table:
     for col in ("step", "kind", "layer", "value", "message"):
         t.add_column(col, overflow="fold")
     for f in run.findings:
-        t.add_row(str(f["step"]), f["kind"], f["layer"], _fmt(f["value"] if isinstance(f["value"], float) else None),
-                  f["message"])
+        t.add_row(str(f["step"]), f["kind"], Text(f["layer"]),  # never markup: the user's layer names
+                  _fmt(f["value"] if isinstance(f["value"], float) else None), Text(f["message"]))
     return t
 
 
@@ -167,7 +167,7 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
         for r in runs:
             t.add_column(r.name, justify="right")
         for n in rows:
-            t.add_row(n, *[_fmt(getattr(r, how)(stat, n), pct) for r in runs])
+            t.add_row(Text(n), *[_fmt(getattr(r, how)(stat, n), pct) for r in runs])
         console.print(t)
     t = Table(title="findings per run", box=box.SIMPLE_HEAD, header_style="bold")
     t.add_column("run")

@@ -57,15 +57,15 @@ class Thresholds:
             multiple of the last layer's (a stack that amplifies layer after layer).
         exploding_norm: warn when the global gradient L2 norm exceeds this bound (the
             gradient the optimizer applied when it is known: unscaled and clipped).
-        jump_factor: warn when the global gradient norm grows by this factor over the
-            median of the last few logged steps.
-        blowup_growth: warn of a learning-rate blow-up when the norm of the weights grows
-            by this factor within ``blowup_steps`` steps (healthy runs, even at a high learning
-            rate: up to ~1.3; SGD at 10x too high a rate: 3-5).
+        jump_factor: warn, at that step, when the global gradient norm is this factor over
+            the median of the last few measured steps (a spike: a corrupt batch).
+        blowup_growth: warn of a learning-rate blow-up when a weighted layer's weight norm
+            grows by this factor within ``blowup_steps`` steps (healthy runs, even at a high
+            learning rate: up to ~1.3; SGD at 10x too high a rate: 3-5).
         blowup_steps: the span of steps ``blowup_growth`` is measured over.
-        flow_window: vanishing and exploding gradients must hold on this many measured
-            steps in a row before they are reported (a run with fewer measured steps is
-            judged at its end, on all of them).
+        flow_window: vanishing and exploding gradients (across depth, over the norm bound)
+            must hold on this many measured steps with gradients in a row before they are
+            reported (a run with fewer such steps is judged at its end, on all of them).
         update_ratio_high: warn (``learning_rate``) when a weight's update-to-weight ratio
             ``‖Δw‖/‖w‖`` per optimizer step stays at or above this over ``update_window``
             measured steps (needs ``optimizer=``; healthy training: around 1e-3).

@@ -12,16 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Type
 
 from .config import Thresholds
-from .exceptions import (
-    DeadUnitsWarning,
-    ExplodingGradientWarning,
-    GradWatchWarning,
-    NonFiniteWarning,
-    SaturationWarning,
-    VanishingGradientWarning,
-    LearningRateWarning,
-    AttentionCollapseWarning,
-)
+from .exceptions import GradWatchWarning
 
 
 class FindingKind(str, enum.Enum):
@@ -37,33 +28,17 @@ class FindingKind(str, enum.Enum):
 
     @property
     def category(self) -> Type[GradWatchWarning]:
-        return _CATEGORY[self]
+        """Its warning category (``gradwatch.rules.registry``)."""
+        from .rules.registry import KINDS
+
+        return KINDS[self].warning
 
     @property
     def style(self) -> str:
-        """The rich style its warnings are drawn in."""
-        return _STYLE[self]
+        """The rich style its warnings are drawn in (``gradwatch.rules.registry``)."""
+        from .rules.registry import KINDS
 
-
-_CATEGORY = {
-    FindingKind.VANISHING: VanishingGradientWarning,
-    FindingKind.EXPLODING: ExplodingGradientWarning,
-    FindingKind.DEAD_UNITS: DeadUnitsWarning,
-    FindingKind.SATURATION: SaturationWarning,
-    FindingKind.NON_FINITE: NonFiniteWarning,
-    FindingKind.LEARNING_RATE: LearningRateWarning,
-    FindingKind.ATTENTION_COLLAPSE: AttentionCollapseWarning,
-}
-
-_STYLE = {
-    FindingKind.VANISHING: "magenta",
-    FindingKind.EXPLODING: "red",
-    FindingKind.DEAD_UNITS: "yellow",
-    FindingKind.SATURATION: "yellow",
-    FindingKind.NON_FINITE: "bold red",
-    FindingKind.LEARNING_RATE: "bold magenta",
-    FindingKind.ATTENTION_COLLAPSE: "cyan",
-}
+        return KINDS[self].style
 
 
 @dataclass(frozen=True)

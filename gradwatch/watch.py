@@ -96,8 +96,10 @@ class GradWatch:
         self.sinks = Fanout(build_sinks(o, console), strict=o.strict)
         self._collector = Collector(model, self.layers, o, self._on_root_forward, say=self._warn)
         self._collector.gradients.scaler = o.scaler
+        half = lambda: self._collector.gradients.half_precision  # noqa: E731
         self._judge = Judge(o.thresholds, o.dead_window, self._note,
-                            unscaled=lambda: o.scaler is not None or not self._collector.gradients.half_precision)
+                            unscaled=lambda: o.scaler is not None or not half(),
+                            scaler=lambda: o.scaler is not None or half())
         self._attached = False
         self._manual = o.steps in (StepMode.MANUAL, StepMode.OPTIMIZER)
         self._clock = StepClock(self.schedule, self._collector, self._note)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from gradwatch import FindingKind, GradWatch, GradWatchWarning
+from gradwatch import FindingKind, GradWatch, GradWatchWarning, SaturationWarning
 from gradwatch.layers import ActivationKind, activation_spec, is_elementwise, select_layers
 from tests import models
 
@@ -192,10 +192,12 @@ def test_learning_rate_blow_up_is_named_with_learning_rate_advice():
                 opt.zero_grad()
                 F.cross_entropy(model(x), y).backward()
                 opt.step()
-    kinds = [(f.kind, f.condition) for f in watch.findings]
-    assert kinds == [(FindingKind.LEARNING_RATE, "updates")], [str(f) for f in watch.findings]
-    f = watch.findings[0]
+    f, *later = watch.findings
+    assert (f.kind, f.condition) == (FindingKind.LEARNING_RATE, "updates"), [str(f) for f in watch.findings]
     assert "learning rate" in f.advice and "ReLU" not in f.advice and "learning rate" in f.message
+    # what it left behind once the weights stopped growing (saturated sigmoids) is named with it
+    assert all(g.kind is FindingKind.SATURATION and f"after the learning-rate blow-up at step {f.step}" in g.message
+               for g in later), [str(g) for g in later]
 
 
 def test_healthy_default_schedule_runs_stay_silent():
@@ -212,3 +214,194 @@ def test_healthy_default_schedule_runs_stay_silent():
 
         watch = silent_run(model, 40, step)
         assert not math.isnan(watch.report().params["0.weight"].grad_norm)
+
+
+# ---------------------------------------------------------------- judging over time, on real models
+def _train(model, steps, step_fn, **watch_kw):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with GradWatch(model, quiet=True, **watch_kw) as watch:
+            for i in range(steps):
+                step_fn(i)
+    return watch, caught
+
+
+def test_a_forward_without_backward_at_the_end_does_not_hide_an_exploding_gradient():
+    torch.manual_seed(0)
+    model = models.small_mlp()
+    x, y = models.batch()
+    norms = []
+
+    def step(i):
+        out = model(x)
+        if i == 0:  # a gradient of about 1e18, then one more forward with no backward
+            (F.cross_entropy(out, y) * 1e19).backward()
+            norms.append(math.sqrt(sum(p.grad.norm().item() ** 2 for p in model.parameters())))
+
+    watch, _ = _train(model, 2, step, every=1)
+    assert [(f.kind, f.condition, f.step) for f in watch.findings] == [(FindingKind.EXPLODING, "size", 0)]
+    assert watch.findings[0].value == pytest.approx(norms[0], rel=1e-4)
+
+
+def test_non_finite_gradients_in_fp32_without_a_scaler_are_reported_at_their_step():
+    torch.manual_seed(0)
+    model = models.small_mlp()
+    x, y = models.batch()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+
+    def step(i):
+        out = model(x)
+        loss = F.cross_entropy(out, y)
+        if i == 3:  # finite forward (sqrt(0) = 0), NaN in backward (0 * the infinite slope of sqrt at 0)
+            loss = loss + torch.sqrt(out[:, :1].relu() * 0).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    watch, _ = _train(model, 8, step, every=1)
+    assert [(f.kind, f.condition, f.step) for f in watch.findings] == [(FindingKind.NON_FINITE, "backward", 3)]
+    assert not any("skipped" in n for n in watch.report().notes)
+
+
+def test_a_corrupt_batch_is_reported_at_its_step_once_and_said_cleared():
+    torch.manual_seed(0)
+    model = models.mlp(nn.ReLU, (8, 64, 64, 3))
+    x, y = models.batch()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    norms = []
+
+    def step(i):
+        loss = F.cross_entropy(model(x * 1000 if i == 8 else x), y)  # unnormalised inputs at step 8
+        opt.zero_grad()
+        loss.backward()
+        norms.append(math.sqrt(sum(p.grad.norm().item() ** 2 for p in model.parameters())))
+        opt.step()
+
+    watch, _ = _train(model, 12, step, every=1)
+    assert [(f.kind, f.condition, f.step, f.layer) for f in watch.findings] == [
+        (FindingKind.EXPLODING, "jump", 8, "0")]
+    # the jump over the median of the five measured steps before it
+    expected = norms[8] / sorted(norms[3:8])[2]
+    assert expected > 100 and watch.findings[0].value == pytest.approx(expected, rel=1e-4)
+    assert any("spike at step 8" in n and "cleared at step 9" in n for n in watch.report().notes)
+
+
+def test_lasting_dead_units_after_a_learning_rate_spike_are_named_with_it():
+    torch.manual_seed(0)
+    model = models.mlp(nn.ReLU, (32, 128, 128, 128, 10))
+    x, y = models.batch(256, 32, 10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+
+    def step(i):
+        for g in opt.param_groups:  # a learning-rate spike at steps 20-22, then back to normal
+            g["lr"] = 20.0 if 20 <= i <= 22 else 0.05
+        b = slice((i % 4) * 64, (i % 4 + 1) * 64)
+        loss = F.cross_entropy(model(x[b]), y[b])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    watch, _ = _train(model, 60, step, every=2, dead_window=3)
+    blowup, *later = watch.findings
+    assert (blowup.kind, blowup.condition, blowup.step) == (FindingKind.LEARNING_RATE, "updates", 22)
+    dead = [f for f in later if f.kind is FindingKind.DEAD_UNITS]
+    assert dead and later == dead, [str(f) for f in later]
+    assert {f.layer for f in dead} <= {"1", "3", "5"}
+    for f in dead:  # still dead at the end of the run
+        assert watch.report().layers[f.layer].dead_fraction > 0.5
+        assert f"after the learning-rate blow-up at step {blowup.step}" in f.message and f.step > blowup.step
+
+
+def test_vanishing_gives_the_named_first_layers_own_ratio():
+    torch.manual_seed(0)
+    layers, ch = [], 1
+    for _ in range(8):
+        layers += [nn.Conv2d(ch, 8, 3, padding=1), nn.Sigmoid()]
+        ch = 8
+    model = nn.Sequential(*layers, nn.Flatten(), nn.Linear(8 * 8 * 8, 3))
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(3, (16,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def step(i):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    watch, _ = _train(model, 3, step, every=1)  # reported at step 2, the last measured: the report's step
+    (f,) = watch.findings
+    assert (f.kind, f.layer, f.step) == (FindingKind.VANISHING, "0", 2)
+    params = watch.report().params
+
+    def rms(layer):
+        own = [p for p in params.values() if p.layer == layer]
+        return math.sqrt(sum(p.grad_norm ** 2 for p in own) / sum(p.numel for p in own))
+    assert f.value == pytest.approx(rms("0") / rms("17"), rel=1e-6)
+
+
+def test_an_exploding_gradient_is_named_at_the_first_layer_and_says_which_is_largest():
+    torch.manual_seed(0)
+    model = models.mlp(nn.ReLU, (32,) + (64,) * 30 + (10,))
+    for layer in model:
+        if isinstance(layer, nn.Linear):  # 1.5x the Kaiming scale: each layer amplifies
+            nn.init.normal_(layer.weight, std=1.5 * math.sqrt(2 / layer.in_features))
+    x, y = models.batch(64, 32, 10)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def step(i):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    watch, _ = _train(model, 3, step, every=1)
+    (f,) = watch.findings
+    assert (f.kind, f.condition, f.layer, f.step) == (FindingKind.EXPLODING, "size", "0", 2)
+    norms = {}
+    for p in watch.report().params.values():
+        norms[p.layer] = norms.get(p.layer, 0.0) + p.grad_norm ** 2
+    largest = max(norms, key=norms.get)
+    assert largest != "0" and f"the largest gradient is {largest}'s" in f.message
+
+
+class _UnrolledCell(nn.Module):
+    """A hand-written LSTM cell: its gate module called three times a time step, its candidate once."""
+
+    def __init__(self, inputs: int, hidden: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(inputs + hidden, 4 * hidden)
+        self.gate, self.cand = nn.Sigmoid(), nn.Tanh()
+
+    def forward(self, x, h, c):
+        i, f, g, o = self.lin(torch.cat([x, h], -1)).chunk(4, -1)
+        c = self.gate(f) * c + self.gate(i) * self.cand(g)
+        return self.gate(o) * torch.tanh(c), c
+
+
+def test_an_unrolled_cell_raises_one_warning_per_module_not_per_call_site():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cell, self.head = _UnrolledCell(8, 16), nn.Linear(16, 2)
+
+        def forward(self, x):
+            h = c = x.new_zeros(x.shape[0], 16)
+            for t in range(x.shape[1]):
+                h, c = self.cell(x[:, t], h, c)
+            return self.head(h)
+
+    torch.manual_seed(0)
+    model = Net()
+    x, y = torch.randn(32, 10, 8) * 20, torch.randint(2, (32,))  # unnormalised inputs: saturated gates
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def step(i):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    watch, caught = _train(model, 4, step, every=1)
+    rows = watch.report().layers
+    assert sum(1 for n in rows if n.startswith("cell.gate#")) == 30  # rows stay per call site
+    saturation = [w for w in caught if issubclass(w.category, SaturationWarning)]
+    assert sorted(w.message.finding.layer for w in saturation) == ["cell.cand", "cell.gate"]
+    gate = next(w.message.finding for w in saturation if w.message.finding.layer == "cell.gate")
+    assert gate.message.startswith("30 of 30 call sites, ")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Optional
 
 from rich.console import Console
+from rich.text import Text
 
 from ..render import report_summary
 from .base import Sink
@@ -22,7 +23,7 @@ class ConsoleSink(Sink):
         self.console = console or Console()
 
     def on_note(self, text: str) -> None:
-        self.console.print(f"[dim]{text}[/dim]", highlight=False)
+        self.console.print(Text(text, style="dim"))  # never markup: notes name the user's layers
 
     def close(self, report: "Report") -> None:
         self.console.print(report_summary(report))

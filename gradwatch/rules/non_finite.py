@@ -1,0 +1,45 @@
+"""Non-finite values: the first place a NaN or Inf appeared at a step.
+
+Activations in forward order first, then activation gradients in the order backward produced
+them, then parameter gradients. The finding's condition says which: ``forward``, ``weights``
+(the layer's own weights are already non-finite: a bad update was applied at an earlier step)
+or ``backward`` (gradients only).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List
+
+from ..report import Finding, FindingKind, StepStats
+
+ADVICE = ("Look at what feeds this layer: log/sqrt/division of non-positive values, a learning rate "
+          "that is too high, or fp16 overflow; torch.autograd.detect_anomaly() can then name the op.")
+
+
+def non_finite(stats: StepStats) -> List[Finding]:
+    """The first non-finite place at this step, or nothing."""
+    step = stats.step
+    bad_weights = {ps.layer for ps in stats.params.values() if not math.isfinite(ps.weight_norm)}
+    for ls in stats.layers.values():
+        if ls.nonfinite:
+            if ls.name in bad_weights:
+                return [Finding(FindingKind.NON_FINITE, ls.name, step, math.nan, 0.0,
+                                "Non-finite values (NaN/Inf) first appear in this layer's output, in forward "
+                                "order: its weights are already non-finite, so a non-finite update was applied "
+                                "at an earlier, unmeasured step.", ADVICE + " Measure every step (every=1) to "
+                                "see where it starts.", "weights")]
+            return [Finding(FindingKind.NON_FINITE, ls.name, step, math.nan, 0.0,
+                            "Non-finite activation values (NaN/Inf) first appear in this layer's output, "
+                            "in forward order.", ADVICE, "forward")]
+    for name in stats.backward_order:
+        ls = stats.layers.get(name)
+        if ls is not None and ls.output_grad_nonfinite:
+            return [Finding(FindingKind.NON_FINITE, name, step, math.nan, 0.0,
+                            "Non-finite gradient (NaN/Inf) first appears at this layer's output during backward.",
+                            ADVICE, "backward")]
+    for ps in stats.params.values():
+        if ps.nonfinite:
+            return [Finding(FindingKind.NON_FINITE, ps.layer, step, ps.grad_norm, 0.0,
+                            f"Gradient of {ps.name} is non-finite (norm {ps.grad_norm}).", ADVICE, "backward")]
+    return []
