@@ -8,7 +8,7 @@ previous image, one point per layer from input to output.
 
 Drawing costs matplotlib about 0.1-0.3 s, so it happens only on histogram steps, and only
 as often as keeps it within :data:`IMAGE_BUDGET` of the training time between two images
-(the first histogram step always gets one). Measured steps only add each layer's gradient
+(the first two histogram steps always get one: the first drawing also loads matplotlib). Measured steps only add each layer's gradient
 norm to a list; unmeasured steps never reach this module.
 """
 
@@ -83,8 +83,11 @@ class FlowImage:
         buf = io.BytesIO()
         gradient_flow([run], buf, dpi=IMAGE_DPI)
         self.norms = {}
+        first = self.drawn_at is None
         self.drawn_at = time.perf_counter()
-        self.draw_seconds = self.drawn_at - start
+        # The first drawing also loads matplotlib's modules and fonts: the next histogram step
+        # draws again, and its time sets the pace.
+        self.draw_seconds = 0.0 if first else self.drawn_at - start
         return buf.getvalue()
 
     def _matplotlib(self) -> bool:

@@ -250,9 +250,9 @@ class TensorBoardSink(Sink):
     def on_step(self, data: "StepData", new_findings: "List[Finding]") -> None:
         if self._failed():
             return
-        w, st = self.writer, data.stats
+        st = data.stats
         step = st.step
-        event = _Event(w)
+        event = _Event(self.writer)
         for name, ls in st.layers.items():
             for tag, attr in LAYER_SCALARS.items():
                 value = getattr(ls, attr)
@@ -275,6 +275,10 @@ class TensorBoardSink(Sink):
             event.histogram(f"activation/{name}", h)
         for name, h in data.grad_histograms.items():
             event.histogram(f"gradient/{name}", h)
+        for name, ls in st.layers.items():
+            heads = [h["entropy_normalised"] for h in ls.attention_heads or [] if h["entropy_normalised"] is not None]
+            if heads:
+                event.histogram(f"attention.head_entropy/{name}", histogram_of(heads, bins=20))
         if new_findings:  # one text per step holding all of its findings: TensorBoard shows one per step
             event.text(FINDINGS_TEXT, findings_markdown(new_findings))
         if self._flow is not None:
@@ -286,13 +290,6 @@ class TensorBoardSink(Sink):
             self._families |= families
             event.layout(custom_scalars_layout(self._families))
         event.write(step)
-        for name, ls in st.layers.items():
-            heads = [h["entropy_normalised"] for h in ls.attention_heads or [] if h["entropy_normalised"] is not None]
-            if heads:
-                import numpy as np
-
-                w.add_histogram(f"attention.head_entropy/{name}", np.asarray(heads, dtype=np.float64), step,
-                                bins=np.linspace(0.0, 1.0, 21))
 
     def _image(self, event: "_Event") -> None:
         """Add the gradient-flow figure to the step's event. A failure to draw is said once
@@ -317,6 +314,17 @@ class TensorBoardSink(Sink):
             self._failed()  # the last writes happen in close: report a failure there too
         else:
             self.writer.flush()
+
+
+def histogram_of(values: List[float], bins: int) -> List[float]:
+    """A few host values in ``stats.histogram``'s layout (min, max, num, sum, sum of squares,
+    counts of ``bins`` equal buckets from min to max)."""
+    import numpy as np
+
+    a = np.asarray(values, dtype=np.float64)
+    lo, hi = float(a.min()), float(a.max())
+    counts = np.histogram(a, bins=bins, range=(lo, hi))[0] if hi > lo else np.eye(bins)[0] * a.size
+    return [lo, hi, float(a.size), float(a.sum()), float(a @ a), *map(float, counts)]
 
 
 def findings_markdown(findings: "List[Finding]") -> str:
