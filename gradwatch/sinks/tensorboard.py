@@ -102,9 +102,9 @@ def single_value_buckets(value: float, count: float, bins: int) -> Tuple[float, 
     """Buckets for a histogram whose elements all equal ``value``: an odd number of equal
     buckets (``bins``, or one more) spanning ``value`` ± :data:`SINGLE_VALUE_HALF_WIDTH`, all
     of ``count`` in the middle one. Returns (left edge, right edge, bucket right limits,
-    counts). TensorBoard draws a histogram from its ``min``/``max`` as the outer edges and
-    its limits in between; with ``min == max`` its axis ran from that value to the last
-    limit, and the value's own bucket had no width."""
+    counts). The edges are written as the histogram's ``min``/``max``: TensorBoard takes
+    those as the outer bucket edges, and ``min == max`` would leave the value's bucket no
+    width (its Python reader) or make the last bucket run backwards (its data server)."""
     n = max(1, bins | 1)
     lo, hi = value - SINGLE_VALUE_HALF_WIDTH, value + SINGLE_VALUE_HALF_WIDTH
     width = (hi - lo) / n
