@@ -35,6 +35,7 @@ logger = logging.getLogger("gradwatch")
 FINDINGS_FILE = "findings.jsonl"
 META_FILE = "gradwatch.json"
 LOCK_FILE = ".gradwatch.json.lock"
+"""Without ``fcntl``: the lock file that exists while a process updates ``gradwatch.json``."""
 LOCK_STALE_SECONDS = 10.0
 """Without ``fcntl``, a lock file older than this was left by a process that died holding it."""
 FORMAT_VERSION = 1
@@ -68,19 +69,19 @@ def read_meta(log_dir: str) -> Dict[str, Any]:
 def meta_lock(log_dir: str) -> Iterator[None]:
     """Hold the folder's ``gradwatch.json`` lock: processes writing one ``log_dir`` at once
     update it one after another, so none overwrites another's run entry with what it read
-    before. ``fcntl.flock`` on POSIX (released by the system if the process dies); elsewhere
-    a lock file created exclusively, taken over once it is older than
+    before. On POSIX, ``fcntl.flock`` on the folder itself (no file left behind; released by
+    the system if the process dies); elsewhere a lock file, :data:`LOCK_FILE`, created
+    exclusively, removed when released, and taken over once older than
     :data:`LOCK_STALE_SECONDS`."""
-    path = os.path.join(log_dir, LOCK_FILE)
     if _fcntl is not None:
-        with open(path, "a") as f:
-            _fcntl.flock(f.fileno(), _fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                _fcntl.flock(f.fileno(), _fcntl.LOCK_UN)
+        fd = os.open(log_dir, os.O_RDONLY)
+        try:
+            _fcntl.flock(fd, _fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
         return
-    path += ".held"  # exists only while held (the POSIX lock file above stays)
+    path = os.path.join(log_dir, LOCK_FILE)
     while True:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
