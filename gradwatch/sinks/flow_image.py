@@ -6,10 +6,11 @@ axis a vanishing layer is a flat line at zero. The figure draws each layer's par
 gradient as RMS per element on a log axis, the median over the measured steps since the
 previous image, one point per layer from input to output.
 
-Drawing costs matplotlib about 0.1-0.3 s, so it happens only on histogram steps, and only
-as often as keeps it within :data:`IMAGE_BUDGET` of the training time between two images
-(the first two histogram steps always get one: the first drawing also loads matplotlib). Measured steps only add each layer's gradient
-norm to a list; unmeasured steps never reach this module.
+Drawing costs matplotlib 0.3-0.6 s on a 2-core CPU (``benchmarks/tensorboard_image.py``), so
+it happens only on histogram steps, and only as often as keeps it within
+:data:`IMAGE_BUDGET` of the training time between two images (the first two histogram steps
+always get one: the first drawing also loads matplotlib). Measured steps only add each
+layer's gradient norm to a list; unmeasured steps never reach this module.
 """
 
 from __future__ import annotations
