@@ -71,8 +71,26 @@ def main(argv: Optional[List[str]] = None) -> dict:
                 opt.step()
         out[name] = {"loss": loss.item(), "findings": [f.kind.value for f in watch.findings]}
         print(f"final loss {loss.item():.3f}; findings: {out[name]['findings'] or 'none'}")
-    print(f"\nTensorBoard: tensorboard --logdir {args.runs}")
+    print("\nNext:\n" + "\n".join(f"    {c}" for c in next_commands(args.runs)))
     return out
+
+
+def next_commands(runs: str) -> List[str]:
+    """The commands to run after the demo, spelled so that they are found: with the path of
+    this interpreter's scripts folder (``.venv/bin/``) unless that folder is on ``PATH``."""
+    import os
+    import shutil
+    import sys
+
+    scripts = os.path.dirname(sys.executable)
+    found = shutil.which("gradwatch")
+    if found and os.path.dirname(found) == scripts:
+        prefix = ""
+    else:
+        relative = os.path.relpath(scripts)
+        prefix = (scripts if relative.startswith("..") else relative) + os.sep
+    return [f"{prefix}gradwatch compare {runs} --png flow.png    # gradient flow of the three runs",
+            f"{prefix}tensorboard --logdir {runs}    # the runs in TensorBoard"]
 
 
 if __name__ == "__main__":

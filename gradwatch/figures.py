@@ -33,6 +33,19 @@ def _pyplot() -> Any:
     return plt
 
 
+def _figure(figsize: Tuple[float, float]) -> Any:
+    """A figure drawn by matplotlib's Agg renderer without pyplot, so that drawing one inside
+    a training process (the TensorBoard image) leaves the backend its session chose alone."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise SystemExit("gradwatch: PNG charts need matplotlib: pip install 'gradwatch[examples]'") from None
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig
+
+
 # ---------------------------------------------------------------------------------- gradient flow
 def layer_scales(run: Run, *, per_element: bool) -> Dict[str, float]:
     """Per weighted layer: median over logged steps of its parameter-gradient scale.
@@ -56,11 +69,11 @@ def layer_scales(run: Run, *, per_element: bool) -> Dict[str, float]:
     return out
 
 
-def gradient_flow(runs: List[Run], path: str) -> Any:
+def gradient_flow(runs: List[Run], path: Any, *, dpi: int = 120) -> Any:
     """Per-element gradient scale (RMS) of each weighted layer against depth, one line per
     run, log scale: vanishing gradients fall towards the input. Layers whose gradient is
-    exactly 0 are drawn along the bottom with a cross. Returns the matplotlib figure."""
-    plt = _pyplot()
+    exactly 0 are drawn along the bottom with a cross. ``path``: a file name or a binary
+    file object. Returns the matplotlib figure."""
     per_element = all(run.param_numel for run in runs)
     layers: List[str] = []
     for run in runs:
@@ -70,7 +83,8 @@ def gradient_flow(runs: List[Run], path: str) -> Any:
     positive = [v for s in scales for v in s.values() if v > 0]
     floor = min(positive) / 10 if positive else 1e-8
     width = min(max(8.0, 0.22 * len(layers) + 2.5), MAX_FIGURE_INCHES[0])
-    fig, ax = plt.subplots(figsize=(width, 5.2))
+    fig = _figure((width, 5.2))
+    ax = fig.subplots()
     any_zero = False
     for run, scale in zip(runs, scales):
         xs = [pos[n] for n in layers if n in scale]
@@ -108,8 +122,7 @@ def gradient_flow(runs: List[Run], path: str) -> Any:
         caption += " ×: the layer received no gradient at all (median exactly 0), drawn along the bottom."
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.text(0.01, 0.012, _wrap(caption, int(width * 15)), fontsize=8, va="bottom", ha="left")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    fig.savefig(path, dpi=dpi)
     return fig
 
 

@@ -169,8 +169,7 @@ def load_run(path: Path, run_id: Optional[str] = None) -> Run:
         for tag in tags.get("histograms", []):
             if tag.startswith("activation/"):
                 histograms.setdefault(tag.split("/", 1)[1], []).extend(
-                    (e.step, list(e.histogram_value.bucket_limit), list(e.histogram_value.bucket))
-                    for e in acc.Histograms(tag))
+                    (e.step, *_buckets(e.histogram_value)) for e in acc.Histograms(tag))
     for tag, series in scalars.items():
         prefix, _, name = tag.partition("/")
         if not name:
@@ -197,6 +196,18 @@ def load_run(path: Path, run_id: Optional[str] = None) -> Run:
                 if record.get("run", LEGACY_RUN) == entry.run_id:
                     run.findings.append(record)
     return run
+
+
+def _buckets(h: Any) -> Tuple[List[float], List[float]]:
+    """A histogram's bucket right limits and counts. One of a single value (``min == max``:
+    a dead layer, written so by older versions with limits running from ``min + 1`` upwards)
+    is read as :func:`~gradwatch.sinks.tensorboard.single_value_buckets` writes it now."""
+    if h.min == h.max and h.num > 0:
+        from .sinks.tensorboard import single_value_buckets
+
+        _, _, limits, counts = single_value_buckets(h.min, h.num, len(h.bucket))
+        return limits, counts
+    return list(h.bucket_limit), list(h.bucket)
 
 
 def _read_meta(path: Path) -> dict:

@@ -93,7 +93,7 @@ class GradWatch:
             raise ValueError(f"include={include!r} matches no module of {type(model).__name__}; "
                              f"names look like {[n for n, _ in model.named_modules()][1:6]}")
         registry.check_free(model, self)
-        self.sinks = Fanout(build_sinks(o, console), strict=o.strict)
+        self.sinks = Fanout(build_sinks(o, console, note=self._note), strict=o.strict)
         self._collector = Collector(model, self.layers, o, self._on_root_forward, say=self._warn)
         self._collector.gradients.scaler = o.scaler
         half = lambda: self._collector.gradients.half_precision  # noqa: E731

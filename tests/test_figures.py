@@ -106,3 +106,35 @@ def test_gradient_flow_of_a_deep_model_keeps_a_sensible_size_and_readable_labels
     assert w <= 2400 and h <= 700
     labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
     assert 20 <= len(labels) <= 40 and labels[0] == "layer0"
+
+
+def test_a_dead_layers_histogram_is_drawn_around_its_value_in_old_and_new_run_folders(tmp_path):
+    import torch
+    from torch.utils.tensorboard import SummaryWriter
+
+    from gradwatch import GradWatch
+    from gradwatch.runs import load_run
+    from tests import models
+
+    model = models.small_mlp()
+    with torch.no_grad():
+        model[2].bias.fill_(-100.0)  # layer 3: every output 0
+    with pytest.warns(Warning):
+        with GradWatch(model, log_dir=tmp_path / "new", every=1, histogram_every=1, dead_window=1, quiet=True):
+            models.train(model, 3)
+    old = tmp_path / "old"  # as earlier versions wrote it: min == max == 0, bucket limits 1, 2, ..., 64
+    with SummaryWriter(old) as w:
+        for step in range(3):
+            w.add_scalar("gradient.layer_norm/3", 0.0, step)
+            w.add_histogram_raw("activation/3", min=0.0, max=0.0, num=512, sum=0.0, sum_squares=0.0,
+                                bucket_limits=[float(i) for i in range(1, 65)], bucket_counts=[512.0] + [0.0] * 63,
+                                global_step=step)
+    runs = [load_run(tmp_path / "new"), load_run(old)]
+    for run in runs:
+        for _, limits, counts in run.histograms["3"]:
+            assert -0.5 < limits[0] and limits[-1] == 0.5 and sum(counts) == 512
+    fig = activation_heatmaps(runs, str(tmp_path / "heat.png"))
+    columns = len(fig.axes) // 2  # rows: the two runs; columns: layers 0-4
+    assert fig.axes[3].get_title() == "3"
+    for ax in (fig.axes[3], fig.axes[columns + 3]):  # layer 3 of each run: its value axis around 0
+        assert ax.get_ylim() == pytest.approx((-0.5, 0.5))

@@ -5,7 +5,7 @@ work from the same records.
 """
 
 import os
-from typing import TYPE_CHECKING, List, Optional
+from typing import TYPE_CHECKING, Callable, List, Optional
 
 from rich.console import Console
 
@@ -19,13 +19,15 @@ if TYPE_CHECKING:
     from ..config import Options
 
 
-def build_sinks(options: "Options", console: Optional[Console] = None) -> List[Sink]:
+def build_sinks(options: "Options", console: Optional[Console] = None,
+                note: Optional[Callable[[str], None]] = None) -> List[Sink]:
     """The sinks a watch's options ask for: warnings and logging always; TensorBoard and
-    ``findings.jsonl`` with a ``log_dir`` or ``writer``; the terminal table unless ``quiet``."""
+    ``findings.jsonl`` with a ``log_dir`` or ``writer``; the terminal table unless ``quiet``.
+    ``note``: where a sink says something a person should know once (the watch's notes)."""
     sinks: List[Sink] = [WarningSink(console), LoggingSink()]
     if options.log_dir is not None or options.writer is not None:
         log_dir = None if options.log_dir is None else os.fspath(options.log_dir)
-        sinks.append(TensorBoardSink(log_dir=log_dir, writer=options.writer))
+        sinks.append(TensorBoardSink(log_dir=log_dir, writer=options.writer, note=note))
         folder = log_dir if log_dir is not None else getattr(options.writer, "log_dir", None)
         if folder is not None:
             sinks.append(JsonlSink(os.fspath(folder)))

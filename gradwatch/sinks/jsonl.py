@@ -12,14 +12,21 @@ run unless asked for another (``--run ID``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
+import threading
 import time
-from typing import TYPE_CHECKING, Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional
 
 from .base import Sink
+
+try:
+    import fcntl as _fcntl
+except ImportError:  # pragma: no cover - not POSIX: the lock file below
+    _fcntl = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
     from ..report import Finding, StepData
@@ -27,6 +34,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger("gradwatch")
 FINDINGS_FILE = "findings.jsonl"
 META_FILE = "gradwatch.json"
+LOCK_FILE = ".gradwatch.json.lock"
+"""Without ``fcntl``: the lock file that exists while a process updates ``gradwatch.json``."""
+LOCK_STALE_SECONDS = 10.0
+"""Without ``fcntl``, a lock file older than this was left by a process that died holding it."""
 FORMAT_VERSION = 1
 """Major version of the run-folder format; readers accept any run of the same major.
 
@@ -54,6 +65,42 @@ def read_meta(log_dir: str) -> Dict[str, Any]:
     return meta if isinstance(meta, dict) else {}
 
 
+@contextlib.contextmanager
+def meta_lock(log_dir: str) -> Iterator[None]:
+    """Hold the folder's ``gradwatch.json`` lock: processes writing one ``log_dir`` at once
+    update it one after another, so none overwrites another's run entry with what it read
+    before. On POSIX, ``fcntl.flock`` on the folder itself (no file left behind; released by
+    the system if the process dies); elsewhere a lock file, :data:`LOCK_FILE`, created
+    exclusively, removed when released, and taken over once older than
+    :data:`LOCK_STALE_SECONDS`."""
+    if _fcntl is not None:
+        fd = os.open(log_dir, os.O_RDONLY)
+        try:
+            _fcntl.flock(fd, _fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+        return
+    path = os.path.join(log_dir, LOCK_FILE)
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            try:
+                if time.time() - os.path.getmtime(path) > LOCK_STALE_SECONDS:
+                    os.unlink(path)
+                    continue
+            except OSError:  # released meanwhile
+                continue
+            time.sleep(0.005)
+    try:
+        yield
+    finally:
+        os.close(fd)
+        os.unlink(path)
+
+
 class JsonlSink(Sink):
     """Appends each new finding, tagged with the run id, to ``<log_dir>/findings.jsonl``, and
     keeps this run's entry in ``gradwatch.json`` (layers in forward order, parameter ->
@@ -69,17 +116,18 @@ class JsonlSink(Sink):
 
     def open(self) -> None:
         if self.run_id is None:  # attach, detach, attach again: still the same run
-            meta = read_meta(self.log_dir)
-            taken = {r.get("run") for r in meta.get("runs", [])}
-            base = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
-            run_id, n = base, 1
-            while run_id in taken:
-                n += 1
-                run_id = f"{base}-{n}"
-            self.run_id = run_id
-            self._entry = {"run": run_id, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "pid": os.getpid(),
-                           "event_files": []}
-            self._save()
+            with meta_lock(self.log_dir):
+                meta = read_meta(self.log_dir)
+                taken = {r.get("run") for r in meta.get("runs", [])}
+                base = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
+                run_id, n = base, 1
+                while run_id in taken:
+                    n += 1
+                    run_id = f"{base}-{n}"
+                self.run_id = run_id
+                self._entry = {"run": run_id, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                               "pid": os.getpid(), "event_files": []}
+                self._save(locked=True)
         self._file = open(self.path, "a", encoding="utf-8")
 
     def on_step(self, data: "StepData", new_findings: "List[Finding]") -> None:
@@ -106,8 +154,14 @@ class JsonlSink(Sink):
             if not self._entry.get("event_files"):
                 self._save(last=True)  # the event file may have appeared after open
 
-    def _save(self, *, last: bool = False) -> None:
-        """Write this run's entry into ``gradwatch.json`` (read, update, replace atomically)."""
+    def _save(self, *, last: bool = False, locked: bool = False) -> None:
+        """Write this run's entry into ``gradwatch.json``: under the folder's lock, read it,
+        update this run's entry, write a temporary file and rename it over the old one (a
+        reader sees the old file or the new one, never half of one)."""
+        if not locked:
+            with meta_lock(self.log_dir):
+                self._save(last=last, locked=True)
+            return
         meta = read_meta(self.log_dir)
         runs: List[Dict[str, Any]] = [r for r in meta.get("runs", []) if r.get("run") != self.run_id]
         if not self._entry.get("event_files"):
@@ -117,10 +171,15 @@ class JsonlSink(Sink):
         for key in ("layers", "layer_types", "params"):  # what readers of older versions look at
             if key in self._entry:
                 meta[key] = self._entry[key]
-        tmp = os.path.join(self.log_dir, f".{META_FILE}.{os.getpid()}.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=1)
-        os.replace(tmp, os.path.join(self.log_dir, META_FILE))
+        tmp = os.path.join(self.log_dir, f".{META_FILE}.{os.getpid()}.{threading.get_ident()}.tmp")
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(meta, f, indent=1)
+            os.replace(tmp, os.path.join(self.log_dir, META_FILE))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
     def _my_event_files(self, others: List[Dict[str, Any]], *, shared_ok: bool) -> List[str]:
         """Event files this process writes here that no earlier run has claimed.

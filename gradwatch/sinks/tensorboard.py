@@ -1,42 +1,23 @@
-"""TensorBoard: scalars for every stat, histograms, findings as text, a custom-scalars layout.
+"""TensorBoard: scalars for every stat, histograms, findings as text, the gradient-flow
+figure as an image, and a custom-scalars layout of the charts a run writes.
 
-Tag scheme (``<layer>`` and ``<param>`` are qualified names as ``named_modules()`` /
-``named_parameters()`` give them; the root module is ``(model)``):
-
-=================================  ==================================================
-``activation.mean/<layer>``        mean of the layer's output
-``activation.std/<layer>``         standard deviation of the output
-``activation.zero_fraction/<layer>``  share of exact zeros
-``activation.saturated_fraction/<layer>``  share of saturated elements (activations)
-``activation.dead_fraction/<layer>``  share of dead units over the dead-unit window
-``activation.nonfinite/<layer>``   count of NaN/Inf in the output
-``gradient.output_norm/<layer>``   L2 norm of the gradient w.r.t. the layer's output
-``gradient.layer_norm/<layer>``    L2 norm over the layer's own parameter gradients
-``gradient.norm/<param>``          L2 norm of a parameter's gradient
-``gradient.max_abs/<param>``       largest absolute gradient entry
-``gradient.ratio/<param>``         gradient norm / weight norm
-``gradient.global_norm``           L2 norm over all watched parameter gradients (end of backward)
-``gradient.global_applied_norm``   the same at ``optimizer.step()``, after clipping (``optimizer=``)
-``update.ratio/<param>``           update-to-weight ratio ‖Δw‖/‖w‖ across ``optimizer.step()`` (``optimizer=``)
-``attention.entropy/<layer>``      mean attention entropy of a query, in nats (``nn.MultiheadAttention``)
-``attention.entropy_normalised/<layer>``  the same over log(number of keys): 1 uniform, 0 one key
-``attention.saturated_fraction/<layer>``  share of queries whose largest attention weight exceeds 0.99
-``attention.max_logit/<layer>``    largest scaled query-key logit
-histogram ``attention.head_entropy/<layer>``  normalised entropy of each head
-``findings/<kind>``                1 at a step where a new finding of that kind was raised
-histogram ``activation/<layer>``   output values (strided sample)
-histogram ``gradient/<param>``     gradient values (strided sample)
-text ``gradwatch/findings``        each finding with its advice
-=================================  ==================================================
+The tags are listed in :data:`TAGS` (``<layer>`` and ``<param>`` are qualified names as
+``named_modules()`` / ``named_parameters()`` give them; the root module is ``(model)``);
+docs/tags.md says what each holds, and a test keeps it and the README in step with this list.
+Everything a measured step writes is one event: one record in the file, whatever the number
+of tags.
 """
 
 from __future__ import annotations
 
 import math
 import struct
-from typing import TYPE_CHECKING, Any, Dict, List, Optional
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 from .base import Sink
+from .flow_image import IMAGE_TAG, FlowImage, png_shape
 
 try:  # TensorBoard without TensorFlow checksums every record in pure Python (about 150 ns a byte)
     import google_crc32c
@@ -54,7 +35,7 @@ LAYER_SCALARS = {
     "activation.zero_fraction": "zero_fraction",
     "activation.saturated_fraction": "saturated_fraction",
     "activation.dead_fraction": "dead_fraction",
-    "activation.nonfinite": "nonfinite",
+    "activation.nonfinite": "nonfinite",  # written only at steps where the output held NaN/Inf
     "gradient.output_norm": "output_grad_norm",
     "gradient.layer_norm": "grad_norm",
     "attention.entropy": "attention_entropy",
@@ -64,22 +45,74 @@ LAYER_SCALARS = {
 }
 PARAM_SCALARS = {"gradient.norm": "grad_norm", "gradient.max_abs": "grad_max_abs", "gradient.ratio": "ratio",
                  "update.ratio": "update_ratio"}
+GLOBAL_SCALARS = ("gradient.global_norm", "gradient.global_applied_norm")
+FINDINGS_TEXT = "gradwatch/findings"
+"""The name the findings' text is written under; TensorBoard's text summary appends
+``/text_summary``, so the tag is ``gradwatch/findings/text_summary``."""
+
+TAGS: Tuple[Tuple[str, str], ...] = (
+    *(("scalar", f"{p}/<layer>") for p in LAYER_SCALARS),
+    *(("scalar", f"{p}/<param>") for p in PARAM_SCALARS),
+    *(("scalar", t) for t in GLOBAL_SCALARS),
+    ("scalar", "findings/<kind>"),
+    ("histogram", "activation/<layer>"),
+    ("histogram", "gradient/<param>"),
+    ("histogram", "attention.head_entropy/<layer>"),
+    ("text", f"{FINDINGS_TEXT}/text_summary"),
+    ("image", IMAGE_TAG),
+)
+"""Every tag gradwatch writes, with the TensorBoard tab it shows in: (kind, tag pattern)."""
+
+_CATEGORIES = (("gradwatch: activations", "activation."), ("gradwatch: gradients", "gradient."),
+               ("gradwatch: updates", "update."), ("gradwatch: attention", "attention."),
+               ("gradwatch: findings", "findings"))
 
 
-def custom_scalars_layout() -> Dict[str, Dict[str, List[Any]]]:
-    """Per-layer charts grouped by stat: one multi-line chart per tag family."""
-    def chart(prefix: str) -> List[Any]:
-        return ["Multiline", [rf"^{prefix.replace('.', chr(92) + '.')}/.*"]]
-    return {
-        "gradwatch: activations": {p.split(".", 1)[1]: chart(p) for p in LAYER_SCALARS if p.startswith("activation")},
-        "gradwatch: gradients": {
-            **{p.split(".", 1)[1]: chart(p) for p in LAYER_SCALARS if p.startswith("gradient")},
-            **{"param " + p.split(".", 1)[1]: chart(p) for p in PARAM_SCALARS},
-            "global_norm": ["Multiline", [r"^gradient\.global_norm$", r"^gradient\.global_applied_norm$"]],
-        },
-        "gradwatch: updates": {"param update ratio": chart("update.ratio")},
-        "gradwatch: attention": {p.split(".", 1)[1]: chart(p) for p in LAYER_SCALARS if p.startswith("attention")},
-    }
+def scalar_family(tag: str) -> str:
+    """The chart a scalar tag belongs to: its prefix (``activation.mean``), or the tag itself
+    when it has no ``/<name>`` (``gradient.global_norm``)."""
+    return tag.split("/", 1)[0]
+
+
+def custom_scalars_layout(families: Iterable[str]) -> Dict[str, Dict[str, List[Any]]]:
+    """One multi-line chart per family of scalar tags in ``families`` (those a run has
+    written), titled by the family, so that every title is unique and every chart has
+    curves; the two global norms share one chart. Categories without charts are left out."""
+    families = set(families)
+    order = [*LAYER_SCALARS, *PARAM_SCALARS, *GLOBAL_SCALARS, "findings"]
+    charts: Dict[str, List[str]] = {}
+    for family in sorted(families, key=lambda f: (order.index(f) if f in order else len(order), f)):
+        title = "gradient.global_norm" if family in GLOBAL_SCALARS else family
+        escaped = family.replace(".", "\\.")
+        charts.setdefault(title, []).append(f"^{escaped}$" if family in GLOBAL_SCALARS else f"^{escaped}/")
+    layout: Dict[str, Dict[str, List[Any]]] = {}
+    for category, prefix in _CATEGORIES:
+        mine = {t: ["Multiline", regexes] for t, regexes in charts.items() if t.startswith(prefix)}
+        if mine:
+            layout[category] = mine
+    return layout
+
+
+SINGLE_VALUE_HALF_WIDTH = 0.5
+"""A histogram of one value v (a dead layer's zeros) spans v ± this, as TensorBoard's own
+histogram summary draws single-valued data."""
+
+
+def single_value_buckets(value: float, count: float, bins: int) -> Tuple[float, float, List[float], List[float]]:
+    """Buckets for a histogram whose elements all equal ``value``: an odd number of equal
+    buckets (``bins``, or one more) spanning ``value`` ± :data:`SINGLE_VALUE_HALF_WIDTH`, all
+    of ``count`` in the middle one. Returns (left edge, right edge, bucket right limits,
+    counts). The edges are written as the histogram's ``min``/``max``: TensorBoard takes
+    those as the outer bucket edges, and ``min == max`` would leave the value's bucket no
+    width (its Python reader) or make the last bucket run backwards (its data server)."""
+    n = max(1, bins | 1)
+    lo, hi = value - SINGLE_VALUE_HALF_WIDTH, value + SINGLE_VALUE_HALF_WIDTH
+    width = (hi - lo) / n
+    limits = [lo + (i + 1) * width for i in range(n)]
+    limits[-1] = hi
+    counts = [0.0] * n
+    counts[n // 2] = float(count)
+    return lo, hi, limits, counts
 
 
 def _masked_crc32c(data: bytes) -> int:
@@ -168,15 +201,19 @@ class TensorBoardSink(Sink):
     If writing its own event file fails (disk full, folder removed), one
     :class:`~gradwatch.exceptions.GradWatchWarning` says so and TensorBoard output stops;
     training and the other outputs go on. No traceback comes from the writer's thread.
+    ``note`` receives what a person should know once (the image left out without matplotlib).
     """
 
-    def __init__(self, log_dir: Optional[str] = None, writer: Any = None) -> None:
+    def __init__(self, log_dir: Optional[str] = None, writer: Any = None,
+                 note: Optional[Callable[[str], None]] = None) -> None:
         self.log_dir = log_dir
         self.writer = writer
         self._owns_writer = writer is None
-        self._layout_written = False
+        self._families: Set[str] = set()  # scalar tag families written so far: the layout's charts
         self._guard: Optional[_GuardedRecords] = None
         self._stopped = False
+        self._note = note
+        self._flow: Optional[FlowImage] = None
 
     def open(self) -> None:
         if self.writer is None:
@@ -184,6 +221,9 @@ class TensorBoardSink(Sink):
 
             self.writer = SummaryWriter(log_dir=self.log_dir)
             self._guard = _guard_writer(self.writer)
+        if self._flow is None:
+            folder = self.log_dir or getattr(self.writer, "log_dir", None) or "run"
+            self._flow = FlowImage(Path(folder).name or "run", self._note)
 
     def _failed(self) -> bool:
         """True once file output has failed; the first time, warn and stop writing."""
@@ -210,16 +250,16 @@ class TensorBoardSink(Sink):
     def on_step(self, data: "StepData", new_findings: "List[Finding]") -> None:
         if self._failed():
             return
-        w, st = self.writer, data.stats
+        st = data.stats
         step = st.step
-        if not self._layout_written:
-            w.add_custom_scalars(custom_scalars_layout())
-            self._layout_written = True
-        event = _Event(w)
+        event = _Event(self.writer)
         for name, ls in st.layers.items():
             for tag, attr in LAYER_SCALARS.items():
                 value = getattr(ls, attr)
-                if value is not None and not (attr in ("mean", "std") and ls.count == 0):
+                if attr == "nonfinite":
+                    if value:  # a chart per layer only where NaN/Inf appeared, not nine lines at 0
+                        event.scalar(f"{tag}/{name}", 1.0)
+                elif value is not None and not (attr in ("mean", "std") and ls.count == 0):
                     event.scalar(f"{tag}/{name}", float(value))
         for pname, ps in st.params.items():
             for tag, attr in PARAM_SCALARS.items():
@@ -229,23 +269,42 @@ class TensorBoardSink(Sink):
             event.scalar("gradient.global_norm", st.total_grad_norm)
         if st.total_applied_grad_norm is not None:
             event.scalar("gradient.global_applied_norm", st.total_applied_grad_norm)
+        for kind, n in Counter(f.kind.value for f in new_findings).items():
+            event.scalar(f"findings/{kind}", float(n))
         for name, h in data.act_histograms.items():
             event.histogram(f"activation/{name}", h)
         for name, h in data.grad_histograms.items():
             event.histogram(f"gradient/{name}", h)
-        event.write(step)
         for name, ls in st.layers.items():
             heads = [h["entropy_normalised"] for h in ls.attention_heads or [] if h["entropy_normalised"] is not None]
             if heads:
-                import numpy as np
+                event.histogram(f"attention.head_entropy/{name}", histogram_of(heads, bins=20))
+        if new_findings:  # one text per step holding all of its findings: TensorBoard shows one per step
+            event.text(FINDINGS_TEXT, findings_markdown(new_findings))
+        if self._flow is not None:
+            self._flow.add(st)
+            if (data.act_histograms or data.grad_histograms) and self._flow.due():
+                self._image(event)
+        families = {scalar_family(tag) for kind, tag, _ in event.values if kind == "scalar"}
+        if not families <= self._families:  # TensorBoard reads the latest layout
+            self._families |= families
+            event.layout(custom_scalars_layout(self._families))
+        event.write(step)
 
-                w.add_histogram(f"attention.head_entropy/{name}", np.asarray(heads, dtype=np.float64), step,
-                                bins=np.linspace(0.0, 1.0, 21))
-        for f in new_findings:
-            w.add_scalar(f"findings/{f.kind.value}", 1.0, step)
-            w.add_text("gradwatch/findings", f"**{f.kind.category.__name__}** `{f.layer}`: {f.message}\n\n"
-                                             f"_{f.advice}_ (value {f.value:.3g}, threshold {f.threshold:.3g})",
-                       step)
+    def _image(self, event: "_Event") -> None:
+        """Add the gradient-flow figure to the step's event. A failure to draw is said once
+        and ends the images, not the sink."""
+        assert self._flow is not None
+        try:
+            png = self._flow.png()
+        except Exception as exc:  # noqa: BLE001 - an image is never worth the scalars
+            self._flow.available = False
+            if self._note is not None:
+                self._note(f"gradwatch: drawing the gradient-flow image failed ({type(exc).__name__}: {exc}); "
+                           f"TensorBoard gets no more images, the rest goes on.")
+            return
+        if png is not None:
+            event.image(IMAGE_TAG, png)
 
     def close(self, report: "Report") -> None:
         if self.writer is None or self._failed():
@@ -257,15 +316,35 @@ class TensorBoardSink(Sink):
             self.writer.flush()
 
 
+def histogram_of(values: List[float], bins: int) -> List[float]:
+    """A few host values in ``stats.histogram``'s layout (min, max, num, sum, sum of squares,
+    counts of ``bins`` equal buckets from min to max)."""
+    import numpy as np
+
+    a = np.asarray(values, dtype=np.float64)
+    lo, hi = float(a.min()), float(a.max())
+    counts = np.histogram(a, bins=bins, range=(lo, hi))[0] if hi > lo else np.eye(bins)[0] * a.size
+    return [lo, hi, float(a.size), float(a.sum()), float(a @ a), *map(float, counts)]
+
+
+def findings_markdown(findings: "List[Finding]") -> str:
+    """One step's findings as one Markdown text: each with its warning category, layer,
+    message, advice, value and threshold, separated by rules."""
+    return "\n\n---\n\n".join(
+        f"**{f.kind.category.__name__}** `{f.layer}`: {f.message}\n\n"
+        f"_{f.advice}_ (value {f.value:.3g}, threshold {f.threshold:.3g})" for f in findings)
+
+
 class _Event:
-    """One step's scalars and histograms, written as one TensorBoard event (one ``Summary``
-    with many values) instead of one event each: on a model with a hundred tags, a hundred
-    protocol buffers, queue hand-offs and record writes become one. A writer that is not
-    PyTorch's ``SummaryWriter`` (tensorboardX, a logger's wrapper) gets one call per value."""
+    """One step's scalars, histograms, findings text, image and layout, written as one
+    TensorBoard event (one ``Summary`` with many values) instead of one event each: on a
+    model with a hundred tags, a hundred protocol buffers, queue hand-offs and record writes
+    become one. A writer that is not PyTorch's ``SummaryWriter`` (tensorboardX, a logger's
+    wrapper) gets one call per value."""
 
     def __init__(self, writer: Any) -> None:
         self.writer = writer
-        self.values: List[Any] = []  # ("scalar", tag, value) or ("histogram", tag, fields)
+        self.values: List[Tuple[str, str, Any]] = []  # (kind, tag, value): scalar, histogram, text, image, layout
 
     def scalar(self, tag: str, value: float) -> None:
         self.values.append(("scalar", tag, value))
@@ -275,12 +354,26 @@ class _Event:
         counts = h[5:]
         if num <= 0 or not counts:
             return
-        width = (mx - mn) / len(counts) if mx > mn else 1.0
-        if not (math.isfinite(mn) and math.isfinite(width) and math.isfinite(mn + len(counts) * width)):
+        if not (math.isfinite(mn) and math.isfinite(mx)):
             return
-        limits = [mn + (i + 1) * width for i in range(len(counts))]
+        if mx > mn:
+            width = (mx - mn) / len(counts)
+            if not math.isfinite(width):
+                return
+            limits = [mn + (i + 1) * width for i in range(len(counts))]
+        else:  # every element the same value
+            mn, mx, limits, counts = single_value_buckets(mn, num, len(counts))
         self.values.append(("histogram", tag, dict(min=mn, max=mx, num=int(num), sum=total, sum_squares=sumsq,
                                                    bucket_limits=limits, bucket_counts=counts)))
+
+    def text(self, tag: str, markdown: str) -> None:
+        self.values.append(("text", tag, markdown))
+
+    def image(self, tag: str, png: bytes) -> None:
+        self.values.append(("image", tag, png))
+
+    def layout(self, layout: Dict[str, Dict[str, List[Any]]]) -> None:
+        self.values.append(("layout", "", layout))
 
     def write(self, step: int) -> None:
         if not self.values:
@@ -296,15 +389,41 @@ class _Event:
         for kind, tag, value in self.values:
             if kind == "scalar":
                 self.writer.add_scalar(tag, value, step)
-            else:
+            elif kind == "histogram":
                 self.writer.add_histogram_raw(tag, global_step=step, **value)
+            elif kind == "text":
+                self.writer.add_text(tag, value, step)
+            elif kind == "image" and hasattr(self.writer, "add_image"):
+                self.writer.add_image(tag, _decode_png(value), step, dataformats="HWC")
+            elif kind == "layout" and hasattr(self.writer, "add_custom_scalars"):
+                self.writer.add_custom_scalars(value)
 
 
 def _value(pb: Any, kind: str, tag: str, v: Any) -> Any:
-    """One ``Summary.Value`` (``pb``: TensorBoard's summary_pb2): a scalar, or a histogram from
-    ``add_histogram_raw``'s fields."""
+    """One ``Summary.Value`` (``pb``: TensorBoard's summary_pb2), as PyTorch's
+    ``SummaryWriter`` methods of the same names would build it."""
     if kind == "scalar":
         return pb.Summary.Value(tag=tag, simple_value=v)
-    return pb.Summary.Value(tag=tag, histo=pb.HistogramProto(
-        min=v["min"], max=v["max"], num=v["num"], sum=v["sum"], sum_squares=v["sum_squares"],
-        bucket_limit=v["bucket_limits"], bucket=v["bucket_counts"]))
+    if kind == "histogram":
+        return pb.Summary.Value(tag=tag, histo=pb.HistogramProto(
+            min=v["min"], max=v["max"], num=v["num"], sum=v["sum"], sum_squares=v["sum_squares"],
+            bucket_limit=v["bucket_limits"], bucket=v["bucket_counts"]))
+    if kind == "image":
+        height, width = png_shape(v)
+        return pb.Summary.Value(tag=tag, image=pb.Summary.Image(height=height, width=width, colorspace=4,
+                                                                encoded_image_string=v))
+    from torch.utils.tensorboard import summary
+
+    made = summary.text(tag, v) if kind == "text" else summary.custom_scalars(v)
+    return made.value[0]
+
+
+def _decode_png(png: bytes) -> Any:
+    """A PNG as an 8-bit height x width x channels array, for a writer's ``add_image``."""
+    import io
+
+    import numpy as np
+    from matplotlib.image import imread
+
+    pixels = imread(io.BytesIO(png), format="png")
+    return np.round(pixels * 255).astype(np.uint8) if pixels.dtype != np.uint8 else pixels
