@@ -39,23 +39,44 @@ def _fmt(v: Optional[float], pct: bool = False) -> str:
     return _num(v)
 
 
+def flow_reference(run: Run) -> Optional[str]:
+    """The layer gradient flow is compared against, as the vanishing rule does: the last weighted
+    layer that is not an embedding or a normalisation layer."""
+    weighted = run.weighted_layers()
+    compared = [n for n in weighted if not any(w in run.layer_types.get(n, "").lower() for w in ("embedding", "norm"))]
+    return (compared or weighted or [None])[-1]
+
+
 def layer_rows(run: Run) -> List[dict]:
-    """Per layer: latest and worst saturation, worst dead fraction, latest gradient norm, and
-    its ratio to the last weighted layer's (how much of the output layer's gradient arrives).
-    ``grad_ratio_to_next`` (to the next weighted layer) is kept for existing JSON readers."""
+    """Per layer: latest and worst saturation, worst dead fraction, latest gradient norm, and its
+    gradient per weight (RMS: norm / √elements, what the vanishing rule compares) over the last
+    layer's, at the last logged step (``grad_rms_ratio_to_last``; None for run folders that did not
+    record parameter sizes). ``grad_ratio_to_last`` and ``grad_ratio_to_next`` (raw norms, to the
+    last and to the next weighted layer) are kept for existing JSON readers."""
     weighted = run.weighted_layers()
     nxt = {a: b for a, b in zip(weighted, weighted[1:])}
     g_last = run.latest("gradient.layer_norm", weighted[-1]) if weighted else None
+    ref = flow_reference(run)
+
+    def rms(name: Optional[str]) -> Optional[float]:
+        g = run.latest("gradient.layer_norm", name) if name else None
+        numel = run.layer_numel(name) if name else None
+        return g / math.sqrt(numel) if g is not None and numel else None
+
+    rms_last = rms(ref)
     rows = []
     for name in run.layers:
         g = run.latest("gradient.layer_norm", name)
         g_next = run.latest("gradient.layer_norm", nxt[name]) if name in nxt else None
+        r = rms(name)
         rows.append({
             "layer": name, "type": run.layer_types.get(name, ""),
             "saturated_latest": run.latest("activation.saturated_fraction", name),
             "saturated_worst": run.worst("activation.saturated_fraction", name),
             "dead_worst": run.worst("activation.dead_fraction", name),
             "grad_norm": g,
+            "grad_rms": r,
+            "grad_rms_ratio_to_last": (r / rms_last) if (r is not None and rms_last) else None,
             "grad_ratio_to_last": (g / g_last) if (g is not None and g_last) else None,
             "grad_ratio_to_next": (g / g_next) if (g is not None and g_next) else None,
         })
@@ -69,9 +90,20 @@ _REPORT_COLUMNS = [
     Column("satur. worst", "the same, highest over the run"),
     Column("dead worst", "highest share of dead units over the run"),
     Column("∇W", "L2 norm of the gradient of the layer's parameters, last logged step"),
-    Column("∇W / last", "∇W over the last layer's ∇W (well below 1: the gradient fades on its way back)"),
 ]
-_REPORT_DROP_ORDER = ("type", "satur. now", "∇W / last")
+_FLOW = "∇ rms / last"
+_REPORT_DROP_ORDER = ("type", "satur. now", _FLOW, "∇W / last")
+
+
+def _flow_column(run: Run) -> Column:
+    ref = flow_reference(run)
+    series = run.series("gradient.layer_norm", ref) if ref else []
+    at = f"step {series[-1][0]}, the last logged" if series else "the last logged step"
+    if not run.param_numel:
+        return Column("∇W / last", f"∇W over layer {ref}'s, at {at} (raw norms: this run folder has no "
+                                   f"parameter sizes to compare gradients per weight)")
+    return Column(_FLOW, f"the layer's gradient per weight (RMS: ∇W / √elements) over layer {ref}'s, at {at}; "
+                         f"the vanishing rule compares the same and flags the first layer's below 1e-3 by default")
 
 
 def _run_line(run: Run) -> str:
@@ -87,14 +119,16 @@ def _run_line(run: Run) -> str:
 
 def report_table(run: Run) -> FittedTable:
     flagged = {f["layer"] for f in run.findings}
+    ratio = "grad_rms_ratio_to_last" if run.param_numel else "grad_ratio_to_last"
     rows = []
     for r in layer_rows(run):
         rows.append([Text(r["layer"], style="bold red" if r["layer"] in flagged else ""), Text(r["type"]),
                      Text(_fmt(r["saturated_latest"], True)), Text(_fmt(r["saturated_worst"], True)),
                      Text(_fmt(r["dead_worst"], True)), Text(_fmt(r["grad_norm"])),
-                     Text(_fmt(r["grad_ratio_to_last"]))])
+                     Text(_fmt(r[ratio]))])
     line = _run_line(run)
-    return FittedTable(_REPORT_COLUMNS, rows, title=f"gradwatch report: {run.path}" + (f"\n{line}" if line else ""),
+    return FittedTable(_REPORT_COLUMNS + [_flow_column(run)], rows,
+                       title=f"gradwatch report: {run.path}" + (f"\n{line}" if line else ""),
                        drop_order=_REPORT_DROP_ORDER,
                        legend_extra="-: does not apply to this layer or was not measured")
 

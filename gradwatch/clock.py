@@ -64,8 +64,8 @@ class StepClock:
         if every is not None and every != self.schedule.every:
             self.schedule.every = every
             self.note(f"gradwatch: measuring every {every} steps from step {step} (budget "
-                      f"{self.schedule.budget:.0%} of the step time).")
+                      f"{self.schedule.budget * 100:.3g}% of the step time).")
         if self.schedule.over_budget is not None:
             self.note(f"gradwatch: a measured step costs {self.schedule.over_budget:.1%} of the step time even at "
-                      f"every {self.schedule.every} steps (budget {self.schedule.budget:.0%}); pass every=N to "
+                      f"every {self.schedule.every} steps (budget {self.schedule.budget * 100:.3g}%); pass every=N to "
                       f"measure less often, or budget= to allow more.")

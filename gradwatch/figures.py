@@ -113,7 +113,8 @@ def gradient_flow(runs: List[Run], path: Any, *, dpi: int = 120) -> Any:
     ax.legend(fontsize=8)
     if per_element:
         caption = ("Each point: a layer's parameter gradient as RMS per element (L2 norm / √number of elements), "
-                   "median over the logged steps; log scale, one line per run.")
+                   "median over the logged steps; log scale, one line per run. The vanishing rule compares the "
+                   "same per-element scale, first layer over last, at each measured step.")
     else:
         caption = ("Each point: L2 norm of a layer's parameter gradients, median over the logged steps; log scale. "
                    "Parameter sizes are not recorded in these run folders (older gradwatch), so larger layers "

@@ -9,16 +9,26 @@ Three views of a :class:`~gradwatch.report.Report`:
   extreme ones per statistic, saying how many are hidden;
 * the **full table** (``report.table(full=True)``): every layer.
 
-Numbers are never cut. When the terminal is too narrow for every column, whole columns
-are left out in the order of :data:`DROP_ORDER` and the caption names them.
+All render at the width of the console they are printed on; ``print()`` of any of them
+renders plain text at the terminal's width (:func:`terminal_width`). Numbers are never cut.
+When the terminal is too narrow for every column, whole columns are left out in the order of
+:data:`DROP_ORDER` and the caption names them; the legend wraps; the summary's lists wrap
+between entries, never inside a layer's ``name=value``.
+
+A finding's full text is printed once per destination (a terminal, file or pipe): by its
+warning panel, else by the ``gradwatch`` logger's handlers, else by the exit summary. The
+summary and the table name a finding already shown where they print by its panel's title.
 """
 
 from __future__ import annotations
 
+import copy
 import io
 import math
+import os
+import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from rich import box
 from rich.console import Console, ConsoleOptions, RenderResult
@@ -33,10 +43,39 @@ if TYPE_CHECKING:
 MAX_ROWS = 30
 """Above this many measured layers the default table shows only the layers worth a look."""
 
-DROP_ORDER: Tuple[str, ...] = ("attn H", "Δw/w", "type", "zeros", "mean", "∇out", "satur.", "dead")
-"""Columns left out first when the terminal is too narrow; ``layer`` and ``∇W`` always stay."""
+DROP_ORDER: Tuple[str, ...] = ("type", "zeros", "mean", "∇out", "attn H", "Δw/w", "satur.", "dead")
+"""Columns left out first when the terminal is too narrow (context before the columns a rule
+judges); ``layer`` and ``∇W`` always stay."""
 
 CONCEPTS_LINK = "docs/concepts.md"
+
+Destination = Tuple[Any, ...]
+"""Where text ends up, comparable across file objects: a terminal, file or pipe by its device and
+inode (stdout and stderr in one terminal are the same), any other object by its identity."""
+
+
+Shown = Dict[Tuple["Finding", Destination], str]
+"""Where each finding's full text was printed, and by what: ``"warning"`` (its panel), ``"log"``
+(a logging handler) or ``"summary"`` (the exit summary)."""
+
+_SHOWN_AS = {"warning": ("as a warning", "as warnings"), "log": ("in the log", "in the log"),
+             "summary": ("in the summary", "in the summary")}
+
+
+def destination(file: Any) -> Destination:
+    """The :data:`Destination` of an open file object (``sys.stderr``, a ``StringIO``, a log file)."""
+    try:
+        st = os.fstat(file.fileno())
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError and a ValueError
+        return ("object", id(file))
+    return ("file", st.st_dev, st.st_ino)
+
+
+def terminal_width() -> int:
+    """The width ``print()`` output is rendered at: ``COLUMNS`` when set, else the width of the
+    terminal that stdin, stdout or stderr is attached to (rich's detection, so ``| tee log``
+    keeps the terminal's width), else 80."""
+    return Console(file=sys.stdout).width
 
 
 # ---------------------------------------------------------------------------------- numbers
@@ -70,6 +109,45 @@ def _frac(v: Optional[float], limit: float) -> Text:
         return Text("-", style="dim")
     style = "bold red" if v > limit else ("yellow" if v > limit / 2 else "green")
     return Text(f"{v:.0%}", style=style)
+
+
+def _pack(items: Sequence[Text], width: int, sep: str = " · ", indent: int = 0, first: int = 0) -> Text:
+    """``items`` joined by ``sep`` into lines of at most ``width`` cells, a new line starting only
+    *between* two items; lines after the first (and the first by ``first``) are indented by
+    ``indent`` spaces. An item with line breaks of its own (:func:`_fold`) stands on its own lines."""
+    out, col = Text(" " * first), 0
+    for i, item in enumerate(items):
+        if i and "\n" not in item.plain and col + len(sep) + item.cell_len <= width:
+            out.append(sep, style="dim")
+            col += len(sep)
+        elif i:
+            out.append("\n" + " " * indent)
+            col = 0
+        out.append_text(item)
+        col = item.cell_len if "\n" not in item.plain else width
+    return out
+
+
+def _fold(pair: Text, width: int, indent: int = 0) -> Text:
+    """A ``name=value`` wider than ``width``, folded inside the name onto lines indented by
+    ``indent``: the value stays whole, on the line that ends the name."""
+    plain = pair.plain
+    if len(plain) <= width:
+        return pair
+    ends = list(range(width, plain.rindex("="), width))  # where full lines of the name end
+    start = ends[-1] if ends else 0
+    if len(plain) - start > width:  # the value would not fit after the name's last piece: move a piece down
+        ends.append(len(plain) - width)
+    bounds = [0] + ends + [len(plain)]
+    return Text("\n" + " " * indent).join(pair[a:b] for a, b in zip(bounds, bounds[1:]) if b > a)
+
+
+def _over(v: Optional[float], limit: float) -> Text:
+    """A ratio coloured like the fraction columns: red at or above the rule's threshold."""
+    if v is None:
+        return Text("-", style="dim")
+    style = "bold red" if not v < limit else ("yellow" if v >= limit / 2 else "green")
+    return Text(_num(v), style=style)
 
 
 # ---------------------------------------------------------------------------------- fitted tables
@@ -203,7 +281,9 @@ def _stats(th: "Thresholds") -> List[_Stat]:
               ("high",)),
         _Stat("∇out", "output_grad_norm", "L2 norm of the gradient at the layer's output", ("low", "high")),
         _Stat("∇W", "grad_norm", "L2 norm of the gradient of the layer's parameters", ("low", "high")),
-        _Stat("Δw/w", "update_ratio", "update-to-weight ratio of one optimizer step", ("high",), optional=True),
+        _Stat("Δw/w", "update_ratio",
+              f"‖Δw‖/‖w‖ of the layer's weight in one optimizer step, as the learning-rate rule judges it "
+              f"(biases and norm scales left out; red from {th.update_ratio_high:g})", ("high",), optional=True),
         _Stat("attn H", "attention_entropy_normalised", "attention entropy / log(keys): 1 uniform, 0 one key",
               ("low", "high"), optional=True),
     ]
@@ -224,6 +304,8 @@ def _cell(ls: "LayerStats", stat: _Stat, th: "Thresholds") -> Text:
         return _frac(v, th.saturated_fraction)
     if stat.attr == "dead_fraction":
         return _frac(v, th.dead_fraction)
+    if stat.attr == "update_ratio":
+        return _over(v, th.update_ratio_high)
     if stat.attr == "zero_fraction":
         return Text(_pct(v), style="dim" if v is None else "")
     if stat.attr == "mean":
@@ -287,7 +369,27 @@ def _format(stat: _Stat, v: float) -> str:
 
 
 # ---------------------------------------------------------------------------------- report views
-class ReportTable:
+class _View:
+    """A view of a report: rich renders it at its console's width; ``print()`` (``str``) renders
+    plain text at the terminal's width, as printed to stdout.
+
+    ``here``: the :data:`Destination` it is printed to, for findings shown there already
+    (default: the console's file; for ``str``, stdout)."""
+
+    report: "Report"
+    here: Optional[Destination] = None
+
+    def _here(self, console: Console) -> Destination:
+        return self.here if self.here is not None else destination(console.file)
+
+    def __str__(self) -> str:
+        view = copy.copy(self)
+        if view.here is None:
+            view.here = destination(sys.stdout)
+        return to_text(view, width=terminal_width()).rstrip("\n")
+
+
+class ReportTable(_View):
     """The per-layer table (forward order), then the findings.
 
     ``full=False`` (the default view) shows every layer up to ``max_rows`` measured layers;
@@ -296,12 +398,13 @@ class ReportTable:
     """
 
     def __init__(self, report: "Report", *, full: bool = False, thresholds: "Optional[Thresholds]" = None,
-                 top: int = 3, max_rows: int = MAX_ROWS) -> None:
+                 top: int = 3, max_rows: int = MAX_ROWS, here: Optional[Destination] = None) -> None:
         self.report = report
         self.full = full
         self.thresholds = _thresholds(report, thresholds)
         self.top = top
         self.max_rows = max_rows
+        self.here = here
 
     def _rows(self) -> Tuple[List[str], Dict[str, set]]:
         """Names of the layers to show (forward order) and, per name, the statistics it is extreme in."""
@@ -325,7 +428,7 @@ class ReportTable:
         if not report.stats:
             yield Text("gradwatch: nothing measured yet: no training-mode forward was seen "
                        "(eval forwards are skipped unless include_eval=True)")
-            yield from _findings(report.findings)
+            yield from _findings(report, self._here(console))
             return
         layers = report.layers
         stats = [s for s in _stats(th) if not s.optional or any(_value(ls, s.attr) is not None for ls in layers.values())]
@@ -367,67 +470,82 @@ class ReportTable:
         title = f"gradwatch - step {report.step}"
         yield FittedTable(columns, rows, title=title, caption=caption, legend_extra="-: does not apply to "
                           "this layer (saturation of a Linear, ∇W of a layer without parameters)")
-        yield from _findings(report.findings)
+        yield from _findings(report, self._here(console))
 
 
-def _findings(findings: "Sequence[Finding]", limit: Optional[int] = None) -> Iterable[Text]:
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _findings(report: "Report", here: Destination, limit: Optional[int] = None) -> Iterable[Text]:
+    """The findings: in full, except those shown ``here`` already (:data:`Shown`), which are
+    named by their warning panel's title."""
+    findings = report.findings
     if not findings:
         yield Text("no findings", style="green")
         return
-    yield Text(f"{len(findings)} finding(s):", style="bold")
+    above = {f: report.shown[(f, here)] for f in findings if (f, here) in report.shown}
+    n = len(findings)
+    how = set(above.values())
+    said = _SHOWN_AS[how.pop()][n > 1] if len(how) == 1 else ""
+    yield Text(f"{_plural(n, 'finding')}, shown above{' ' + said if said else ''}:" if len(above) == n else
+               f"{_plural(n, 'finding')}, {len(above)} of them shown above:" if above else
+               f"{_plural(n, 'finding')}:", style="bold")
     shown = findings if limit is None else findings[:limit]
     for f in shown:
-        yield finding_text(f)
+        yield finding_reference(f) if f in above else finding_text(f)
     if len(shown) < len(findings):
         yield Text(f"... and {len(findings) - len(shown)} more (watch.findings lists them all)", style="dim")
 
 
-class ReportSummary:
+class ReportSummary(_View):
     """A few lines for the end of a run: the findings, then per statistic the ``top``
     most extreme layers, then where the full table is."""
 
     def __init__(self, report: "Report", *, top: int = 3, max_findings: int = 10,
-                 thresholds: "Optional[Thresholds]" = None) -> None:
+                 thresholds: "Optional[Thresholds]" = None, here: Optional[Destination] = None) -> None:
         self.report = report
         self.top = top
         self.max_findings = max_findings
         self.thresholds = thresholds
+        self.here = here
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         report = self.report
         if not report.stats:
             yield Text("gradwatch: nothing measured yet: no training-mode forward was seen "
                        "(eval forwards are skipped unless include_eval=True)")
-            yield from _findings(report.findings, self.max_findings)
+            yield from _findings(report, self._here(console), self.max_findings)
             return
-        n = len(report.layers)
-        found = f"{len(report.findings)} finding(s)" if report.findings else "no findings"
-        yield Text(f"gradwatch summary - step {report.step}, {n} layer(s) measured, {found}", style="bold")
-        if report.findings:
-            yield from list(_findings(report.findings, self.max_findings))[1:]
-        table = Table(box=None, show_header=False, pad_edge=False, padding=(0, 2, 0, 0))
-        table.add_column("statistic", style="dim", no_wrap=True)
-        table.add_column("layers", overflow="fold")
+        yield Text(f"gradwatch summary - step {report.step}, {_plural(len(report.layers), 'layer')} measured",
+                   style="bold")
+        yield from _findings(report, self._here(console), self.max_findings)
         th = _thresholds(report, self.thresholds)
+        rows: List[Tuple[str, List[Text]]] = []
         for stat, end, chosen in extremes(report, top=self.top):
             if stat.header in ("mean", "zeros"):
                 continue  # context, not diagnosis: in the full table
-            line = Text()
-            for i, (name, v) in enumerate(chosen):
-                if i:
-                    line.append(" · ", style="dim")
-                line.append(name)
-                line.append(" ")
+            pairs = []
+            for name, v in chosen:
+                # name=value as one word: a layer named "0" and its value never read as two numbers
                 value = Text(_format(stat, v))
                 if stat.attr == "dead_fraction" and v > th.dead_fraction or \
-                        stat.attr == "saturated_fraction" and v > th.saturated_fraction or not math.isfinite(v):
+                        stat.attr == "saturated_fraction" and v > th.saturated_fraction or \
+                        stat.attr == "update_ratio" and not v < th.update_ratio_high or not math.isfinite(v):
                     value.stylize("bold red")
-                line.append_text(value)
-            table.add_row(_end_label(stat, end), line)
-        if table.row_count:
+                pairs.append(Text.assemble(name, ("=", "dim"), value))
+            rows.append((_end_label(stat, end), pairs))
+        if rows:
             yield Text(f"most extreme layers ({self.top} per statistic):")
-            yield table
-        yield Text("full table: print(watch.report()) or watch.report().table(full=True); "
+            width = options.max_width
+            label = max(len(lbl) for lbl, _ in rows) + 2
+            for lbl, pairs in rows:
+                if max(p.cell_len for p in pairs) <= width - label:  # beside the statistic's name
+                    yield Text.assemble((lbl.ljust(label), "dim"), _pack(pairs, width - label, indent=label))
+                else:  # long layer names: under it, one pair per line, a name folded before its value
+                    yield Text(lbl, style="dim")
+                    yield _pack([_fold(p, width - 2, indent=2) for p in pairs], width - 2, indent=2, first=2)
+        yield Text("full table: print(watch.report()), or print(watch.report().table(full=True)) for every layer; "
                    f"columns explained in {CONCEPTS_LINK}", style="dim")
 
 
@@ -448,6 +566,11 @@ def finding_text(f: "Finding") -> Text:
     t.append(f"{f.layer}: ", style="bold")
     t.append(f.message)
     return t
+
+
+def finding_reference(f: "Finding") -> Text:
+    """A finding named as its warning panel's title says it (``DeadUnitsWarning · 3 · step 5``)."""
+    return Text.assemble((f.kind.category.__name__, f.kind.style), f" · {f.layer} · step {f.step}")
 
 
 def finding_panel(f: "Finding") -> Panel:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Type
+from typing import Any, Dict, List, Optional, Tuple, Type
 
 from .config import Thresholds
 from .exceptions import GradWatchWarning
@@ -117,7 +117,9 @@ class LayerStats:
     attention_saturated_fraction: Optional[float] = None  # queries (with 2+ keys) whose largest weight > 0.99
     attention_max_logit: Optional[float] = None  # the largest scaled query-key logit
     attention_heads: Optional[List[Dict[str, Any]]] = None  # the same per head (rank 0's sample)
-    update_ratio: Optional[float] = None  # ‖Δw‖/‖w‖ over the layer's own parameters (optimizer= given)
+    # ‖Δw‖/‖w‖ as the learning-rate rule judges it here (optimizer= given): the largest over the
+    # layer's own weight matrices and kernels (ndim >= 2), not its biases or norm scales
+    update_ratio: Optional[float] = None
 
     def to_dict(self) -> Dict[str, Any]:
         return {k: _json_float(v) if k != "attention_heads" or v is None else
@@ -168,6 +170,9 @@ class Report:
     every: int = 0  # the logging interval in force (it moves when a budget is set)
     thresholds: Thresholds = field(default_factory=Thresholds)
     notes: List[str] = field(default_factory=list)  # what could not be measured, said once
+    # Where each finding's full text was printed already (render.Shown): the table and the summary
+    # printed to the same place name it instead of repeating it.
+    shown: Dict[Tuple[Finding, Tuple[Any, ...]], str] = field(default_factory=dict, repr=False)
 
     @property
     def layers(self) -> Dict[str, LayerStats]:
@@ -195,9 +200,8 @@ class Report:
         return report_table(self)
 
     def __str__(self) -> str:
-        from .render import to_text
-
-        return to_text(self)
+        """The table as plain text at the terminal's width (what ``print(report)`` shows)."""
+        return str(self.table())
 
     def _repr_html_(self) -> str:
         """The same table as HTML, for Jupyter."""
@@ -206,7 +210,8 @@ class Report:
         return to_html(self)
 
     def table(self, *, full: bool = False) -> Any:
-        """The per-layer table and the findings, as a rich renderable (``print`` or ``console.print`` it).
+        """The per-layer table and the findings: ``print`` it (plain text at the terminal's width)
+        or ``console.print`` it (rich, at the console's width).
 
         ``full=False`` is what ``print(report)`` shows: every layer for models with up to 30
         measured layers, above that the layers with findings and the most extreme per
@@ -218,7 +223,7 @@ class Report:
 
     def summary(self, *, top: int = 3) -> Any:
         """The few lines printed when a watch detaches: findings, then the ``top`` most
-        extreme layers per statistic."""
+        extreme layers per statistic (``print`` or ``console.print`` it)."""
         from .config import positive_int
         from .render import report_summary
 

@@ -19,7 +19,7 @@ from .layers import Selector, select_layers, select_parameters
 from .report import Finding, Report, StepData, StepStats
 from .rules import Judge
 from .schedule import DEFAULT_HISTOGRAM_EVERY, Schedule
-from .sinks import build_sinks
+from .sinks import build_sinks, shown
 from .sinks.fanout import Fanout
 
 class GradWatch:
@@ -190,7 +190,8 @@ class GradWatch:
         """The latest measured per-layer stats and every finding so far."""
         step = self._latest.step if self._latest else (self._clock.step or 0)
         return Report(step=step, stats=self._latest, findings=list(self._findings), steps_seen=self._clock.seen,
-                      every=self.every, thresholds=self.options.thresholds, notes=list(self._notes))
+                      every=self.every, thresholds=self.options.thresholds, notes=list(self._notes),
+                      shown=shown(self.sinks))
 
     findings = property(lambda self: list(self._findings), doc="Every finding so far, oldest first.")
 

@@ -38,9 +38,9 @@ def test_exit_prints_one_summary_and_the_table_comes_on_request():
     out = buf.getvalue()
     assert out.count("gradwatch - step 1") == 1 and "gradwatch - step" not in at_exit
     assert [f.kind.value for f in watch.findings] == ["dead_units"]  # the vanishing gradient below it is its consequence
-    assert at_exit.count("gradwatch summary - step 1, 5 layer(s) measured, 1 finding(s)") == 1
-    assert "DeadUnitsWarning 3:" in at_exit
-    assert re.search(r"^dead +3 100%", at_exit, re.M)  # the dead layer is the extreme of "dead"
+    assert at_exit.count("gradwatch summary - step 1, 5 layers measured\n1 finding:\n") == 1
+    assert "DeadUnitsWarning 3:" in at_exit  # warnings ignored: no panel drawn, so the summary gives it in full
+    assert re.search(r"^dead +3=100%", at_exit, re.M)  # the dead layer is the extreme of "dead"
     assert "print(watch.report())" in at_exit and len(at_exit.splitlines()) <= 16
     table = out[len(at_exit):]
     for col in ("layer", "type", "zeros", "dead", "∇W"):
@@ -181,9 +181,10 @@ def test_legend_explains_the_columns_shown_and_links_the_concepts_page():
     assert "no value in any row, so not shown: dead" in out and "dead:" not in out
 
 
-def test_a_big_model_shows_findings_and_extremes_and_says_how_to_see_everything():
+def test_a_big_model_shows_findings_and_extremes_and_says_how_to_see_everything(monkeypatch):
     from gradwatch.report import Finding, FindingKind
 
+    monkeypatch.setenv("COLUMNS", "120")  # str() renders at the terminal's width
     finding = Finding(FindingKind.SATURATION, "encoder.layers.7.attention.output_projection", 50, 0.9, 0.25,
                       "90% of outputs saturated.", "Use ReLU.")
     report = made_report(155, findings=[finding])
@@ -197,12 +198,13 @@ def test_a_big_model_shows_findings_and_extremes_and_says_how_to_see_everything(
     assert " encoder.layers.154.attention.output_projection " in out  # largest
     assert " encoder.layers.7.attention.output_projection " in out and "90%" in out  # finding, most saturated
     assert " encoder.layers.80.attention.output_projection " not in out  # unremarkable middle
-    assert "⋮" in out and "1 finding(s):" in out
+    assert "⋮" in out and "1 finding:" in out
     full = render(report.table(full=True), 120)
     assert all(f" {n} " in full for n in report.layers) and "layers shown" not in full
 
 
-def test_a_small_model_shows_every_row_by_default():
+def test_a_small_model_shows_every_row_by_default(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "120")
     report = made_report(30)
     out = str(report)
     assert all(f" {n} " in out for n in report.layers) and "hidden" not in out
@@ -212,9 +214,9 @@ def test_summary_of_a_big_model_stays_short():
     report = made_report(155)
     out = render(report.summary(), 80)
     assert len(out.splitlines()) <= 20
-    assert "gradwatch summary - step 99, 155 layer(s) measured, no findings" in out
-    assert re.search(r"∇W lowest +encoder\.layers\.0\.attention\.output_projection 1\.8e-05", out)
-    assert re.search(r"satur\. +encoder\.layers\.7\.attention\.output_projection 90%", out)
+    assert "gradwatch summary - step 99, 155 layers measured\nno findings" in out
+    assert re.search(r"∇W lowest +encoder\.layers\.0\.attention\.output_projection=1\.8e-05", out)
+    assert re.search(r"satur\. +encoder\.layers\.7\.attention\.output_projection=90%", out)
     with pytest.raises(ValueError, match="top must be a positive int"):
         report.summary(top=0)
 
@@ -235,3 +237,115 @@ def test_every_finding_kind_draws_as_a_panel_and_names_are_never_markup(kind):
     out = buf.getvalue()
     assert kind.category.__name__ in out and "blocks[0].attn[/]" in out and "[bold]as written[/]" in out
     assert kind.style  # every kind has a style of its own
+
+
+# ------------------------------------------------------------------ what the summary and the table say
+def sequential_report(**extra):
+    """An nn.Sequential's layer names ("0", "1", ...): names that look like numbers."""
+    layers = {}
+    for i in range(9):
+        ls = LayerStats(str(i), "Linear" if i % 2 == 0 else "Sigmoid", calls=1, count=100, mean=0.1, std=1.0,
+                        zero_fraction=0.0, output_grad_norm=0.0 if i < 3 else 1e-4 * 3 ** i,
+                        saturated_fraction=None if i % 2 == 0 else 0.02 * i,
+                        grad_norm=1e-4 * 3 ** i if i % 2 == 0 else None)
+        layers[ls.name] = ls
+    return Report(step=9, stats=StepStats(step=9, layers=layers), findings=[], steps_seen=10, every=1, **extra)
+
+
+@pytest.mark.parametrize("width", [60, 80])
+def test_summary_pairs_each_layer_with_its_value_on_one_line(width):
+    from gradwatch.render import extremes
+
+    for report in (sequential_report(), made_report(40)):
+        out = render(report.summary(), width)
+        assert max(len(line) for line in out.splitlines()) <= width
+        lines = out.splitlines()
+        for stat, _end, chosen in extremes(report):
+            if stat.header in ("mean", "zeros"):
+                continue
+            for name, v in chosen:
+                pair = f"{name}={render_num(v) if not stat.attr.endswith('fraction') else f'{v:.0%}'}"
+                # whole, on one line, and not the tail of a longer name ("10=..." is not "0=...")
+                assert any(re.search(rf"(^|\s){re.escape(pair)}(\s|$)", line) for line in lines), (pair, out)
+    out = render(sequential_report().summary(), 80)
+    assert re.search(r"^∇out lowest +0=0 · 1=0 · 2=0 *$", out, re.M)
+
+
+def test_update_ratio_column_is_red_above_the_learning_rate_threshold_and_says_what_it_is():
+    report = made_report(4)
+    report.layers[report_names(report)[0]].update_ratio = 0.185
+    report.layers[report_names(report)[2]].update_ratio = 0.0012
+    con, buf = console(color=True)
+    con.print(report.table())
+    out = buf.getvalue()
+    assert re.search(r"\x1b\[1;31m *0\.185", out)  # bold red: at or above update_ratio_high (0.1)
+    assert re.search(r"\x1b\[32m *1\.2e-03", out)  # green, as the fraction columns below their threshold
+    text = flat(render(report.table(), 120))
+    assert "Δw/w: ‖Δw‖/‖w‖ of the layer's weight in one optimizer step, as the learning-rate rule judges it " \
+           "(biases and norm scales left out; red from 0.1)" in text
+    con, buf = console(color=True)
+    con.print(report.summary())
+    assert re.search(r"Δw/w.*=.*\x1b\[1;31m0\.185", buf.getvalue())  # red in the summary too
+
+
+def report_names(report):
+    return list(report.layers)
+
+
+@pytest.mark.parametrize("panels", [True, False])
+def test_a_finding_is_printed_in_full_once_per_destination(monkeypatch, panels):
+    """The README pattern with a logging handler on the same stream as the console, and one
+    elsewhere. With panels: the panel is the full text, the log passes over that stream. Warnings
+    ignored: the log handler prints it, and the summary and table name it."""
+    import logging
+
+    con, buf = console()
+    elsewhere = io.StringIO()
+    same, other = logging.StreamHandler(buf), logging.StreamHandler(elsewhere)
+    log = logging.getLogger("gradwatch")
+    monkeypatch.setattr(warn_sink, "_stdlib_printer_active", lambda: True)
+    model = models.small_mlp()
+    with torch.no_grad():
+        model[2].bias.fill_(-100.0)
+    log.addHandler(same)
+    log.addHandler(other)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always" if panels else "ignore")
+            warnings.showwarning = warnings._showwarning_orig  # as outside pytest
+            with GradWatch(model, every=1, dead_window=1, console=con) as watch:
+                models.train(model, 2)
+            con.print(watch.report())
+    finally:
+        log.removeHandler(same)
+        log.removeHandler(other)
+    out = flat(buf.getvalue().replace("│", " "))
+    (finding,) = watch.findings
+    title = "DeadUnitsWarning · 3 · step 0"
+    assert out.count(finding.message) == 1
+    assert out.count(title) == (3 if panels else 2)  # the panel's title; the summary and the table name it
+    assert out.count("1 finding, shown above " + ("as a warning:" if panels else "in the log:")) == 2
+    assert elsewhere.getvalue().count(finding.message) == 1  # a handler elsewhere gets every finding
+
+
+def test_budget_notes_give_the_default_half_percent():
+    import types
+
+    from gradwatch.clock import StepClock
+    from gradwatch.schedule import Schedule
+
+    s = Schedule()
+    for k in range(1, 100):
+        s.record(0.001 + (0.05 if s.measures(k) else 0.0), s.measures(k), k)  # measuring costs 50 plain steps
+    notes: list = []
+    StepClock(s, types.SimpleNamespace(spent=0.0), notes.append)._adapt(100)
+    assert s.budget == 0.005 and len(notes) == 2
+    assert "(budget 0.5% of the step time)" in notes[0] and "(budget 0.5%)" in notes[1]
+
+
+def test_finding_reference_is_the_panel_title():
+    from gradwatch.render import finding_reference
+
+    f = Finding(FindingKind.DEAD_UNITS, "blocks[0]", 7, 1.0, 0.5, "m", "a")
+    title = finding_panel(f).title
+    assert finding_reference(f).plain == title.plain == "DeadUnitsWarning · blocks[0] · step 7"

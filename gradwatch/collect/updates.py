@@ -161,11 +161,11 @@ def finish(params: Dict[str, ParamStats], read: Optional[Tuple[List[str], List[f
                                                                 List[int]]],
            layers: Optional[Dict[str, LayerStats]] = None) -> None:
     """Host side: the update ratio, learning rate and dimensions onto each parameter's stats, and
-    each layer's ratio over its own parameters onto its layer stats."""
+    onto each layer's stats the ratio the learning-rate rule judges there: the largest over the
+    layer's weight matrices and kernels (ndim >= 2; its biases and norm scales are not judged)."""
     if read is None:
         return
     layers = layers if layers is not None else {}
-    per_layer: Dict[str, List[float]] = {}
     names, flat, lrs, ndims = read
     k = len(names)
     for i, name in enumerate(names):
@@ -174,11 +174,10 @@ def finish(params: Dict[str, ParamStats], read: Optional[Tuple[List[str], List[f
             continue
         ps.update_ratio = _ratio(flat[i], flat[k + i])
         ps.learning_rate, ps.ndim = lrs[i], ndims[i]
-        per_layer[ps.layer] = [a + b for a, b in zip(per_layer.get(ps.layer, [0.0, 0.0]),
-                                                     (flat[i] ** 2, flat[k + i] ** 2))]
-    for layer, (delta_sq, weight_sq) in per_layer.items():  # a layer's own parameters together
-        if layer in layers:
-            layers[layer].update_ratio = _ratio(math.sqrt(delta_sq), math.sqrt(weight_sq))
+        ls = layers.get(ps.layer)
+        if ls is not None and ps.ndim >= 2:
+            known = [r for r in (ls.update_ratio, ps.update_ratio) if r is not None and not math.isnan(r)]
+            ls.update_ratio = max(known) if known else ps.update_ratio
 
 
 def _ratio(delta: float, weight: float) -> float:

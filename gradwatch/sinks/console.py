@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Optional
 from rich.console import Console
 from rich.text import Text
 
-from ..render import report_summary
+from ..render import Destination, Shown, destination, report_summary
 from .base import Sink
 
 if TYPE_CHECKING:
@@ -17,13 +17,25 @@ if TYPE_CHECKING:
 class ConsoleSink(Sink):
     """Prints a short summary (findings, the most extreme layers per statistic) when the
     watch detaches; the full table is ``print(watch.report())``. Plain text when not a TTY
-    (rich decides). Notes (an interval that changed, what cannot be measured) print dimmed."""
+    (rich decides). Notes (an interval that changed, what cannot be measured) print dimmed.
 
-    def __init__(self, console: Optional[Console] = None) -> None:
+    The summary names a finding already printed in full where it prints (``shown``, shared with
+    the warnings and logging sinks) by its title, and enters those it prints in full there."""
+
+    def __init__(self, console: Optional[Console] = None, shown: "Optional[Shown]" = None) -> None:
         self.console = console or Console()
+        self.shown: "Shown" = {} if shown is None else shown
+
+    def destination(self) -> Destination:
+        """Where it prints now (a Console without a file follows ``sys.stdout``)."""
+        return destination(self.console.file)
 
     def on_note(self, text: str) -> None:
         self.console.print(Text(text, style="dim"))  # never markup: notes name the user's layers
 
     def close(self, report: "Report") -> None:
-        self.console.print(report_summary(report))
+        summary = report_summary(report)
+        self.console.print(summary)
+        here = self.destination()
+        for f in report.findings[:summary.max_findings]:
+            self.shown.setdefault((f, here), "summary")

@@ -19,8 +19,9 @@ import os
 import re
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Set
 
+from ..render import Destination, Shown, destination
 from .base import Sink
 
 try:
@@ -199,17 +200,64 @@ class JsonlSink(Sink):
 
 
 class LoggingSink(Sink):
-    """Each new finding also goes to the ``gradwatch`` logger (WARNING), so it reaches
-    whatever handlers an application already has. gradwatch attaches no handler itself,
-    and logs only when some handler exists: otherwise Python's last-resort handler would
-    print every finding a second time next to the warning."""
+    """Each new finding also goes to the ``gradwatch`` logger (WARNING), and each note (INFO),
+    so they reach whatever handlers an application already has. gradwatch attaches no handler
+    itself, and logs only when some handler exists: otherwise Python's last-resort handler would
+    print every finding a second time next to the warning.
+
+    A person reads each finding once per place it is printed: a handler that writes where the
+    finding's warning panel was drawn (``shown``, shared with the other sinks;
+    ``logging.basicConfig()``'s stderr handler in a terminal) is passed over for it, and a
+    stream it is logged to is entered in ``shown``; a handler that writes where the console
+    prints notes (``notes_on``) is passed over for notes. Every other handler (a file, a log
+    collector) gets every record."""
+
+    def __init__(self, shown: "Optional[Shown]" = None,
+                 notes_on: "Optional[Callable[[], Optional[Destination]]]" = None) -> None:
+        self.shown: "Shown" = {} if shown is None else shown
+        self.notes_on = notes_on
 
     def on_step(self, data: "StepData", new_findings: "List[Finding]") -> None:
         if not new_findings or not logger.hasHandlers():
             return
         for f in new_findings:
-            logger.warning("%s", f, extra={"gradwatch_finding": f.to_dict()})
+            skip = {where for (g, where) in self.shown if g == f}
+            for where in _log(logging.WARNING, f, {"gradwatch_finding": f.to_dict()}, skip):
+                self.shown.setdefault((f, where), "log")
 
     def on_note(self, text: str) -> None:
         if logger.hasHandlers():
-            logger.info("%s", text)
+            here = self.notes_on() if self.notes_on is not None else None
+            _log(logging.INFO, text, None, set() if here is None else {here})
+
+
+def _log(level: int, what: Any, extra: Optional[Dict[str, Any]], skip: "Set[Destination]") -> "List[Destination]":
+    """``logger.log(level, "%s", what)``, passing over the handlers that write to a destination in
+    ``skip`` (the same walk up the logger tree as ``Logger.callHandlers``). Returns the
+    destinations of the stream handlers that took the record."""
+    if logger.disabled or not logger.isEnabledFor(level):
+        return []
+    fn, lno, func, sinfo = logger.findCaller()
+    record = logger.makeRecord(logger.name, level, fn, lno, "%s", (what,), None, func, extra, sinfo)
+    if not logger.filter(record):
+        return []
+    took: List[Destination] = []
+    node: Optional[logging.Logger] = logger
+    while node is not None:
+        for handler in node.handlers:
+            where = _writes_to(handler)
+            if record.levelno >= handler.level and where not in skip:
+                handler.handle(record)
+                if where is not None:
+                    took.append(where)
+        node = node.parent if node.propagate else None
+    return took
+
+
+def _writes_to(handler: logging.Handler) -> "Optional[Destination]":
+    """Where a handler writes: a ``StreamHandler``'s (or ``FileHandler``'s) stream, a rich
+    ``RichHandler``'s console; None when it cannot be told."""
+    stream = getattr(handler, "stream", None)
+    if stream is None:
+        stream = getattr(getattr(handler, "console", None), "file", None)
+    return None if stream is None else destination(stream)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, List, Optional
 from rich.console import Console
 
 from ..exceptions import GradWatchWarning
-from ..render import finding_panel
+from ..render import Shown, destination, finding_panel
 from .base import Sink
 
 if TYPE_CHECKING:
@@ -50,11 +50,13 @@ def _stdlib_printer_active() -> bool:
 class WarningSink(Sink):
     """Issues one warning per new finding. While attached, gradwatch's own warnings that
     Python would print are drawn as rich panels instead; every other warning, and any
-    recording context (``pytest.warns``), is left exactly as it was."""
+    recording context (``pytest.warns``), is left exactly as it was. Each panel drawn is
+    entered in ``shown``, so that other outputs to the same place do not repeat it."""
 
-    def __init__(self, console: Optional[Console] = None) -> None:
+    def __init__(self, console: Optional[Console] = None, shown: "Optional[Shown]" = None) -> None:
         self._console = console
         self._previous: Any = None
+        self.shown: "Shown" = {} if shown is None else shown
 
     def open(self) -> None:
         if warnings.showwarning is getattr(warnings, "_showwarning_orig", None):
@@ -77,5 +79,6 @@ class WarningSink(Sink):
         if finding is not None and file is None and _stdlib_printer_active():
             console = self._console or Console(stderr=True)
             console.print(finding_panel(finding))
+            self.shown.setdefault((finding, destination(console.file)), "warning")
             return
         self._previous(message, category, filename, lineno, file, line)
