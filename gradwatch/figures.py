@@ -102,8 +102,8 @@ def gradient_flow(runs: List[Run], path: Any, *, dpi: int = 120) -> Any:
                   fontsize=8 if len(layers) <= 20 else 6)
     ax.set_xlim(-0.5, max(len(layers) - 0.5, 0.5))
     ax.set_yscale("log")
-    if positive or any_zero:
-        ax.set_ylim(bottom=floor / 2, top=max(positive) * 3 if positive else floor * 100)
+    # (always set: with no positive value at all -- every gradient NaN -- the log axis has no range)
+    ax.set_ylim(bottom=floor / 2, top=max(positive) * 3 if positive else floor * 100)
     ax.set_xlabel("layer with parameters (input → output)")
     what = "RMS gradient per parameter element" if per_element else "gradient L2 norm of the layer's parameters"
     ax.set_ylabel(f"{what}\n(median over logged steps)")

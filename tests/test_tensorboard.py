@@ -453,3 +453,15 @@ def test_drawing_the_image_leaves_the_users_matplotlib_backend_alone(tmp_path):
         assert load(tmp_path).Images("gradient.flow")
     finally:
         matplotlib.use(before)
+
+
+def test_an_image_of_gradients_that_are_all_non_finite_is_still_drawn():
+    from gradwatch.report import LayerStats, ParamStats, StepStats
+    from gradwatch.sinks import flow_image
+
+    image = flow_image.FlowImage("run")
+    nan = float("nan")
+    image.add(StepStats(step=0, layers={n: LayerStats(n, "Linear", grad_norm=nan) for n in ("a", "b")},
+                        params={f"{n}.weight": ParamStats(f"{n}.weight", n, 4, nan, nan, 1.0) for n in ("a", "b")}))
+    png = image.png()
+    assert png is not None and flow_image.png_shape(png)[0] > 100
