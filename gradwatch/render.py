@@ -323,8 +323,8 @@ class ReportTable:
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         report, th = self.report, self.thresholds
         if not report.stats:
-            yield Text("gradwatch: nothing measured yet: no training-mode forward was seen "
-                       "(eval forwards are skipped unless include_eval=True)")
+            yield Text("gradwatch: nothing measured yet: no training forward was seen "
+                       "(eval and torch.no_grad() forwards are skipped unless include_eval=True)")
             yield from _findings(report.findings)
             return
         layers = report.layers
@@ -396,8 +396,8 @@ class ReportSummary:
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         report = self.report
         if not report.stats:
-            yield Text("gradwatch: nothing measured yet: no training-mode forward was seen "
-                       "(eval forwards are skipped unless include_eval=True)")
+            yield Text("gradwatch: nothing measured yet: no training forward was seen "
+                       "(eval and torch.no_grad() forwards are skipped unless include_eval=True)")
             yield from _findings(report.findings, self.max_findings)
             return
         n = len(report.layers)

@@ -56,7 +56,7 @@ class GradWatch:
             default: every leaf but dropout/identity/flatten, and modules with own parameters.
         exclude: layers to leave out, in the same forms; wins over ``include``.
         thresholds: a :class:`Thresholds` (or a mapping of its fields) deciding findings.
-        include_eval: also measure forwards in eval mode, as steps of their own.
+        include_eval: also measure forwards in eval mode or with autograd off (``torch.no_grad()``).
         quiet: no table at the end; warnings still appear. ``console``: the rich Console.
         bins: histogram bins.
         samples: the largest strided sample of a tensor for its spread and shares (32768: a share

@@ -218,6 +218,7 @@ class Collector:
         self.blind.forwards += 1
         if self._depth > 1 or in_backward():  # a recursive call, or a checkpointed recompute
             return
+        self._ignoring = False
         try:
             counted = self.guard("step counting", self._forward_begins, module, args)
         except BaseException:  # a finding raised as an error (-W error): the forward does not run
@@ -277,15 +278,16 @@ class Collector:
                      f"optimizer.step() with optimizer=opt.")
 
     def _materialised(self) -> None:
-        """After a forward of a model with lazy modules: once their parameters exist, they are
-        watched like the others, from this step's backward on."""
-        if any(is_lazy(p) for p in self.model.parameters()):
-            return
+        """After the first forward of a model with lazy modules, which materialised their
+        parameters: they are watched like the others from this step's backward on. (A lazy module
+        first called later is picked up at the next measured step, which looks parameters up.)"""
         self._lazy = False
         self.gradients.look_again()
         if self._buf is not None:
             self.gradients.register()
-        self._place_param_hooks()
+        self.gradients.params()  # looked up afresh
+        if self.gradients.generation != self._placed_for:
+            self._place_param_hooks()
 
     # ------------------------------------------------------------------ non-finite values between measured steps
     def _check_output(self, output: Any, kept: List[Any]) -> None:
