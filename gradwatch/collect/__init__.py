@@ -32,12 +32,12 @@ from .attention import AttentionTaps
 from .blind import BlindSpot, scripted
 from .buffers import Reduction, StepBuffers, UnitHistory, in_backward
 from .finite import Sentinel, smallest_near_input
-from .forwards import ForwardGroup
+from .forwards import ForwardGroup, transformed
 from .functional import FunctionalTaps
 from .gradients import GradientReader
 from .guard import Guard
 from .hooks import CleanCopies, WeakHook, forward_hook, forward_pre_hook
-from .taps import LayerTaps, eager, transformed
+from .taps import LayerTaps, eager
 from .updates import RatioWindow, UpdateReader
 
 __all__ = ["Collector"]

@@ -30,16 +30,10 @@ from torch.utils.hooks import RemovableHandle
 from .. import stats
 from ..layers import ActivationKind, Layer
 from .buffers import Reduction, StepBuffers, in_backward, site_name
+from .forwards import transformed
 from .guard import Guard
 from .hooks import forward_hook, forward_pre_hook
 from .traced import TracedRecord, TracedTaps, compiling
-
-_interpreters = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
-
-
-def transformed() -> bool:
-    """Whether a torch.func transform (vmap, grad, jacrev, functionalize, ...) is running."""
-    return _interpreters is not None and _interpreters() is not None
 
 Current = Callable[[], Optional[StepBuffers]]
 """Returns the buffers of the step being measured, or None when nothing is to be recorded."""
