@@ -1065,6 +1065,24 @@ def test_a_loop_that_never_calls_backward_still_advances():
     assert len(kept) == 2 * MAX_FORWARDS + 1 and run.rec.steps[11].layers["1"].calls == MAX_FORWARDS
 
 
+def test_a_model_checkpointed_whole_with_reentrant_checkpointing_is_still_trained_forwards():
+    """Reentrant checkpointing runs the forward with autograd off (its input requires gradients)
+    and again during backward: one step per update, its gradients read."""
+    model = seeded(models.small_mlp)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with watching(model, True) as run:
+        for step in range(3):
+            out = checkpoint(model, X.clone().requires_grad_(True), use_reentrant=True)
+            opt.zero_grad()
+            F.cross_entropy(out, Y).backward()
+            run.expected[step] = norms(model)
+            opt.step()
+    assert run.watch.steps == 3
+    for step in range(3):
+        check_params(run.rec.steps[step], run.expected[step])
+        assert run.rec.steps[step].layers["1"].calls == 1  # the recomputation is not counted again
+
+
 @pytest.mark.parametrize("mode", ["optimizer", "manual"])
 def test_after_n_optimizer_steps_the_count_is_n(mode):
     model = seeded(models.small_mlp)
