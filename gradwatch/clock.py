@@ -21,7 +21,7 @@ class StepClock:
         self.collector = collector
         self.note = note
         self.step: Optional[int] = None  # the running step
-        self.seen = 0  # steps counted so far
+        self.seen = 0  # steps opened so far
         self._mark: Optional[float] = None  # when the previous step's work was done
 
     def advance(self, emit: Callable[[StepData], None]) -> None:
@@ -37,6 +37,12 @@ class StepClock:
                 self.schedule.record(now - self._mark, measured, finished)
             self._mark = now
 
+    def counted(self, marked: bool) -> int:
+        """Steps so far. A step opened by a forward counts from its first forward; one that
+        ``optimizer.step()`` or ``watch.step()`` ends (``marked``) counts once it has ended, so
+        that after n optimizer steps the count is n."""
+        return self.seen - 1 if marked and self.step is not None else self.seen
+
     def close(self) -> Optional[StepData]:
         """The running step's numbers, if it was measured (the hooks stay until the next step)."""
         if self.step is None or not self.collector.measuring:
@@ -45,10 +51,9 @@ class StepClock:
 
     def _open(self) -> None:
         step = self.step = 0 if self.step is None else self.step + 1
-        self.collector.step = step
+        self.collector.opened(step)
         self.seen += 1
         self._adapt(step)
-        self.collector.enabled = True
         if self.schedule.measures(step):
             self.collector.begin(histograms=self.schedule.histograms(step))
         else:

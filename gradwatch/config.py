@@ -25,7 +25,7 @@ from .layers import Selector, check_selectors
 class StepMode(str, enum.Enum):
     """What counts as a step."""
 
-    FORWARD = "forward"  # each training-mode forward of the watched model
+    FORWARD = "forward"  # the training forwards of the watched model before each backward
     OPTIMIZER = "optimizer"  # each optimizer.step() (needs GradWatch(..., optimizer=))
     MANUAL = "manual"  # each call of GradWatch.step()
 

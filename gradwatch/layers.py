@@ -19,6 +19,7 @@ from typing import Iterable, Optional, Sequence, Tuple, Type, Union
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 
 Selector = Union[str, Type[nn.Module]]
@@ -213,7 +214,7 @@ def select_layers(model: nn.Module, include: Sequence[Selector] = (),
 
     Default: every leaf module except dropout/identity/flatten, and every module with
     parameters of its own (``nn.MultiheadAttention`` computes with ``in_proj_weight``
-    directly and never calls its ``out_proj`` child). With ``include``, exactly the
+    directly and never calls its ``out_proj`` child) or packed quantised weights. With ``include``, exactly the
     modules it matches (containers too). ``exclude`` always wins.
     """
     layers = []
@@ -223,12 +224,20 @@ def select_layers(model: nn.Module, include: Sequence[Selector] = (),
             wanted = _matches(name, module, include)
         else:
             is_leaf = next(module.children(), None) is None
-            own_params = next(module.parameters(recurse=False), None) is not None
-            wanted = (is_leaf or own_params) and not isinstance(module, _SKIP_BY_DEFAULT)
+            own_params = next(module.parameters(recurse=False), None) is not None or _quantized(module)
+            wanted = (is_leaf or own_params) and not isinstance(module, _SKIP_BY_DEFAULT) and \
+                not type(module).__name__.endswith("PackedParams")  # a quantised layer's weights, never called
         if wanted and not _matches(name, module, exclude):
             spec = ActivationSpec(ActivationKind.NONE) if id(module) in weights else activation_spec(module)
             layers.append(Layer(display_name(name, is_wrapper(model)), module, spec))
     return layers
+
+
+def _quantized(module: nn.Module) -> bool:
+    """A quantised layer (``torch.ao.nn.quantized``: ``quantize_dynamic``'s Linear): its weights
+    are packed, not parameters, in a child that is never called; the layer itself computes."""
+    return type(module).__module__.startswith(("torch.ao.nn.quantized", "torch.nn.quantized")) and \
+        hasattr(module, "_packed_params")
 
 
 def _parametrizations(model: nn.Module) -> set:
@@ -244,11 +253,12 @@ def select_parameters(model: nn.Module, include: Sequence[Selector] = (),
 
     A parameter is selected by its owning module; with ``include``, an owner inside an
     included container counts as included (``include="encoder"`` covers ``encoder.0.weight``).
+    Lazy parameters (``nn.LazyLinear`` before its first forward) are left out until they exist.
     """
     owners = dict(model.named_modules())
     out = []
     for pname, param in model.named_parameters():
-        if not param.requires_grad:
+        if not param.requires_grad or is_lazy(param):
             continue
         owner_name = pname.rpartition(".")[0]
         chain = _ancestors(owner_name)

@@ -426,8 +426,8 @@ class ReportTable(_View):
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         report, th = self.report, self.thresholds
         if not report.stats:
-            yield Text("gradwatch: nothing measured yet: no training-mode forward was seen "
-                       "(eval forwards are skipped unless include_eval=True)")
+            yield Text("gradwatch: nothing measured yet: no training forward was seen "
+                       "(eval and torch.no_grad() forwards are skipped unless include_eval=True)")
             yield from _findings(report, self._here(console))
             return
         layers = report.layers
@@ -513,8 +513,8 @@ class ReportSummary(_View):
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         report = self.report
         if not report.stats:
-            yield Text("gradwatch: nothing measured yet: no training-mode forward was seen "
-                       "(eval forwards are skipped unless include_eval=True)")
+            yield Text("gradwatch: nothing measured yet: no training forward was seen "
+                       "(eval and torch.no_grad() forwards are skipped unless include_eval=True)")
             yield from _findings(report, self._here(console), self.max_findings)
             return
         yield Text(f"gradwatch summary - step {report.step}, {_plural(len(report.layers), 'layer')} measured",

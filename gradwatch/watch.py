@@ -33,9 +33,12 @@ class GradWatch:
                 opt.zero_grad(); loss.backward(); opt.step()
         print(watch.report())
 
-    Steps: each training-mode forward of ``model`` starts a step (eval forwards are ignored
-    unless ``include_eval=True``); ``steps="optimizer"`` counts ``optimizer.step()`` calls,
-    ``steps="manual"`` your :meth:`step` calls. On *measured* steps per-layer hooks reduce
+    Steps: a step is the training-mode forwards of ``model`` with autograd on before the
+    backward pass that follows them -- one forward usually, two for a siamese pair or a GAN
+    discriminator's real and fake batches. Forwards in eval mode (unless ``include_eval=True``),
+    under ``torch.no_grad()``/``inference_mode()`` (rollouts, targets) or inside ``torch.func``
+    transforms are no steps. ``steps="optimizer"`` makes each ``optimizer.step()`` end a step,
+    ``steps="manual"`` each :meth:`step` call. On *measured* steps per-layer hooks reduce
     activations and gradients on their device, one host transfer follows, the rules run and
     the sinks (warnings, terminal, TensorBoard) receive the results.
 
@@ -53,7 +56,7 @@ class GradWatch:
             default: every leaf but dropout/identity/flatten, and modules with own parameters.
         exclude: layers to leave out, in the same forms; wins over ``include``.
         thresholds: a :class:`Thresholds` (or a mapping of its fields) deciding findings.
-        include_eval: also measure forwards in eval mode, as steps of their own.
+        include_eval: also measure forwards in eval mode or with autograd off (``torch.no_grad()``).
         quiet: no table at the end; warnings still appear. ``console``: the rich Console.
         bins: histogram bins.
         samples: the largest strided sample of a tensor for its spread and shares (32768: a share
@@ -151,19 +154,21 @@ class GradWatch:
         self.detach()
 
     def step(self) -> None:
-        """Mark a step boundary yourself (e.g. once per optimizer step with gradient
-        accumulation). From the first call on, forwards no longer count as steps."""
+        """End the running step yourself (e.g. once per optimizer step with gradient
+        accumulation): after n calls, :attr:`steps` is n. From the first call on, forwards no
+        longer open steps."""
         self._manual = True
         self._advance()
 
-    steps = property(lambda self: self._clock.seen, doc="Number of steps counted so far.")
+    steps = property(lambda self: self._clock.counted(self._manual),
+                     doc="Steps so far: with steps=\"forward\" each counts from its first forward; with "
+                         "\"optimizer\" or \"manual\" once it has ended (n after n optimizer.step() calls).")
     every = property(lambda self: int(self.schedule.every or 0),
                      doc="The measuring interval in force (after the schedule's dense start).")
 
-    def _on_root_forward(self, module: nn.Module) -> None:
-        active = module.training or self.options.include_eval
-        self._collector.enabled = active
-        if active and not self._manual:
+    def _on_root_forward(self, opens: bool) -> None:
+        """A forward of a step runs; ``opens``: the running step is complete (see collect.forwards)."""
+        if opens and not self._manual:
             self._advance()
 
     def _advance(self) -> None:  # also the optimizer's step hook with steps="optimizer"
@@ -189,7 +194,7 @@ class GradWatch:
     def report(self) -> Report:
         """The latest measured per-layer stats and every finding so far."""
         step = self._latest.step if self._latest else (self._clock.step or 0)
-        return Report(step=step, stats=self._latest, findings=list(self._findings), steps_seen=self._clock.seen,
+        return Report(step=step, stats=self._latest, findings=list(self._findings), steps_seen=self.steps,
                       every=self.every, thresholds=self.options.thresholds, notes=list(self._notes),
                       shown=shown(self.sinks))
 

@@ -54,7 +54,7 @@ def test_callback_counts_optimizer_steps_and_writes_into_the_trainers_tensorboar
     with pytest.warns(DeadUnitsWarning):
         trainer.fit(module, data, val)
     watch = callback.watch
-    assert trainer.global_step == 5 and watch.steps == 6  # step 0 on entry, one per optimizer step
+    assert trainer.global_step == 5 and watch.steps == 5  # one per optimizer step
     # One step = two accumulated training batches of 8; validation forwards (eval mode) are not counted.
     layer = watch.report().layers["net.3"]
     assert module.val_forwards > 0 and layer.calls == 2 and layer.count == 2 * 8 * 16

@@ -185,12 +185,12 @@ def test_autograd_grad_alone_is_not_a_gradient_read():
     assert st.params == {} and st.layers["0"].count == 32 * 16  # activations only
 
 
-def siamese(watched: bool) -> Run:
+def siamese(watched: bool, steps: str = "optimizer") -> Run:
     """Two forwards of one model per step (a contrastive pair), one backward."""
     model = seeded(models.small_mlp)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x2 = X.flip(0) + 0.1
-    with watching(model, watched, steps="optimizer", optimizer=opt) as run:
+    with watching(model, watched, steps=steps, optimizer=opt) as run:
         for step in range(2):
             a, b = model(X), model(x2)
             loss = (a - b).pow(2).mean()
@@ -410,7 +410,7 @@ def two_tower(watched: bool, with_optimizer: bool = True) -> Run:
 
 def test_a_model_trained_through_other_methods_is_measured_with_the_optimizer():
     run = two_tower(True)
-    assert run.watch.steps == 5  # step 0 on entry, one per optimizer.step()
+    assert run.watch.steps == 4  # one per optimizer.step()
     for step in range(4):
         st = run.rec.steps[step]
         check_params(st, run.expected[step])
@@ -914,10 +914,212 @@ def test_the_sentinel_check_itself():
     assert s.poll() is None and not s.pending
 
 
+# ---------------------------------------------------------------- what a step is
+def rollouts(watched: bool, with_rollouts: bool = True) -> Run:
+    """A policy in training mode: before each update two rollouts, under torch.no_grad() and
+    torch.inference_mode(); in each update a target from the same network under no_grad. A deep
+    sigmoid network, whose gradients vanish."""
+    policy = seeded(lambda: models.mlp(nn.Sigmoid, (8,) + (32,) * 8 + (3,)))
+    opt = torch.optim.SGD(policy.parameters(), lr=0.1)
+    with watching(policy, watched, every=None) as run:  # the default schedule: steps 0-9 measured
+        for update in range(12):
+            if with_rollouts:
+                with torch.no_grad():
+                    keep(run, policy(X))
+                with torch.inference_mode():
+                    acted = policy(X * 0.5)
+                keep(run, acted)
+            out = policy(X)
+            with torch.no_grad():
+                target = policy(X.flip(0)).softmax(-1)
+            loss = F.cross_entropy(out, target)
+            opt.zero_grad()
+            loss.backward()
+            run.expected[update] = norms(policy)
+            keep(run, out, target, policy)
+            opt.step()
+    return run
+
+
+def test_forwards_with_autograd_off_are_no_steps():
+    run = rollouts(True)
+    # 12 updates, 12 steps: the 24 rollouts and the 12 target forwards open and close none.
+    assert run.watch.steps == 12 and sorted(run.rec.steps) == list(range(10))
+    for step in range(10):
+        st = run.rec.steps[step]
+        check_params(st, run.expected[step])  # the update's gradients, not a rollout's absence of them
+        assert st.layers["1"].calls == 1 and st.layers["1"].count == 32 * 32  # the update's forward only
+    vanishing = [f.step for f in run.watch.findings if f.kind.value == "vanishing"]
+    plain = rollouts(True, with_rollouts=False)
+    assert vanishing and vanishing == [f.step for f in plain.watch.findings if f.kind.value == "vanishing"]
+    assert not any("no parameter gradient" in n or "had a parameter gradient" in n for n in run.rec.notes)
+
+
+class Generator(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 8)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.lin(z)
+
+
+def gan(watched: bool) -> Run:
+    """The discriminator is watched. Its update sees a real and a fake batch, then one backward;
+    the generator's update runs it once more, frozen, with a backward through it."""
+    disc = seeded(lambda: models.mlp(nn.ReLU, (8, 16, 16, 1)))
+    gen = Generator()
+    opt_d, opt_g = torch.optim.SGD(disc.parameters(), lr=0.1), torch.optim.SGD(gen.parameters(), lr=0.1)
+    z = torch.randn(32, 4, generator=torch.Generator().manual_seed(2))
+    real, fake = torch.ones(32, 1), torch.zeros(32, 1)
+    with watching(disc, watched) as run:
+        for it in range(3):
+            d_real, d_fake = disc(X), disc(gen(z).detach())
+            loss_d = F.binary_cross_entropy_with_logits(d_real, real) + F.binary_cross_entropy_with_logits(d_fake, fake)
+            opt_d.zero_grad()
+            loss_d.backward()
+            run.expected[2 * it] = norms(disc)
+            hidden = [F.relu(F.linear(x, disc[0].weight, disc[0].bias)) for x in (X, gen(z))]
+            run.expected["relu", 2 * it] = torch.cat(hidden).mean().item()
+            keep(run, d_real, d_fake, disc)
+            opt_d.step()
+            disc.requires_grad_(False)
+            d_gen = disc(gen(z))
+            opt_g.zero_grad()
+            F.binary_cross_entropy_with_logits(d_gen, real).backward()
+            disc.requires_grad_(True)
+            keep(run, d_gen, gen)
+            opt_g.step()
+    return run
+
+
+def test_a_gan_discriminator_step_holds_both_of_its_forwards_and_their_backward():
+    run = gan(True)
+    # Per iteration: the discriminator's step (real + fake, one backward) and the generator's step
+    # (one forward of the frozen discriminator, a backward through it): 3 iterations, 6 steps.
+    assert run.watch.steps == 6 and sorted(run.rec.steps) == list(range(6))
+    for it in range(3):
+        mine, theirs = run.rec.steps[2 * it], run.rec.steps[2 * it + 1]
+        check_params(mine, run.expected[2 * it])
+        assert mine.layers["1"].calls == 2 and mine.layers["1"].count == 2 * 32 * 16
+        assert mine.layers["1"].mean == pytest.approx(run.expected["relu", 2 * it], rel=1e-5)
+        assert theirs.layers["1"].calls == 1 and theirs.params == {}  # frozen: no gradient of its own
+    # Half the measured steps have no parameter gradient, and that is no blind spot.
+    assert not any("parameter gradient" in n for n in run.rec.notes)
+
+
+def test_siamese_pairs_make_one_step_in_the_default_step_mode():
+    run = siamese(True, steps="forward")
+    assert run.watch.steps == 2  # 2 iterations of two forwards and one backward
+    for step in range(2):
+        st = run.rec.steps[step]
+        check_params(st, run.expected[step])
+        assert st.layers["1"].calls == 2 and st.layers["1"].count == 2 * 32 * 16
+
+
+def summed_micro_batches(watched: bool) -> Run:
+    """Four micro-batches per update whose losses are summed before one backward."""
+    model = seeded(models.small_mlp)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with watching(model, watched) as run:
+        for step in range(3):
+            outs = [model(X[chunk::4]) for chunk in range(4)]
+            loss = sum(F.cross_entropy(out, Y[chunk::4]) for chunk, out in enumerate(outs)) / 4
+            opt.zero_grad()
+            loss.backward()
+            run.expected[step] = norms(model)
+            keep(run, *outs, model)
+            opt.step()
+    return run
+
+
+def test_gradient_accumulation_in_the_default_step_mode():
+    run = summed_micro_batches(True)
+    assert run.watch.steps == 3  # four forwards, one backward: one step each
+    for step in range(3):
+        check_params(run.rec.steps[step], run.expected[step])
+        assert run.rec.steps[step].layers["1"].calls == 4 and run.rec.steps[step].layers["1"].count == 32 * 16
+    # A backward per micro-batch ends a step per micro-batch: 2 updates of 4 are 8 steps here
+    # (steps="optimizer" makes them 2, see test_after_n_optimizer_steps_the_count_is_n).
+    model = seeded(models.small_mlp)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with watching(model, True) as each:
+        for _ in range(2):
+            opt.zero_grad()
+            for chunk in range(4):
+                (F.cross_entropy(model(X[chunk::4]), Y[chunk::4]) / 4).backward()
+            opt.step()
+    assert each.watch.steps == 8
+
+
+def test_a_loop_that_never_calls_backward_still_advances():
+    from gradwatch.collect.forwards import MAX_FORWARDS
+
+    model = seeded(models.small_mlp)
+    with watching(model, True) as run:
+        for _ in range(10):
+            model(X).argmax(-1)  # the output is dropped: no backward can follow it
+        assert run.watch.steps == 10
+        kept = [model(X) for _ in range(2 * MAX_FORWARDS + 1)]  # alive, never backpropagated
+        assert run.watch.steps == 10 + 3  # at most MAX_FORWARDS forwards a step
+    assert len(kept) == 2 * MAX_FORWARDS + 1 and run.rec.steps[11].layers["1"].calls == MAX_FORWARDS
+
+
+def test_a_model_checkpointed_whole_with_reentrant_checkpointing_is_still_trained_forwards():
+    """Reentrant checkpointing runs the forward with autograd off (its input requires gradients)
+    and again during backward: one step per update, its gradients read."""
+    model = seeded(models.small_mlp)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with watching(model, True) as run:
+        for step in range(3):
+            out = checkpoint(model, X.clone().requires_grad_(True), use_reentrant=True)
+            opt.zero_grad()
+            F.cross_entropy(out, Y).backward()
+            run.expected[step] = norms(model)
+            opt.step()
+    assert run.watch.steps == 3
+    for step in range(3):
+        check_params(run.rec.steps[step], run.expected[step])
+        assert run.rec.steps[step].layers["1"].calls == 1  # the recomputation is not counted again
+
+
+@pytest.mark.parametrize("mode", ["optimizer", "manual"])
+def test_after_n_optimizer_steps_the_count_is_n(mode):
+    model = seeded(models.small_mlp)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with watching(model, True, optimizer=opt, steps=mode) as run:
+        assert run.watch.steps == 0
+        for n in range(1, 4):
+            for chunk in range(4):  # four micro-batches make one step
+                (F.cross_entropy(model(X[chunk::4]), Y[chunk::4]) / 4).backward()
+            assert run.watch.steps == n - 1
+            opt.step()
+            opt.zero_grad()
+            if mode == "manual":
+                run.watch.step()
+            assert run.watch.steps == n
+    assert sorted(run.rec.steps) == [0, 1, 2] and run.watch.report().to_dict()["steps_seen"] == 3
+    assert all(run.rec.steps[s].layers["1"].calls == 4 for s in range(3))
+
+
+@pytest.mark.parametrize("forwards", [9, 10])
+def test_the_no_gradient_note_waits_for_ten_measured_steps_none_with_a_gradient(forwards):
+    from gradwatch.collect.blind import NO_GRADIENT_AFTER
+
+    model = seeded(models.small_mlp)
+    with watching(model, True) as run:
+        for _ in range(forwards):
+            model(X).sum()  # dropped: a step each, measured, no backward
+    notes = [n for n in run.rec.notes if "parameter gradient" in n]
+    assert NO_GRADIENT_AFTER == 10 and run.watch.steps == forwards
+    assert len(notes) == (forwards >= NO_GRADIENT_AFTER)
+    assert all(f"first {NO_GRADIENT_AFTER} measured steps" in n for n in notes)
+
+
 # ---------------------------------------------------------------- the same numbers, watched or not
 PATTERNS = [two_backward_passes, accumulation_in_one_optimizer_step, gradient_penalty, siamese, unfreezing, dtypes,
             huge_gradients, custom_outputs, two_tower, complex_params, replaced_parameters, reused_relu,
-            checkpointed, recursive, nan_between_measured_steps]
+            checkpointed, recursive, nan_between_measured_steps, rollouts, gan, summed_micro_batches]
 
 
 @pytest.mark.parametrize("pattern", PATTERNS, ids=[p.__name__ for p in PATTERNS])

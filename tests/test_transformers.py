@@ -38,7 +38,7 @@ def test_callback_watches_a_tiny_bert_with_gradient_accumulation(tmp_path):
     trainer = transformers.Trainer(model=model, args=args, train_dataset=Rows(), callbacks=[callback])
     trainer.train()
     watch = callback.watch
-    assert trainer.state.global_step == 3 and watch.steps == 4  # step 0 on entry, one per optimizer step
+    assert trainer.state.global_step == 3 and watch.steps == 3  # one per optimizer step
     rep = watch.report()
     assert rep.layers["bert.encoder.layer.0.attention.self.query"].calls == 2  # two accumulated batches
     assert rep.params["bert.embeddings.word_embeddings.weight"].grad_norm > 0

@@ -139,9 +139,16 @@ def test_no_grad_and_eval_forwards():
     x, _ = models.batch()
     with GradWatch(model, every=1, quiet=True, strict=True) as watch:
         with torch.no_grad():
-            model(x)  # training mode, no grad: forward stats only
+            model(x)  # training mode, autograd off (a rollout): no training step
+        with torch.inference_mode():
+            model(x)
+    assert watch.steps == 0 and watch.report().stats is None
+    with GradWatch(model, every=1, quiet=True, strict=True, include_eval=True) as watch:
+        with torch.no_grad():
+            model(x)  # include_eval: every forward is measured, this one as a step of its own
+            model(x)
     rep = watch.report()
-    assert rep.layers["0"].count == 32 * 16
+    assert watch.steps == 2 and rep.layers["0"].count == 32 * 16 and rep.layers["0"].calls == 1
     assert rep.layers["0"].output_grad_norm is None and not rep.params
 
     model.eval()
@@ -167,7 +174,7 @@ def test_gradient_accumulation_with_manual_steps():
             expected = torch.linalg.vector_norm(model[0].weight.grad).item()
             opt.step()
             watch.step()
-    assert watch.steps == 4  # step 0 opened on entry, then 3 manual boundaries
+    assert watch.steps == 3  # three watch.step() calls ended three steps (step 3 is open, empty)
     # The measured gradient is the accumulated one the optimizer applied.
     assert watch.report().step == 2
     assert watch.report().params["0.weight"].grad_norm == pytest.approx(expected, rel=1e-6)
@@ -383,7 +390,7 @@ def test_optimizer_steps_and_clipped_gradients():
             pre_clip = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1e-3).item()
             opt.step()
     rep = watch.report()
-    assert watch.steps == 4 and rep.step == 2  # steps 0-2 measured; step 3 opened by the last step()
+    assert watch.steps == 3 and rep.step == 2  # three optimizer steps; steps 0-2 measured
     assert rep.stats.total_grad_norm == pytest.approx(pre_clip, rel=1e-5)  # end of backward: before clipping
     assert rep.stats.total_applied_grad_norm == pytest.approx(1e-3, rel=1e-3)  # what the optimizer applied
     assert rep.to_dict()["params"]["0.weight"]["applied_grad_norm"] < rep.params["0.weight"].grad_norm

@@ -7,7 +7,8 @@ each other; :class:`Collector` composes them::
     backward   --> gradients (end of each backward pass, optimizer.step)  --> buffers
     step end   --> summary.totals (one host transfer) --> ranks.combine --> summary.finish --> StepData
 
-The root module's hooks count steps and see backward passes; each watched layer has one
+The root module's hooks count steps (:mod:`.forwards`: which forwards make one step) and see
+backward passes; each watched layer has one
 permanent hook (:mod:`.taps`), which measures on measured steps only; gradient, attention and
 functional hooks are placed for measured steps only. Other steps cost the root's hooks, one
 light call per layer and the per-step finiteness check of :mod:`.finite`.
@@ -19,7 +20,8 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 from torch.utils.hooks import RemovableHandle
 
 from ..config import Options
@@ -30,6 +32,7 @@ from .attention import AttentionTaps
 from .blind import BlindSpot, scripted
 from .buffers import Reduction, StepBuffers, UnitHistory, in_backward
 from .finite import Sentinel, smallest_near_input
+from .forwards import ForwardGroup, transformed
 from .functional import FunctionalTaps
 from .gradients import GradientReader
 from .guard import Guard
@@ -44,16 +47,19 @@ class Collector:
     """Attaches gradwatch's hooks to a model and turns measured steps into :class:`StepData`."""
 
     def __init__(self, model: nn.Module, layers: List[Layer], options: Options,
-                 on_root_forward: Callable[[nn.Module], None], say: Callable[[str], None]) -> None:
+                 on_root_forward: Callable[[bool], None], say: Callable[[str], None]) -> None:
         self.model = model
         layers, self._scripted = scripted(model, layers)  # TorchScript children take no hooks
         self.layers = layers
         self.say = say
         self.guard = Guard(options.strict)
-        self.enabled = False  # False during forwards gradwatch must ignore (eval forwards by default)
+        self.enabled = False  # a step is open
+        self.include_eval = options.include_eval
+        self._ignoring = False  # during a forward that is no training step (see _not_a_step)
         self._buf: Optional[StepBuffers] = None
         how = Reduction(options.thresholds.saturation_margin, options.samples, options.bins)
         self.taps = LayerTaps(layers, how, options.thresholds.saturation_slope, self.guard, self._current)
+        self.taps.on_transform = self._in_transform
         self.gradients = GradientReader(model, options.include, options.exclude, how, self.guard, self._current)
         self.functional = FunctionalTaps(model, how, self.guard, self._current) if options.functional else None
         self.units = UnitHistory(options.dead_window)
@@ -63,7 +69,12 @@ class Collector:
         self.combiner = ranks.RankCombiner()
         self.blind = BlindSpot(model, len(layers), say, layers_seen=lambda: self.taps.seen)
         self._on_root_forward = on_root_forward
+        self.forwards = ForwardGroup()  # the running step's forwards
         self._root_handles: List[RemovableHandle] = []
+        self._param_handles: List[RemovableHandle] = []  # on one or two parameters, placed again when they change
+        self._placed_for = -1  # the parameter look-up those were placed for
+        self._lazy = False  # some parameter is not materialised yet (nn.LazyLinear before its first forward)
+        self._said_transform = False
         self.copies = CleanCopies()
         self._depth = 0  # nesting of the root's forward (a root that calls itself)
         self.sentinel = Sentinel()
@@ -71,7 +82,13 @@ class Collector:
         self.step: Optional[int] = None  # the running step (set by the clock)
 
     def _current(self) -> Optional[StepBuffers]:
-        return self._buf if self.enabled else None
+        return self._buf if self.enabled and not self._ignoring else None
+
+    def opened(self, step: int) -> None:
+        """Step ``step`` begins (the clock's call): it has no forward yet."""
+        self.step = step
+        self.enabled = True
+        self.forwards.start()
 
     # ------------------------------------------------------------------ attach / detach
     def attach(self) -> None:
@@ -79,18 +96,32 @@ class Collector:
             self.say(self._scripted)
         self.copies.install(self.model)  # copies of the watched model (deepcopy, pickle) carry no hook
         self.taps.attach()
-        # The root's hooks are the edges of a compiled model's graph: never traced (see traced).
-        self._root_handles.append(forward_pre_hook(self.model, eager(self._root_pre_hook)))
-        # always_call: the functional tap must be left even when the forward raises.
-        self._root_handles.append(forward_hook(self.model, eager(self._root_hook), always_call=True))
-        params = self.gradients.params()
-        self.blind.attach(params[0][2] if params else None)
+        if not isinstance(self.model, torch.jit.ScriptModule):  # a scripted model takes no hook (said above)
+            # The root's hooks are the edges of a compiled model's graph: never traced (see traced).
+            self._root_handles.append(forward_pre_hook(self.model, eager(self._root_pre_hook)))
+            # always_call: the functional tap must be left even when the forward raises.
+            self._root_handles.append(forward_hook(self.model, eager(self._root_hook), always_call=True))
+        else:
+            self.blind.said("unseen")  # its unseen forwards are in the note above
         # Under several processes a step that one rank turned into a measured one would leave the
         # others out of its all-reduce: the check runs in a single process only.
         self.checking = ranks.world() == 1
+        self._lazy = any(is_lazy(p) for p in self.model.parameters())
+        self._place_param_hooks()
+
+    def _place_param_hooks(self) -> None:
+        """The permanent hooks on single parameters (backward passes counted, the finiteness check
+        of a gradient near the input), on the parameters as they are now: placed again when they
+        were replaced or materialised (lazy modules)."""
+        for h in self._param_handles:
+            h.remove()
+        self._param_handles.clear()
+        params = self.gradients.params()
+        self._placed_for = self.gradients.generation
+        self.blind.attach(params[0][2] if params else None)
         near_input = smallest_near_input(params) if self.checking else None
         if near_input is not None and hasattr(near_input, "register_post_accumulate_grad_hook"):
-            self._root_handles.append(near_input.register_post_accumulate_grad_hook(WeakHook(self._check_grad)))
+            self._param_handles.append(near_input.register_post_accumulate_grad_hook(WeakHook(self._check_grad)))
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer,
                          on_step: Optional[Callable[[], None]] = None) -> None:
@@ -108,6 +139,9 @@ class Collector:
         for h in self._root_handles:
             h.remove()
         self._root_handles.clear()
+        for h in self._param_handles:
+            h.remove()
+        self._param_handles.clear()
         self.copies.remove()
         self.blind.detach()
         self.enabled = False
@@ -128,6 +162,8 @@ class Collector:
         self._buf = StepBuffers(histograms=histograms)
         self.taps.traced.on = True
         self.gradients.register()
+        if self.gradients.generation != self._placed_for:
+            self._place_param_hooks()
         self.attention.register()
         if self.functional is not None:
             self.functional.register()
@@ -182,11 +218,15 @@ class Collector:
         self.blind.forwards += 1
         if self._depth > 1 or in_backward():  # a recursive call, or a checkpointed recompute
             return
+        self._ignoring = False
         try:
-            self.guard("step counting", self._on_root_forward, module)
+            counted = self.guard("step counting", self._forward_begins, module, args)
         except BaseException:  # a finding raised as an error (-W error): the forward does not run
             self._depth -= 1
             raise
+        if not counted:  # no training step: nothing of this forward is recorded
+            self._ignoring = True
+            return
         self.taps.new_forward()
         late = self.guard("finiteness check", self.sentinel.poll) if self.sentinel.pending else None
         if late is not None:
@@ -199,6 +239,11 @@ class Collector:
         self._depth = max(self._depth - 1, 0)
         if self._depth or in_backward():
             return
+        if self._ignoring:
+            self._ignoring = False
+            self.taps.take()
+            self.taps.traced.take()  # a compiled forward's reductions, if any: not a step's
+            return
         kept = self.taps.take()
         traced = self.taps.traced.take()
         if traced and self._current() is not None:  # a compiled forward: its layers' reductions
@@ -208,6 +253,41 @@ class Collector:
         if self.functional is not None:
             self.functional.leave()
         self.guard("parameter gradients", self.gradients.watch_output, output)
+        self.guard("step counting", self.forwards.add, output)
+        if self._lazy:
+            self.guard("lazy parameters", self._materialised)
+
+    def _forward_begins(self, module: nn.Module, args: Any) -> bool:
+        """Whether this forward of the model belongs to a step; if it does, the watch learns
+        whether it opens a new one (see :mod:`.forwards`)."""
+        why = _not_a_step(module, args, self.include_eval)
+        if why is not None:
+            if why == "transform":
+                self._in_transform()
+            return False
+        self._on_root_forward(self.step is None or self.forwards.complete)
+        return True
+
+    def _in_transform(self) -> None:
+        if not self._said_transform:
+            self._said_transform = True
+            self.say(f"gradwatch: {type(self.model).__name__} (or a layer of it) ran inside a torch.func transform "
+                     f"(vmap, grad, jacrev, ...), whose tensors are batched or wrapped: what runs inside transforms "
+                     f"is not measured and counts no step; the forwards and backward passes outside them are "
+                     f"measured as usual. Gradients computed inside a transform and put into .grad are read at "
+                     f"optimizer.step() with optimizer=opt.")
+
+    def _materialised(self) -> None:
+        """After the first forward of a model with lazy modules, which materialised their
+        parameters: they are watched like the others from this step's backward on. (A lazy module
+        first called later is picked up at the next measured step, which looks parameters up.)"""
+        self._lazy = False
+        self.gradients.look_again()
+        if self._buf is not None:
+            self.gradients.register()
+        self.gradients.params()  # looked up afresh
+        if self.gradients.generation != self._placed_for:
+            self._place_param_hooks()
 
     # ------------------------------------------------------------------ non-finite values between measured steps
     def _check_output(self, output: Any, kept: List[Any]) -> None:
@@ -239,6 +319,26 @@ class Collector:
                      f"with non-finite values are measured the same way without a further note.")
         if self._buf is None:
             self.begin(histograms=False)
+
+
+def _not_a_step(module: nn.Module, args: Any, include_eval: bool) -> Optional[str]:
+    """Why a forward of the model is no training step, or None when it is one: inside a torch.func
+    transform, on the meta device (shapes only), in eval mode (unless ``include_eval``), or with
+    autograd off (``torch.no_grad()``, ``inference_mode()``: rollouts, targets; unless
+    ``include_eval``). A forward that autograd runs with its inputs requiring gradients (reentrant
+    activation checkpointing of the whole model) is one."""
+    if transformed():
+        return "transform"
+    tensors = [a for a in args if isinstance(a, Tensor)]
+    if tensors and tensors[0].is_meta:
+        return "meta"
+    if include_eval:
+        return None
+    if not module.training:
+        return "eval"
+    if not torch.is_grad_enabled() and not any(t.requires_grad for t in tensors):
+        return "no_grad"
+    return None
 
 
 def _is_compiled(model: nn.Module) -> bool:

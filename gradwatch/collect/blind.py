@@ -4,7 +4,9 @@ One permanent hook after the gradient accumulation of one watched parameter coun
 passes (a Python call per backward pass, nothing more). When the model trains but its
 forwards never reach gradwatch (a compiled twin reused the graph without hooks, hooks
 removed, training through a method other than ``forward`` without the optimizer), or
-measured steps see gradients but no layer output, gradwatch says so once, with the fix.
+measured steps see gradients but no layer output, or none of the first
+:data:`NO_GRADIENT_AFTER` measured steps sees a parameter gradient, gradwatch says so once,
+with the fix.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from .hooks import WeakHook
 
 UNSEEN_AFTER = 3
 """Backward passes without any forward seen before gradwatch says it is blind."""
+NO_GRADIENT_AFTER = 10
+"""Measured steps with layer outputs, none of them with a parameter gradient, before gradwatch
+says it sees no gradients (a warm-up of forwards without backward stays shorter than this)."""
 
 COMPILE_FIX = ("torch.compile skips module hook guards by default: when the model, or another instance of its "
                "class (a plain twin, an EMA or teacher copy), was compiled before gradwatch attached, the cached "
@@ -31,13 +36,19 @@ COMPILE_FIX = ("torch.compile skips module hook guards by default: when the mode
 def scripted(model: nn.Module, layers: List[Layer]) -> Tuple[List[Layer], Optional[str]]:
     """TorchScript modules inside ``model`` take no Python hooks: the layers outside them, and
     the note that names them (None when there are none)."""
+    if isinstance(model, torch.jit.ScriptModule):
+        return [], (f"gradwatch: {type(model).__name__} is TorchScript (torch.jit.script), which takes no hooks: none "
+                    f"of its {len(layers)} layer(s) is measured and its forwards are not seen, only its parameters' "
+                    f"gradients are; pass optimizer=opt, steps=\"optimizer\" to count steps. Watch the module "
+                    f"before scripting it (or leave it eager) to measure its layers.")
     tops: List[str] = []
-    for name, m in model.named_modules():
+    modules = dict(model.named_modules())
+    for name, m in modules.items():
         if isinstance(m, torch.jit.ScriptModule) and not any(name.startswith(t + ".") for t in tops):
             tops.append(name)
     if not tops:
         return layers, None
-    inside = {id(m) for t in tops for m in model.get_submodule(t).modules()}
+    inside = {id(m) for t in tops for m in modules[t].modules()}
     kept = [layer for layer in layers if id(layer.module) not in inside]
     names = ", ".join(display_name(t) for t in tops)
     return kept, (f"gradwatch: {names} of {type(model).__name__} is TorchScript (torch.jit.script), which takes no "
@@ -58,10 +69,14 @@ class BlindSpot:
         self.forwards = 0  # root forwards seen (training mode or not)
         self.backwards = 0  # backward passes that wrote a watched parameter's gradient
         self.measured_without_grads = 0
+        self.measured_with_grads = 0
         self._handle: Optional[RemovableHandle] = None
         self._said: List[str] = []
 
     def attach(self, first_param: Optional[nn.Parameter]) -> None:
+        """Count the backward passes that write ``first_param``'s gradient (placed again when
+        the parameters change)."""
+        self.detach()
         if first_param is not None and hasattr(first_param, "register_post_accumulate_grad_hook"):
             self._handle = first_param.register_post_accumulate_grad_hook(WeakHook(self._trained))
 
@@ -69,6 +84,10 @@ class BlindSpot:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+
+    def said(self, key: str) -> None:
+        """What ``key`` would explain was said another way: not again."""
+        self._said.append(key)
 
     def _once(self, key: str, text: str) -> None:
         if key not in self._said:
@@ -97,9 +116,14 @@ class BlindSpot:
             self._once("layers", f"gradwatch: a training step of {type(self.model).__name__} ran without any of its "
                                  f"{self.n_layers} watched layers being seen ({cause}): activation statistics, "
                                  f"saturation and dead units cannot be measured, only parameter gradients. {fix}")
-        if st.layers and not st.params:
+        if st.params:
+            self.measured_with_grads += 1
+        elif st.layers:
             self.measured_without_grads += 1
-            if self.measured_without_grads == UNSEEN_AFTER:
-                self._once("no_grad", f"gradwatch: {UNSEEN_AFTER} measured steps of {type(self.model).__name__} "
-                                      f"produced no parameter gradient (forwards under torch.no_grad(), or no "
-                                      f"backward): only activations are measured.")
+            if self.measured_without_grads >= NO_GRADIENT_AFTER and not self.measured_with_grads:
+                self._once("no_grad", (
+                    f"gradwatch: none of the first {NO_GRADIENT_AFTER} measured steps of {type(self.model).__name__} "
+                    f"had a parameter gradient that gradwatch could read: no backward followed their forwards, or "
+                    f"the gradients were computed apart from the model's parameters (torch.func, functional_call) "
+                    f"and put into .grad by hand. Only activations are measured; with optimizer=opt the gradients "
+                    f"are read at optimizer.step()."))

@@ -6,7 +6,9 @@ On measured steps, gradients are read at the end of every backward pass that wro
 ``optimizer.step()`` when the optimizer is known (after clipping and all-reduce). An
 ``autograd.grad`` call writes no ``.grad`` and is not read. Parameters are looked up when
 they are read, not once at attach: unfrozen layers, ``to_empty()``-materialised models,
-``load_state_dict(assign=True)`` and re-created heads are all measured as they are now.
+``load_state_dict(assign=True)``, re-created heads and lazy modules after their first forward
+are all measured as they are now, under the names ``named_parameters()`` gives them now
+(``weight_orig`` while a weight is pruned, ``weight`` again after ``prune.remove``).
 
 Two triggers find the end of a backward pass: a hook that runs after a parameter's gradient
 is accumulated (any way the model was called), and a tensor hook on the model's outputs (for
@@ -26,6 +28,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 from torch.utils.hooks import RemovableHandle
 
 from .. import stats
@@ -67,7 +70,8 @@ class GradientReader:
         self._queued = False  # a read is queued for the end of the running backward pass
         self._wrote = False  # a parameter's .grad was accumulated in this pass
         self._snapshot: Optional[List[Any]] = None
-        self._key: List[Tuple[int, bool]] = []  # (id, requires_grad) of every parameter, at the last look-up
+        self._key: List[Tuple[str, int, bool, bool]] = []  # (name, id, requires_grad, lazy) at the last look-up
+        self.generation = 0  # how many times the look-up found the parameters changed
         self._params: List[Tuple[str, str, nn.Parameter]] = []
         self._assigned = False  # some watched parameter is sharded (FSDP)
         self._hooked: Optional[List[Tuple[str, str, nn.Parameter]]] = None  # the list the hooks are on
@@ -79,19 +83,26 @@ class GradientReader:
         looked up again whenever a parameter was replaced, added, frozen or unfrozen."""
         # Checked once per measured step (``register``), and at every read of a model that swaps
         # its parameters within a step (FSDP swaps sharded and unsharded ones around each forward
-        # and backward). A check walks every module: about 30 us for a small MLP.
+        # and backward). A check walks every module: about 30 us for a small MLP. Names are part
+        # of the key (``prune.remove`` renames ``weight_orig`` to ``weight``), and so is laziness
+        # (a lazy parameter is materialised in place, keeping its identity).
         if self._checked and not self._swaps:
             return self._params
-        key = [(id(p), p.requires_grad) for p in self.model.parameters()]
+        key = [(n, id(p), p.requires_grad, is_lazy(p)) for n, p in self.model.named_parameters()]
         self._checked = True
         if key != self._key:
             self._key, self._params = key, select_parameters(self.model, self.include, self.exclude)
+            self.generation += 1
             # Sharded parameters get their gradients assigned, not accumulated: only for them
             # must a backward pass compare gradient versions to know whether it wrote one.
             self._assigned = any(type(p).__name__ == "DTensor" for _, _, p in self._params)
             self._swaps = self._assigned or any(type(m).__name__ == "FullyShardedDataParallel"
                                                 for m in self.model.modules())
         return self._params
+
+    def look_again(self) -> None:
+        """Look the parameters up afresh at the next ``params()`` (they may have changed)."""
+        self._checked = False
 
     # ------------------------------------------------------------------ triggers
     def register(self) -> None:

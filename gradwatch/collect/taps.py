@@ -30,6 +30,7 @@ from torch.utils.hooks import RemovableHandle
 from .. import stats
 from ..layers import ActivationKind, Layer
 from .buffers import Reduction, StepBuffers, in_backward, site_name
+from .forwards import transformed
 from .guard import Guard
 from .hooks import forward_hook, forward_pre_hook
 from .traced import TracedRecord, TracedTaps, compiling
@@ -94,6 +95,7 @@ class LayerTaps:
         self._probes: Dict[str, List[Optional[_SlopeProbe]]] = {}
         self._peak: Dict[str, Tensor] = {}  # per site, the largest slope seen (kept across steps)
         self.traced = TracedTaps(how)  # what the hooks record when torch.compile traces them
+        self.on_transform: Callable[[], None] = lambda: None  # a layer ran inside a torch.func transform
 
     def attach(self) -> None:
         """One permanent forward hook per layer (and a pre-hook per generic activation). On a
@@ -147,7 +149,7 @@ class LayerTaps:
 
         def measure(module: nn.Module, args: Any) -> None:  # must return None: a value replaces the input
             buf = self.current()
-            if buf is None or name in self.guard.broken or in_backward():
+            if buf is None or name in self.guard.broken or in_backward() or transformed():
                 return
             probe = None
             x = args[0] if args else None
@@ -171,6 +173,9 @@ class LayerTaps:
         def measure(module: nn.Module, args: Any, output: Any) -> None:  # None: a value replaces the output
             buf = self.current()
             if buf is None or name in self.guard.broken or in_backward():
+                return
+            if transformed():  # batched or wrapped tensors (vmap inside the model's forward): not measured
+                self.on_transform()
                 return
             self.guard(name, self._on_output, layer, buf, output)
         measure = eager(measure)
