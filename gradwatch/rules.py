@@ -270,6 +270,8 @@ def gradient_flow(stats: StepStats, thresholds: Thresholds, t: Optional[Traits] 
     if last.rms <= 0:
         return []
     ratio = best.rms / last.rms
+    if ratio < thresholds.vanishing_ratio and _updates_keep_up(stats, best.name, last.name, thresholds):
+        return []  # an adaptive optimizer's steps: the early layers learn as fast, whatever their gradient
     if ratio < thresholds.vanishing_ratio:
         if ratio == 0 and (any(w.zero or w.name in skip for w in every) or any(
                 ls.zero_fraction == 1.0 and ls.dead_fraction is not None for ls in stats.layers.values())):
@@ -290,6 +292,15 @@ def gradient_flow(stats: StepStats, thresholds: Thresholds, t: Optional[Traits] 
                         f"The gradient per weight grows {ratio:.1e} x from the last layer ({last.name}) back to "
                         f"the first: each layer amplifies the gradient.", _flow_advice(t, exploding=True), "depth")]
     return []
+
+
+def _updates_keep_up(stats: StepStats, early: str, last: str, thresholds: Thresholds) -> bool:
+    """With ``optimizer=``: the early layer's update-to-weight ratio is at least ``vanishing_ratio``
+    times the last layer's. Adam and its kin scale each weight's step by its own gradient history,
+    so early layers with a small gradient per weight may learn as fast as the last one (the tiny
+    BERT from a config: gradients per weight 1e-4 of the classifier's, update ratios the same)."""
+    a, b = (stats.layers[n].update_ratio if n in stats.layers else None for n in (early, last))
+    return a is not None and b is not None and math.isfinite(a) and b > 0 and a >= thresholds.vanishing_ratio * b
 
 
 def gradient_size(stats: StepStats, thresholds: Thresholds, history: Sequence[float], *,

@@ -123,8 +123,10 @@ class GradientReader:
                 self.half_precision |= t.dtype in (torch.float16, torch.bfloat16)
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
+        # A step given a closure (L-BFGS, Lightning) computes its gradients inside, after this hook.
         return optimizer.register_step_pre_hook(
-            lambda opt, args, kwargs: self.guard("optimizer step", self._before_optimizer_step))
+            lambda opt, args, kwargs: None if kwargs.get("closure", args[0] if args else None) is not None
+            else self.guard("optimizer step", self._before_optimizer_step))
 
     def _backward_started(self, grad: Tensor) -> None:
         if not self._queued:
