@@ -19,6 +19,9 @@ The hook works under ``torch.no_grad()`` on detached tensors, draws no random nu
 gradwatch. Attention dropout is left out (the weights are measured before it). Several calls of
 one attention module in a forward add up in its first call site.
 
+Attention computed with ``F.scaled_dot_product_attention`` is measured by :mod:`.sdpa`, into the
+same fields, with this module's sampling, masking and host side.
+
 On the host, :func:`fold` sums the calls per head, :func:`add_totals` puts the sums into the
 site's totals (combined over processes like every other total) and :func:`finish_layer` writes
 ``LayerStats.attention_*``. The per-head values are this process's sample.

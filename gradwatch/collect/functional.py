@@ -108,7 +108,8 @@ class FunctionalTaps:
         self.handles: List[RemovableHandle] = []
         self.names = {m: display_name(n, wrapped) for n, m in model.named_modules()}
         # Functions inside a module that is an activation itself belong to that activation.
-        self._inside_activation = {m for m in self.names if activation_spec(m).kind is not ActivationKind.NONE}
+        self._inside_activation = {m for m in self.names
+                                   if activations and activation_spec(m).kind is not ActivationKind.NONE}
         self._stack: List[nn.Module] = []
         self._calls: Dict[str, int] = {}
         self._tap: Optional[FunctionalTap] = None

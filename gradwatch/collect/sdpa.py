@@ -77,7 +77,7 @@ def sdpa_logits(query: Tensor, key: Tensor, attn_mask: Optional[Tensor] = None, 
     if -(-n // sb) * -(-length // sq) * hq * keys > budget:  # long contexts: one sequence, fewer queries
         sb = n
         sq = stride(length, max(1, budget // (hq * keys)))
-    rows = torch.unravel_index(torch.arange(0, n, sb, device=q.device), lead)
+    rows = _unravel(torch.arange(0, n, sb, device=q.device), lead)
     qs = q.expand(*lead, hq, length, q.shape[-1])[..., ::sq, :][rows].float()  # (B, Hq, Q, E)
     ks = k.expand(*lead, hk, keys, k.shape[-1])[rows].float()  # (B, Hk, S, E)
     b, e = qs.shape[0], qs.shape[-1]
@@ -94,6 +94,16 @@ def sdpa_logits(query: Tensor, key: Tensor, attn_mask: Optional[Tensor] = None, 
         # SDPA's boolean masks say where a query may attend (nn.MultiheadAttention's: where not).
         logits = apply_mask(logits, ~m if m.dtype == torch.bool else m)
     return logits
+
+
+def _unravel(flat: Tensor, shape: Sequence[int]) -> Tuple[Tensor, ...]:
+    """Indices into the flattened ``shape`` -> one index tensor per dimension (``torch.unravel_index``,
+    which torch 2.1 lacks)."""
+    out = []
+    for size in reversed(shape):
+        out.append(flat % size)
+        flat = flat // size
+    return tuple(reversed(out))
 
 
 class SdpaTaps:
