@@ -104,3 +104,27 @@ def test_an_optimizer_subclass_without_hook_tables_is_refused_with_the_way_out()
 
     with pytest.raises(TypeError, match="never ran Optimizer.__init__.*pass the optimizer it steps"):
         GradWatch(models.small_mlp(), optimizer=Half())
+
+
+def test_a_step_given_a_closure_reads_no_stale_gradient_before_it():
+    """Lightning's automatic optimization and L-BFGS compute the gradients inside step(closure): what
+    .grad holds before it is the previous step's, not what the step applies."""
+    torch.manual_seed(0)
+    model = models.small_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = models.batch()
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    with GradWatch(model, optimizer=opt, steps="optimizer", every=1, quiet=True, strict=True) as watch:
+        _loop(model, opt, steps=1)  # a plain step: the gradient applied is read at step()
+        plain = watch.report().params["0.weight"]
+        opt.step(closure)
+        opt.step(closure=closure)
+        closed = watch.report().params["0.weight"]
+    assert plain.applied_grad_norm == pytest.approx(plain.grad_norm)
+    assert closed.applied_grad_norm is None and closed.grad_norm > 0

@@ -14,9 +14,10 @@ Other functions pass straight through. Two users:
 - :mod:`.sdpa`: ``F.scaled_dot_product_attention``, on by default (see there for when the mode
   is entered for it).
 
-Inside a region that ``torch.compile`` traces, the mode and the stack hooks do nothing (the
-compiled graph is the same whatever gradwatch's mode holds, so a step neither breaks nor
-recompiles it); what the compiled code runs is not measured by them.
+Inside a region that ``torch.compile`` traces, the mode and the stack hooks do nothing: what the
+compiled code runs is not measured by them. The mode's presence on measured steps makes their
+graph one of its own, as the measuring taps' flag does already (:mod:`.traced`), and the hooks
+are the same at every measured step, so steps neither break nor recompile it.
 """
 
 from __future__ import annotations
