@@ -740,6 +740,15 @@ def p_deep_sigmoid_mlp() -> Setup:
     return supervised(model, Batches(*teacher(seed=31), batch=64), opt)
 
 
+def p_deep_sigmoid_mlp_optimizer_given() -> Setup:
+    """The deep sigmoid MLP under SGD, with ``optimizer=``: its updates fall with its gradients, so the
+    update ratios (which excuse an adaptive optimizer's small gradients) do not excuse these."""
+    model = mlp([32] + [64] * 9 + [10], nn.Sigmoid)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    setup = supervised(model, Batches(*teacher(seed=31), batch=64), opt)
+    return Setup(model, setup.step, watch={"optimizer": opt})
+
+
 def p_deep_sigmoid_autoencoder() -> Setup:
     """A deep autoencoder with sigmoid hidden layers (the pre-2006 recipe) and a sigmoid output with BCE."""
     model = mlp([64, 64, 48, 32, 16, 8, 16, 32, 48, 64, 64], nn.Sigmoid)
@@ -1152,6 +1161,96 @@ def p_nan_in_backward() -> Setup:
     return Setup(model, step)
 
 
+def shifts(n: int = 1024, length: int = 17, vocab: int = 16, seed: int = 49) -> Tuple[Tensor, Tensor]:
+    """Language modelling: each sequence counts up from a random token by its own random step (mod
+    ``vocab``); the next token follows from the ones before. Inputs and next-token targets."""
+    g = _gen(seed)
+    start, step = torch.randint(vocab, (n, 1), generator=g), torch.randint(1, 4, (n, 1), generator=g)
+    seq_ = (start + step * torch.arange(length)) % vocab
+    return seq_[:, :-1], seq_[:, 1:]
+
+
+class CausalSelfAttention(nn.Module):
+    """nanoGPT's: one qkv projection, F.scaled_dot_product_attention(is_causal=True) with dropout."""
+
+    def __init__(self, d: int, heads: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.c_attn, self.c_proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, d = x.shape
+        q, k, v = (z.view(b, t, self.heads, -1).transpose(1, 2) for z in self.c_attn(x).split(d, dim=2))
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        return self.c_proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+class NanoGPT(nn.Module):
+    """nanoGPT at toy size: pre-norm blocks (LayerNorm, SDPA attention, GELU MLP), tied embeddings."""
+
+    def __init__(self, vocab: int = 16, d: int = 64, heads: int = 4, layers: int = 2, length: int = 16) -> None:
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(length, d)
+        self.h = nn.ModuleList(nn.ModuleDict({"ln_1": nn.LayerNorm(d), "attn": CausalSelfAttention(d, heads),
+                                              "ln_2": nn.LayerNorm(d),
+                                              "mlp": nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))})
+                               for _ in range(layers))
+        self.ln_f, self.lm_head = nn.LayerNorm(d), nn.Linear(d, vocab, bias=False)
+        self.wte.weight = self.lm_head.weight
+        for name, p in self.named_parameters():  # nanoGPT's initialisation
+            if name.endswith("weight") and p.dim() == 2:
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * layers) if name.endswith("c_proj.weight") else 0.02)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
+        for block in self.h:
+            x = x + block["attn"](block["ln_1"](x))
+            x = x + block["mlp"](block["ln_2"](x))
+        return self.lm_head(self.ln_f(x))
+
+
+def _next_token_loss(logits: Tensor, target: Tensor) -> Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
+
+
+def h_nanogpt() -> Setup:
+    model = NanoGPT()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    return supervised(model, Batches(*shifts(), batch=32), opt, loss_fn=_next_token_loss)
+
+
+def p_nanogpt_collapse() -> Setup:
+    """The second block's query and key projections scaled up 30x (SDPA): one-hot attention there."""
+    model = NanoGPT()
+    with torch.no_grad():
+        model.h[1]["attn"].c_attn.weight[:2 * 64] *= 30
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    return supervised(model, Batches(*shifts(seed=50), batch=32), opt, loss_fn=_next_token_loss)
+
+
+def p_hf_gpt2_collapse() -> Setup:
+    """A Hugging Face GPT-2 built from a config (width 64, 2 layers, SDPA), the second layer's query and
+    key projections scaled up 30x. The loss it computes is the user's; the optimizer is handed over."""
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=16, n_positions=16, n_embd=64, n_layer=2,
+                                                                 n_head=4, bos_token_id=0, eos_token_id=0))
+    with torch.no_grad():
+        model.transformer.h[1].attn.c_attn.weight[:, :2 * 64] *= 30  # Conv1D (in, 3 * out): q and k first
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    data = Batches(*shifts(seed=51), batch=32)
+
+    def step(i: int) -> float:
+        x, _ = data(i)
+        loss = model(input_ids=x, labels=x).loss  # (the model shifts the labels by one token itself)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return loss.item()
+    return Setup(model, step, watch={"optimizer": opt})
+
+
 # ====================================================================== the list
 V, E, D, S, N, L, A = (FindingKind.VANISHING, FindingKind.EXPLODING, FindingKind.DEAD_UNITS,
                        FindingKind.SATURATION, FindingKind.NON_FINITE, FindingKind.LEARNING_RATE,
@@ -1168,6 +1267,8 @@ CASES: List[Case] = [
     Case("gru-seq2seq", "recurrent", "2-layer GRU, running-mean regression at every step", h_gru),
     Case("transformer-encoder", "attention", "nn.TransformerEncoder (2 layers, 4 heads) token classifier, AdamW",
          h_transformer),
+    Case("nanogpt-sdpa", "attention", "nanoGPT-style causal LM: F.scaled_dot_product_attention with dropout, "
+         "tied embeddings, AdamW", h_nanogpt),
     Case("batchnorm-mlp", "normalisation", "Linear-BatchNorm-ReLU MLP, SGD lr 0.1", h_batchnorm_mlp),
     Case("user-layernorm-blocks", "normalisation", "pre-norm residual MLP blocks with a hand-written LayerNorm "
          "and a parameter-free hand-written RMSNorm", h_user_layernorm),
@@ -1204,6 +1305,9 @@ CASES: List[Case] = [
          h_metric_forwards),
     # ---- planted: must be named with the right kind and layer
     Case("deep-sigmoid-mlp", "MLP", "10 sigmoid layers, default init", p_deep_sigmoid_mlp,
+         expect=((V, "fc1"),)),
+    Case("deep-sigmoid-mlp-optimizer-given", "MLP", "10 sigmoid layers, default init, SGD passed as optimizer=",
+         p_deep_sigmoid_mlp_optimizer_given,
          expect=((V, "fc1"),)),
     Case("deep-sigmoid-autoencoder", "autoencoder", "10 sigmoid layers between input and code and back",
          p_deep_sigmoid_autoencoder, expect=((V, "fc1"),)),
@@ -1258,6 +1362,11 @@ CASES: List[Case] = [
          "module at 60 call sites", p_unrolled_cell_unnormalised, expect=((S, "cell.gate"), (S, "cell.cand"))),
     Case("nan-in-backward-fp32", "MLP", f"sqrt(0) in the loss at step {NAN_BACKWARD_STEP}: finite forward, NaN "
          "gradient, no loss scaler", p_nan_in_backward, expect=((N, "*"),)),
+    Case("nanogpt-sdpa-qk-x30", "attention", "nanoGPT-style LM (SDPA), second block's query/key projections x30",
+         p_nanogpt_collapse, expect=((A, "h.1.attn"),), steps=100),
+    Case("hf-gpt2-qk-x30", "attention", "Hugging Face GPT2LMHeadModel from a config (SDPA), second layer's "
+         "query/key projections x30", p_hf_gpt2_collapse,
+         expect=((A, "transformer.h.1.attn"),), steps=60),
 ]
 
 

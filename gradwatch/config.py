@@ -152,8 +152,10 @@ class Options:
               strict: bool, log_dir: Optional[Union[str, os.PathLike]], writer: Any, rank: int,
               scaler: Any = None) -> "Options":
         mode = step_mode(steps)
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if optimizer is not None:
+            from .collect.updates import unwrap_optimizer  # (collect imports this module)
+
+            optimizer = unwrap_optimizer(optimizer)
         if mode is StepMode.OPTIMIZER and optimizer is None:
             raise ValueError('steps="optimizer" needs the optimizer: GradWatch(model, optimizer=opt, '
                              'steps="optimizer")')

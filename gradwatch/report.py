@@ -111,7 +111,8 @@ class LayerStats:
     output_grad_nonfinite: bool = False
     grad_norm: Optional[float] = None  # L2 norm over this layer's own parameter gradients
     note: Optional[str] = None  # e.g. outputs skipped because they are not floating point
-    # Softmax attention (nn.MultiheadAttention), recomputed from a sample of queries on measured steps:
+    # Softmax attention (nn.MultiheadAttention, F.scaled_dot_product_attention), recomputed from a sample of
+    # queries on measured steps:
     attention_entropy: Optional[float] = None  # mean entropy of a query's attention weights (nats)
     attention_entropy_normalised: Optional[float] = None  # the same over log(keys): 1 uniform, 0 one key
     attention_saturated_fraction: Optional[float] = None  # queries (with 2+ keys) whose largest weight > 0.99

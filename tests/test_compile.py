@@ -66,7 +66,9 @@ def test_compiled_layers_are_measured_inside_the_graph_without_recompiles_or_bre
         models.train(compiled, 12, x, y)
         assert _compile_counts() == (graphs, breaks)  # no recompile, no new break as steps advance
     assert graphs == 2
-    assert breaks <= 3  # the root's hooks, the graph's edges: none per layer (the model has 5)
+    # The root's hooks, the graph's edges (their frame once more under the function tap of measured
+    # steps, see collect/functional.py): none per layer (the model has 5).
+    assert breaks <= 4
     rep = watch.report()
     assert rep.step == 15
     for name in ("0", "1", "2", "3", "4"):  # every layer's activations, measured in the graph

@@ -8,7 +8,7 @@ from torch import nn
 
 lightning = pytest.importorskip("lightning.pytorch")
 
-from gradwatch import DeadUnitsWarning  # noqa: E402
+from gradwatch import DeadUnitsWarning, LearningRateWarning  # noqa: E402
 from gradwatch.integrations.lightning import GradWatchCallback  # noqa: E402
 from tests import models  # noqa: E402
 
@@ -62,3 +62,43 @@ def test_callback_counts_optimizer_steps_and_writes_into_the_trainers_tensorboar
     acc = event_accumulator.EventAccumulator(logger.log_dir)
     acc.Reload()
     assert "activation.dead_fraction/net.3" in acc.Tags()["scalars"]
+
+
+class Healthy(lightning.LightningModule):
+    def __init__(self, lr):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = models.small_mlp(width=16)
+        self.lr = lr
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def _fit(lr, tmp_path, steps=12):
+    x, y = models.batch(n=128)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    callback = GradWatchCallback(every=1, quiet=True)
+    trainer = lightning.Trainer(max_steps=steps, logger=False, callbacks=[callback], enable_progress_bar=False,
+                                enable_checkpointing=False, enable_model_summary=False, accelerator="cpu", devices=1,
+                                default_root_dir=tmp_path)
+    trainer.fit(Healthy(lr), data)
+    return callback.watch
+
+
+@pytest.mark.slow
+def test_the_trainers_optimizer_gives_update_ratios_and_names_a_learning_rate_100x_too_high(tmp_path):
+    watch = _fit(0.1, tmp_path)
+    assert not watch.findings
+    params = watch.report().params
+    assert set(params) == {"net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias", "net.4.weight", "net.4.bias"}
+    assert all(p.update_ratio is not None and p.learning_rate == 0.1 for p in params.values())
+    assert 1e-4 < params["net.2.weight"].update_ratio < 0.1
+    with pytest.warns(LearningRateWarning):
+        watch = _fit(10.0, tmp_path)
+    found = [f for f in watch.findings if f.kind.value == "learning_rate"]
+    assert found and "learning rate 10" in found[0].advice

@@ -313,3 +313,19 @@ def test_ranks_report_the_ratio_of_the_whole_parameter(how):
         assert ranks[rank].keys() == one.keys()
         for name, ratio in one.items():
             assert ranks[rank][name] == pytest.approx(ratio, rel=1e-4), (how, rank, name)
+
+
+def test_vanishing_gradients_defer_to_the_update_ratios_when_the_optimizer_is_known():
+    from gradwatch.report import FindingKind, LayerStats, ParamStats, StepStats
+    from gradwatch.rules import evaluate
+
+    def step(updates):  # gradient per weight 1e-6, 1e-3, 1 from the first layer to the last
+        st = StepStats(step=7)
+        for i, (g, u) in enumerate(zip((1e-6, 1e-3, 1.0), updates)):
+            st.layers[f"l{i}"] = LayerStats(name=f"l{i}", type="Linear", count=10, update_ratio=u)
+            st.params[f"l{i}.weight"] = ParamStats(f"l{i}.weight", f"l{i}", 10, g, g, 1.0)
+        return {f.kind for f in evaluate(st, Thresholds())}
+
+    assert FindingKind.VANISHING in step((None, None, None))  # no optimizer: judged by the gradients
+    assert FindingKind.VANISHING not in step((2e-3, 2e-3, 2.5e-3))  # Adam: 2e-3 / 2.5e-3 = 0.8 of the last's
+    assert FindingKind.VANISHING in step((1e-6, 1e-3, 2e-3))  # SGD: 1e-6 / 2e-3 = 5e-4 < 1e-3

@@ -3,7 +3,7 @@
 The parts, each in its own module, write into the step's :mod:`.buffers` and know nothing of
 each other; :class:`Collector` composes them::
 
-    model call --> taps (modules) / functional (F.relu, ...) --> buffers
+    model call --> taps (modules) / functional (F.relu, ..., SDPA: sdpa) --> buffers
     backward   --> gradients (end of each backward pass, optimizer.step)  --> buffers
     step end   --> summary.totals (one host transfer) --> ranks.combine --> summary.finish --> StepData
 
@@ -37,6 +37,7 @@ from .functional import FunctionalTaps
 from .gradients import GradientReader
 from .guard import Guard
 from .hooks import CleanCopies, WeakHook, forward_hook, forward_pre_hook
+from .sdpa import SdpaTaps
 from .taps import LayerTaps, eager
 from .updates import RatioWindow, UpdateReader
 
@@ -61,7 +62,9 @@ class Collector:
         self.taps = LayerTaps(layers, how, options.thresholds.saturation_slope, self.guard, self._current)
         self.taps.on_transform = self._in_transform
         self.gradients = GradientReader(model, options.include, options.exclude, how, self.guard, self._current)
-        self.functional = FunctionalTaps(model, how, self.guard, self._current) if options.functional else None
+        self.functional = FunctionalTaps(model, how, self.guard, self._current, activations=options.functional)
+        self.sdpa = SdpaTaps(self.functional, layers, options.include, options.exclude, self.guard, self._current,
+                            compiled=lambda: _is_compiled(model))
         self.units = UnitHistory(options.dead_window)
         self.updates = UpdateReader(self.gradients.params, self.guard, self._current)
         self.update_window = RatioWindow(options.thresholds.update_window)
@@ -251,7 +254,7 @@ class Collector:
         if self._buf is None and self.enabled and self.checking:
             self.guard("finiteness check", self._check_output, output, kept)
         if self.functional is not None:
-            self.functional.leave()
+            self.functional.leave(compiled=bool(traced))
         self.guard("parameter gradients", self.gradients.watch_output, output)
         self.guard("step counting", self.forwards.add, output)
         if self._lazy:

@@ -19,6 +19,9 @@ The hook works under ``torch.no_grad()`` on detached tensors, draws no random nu
 gradwatch. Attention dropout is left out (the weights are measured before it). Several calls of
 one attention module in a forward add up in its first call site.
 
+Attention computed with ``F.scaled_dot_product_attention`` is measured by :mod:`.sdpa`, into the
+same fields, with this module's sampling, masking and host side.
+
 On the host, :func:`fold` sums the calls per head, :func:`add_totals` puts the sums into the
 site's totals (combined over processes like every other total) and :func:`finish_layer` writes
 ``LayerStats.attention_*``. The per-head values are this process's sample.
@@ -48,6 +51,10 @@ QUERY_SAMPLE = 64
 """The most query positions per sequence whose attention is recomputed (against every key)."""
 SATURATION = 0.99
 """A query is saturated when its largest attention weight exceeds this."""
+MASKED = -1e4
+"""An additive mask value at or below this masks its key: ``exp(-1e4)`` is 0 in float32. Hugging Face
+models mask with ``torch.finfo(dtype).min``, older code with -10000; counted as keys a query may
+attend to, they would make every causal query look one-hot."""
 
 Current = Callable[[], Optional[StepBuffers]]
 
@@ -94,7 +101,7 @@ class AttentionTaps:
         query, key = call.get("query"), call.get("key")
         if not isinstance(query, Tensor) or not isinstance(key, Tensor) or query.is_nested or key.is_nested:
             return
-        with torch.no_grad(), _full_precision(query.device):
+        with torch.no_grad(), full_precision(query.device):
             logits = attention_logits(module, query, key, call.get("attn_mask"), call.get("key_padding_mask"),
                                       bool(call.get("is_causal", False)))
             buf.site(name).attention.append(stats.attention_summary(logits, SATURATION))
@@ -113,7 +120,7 @@ def attention_logits(mha: nn.MultiheadAttention, query: Tensor, key: Tensor, att
     elif mha.batch_first:  # (N, L, E) -> (L, N, E)
         query, key = query.transpose(0, 1), key.transpose(0, 1)
     length, n = query.shape[0], query.shape[1]
-    sb, sq = _stride(n, batch), _stride(length, queries)
+    sb, sq = stride(n, batch), stride(length, queries)
     q_in = query[::sq, ::sb].transpose(0, 1)  # (B, Q, E)
     k_in = key[:, ::sb].transpose(0, 1)  # (B, S, kdim)
     e, h = mha.embed_dim, mha.num_heads
@@ -151,14 +158,14 @@ def attention_logits(mha: nn.MultiheadAttention, query: Tensor, key: Tensor, att
         else:
             attn_mask = attn_mask[::sq]
     if attn_mask is not None:
-        logits = _apply(logits, _pad(attn_mask, extra))
+        logits = apply_mask(logits, _pad(attn_mask, extra))
     if key_padding_mask is not None:
         kpm = key_padding_mask.detach()[::sb]  # (B, S)
-        logits = _apply(logits, _pad(kpm, extra)[:, None, None, :])
+        logits = apply_mask(logits, _pad(kpm, extra)[:, None, None, :])
     return logits
 
 
-def _full_precision(device: torch.device) -> Any:
+def full_precision(device: torch.device) -> Any:
     """Autocast off inside the hook (it would run the recomputation in half precision)."""
     try:
         return torch.autocast(device.type, enabled=False)
@@ -166,7 +173,7 @@ def _full_precision(device: torch.device) -> Any:
         return contextlib.nullcontext()
 
 
-def _stride(n: int, most: int) -> int:
+def stride(n: int, most: int) -> int:
     return max(1, -(-n // most))
 
 
@@ -177,10 +184,13 @@ def _pad(mask: Tensor, extra: int) -> Tensor:
     return F.pad(mask, (0, extra), value=False if mask.dtype == torch.bool else 0.0)
 
 
-def _apply(logits: Tensor, mask: Tensor) -> Tensor:
+def apply_mask(logits: Tensor, mask: Tensor) -> Tensor:
+    """``logits`` with a boolean mask (True: masked) or an additive one applied; additive values at
+    or below :data:`MASKED` mask their key (``-inf``), as the softmax gives it no weight."""
     if mask.dtype == torch.bool or not mask.is_floating_point():
         return logits.masked_fill(mask.bool(), -math.inf)
-    return logits + mask.float()
+    mask = mask.float()
+    return (logits + mask).masked_fill(mask <= MASKED, -math.inf)
 
 
 # ---------------------------------------------------------------------- host side

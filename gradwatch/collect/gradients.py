@@ -134,8 +134,11 @@ class GradientReader:
                 self.half_precision |= t.dtype in (torch.float16, torch.bfloat16)
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
+        # A step given a closure (L-BFGS, Lightning) computes its gradients inside, after this hook.
+        # (args holds the optimizer first, then step()'s own arguments.)
         return optimizer.register_step_pre_hook(
-            lambda opt, args, kwargs: self.guard("optimizer step", self._before_optimizer_step))
+            lambda opt, args, kwargs: None if kwargs.get("closure", args[1] if len(args) > 1 else None) is not None
+            else self.guard("optimizer step", self._before_optimizer_step))
 
     def _backward_started(self, grad: Tensor) -> None:
         if not self._queued:

@@ -2,8 +2,10 @@
 
 Attaches when fitting starts and detaches when it ends (also on an exception). A step is an
 optimizer step (``trainer.global_step``), so gradient accumulation counts as Lightning does.
-When the trainer has a ``TensorBoardLogger``, gradwatch writes into the same run. Under a
-distributed strategy only rank 0 prints and writes (gradwatch's own rank handling).
+The optimizer ``configure_optimizers`` returned is handed to gradwatch (when there is one), so
+update-to-weight ratios and ``learning_rate`` findings are measured. When the trainer has a
+``TensorBoardLogger``, gradwatch writes into the same run. Under a distributed strategy only rank 0
+prints and writes (gradwatch's own rank handling).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ class GradWatchCallback(Callback):
             if tb is not None and trainer.is_global_zero:
                 kwargs["writer"] = tb.experiment
         kwargs.setdefault("steps", "manual")
+        if "optimizer" not in kwargs and len(trainer.optimizers) == 1:  # several (a GAN's): which one is ambiguous
+            kwargs["optimizer"] = trainer.optimizers[0]
         self._global_step = trainer.global_step
         self.watch = GradWatch(pl_module, **kwargs).attach()
 

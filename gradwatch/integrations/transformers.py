@@ -1,7 +1,9 @@
 """gradwatch for the Hugging Face ``Trainer``: ``Trainer(..., callbacks=[GradWatchCallback()])``.
 
 Attaches when training begins and detaches when it ends. A step is an optimizer step
-(``on_step_end``, after gradient accumulation). When the Trainer reports to TensorBoard,
+(``on_step_end``, after gradient accumulation). The Trainer's optimizer (accelerate's wrapper of
+it) is handed to gradwatch, so update-to-weight ratios and ``learning_rate`` findings are
+measured. When the Trainer reports to TensorBoard,
 gradwatch writes a run of its own beside the Trainer's: ``args.logging_dir`` where that
 argument exists (transformers 4), else ``<output_dir>/runs/gradwatch``, so that
 ``tensorboard --logdir <output_dir>/runs`` shows both. Under several processes only rank 0 prints
@@ -32,6 +34,8 @@ class GradWatchCallback(TrainerCallback):
             options["log_dir"] = getattr(args, "logging_dir", None) or os.path.join(args.output_dir, "runs",
                                                                                    "gradwatch")
         options.setdefault("steps", "manual")
+        if kwargs.get("optimizer") is not None:
+            options.setdefault("optimizer", kwargs["optimizer"])
         self.watch = GradWatch(model, **options).attach()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

@@ -44,7 +44,7 @@ def _n(x: float) -> str:
 _KINDS = (
     Kind(FindingKind.VANISHING, vanishing, ex.VanishingGradientWarning, "magenta",
          "gradient per weight (RMS) of the first layers / the last layer's, on `flow_window` measured steps "
-         "in a row", lambda t: f"< {_n(t.vanishing_ratio)}"),
+         "in a row (with `optimizer=`, not while the first layers' update ratios keep up with the last's)", lambda t: f"< {_n(t.vanishing_ratio)}"),
     Kind(FindingKind.EXPLODING, exploding, ex.ExplodingGradientWarning, "red",
          "first/last gradient per weight and the global gradient norm, on `flow_window` measured steps in a "
          "row; a one-step jump of the global norm over its running median (reported at its step)",
@@ -64,8 +64,8 @@ _KINDS = (
          lambda t: f"× {_n(t.blowup_growth)} in {t.blowup_steps} steps; ≥ {_n(t.update_ratio_high)}; "
                    f"≥ {_n(10 * t.update_ratio_high)}"),
     Kind(FindingKind.ATTENTION_COLLAPSE, attention_collapse, ex.AttentionCollapseWarning, "cyan",
-         "share of an `nn.MultiheadAttention` layer's queries putting > 0.99 of their weight on one key "
-         "(recomputed from a sample of queries)", lambda t: f"> {100 * t.attention_saturated_fraction:.0f} %",
+         "share of an attention layer's queries putting > 0.99 of their weight on one key (`nn.MultiheadAttention`, "
+         "or a module calling `F.scaled_dot_product_attention`; recomputed from a sample of queries)", lambda t: f"> {100 * t.attention_saturated_fraction:.0f} %",
          share="of sampled queries on one key"),
 )
 

@@ -1,5 +1,6 @@
 """Vanishing gradients: the first layers get orders of magnitude less gradient per weight than the last.
 
+With ``optimizer=``, not reported while the optimizer's steps keep up (:func:`updates_keep_up`).
 Judged by the best-fed layer of the first quarter of the depth (see :func:`.traits.depth`), named
 at the first layer, whose own ratio is the finding's value. Must hold on ``flow_window``
 measured steps in a row (the judge's persistence).
@@ -7,6 +8,7 @@ measured steps in a row (the judge's persistence).
 
 from __future__ import annotations
 
+import math
 from typing import Iterable, List, Optional
 
 from ..config import Thresholds
@@ -42,6 +44,8 @@ def vanishing(stats: StepStats, thresholds: Thresholds, t: Optional[Traits] = No
     judged = d.early.rms / d.last.rms
     if not judged < thresholds.vanishing_ratio:
         return []
+    if updates_keep_up(stats, d.early.name, d.last.name, thresholds):
+        return []  # an adaptive optimizer's steps: the early layers learn as fast, whatever their gradient
     if judged == 0 and (any(w.zero or w.name in d.skipped for w in d.every) or any(
             ls.zero_fraction == 1.0 and ls.dead_fraction is not None for ls in stats.layers.values())):
         return []
@@ -56,3 +60,13 @@ def vanishing(stats: StepStats, thresholds: Thresholds, t: Optional[Traits] = No
     return [Finding(FindingKind.VANISHING, d.first.name, stats.step, value, thresholds.vanishing_ratio,
                     f"{what}; below the threshold: {listed(weak, stats)}. Early layers barely learn.",
                     advice(t or traits(stats)), "depth")]
+
+
+def updates_keep_up(stats: StepStats, early: str, last: str, thresholds: Thresholds) -> bool:
+    """With ``optimizer=``: the early layer's update-to-weight ratio is at least ``vanishing_ratio``
+    times the last layer's. Adam and its kin scale each weight's step by its own gradient history,
+    so early layers with a small gradient per weight may learn as fast as the last one (a tiny BERT
+    from a config: gradients per weight 1e-4 of the classifier's, update ratios alike). Under SGD
+    the update ratios fall with the gradients, and the finding stands."""
+    a, b = (stats.layers[n].update_ratio if n in stats.layers else None for n in (early, last))
+    return a is not None and b is not None and math.isfinite(a) and b > 0 and a >= thresholds.vanishing_ratio * b
