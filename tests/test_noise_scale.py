@@ -111,9 +111,9 @@ def test_a_common_factor_on_both_gradients_cancels_in_the_ratio():
 
 
 def test_one_batch_size_gives_no_observations():
-    assert observations(2.0, passes=1, samples=64, accumulated_sq=2.0) is None  # one pass, one process
-    assert observations(4.0, passes=2, samples=128, accumulated_sq=1.0, world=2) == (2.0, 64.0, 1.0, 128.0)
-    assert observations(8.0, passes=4, samples=128, accumulated_sq=4.0, world=2) == (2.0, 32.0, 1.0, 128.0)
+    assert observations(2.0, micro_batches=1, samples=64, accumulated_sq=2.0) is None  # one pass, one process
+    assert observations(4.0, micro_batches=2, samples=128, accumulated_sq=1.0, world=2) == (2.0, 64.0, 1.0, 128.0)
+    assert observations(8.0, micro_batches=4, samples=128, accumulated_sq=4.0, world=2) == (2.0, 32.0, 1.0, 128.0)
 
 
 def test_the_average_is_the_ratio_of_the_two_averages():
@@ -129,6 +129,7 @@ def test_the_average_is_the_ratio_of_the_two_averages():
 
 
 # ------------------------------------------------------------------ the watch against the exact answer
+@pytest.mark.slow
 def test_accumulation_agrees_with_the_exact_noise_scale():
     x, y, w = problem()
     exact = exact_noise_scale(x, y, w)
@@ -192,6 +193,7 @@ def test_micro_batches_of_different_sizes_give_no_estimate():
     assert accumulate(steps=4, micro=16, batches=2, sizes=[16, 8]).report().stats.noise_scale_steps == 0
 
 
+@pytest.mark.slow
 def test_a_batch_far_below_it_gets_one_note(tmp_path):
     from tensorboard.backend.event_processing import event_accumulator
 
@@ -212,18 +214,22 @@ def test_a_batch_far_below_it_gets_one_note(tmp_path):
 
 
 # ------------------------------------------------------------------ two DDP processes
-def ddp_worker(rank: int, world: int, port: int, out: dict) -> None:
+DDP_SETTINGS = (("ddp", 64, 1, False), ("no_sync", 32, 2, True), ("synced", 32, 2, False))
+"""(name, micro-batch size, micro-batches per rank, whether all but the last run under no_sync)."""
+
+
+def ddp_worker(rank: int, world: int, port: int, out: dict, steps: int = 80, seed: int = 1,
+               settings=DDP_SETTINGS, sigma: float = SIGMA) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        x, y, w = problem()
-        g = torch.Generator().manual_seed(1 + rank)  # each rank its own samples
+        x, y, w = problem(sigma=sigma)
+        g = torch.Generator().manual_seed(seed + 1000 * rank)  # each rank its own samples
         results = {}
-        for name, micro, batches, no_sync in (("ddp", 64, 1, False), ("no_sync", 32, 2, True),
-                                              ("synced", 32, 2, False)):
+        for name, micro, batches, no_sync in settings:
             model = nn.parallel.DistributedDataParallel(linear(w))
             with GradWatch(model, steps="manual", every=1, quiet=True, strict=True) as watch:
-                for _ in range(80):
+                for _ in range(steps):
                     for i in range(batches):
                         idx = torch.randint(N, (micro,), generator=g)
                         with model.no_sync() if no_sync and i < batches - 1 else torch.enable_grad():

@@ -146,8 +146,8 @@ class NoiseReader:
     def active(self) -> bool:
         """Whether a step can have two batch sizes: several processes under DDP (the watched model
         is the ``DistributedDataParallel``), or steps that may hold several micro-batches."""
-        if self.world() > 1:
-            return isinstance(self.model, nn.parallel.DistributedDataParallel)
+        if self.world() > 1:  # (a compiled DDP model holds it as _orig_mod)
+            return isinstance(getattr(self.model, "_orig_mod", self.model), nn.parallel.DistributedDataParallel)
         return self.several
 
     def register(self) -> None:
@@ -165,11 +165,12 @@ class NoiseReader:
                 self.handles.append(p.register_post_accumulate_grad_hook(WeakHook(self._on_accumulated)))
 
     def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
+        if self.handles or self._pending:  # (called as each step that is not measured begins)
+            for h in self.handles:
+                h.remove()
+            self.handles.clear()
+            self._pending.clear()
         self._hooked = None
-        self._pending.clear()
 
     def forward(self, buf: StepBuffers, args: Any, kwargs: Any) -> None:
         """A training forward of the measured step ``buf``: its samples."""
