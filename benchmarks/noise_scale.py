@@ -29,15 +29,17 @@ from tests.test_distributed import free_port  # noqa: E402
 from tests.test_noise_scale import accumulate, ddp_worker, exact_noise_scale, problem  # noqa: E402
 
 ACCUMULATION = ((0.5, 64, 4), (0.5, 16, 4), (0.5, 8, 4), (3.0, 16, 4), (3.0, 4, 4))  # sigma, micro, micro-batches
-DDP = ((0.5, (("ddp 64/rank", 64, 1, False), ("no_sync 32x2/rank", 32, 2, True), ("synced 32x2/rank", 32, 2, False))),
+DDP = ((0.5, (("ddp 64/rank", 64, 1, False), ("no_sync 32x2/rank", 32, 2, True),
+             ("synced 32x2/rank", 32, 2, False))),
        (3.0, (("ddp 16/rank", 16, 1, False), ("no_sync 8x2/rank", 8, 2, True))))
 
 
 def row(name: str, batch: int, exact: float, values: List[float]) -> str:
     ratios = sorted(v / exact for v in values if v is not None)
     none = len(values) - len(ratios)
-    spread = (f"{statistics.median(ratios):.3f}  {ratios[0]:.3f}-{ratios[-1]:.3f}" if ratios else "-")
-    return f"{name:<28} {batch:>6} {exact:>9.1f} {batch / exact:>7.3f}   {spread}" + (f"  ({none} without a value)" if none else "")
+    spread = f"{statistics.median(ratios):.3f}  {ratios[0]:.3f}-{ratios[-1]:.3f}" if ratios else "-"
+    missing = f"  ({none} without a value)" if none else ""
+    return f"{name:<28} {batch:>6} {exact:>9.1f} {batch / exact:>7.3f}   {spread}{missing}"
 
 
 def main() -> None:
@@ -53,7 +55,8 @@ def main() -> None:
     print(f"{'setting':<28} {'batch':>6} {'exact':>9} {'B/exact':>7}   watch / exact: median  range")
     for sigma, micro, batches in ACCUMULATION:
         exact = exact_noise_scale(*problem(sigma=sigma))
-        values = [accumulate(steps, micro, batches, seed=s, sigma=sigma).report().stats.noise_scale for s in range(seeds)]
+        values = [accumulate(steps, micro, batches, seed=s, sigma=sigma).report().stats.noise_scale
+                  for s in range(seeds)]
         print(row(f"accumulation {micro}x{batches}", micro * batches, exact, values), flush=True)
     for sigma, settings in DDP:
         exact = exact_noise_scale(*problem(sigma=sigma))

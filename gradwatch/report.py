@@ -189,7 +189,8 @@ class Report:
         return self.stats.params if self.stats else {}
 
     def to_dict(self) -> Dict[str, Any]:
-        """JSON-serialisable: ``{"step", "noise_scale", "layers": {name: {...}}, "params": {...}, "findings": [...]}``."""
+        """JSON-serialisable: ``{"step", "noise_scale", "layers": {name: {...}}, "params": {...},
+        "findings": [...]}``."""
         params = {n: {"layer": p.layer, "numel": p.numel, "grad_norm": _json_float(p.grad_norm),
                       "grad_max_abs": _json_float(p.grad_max_abs), "weight_norm": _json_float(p.weight_norm),
                       "ratio": _json_float(p.ratio), "nonfinite": p.nonfinite,

@@ -170,6 +170,7 @@ def test_gradients_are_bit_identical_with_the_hooks():
             loss_of(model, x[i * 16:(i + 1) * 16], y[i * 16:(i + 1) * 16]).backward()
         grads.append(model.weight.grad.clone())
         watch.detach()
+        assert not model.weight._backward_hooks and not model.weight._post_accumulate_grad_hooks  # all removed
     assert torch.equal(grads[0], grads[1])
 
 
@@ -185,8 +186,9 @@ def test_undefined_with_one_batch_size():
     st = watch.report().stats
     assert st.noise_scale is None and st.noise_scale_steps == 0 and st.batch_size is None
     assert "gradient noise scale" not in str(watch.report().summary())
-    one = accumulate(steps=4, micro=16, batches=1).report().stats  # steps="manual", one micro-batch each
-    assert one.noise_scale is None and one.noise_scale_steps == 0
+    one = accumulate(steps=5, micro=16, batches=1)  # steps="manual", one micro-batch each
+    assert one.report().stats.noise_scale is None and one.report().stats.noise_scale_steps == 0
+    assert not one._collector.noise.active()  # no more hooks after GIVE_UP such steps
 
 
 def test_micro_batches_of_different_sizes_give_no_estimate():

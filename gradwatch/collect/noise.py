@@ -14,12 +14,13 @@ Micro-batches are told apart by the model's forwards: the gradients that follow 
 forwards, up to the next forward, are one micro-batch, of the samples of those forwards -- the
 first dimension of the first tensor among the forward's arguments. A step gives no estimate
 where micro-batches differ in size, a parameter gets two gradients within one (two losses with
-their own backward passes), or ``.grad`` held more than the step's micro-batches (not zeroed,
-or cleared within the step).
+their own backward passes), or ``.grad`` is not the sum of the step's micro-batches (it held
+gradients before them, or was cleared between them).
 
 Hooks are placed on measured steps only, and only where a step can have two batch sizes: with
 ``steps="optimizer"``/``"manual"`` (or after ``watch.step()``) or under DDP. In a single process
-with ``steps="forward"`` a step is one backward pass: nothing is placed.
+with ``steps="forward"`` a step is one backward pass: nothing is placed; with steps ended by hand,
+no more after :data:`GIVE_UP` measured steps of one micro-batch each.
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ from .outputs import iter_tensors
 
 Params = Callable[[], List[Tuple[str, str, nn.Parameter]]]
 FIELDS = 4  # what a process contributes to the step's totals: see NoiseRead.totals
+GIVE_UP = 3
+"""In one process, measured steps of a single micro-batch in a row after which no more hooks are
+placed: ``steps="optimizer"`` without gradient accumulation (the Lightning and Hugging Face
+callbacks' default) would otherwise pay them on every measured step for nothing."""
 
 
 @dataclass
@@ -142,13 +147,14 @@ class NoiseReader:
         self.handles: List[RemovableHandle] = []
         self._hooked: Optional[List[Tuple[str, str, nn.Parameter]]] = None
         self._pending: Dict[int, Tensor] = {}  # per parameter: the norm of the gradient being accumulated
+        self._single = 0  # measured steps of one micro-batch in a row, in one process
 
     def active(self) -> bool:
         """Whether a step can have two batch sizes: several processes under DDP (the watched model
         is the ``DistributedDataParallel``), or steps that may hold several micro-batches."""
         if self.world() > 1:  # (a compiled DDP model holds it as _orig_mod)
             return isinstance(getattr(self.model, "_orig_mod", self.model), nn.parallel.DistributedDataParallel)
-        return self.several
+        return self.several and self._single < GIVE_UP
 
     def register(self) -> None:
         """A measured step begins: hook the watched parameters (again when they changed)."""
@@ -218,6 +224,8 @@ class NoiseReader:
     def fold(self, st: StepStats, noise: Optional[List[float]], world: int) -> None:
         """Fold the step's estimate, if it has one, into the moving averages, and give ``st`` their
         B_simple. ``noise``: :meth:`NoiseRead.totals`, summed over the ``world`` processes."""
+        if world == 1 and noise is not None:
+            self._single = self._single + 1 if noise[1] == 1 else 0
         total = st.total_grad_norm
         if noise is not None and total is not None and noise[3] == world:
             seen = observations(noise[0], noise[1], noise[2], total * total, world)
