@@ -545,6 +545,11 @@ class ReportSummary(_View):
                 else:  # long layer names: under it, one pair per line, a name folded before its value
                     yield Text(lbl, style="dim")
                     yield _pack([_fold(p, width - 2, indent=2) for p in pairs], width - 2, indent=2, first=2)
+        st = report.stats
+        if st.noise_scale is not None:  # steps with two batch sizes (accumulation, DDP): gradwatch.noise_scale
+            batch = f"; batch {st.batch_size:,}" if st.batch_size else ""
+            yield Text(f"gradient noise scale B_simple ~ {_num(st.noise_scale)} samples (averaged over "
+                       f"{_plural(st.noise_scale_steps, 'measured step')}{batch})")
         yield Text("full table: print(watch.report()), or print(watch.report().table(full=True)) for every layer; "
                    f"columns explained in {CONCEPTS_LINK}", style="dim")
 

@@ -135,6 +135,12 @@ class StepStats:
     layers: Dict[str, LayerStats] = field(default_factory=dict)  # forward order
     params: Dict[str, ParamStats] = field(default_factory=dict)
     backward_order: List[str] = field(default_factory=list)  # layers in the order their output gradient arrived
+    # The gradient noise scale B_simple (gradwatch.noise_scale), from steps with two batch sizes
+    # (gradient accumulation, DDP): in samples, from the moving averages so far; how many steps
+    # they average; and the step's batch, every micro-batch and process together.
+    noise_scale: Optional[float] = None
+    noise_scale_steps: int = 0
+    batch_size: Optional[int] = None
 
     @property
     def total_grad_norm(self) -> Optional[float]:
@@ -184,14 +190,18 @@ class Report:
         return self.stats.params if self.stats else {}
 
     def to_dict(self) -> Dict[str, Any]:
-        """JSON-serialisable: ``{"step", "layers": {name: {...}}, "params": {...}, "findings": [...]}``."""
+        """JSON-serialisable: ``{"step", "noise_scale", "layers": {name: {...}}, "params": {...},
+        "findings": [...]}``."""
         params = {n: {"layer": p.layer, "numel": p.numel, "grad_norm": _json_float(p.grad_norm),
                       "grad_max_abs": _json_float(p.grad_max_abs), "weight_norm": _json_float(p.weight_norm),
                       "ratio": _json_float(p.ratio), "nonfinite": p.nonfinite,
                       "applied_grad_norm": _json_float(p.applied_grad_norm),
                       "update_ratio": _json_float(p.update_ratio), "learning_rate": _json_float(p.learning_rate)}
                   for n, p in self.params.items()}
+        st = self.stats
         return {"step": self.step, "steps_seen": self.steps_seen, "every": self.every, "notes": list(self.notes),
+                "noise_scale": _json_float(st.noise_scale) if st else None,
+                "noise_scale_steps": st.noise_scale_steps if st else 0, "batch_size": st.batch_size if st else None,
                 "layers": {n: s.to_dict() for n, s in self.layers.items()},
                 "params": params, "findings": [f.to_dict() for f in self.findings]}
 

@@ -158,6 +158,7 @@ class GradWatch:
         accumulation): after n calls, :attr:`steps` is n. From the first call on, forwards no
         longer open steps."""
         self._manual = True
+        self._collector.noise.several = True  # a step may now hold several micro-batches
         self._advance()
 
     steps = property(lambda self: self._clock.counted(self._manual),

@@ -70,8 +70,16 @@ def test_the_tag_list_names_every_tag_a_run_writes(tmp_path):
             models.train(mlp, 1)
             mlp[2].armed = True
             models.train(mlp, 1)
+    mlp = models.small_mlp()  # two micro-batches a step: the gradient noise scale
+    with GradWatch(mlp, log_dir=tmp_path / "noise", every=1, steps="manual", quiet=True) as watch:
+        x, y = models.batch()
+        for _ in range(2):
+            for half in (slice(0, len(x) // 2), slice(len(x) // 2, None)):
+                nn.functional.cross_entropy(mlp(x[half]), 0 * y[half]).backward()  # one class: |G|² > 0
+            watch.step()
+            mlp.zero_grad()
     written = set()
-    for run in ("attn", "nan"):
+    for run in ("attn", "nan", "noise"):
         acc = event_accumulator.EventAccumulator(str(tmp_path / run), size_guidance={"scalars": 0, "tensors": 0})
         acc.Reload()
         tags = acc.Tags()

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 from torch.utils.hooks import RemovableHandle
 
-from ..config import Options
+from ..config import Options, StepMode
 from ..layers import Layer
 from ..report import StepData
 from . import ranks, summary
@@ -37,6 +37,7 @@ from .functional import FunctionalTaps
 from .gradients import GradientReader
 from .guard import Guard
 from .hooks import CleanCopies, WeakHook, forward_hook, forward_pre_hook
+from .noise import NoiseReader
 from .sdpa import SdpaTaps
 from .taps import LayerTaps, eager
 from .updates import RatioWindow, UpdateReader
@@ -67,6 +68,9 @@ class Collector:
                             compiled=lambda: _is_compiled(model))
         self.units = UnitHistory(options.dead_window)
         self.updates = UpdateReader(self.gradients.params, self.guard, self._current)
+        self.noise = NoiseReader(model, self.gradients.params, self.guard, self._current,
+                                 scale=lambda: self.gradients._scale(),
+                                 several=options.steps is not StepMode.FORWARD, world=ranks.world)
         self.update_window = RatioWindow(options.thresholds.update_window)
         self.attention = AttentionTaps(layers, self.guard, self._current)
         self.combiner = ranks.RankCombiner()
@@ -101,7 +105,7 @@ class Collector:
         self.taps.attach()
         if not isinstance(self.model, torch.jit.ScriptModule):  # a scripted model takes no hook (said above)
             # The root's hooks are the edges of a compiled model's graph: never traced (see traced).
-            self._root_handles.append(forward_pre_hook(self.model, eager(self._root_pre_hook)))
+            self._root_handles.append(forward_pre_hook(self.model, eager(self._root_pre_hook), with_kwargs=True))
             # always_call: the functional tap must be left even when the forward raises.
             self._root_handles.append(forward_hook(self.model, eager(self._root_hook), always_call=True))
         else:
@@ -167,6 +171,7 @@ class Collector:
         self.gradients.register()
         if self.gradients.generation != self._placed_for:
             self._place_param_hooks()
+        self.noise.register()
         self.attention.register()
         if self.functional is not None:
             self.functional.register()
@@ -178,6 +183,7 @@ class Collector:
 
     def _remove_step_hooks(self) -> None:
         self.gradients.remove()
+        self.noise.remove()
         self.attention.remove()
         if self.functional is not None:
             self.functional.remove()
@@ -206,6 +212,7 @@ class Collector:
         data = summary.finish(step, tot, layer_of, {n: layer for n, layer, _ in params},
                               {n: p.numel() for n, _, p in params}, world)
         self.update_window.fold(data.stats, tot.updates)
+        self.noise.fold(data.stats, tot.noise, world)
         return data
 
     def layer_index(self) -> Dict[str, Layer]:
@@ -216,7 +223,7 @@ class Collector:
         return index
 
     # ------------------------------------------------------------------ root hooks
-    def _root_pre_hook(self, module: nn.Module, args: Any) -> None:
+    def _root_pre_hook(self, module: nn.Module, args: Any, kwargs: Any) -> None:
         self._depth += 1
         self.blind.forwards += 1
         if self._depth > 1 or in_backward():  # a recursive call, or a checkpointed recompute
@@ -235,6 +242,8 @@ class Collector:
         if late is not None:
             self._found_late(*late)
         self.taps.keeping = self._buf is None and self.enabled and self.checking
+        if self._buf is not None:
+            self.guard("gradient noise scale", self.noise.forward, self._buf, args, kwargs)
         if self.functional is not None and self._current() is not None:
             self.functional.enter()
 
@@ -288,6 +297,7 @@ class Collector:
         self.gradients.look_again()
         if self._buf is not None:
             self.gradients.register()
+            self.noise.register()
         self.gradients.params()  # looked up afresh
         if self.gradients.generation != self._placed_for:
             self._place_param_hooks()

@@ -159,6 +159,7 @@ class StepBuffers:
     notes: List[str] = field(default_factory=list)
     layout: Optional[Tuple[torch.Size, bool]] = None  # the last output of a module with a known layout
     updates: Any = None  # an updates.UpdateRead: update norms across optimizer.step()
+    noise: Any = None  # a noise.NoiseRead: the step's micro-batches (gradient noise scale)
 
     def record(self, site: str, output: Any, spec: ActivationSpec, how: Reduction,
                channels_first: Optional[bool] = None) -> List[Tensor]:

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .noise import FIELDS as NOISE_FIELDS
 from .summary import REDUCTIONS, SiteTotals, StepTotals
 
 
@@ -90,6 +91,7 @@ class RankCombiner:
             size = self._units[s]
             mine = (tot.dead.get(s) or [])[:size]
             vec_sum += mine + [0.0] * (size - len(mine))
+        vec_sum += tot.noise if tot.noise is not None else [0.0] * NOISE_FIELDS  # the noise scale's, at the end
         summed = self._all_reduce(vec_sum, dist.ReduceOp.SUM)
         maxed = self._all_reduce(vec_max, dist.ReduceOp.MAX)
         sites: Dict[str, SiteTotals] = {}
@@ -105,7 +107,7 @@ class RankCombiner:
             if size and s in tot.dead_window:
                 dead[s] = summed[pos:pos + size]
             pos += size
-        tot.sites, tot.dead = sites, dead
+        tot.sites, tot.dead, tot.noise = sites, dead, summed[-NOISE_FIELDS:]
         tot.backward_order = [s for s in tot.backward_order if s in sites]
         return tot
 

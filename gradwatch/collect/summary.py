@@ -71,6 +71,7 @@ class StepTotals:
     skipped: Dict[str, List[str]] = field(default_factory=dict)
     attention: Dict[str, List[List[float]]] = field(default_factory=dict)  # per site, per head (this rank)
     updates: Optional[Tuple[List[str], List[float], List[Optional[float]], List[int]]] = None  # updates.finish
+    noise: Optional[List[float]] = None  # noise.NoiseRead.totals: summed over processes by ranks.combine
 
 
 def _gather(buf: StepBuffers, units: UnitHistory) -> Tuple[Callable[[str, str], List[List[float]]], Dict[str, int]]:
@@ -106,6 +107,8 @@ def _gather(buf: StepBuffers, units: UnitHistory) -> Tuple[Callable[[str, str], 
         put(("applied", ""), buf.applied.summary)
     if buf.updates is not None:
         put(("updates", ""), buf.updates.summary)
+    for t in buf.noise.tensors() if buf.noise is not None else []:
+        put(("noise", ""), t)
     host = stats.to_host(tensors)
 
     def get(kind: str, name: str) -> List[List[float]]:
@@ -140,7 +143,8 @@ def totals(buf: StepBuffers, units: UnitHistory, kinds: Dict[str, ActivationKind
                       grad_hist={n: get("grad_hist", n)[0] for n in buf.grad_hist},
                       backward_order=list(buf.backward_order),
                       skipped={n: s.skipped for n, s in buf.sites.items() if s.skipped},
-                      attention=heads, updates=updates)
+                      attention=heads, updates=updates,
+                      noise=None if buf.noise is None else buf.noise.totals(get("noise", "")))
 
 
 def _site_totals(calls: int, sizes: List[Tuple[int, int]], parts: List[List[float]], slope: List[List[float]],

@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Deque, Dict, List, Optional, Set, Tuple
 
 from ..config import Thresholds
+from ..noise_scale import batch_note
 from ..report import Finding, FindingKind, StepStats
 from .learning_rate import Snapshot, blowup, update_floor_note, weight_norms
 from .registry import KINDS
@@ -129,6 +130,7 @@ class Judge:
         self._ended: List[Tuple[Finding, int]] = []  # earlier causes, and the measured step they ended at
         self._said_after_blowup = False
         self._slow_said = False  # the note on too small updates is said once a run
+        self._batch_said = False  # and the one on a batch far below the gradient noise scale
 
     def new_findings(self, stats: StepStats, final: bool = False) -> List[Finding]:
         """The findings that are new at this measured step (``final``: the run's last)."""
@@ -139,6 +141,10 @@ class Judge:
         if slow is not None:  # updates too small to learn: a note, not a warning
             self._slow_said = True
             self.note(slow)
+        small = None if self._batch_said else batch_note(stats)
+        if small is not None:
+            self._batch_said = True
+            self.note(small)
         weighted = weighted_layers(stats)
         for w in weighted:
             if w.name not in self._seen and w.zero:

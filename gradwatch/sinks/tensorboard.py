@@ -46,6 +46,7 @@ LAYER_SCALARS = {
 PARAM_SCALARS = {"gradient.norm": "grad_norm", "gradient.max_abs": "grad_max_abs", "gradient.ratio": "ratio",
                  "update.ratio": "update_ratio"}
 GLOBAL_SCALARS = ("gradient.global_norm", "gradient.global_applied_norm")
+STEP_SCALARS = ("gradient.noise_scale",)  # of the whole step, each its own chart
 FINDINGS_TEXT = "gradwatch/findings"
 """The name the findings' text is written under; TensorBoard's text summary appends
 ``/text_summary``, so the tag is ``gradwatch/findings/text_summary``."""
@@ -54,6 +55,7 @@ TAGS: Tuple[Tuple[str, str], ...] = (
     *(("scalar", f"{p}/<layer>") for p in LAYER_SCALARS),
     *(("scalar", f"{p}/<param>") for p in PARAM_SCALARS),
     *(("scalar", t) for t in GLOBAL_SCALARS),
+    *(("scalar", t) for t in STEP_SCALARS),
     ("scalar", "findings/<kind>"),
     ("histogram", "activation/<layer>"),
     ("histogram", "gradient/<param>"),
@@ -77,14 +79,16 @@ def scalar_family(tag: str) -> str:
 def custom_scalars_layout(families: Iterable[str]) -> Dict[str, Dict[str, List[Any]]]:
     """One multi-line chart per family of scalar tags in ``families`` (those a run has
     written), titled by the family, so that every title is unique and every chart has
-    curves; the two global norms share one chart. Categories without charts are left out."""
+    curves; the two global norms share one chart, the noise scale has its own. Categories without
+    charts are left out."""
     families = set(families)
-    order = [*LAYER_SCALARS, *PARAM_SCALARS, *GLOBAL_SCALARS, "findings"]
+    order = [*LAYER_SCALARS, *PARAM_SCALARS, *GLOBAL_SCALARS, *STEP_SCALARS, "findings"]
     charts: Dict[str, List[str]] = {}
     for family in sorted(families, key=lambda f: (order.index(f) if f in order else len(order), f)):
         title = "gradient.global_norm" if family in GLOBAL_SCALARS else family
         escaped = family.replace(".", "\\.")
-        charts.setdefault(title, []).append(f"^{escaped}$" if family in GLOBAL_SCALARS else f"^{escaped}/")
+        whole = family in GLOBAL_SCALARS or family in STEP_SCALARS  # a tag without /<name>
+        charts.setdefault(title, []).append(f"^{escaped}$" if whole else f"^{escaped}/")
     layout: Dict[str, Dict[str, List[Any]]] = {}
     for category, prefix in _CATEGORIES:
         mine = {t: ["Multiline", regexes] for t, regexes in charts.items() if t.startswith(prefix)}
@@ -269,6 +273,8 @@ class TensorBoardSink(Sink):
             event.scalar("gradient.global_norm", st.total_grad_norm)
         if st.total_applied_grad_norm is not None:
             event.scalar("gradient.global_applied_norm", st.total_applied_grad_norm)
+        if st.noise_scale is not None:
+            event.scalar("gradient.noise_scale", st.noise_scale)
         for kind, n in Counter(f.kind.value for f in new_findings).items():
             event.scalar(f"findings/{kind}", float(n))
         for name, h in data.act_histograms.items():
