@@ -69,11 +69,15 @@ def test_findings_carry_value_threshold_and_advice():
 
 
 def test_a_condition_is_reported_again_only_after_it_cleared():
-    j = Judge(Thresholds(), dead_window=1)
+    j = Judge(Thresholds(flow_window=3), dead_window=1)
     dead = lambda: step(l0={"dead_fraction": 0.9, "dead_window": 1})  # noqa: E731
     assert len(j.new_findings(dead())) == 1
     assert j.new_findings(dead()) == []
-    assert j.new_findings(step()) == []
+    # absent on two measured steps (a share hovering at its threshold): not cleared, not raised again
+    assert j.new_findings(step()) == [] and j.new_findings(step()) == []
+    assert j.new_findings(dead()) == []
+    # absent on flow_window = 3 measured steps in a row: cleared, and raised again when it returns
+    assert [j.new_findings(step()) for _ in range(3)] == [[], [], []]
     assert len(j.new_findings(dead())) == 1
 
 
@@ -182,11 +186,13 @@ def test_exploding_is_one_finding_while_it_lasts_and_says_when_it_cleared():
         g = [1.0, 1.0, 1.0]
         g[largest] = 1e4
         return layered(s, (10, 10, 10), g)
-    steps = [big(0, 0), big(1, 1), big(2, 2), big(3, 0), big(4, 1), layered(5, (10, 10, 10), (1.0, 1.0, 1.0))]
+    healthy = [layered(s, (10, 10, 10), (1.0, 1.0, 1.0)) for s in (5, 6, 7)]
+    steps = [big(0, 0), big(1, 1), big(2, 2), big(3, 0), big(4, 1)] + healthy
     out, notes = judge_run(steps)
     sizes = [f for f in out if f.condition == "size"]
     assert len(sizes) == 1 and sizes[0].step == 2
-    assert any("cleared at step 5" in n for n in notes)
+    # cleared once absent on flow_window (3) measured steps in a row: steps 5, 6 and 7
+    assert [n for n in notes if "cleared" in n] and all("cleared at step 7" in n for n in notes if "cleared" in n)
     # under half precision the gradient at the end of backward may be a GradScaler's scaled one:
     # its size alone is no evidence
     assert judge_run(steps, unscaled=False)[0] == []

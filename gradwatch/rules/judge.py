@@ -16,8 +16,9 @@
   where a scaler is given or half precision is in use, they are reported only once they outlast
   its back-off (:data:`SCALER_BACKOFF_STEPS`) or reach the weights; elsewhere at their step.
 * **Per module.** Rows are per call site; one module's call sites make one finding.
-* **Once per condition.** Each condition is reported once while it lasts; ``note`` hears when a
-  gradient explosion or spike clears.
+* **Once per condition.** Each condition is reported once while it lasts, and clears once it has
+  been absent on ``flow_window`` measured steps in a row (a spike at once), so a share hovering at
+  its threshold is one finding; ``note`` hears when a gradient explosion or spike clears.
 """
 
 from __future__ import annotations
@@ -122,6 +123,7 @@ class Judge:
         self._streak: Dict[Key, int] = {}
         self._pending: Dict[Key, Finding] = {}  # persistent conditions at the last step with gradients
         self._active: Dict[Key, Finding] = {}
+        self._absent: Dict[Key, int] = {}  # measured steps in a row an active condition has not held
         self._onset: Dict[Key, _Onset] = {}  # when each condition began to hold, reported or not
         self._weights: Deque[Snapshot] = deque()
         self._unapplied: Optional[Finding] = None  # non-finite gradients alone, first seen
@@ -303,8 +305,14 @@ class Judge:
             keys.setdefault(finding_key(f), f)
         for key, old in list(self._active.items()):
             if key in keys or key in held:
+                self._absent.pop(key, None)
                 continue
-            del self._active[key]
+            # A condition clears once it has been absent on flow_window measured steps in a row (a spike
+            # at once): a share hovering at its threshold is one finding, not one per crossing.
+            n = self._absent[key] = self._absent.get(key, 0) + 1
+            if old.condition != "jump" and n < self.thresholds.flow_window:
+                continue
+            del self._active[key], self._absent[key]
             if old.kind is FindingKind.EXPLODING and old.condition == "jump":
                 self.note(f"gradwatch: the gradient spike at step {old.step} ({old.layer}, {old.value:.3g} x its "
                           f"running median) cleared at step {step}.")
