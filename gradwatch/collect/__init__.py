@@ -28,7 +28,7 @@ from ..report import StepData
 from . import ranks, summary
 from .attention import AttentionTaps
 from .blind import BlindSpot, scripted
-from .buffers import Reduction, StepBuffers, UnitHistory, in_backward
+from .buffers import Reduction, SampleLayout, StepBuffers, UnitHistory, in_backward
 from .finite import Sentinel, smallest_near_input
 from .functional import FunctionalTaps
 from .gradients import GradientReader
@@ -52,7 +52,8 @@ class Collector:
         self.guard = Guard(options.strict)
         self.enabled = False  # False during forwards gradwatch must ignore (eval forwards by default)
         self._buf: Optional[StepBuffers] = None
-        how = Reduction(options.thresholds.saturation_margin, options.samples, options.bins)
+        how = self.how = Reduction(options.thresholds.saturation_margin, options.samples, options.bins)
+        self.sample_layout = SampleLayout(len(layers))  # sample buffers sized from earlier steps
         self.taps = LayerTaps(layers, how, options.thresholds.saturation_slope, self.guard, self._current)
         self.gradients = GradientReader(model, options.include, options.exclude, how, self.guard, self._current)
         self.functional = FunctionalTaps(model, how, self.guard, self._current) if options.functional else None
@@ -125,12 +126,15 @@ class Collector:
     def begin(self, *, histograms: bool) -> None:
         """Start a measured step: the layers' hooks measure, gradient and attention hooks are
         placed (kept from the previous step when that one was measured too, as with ``every=1``)."""
-        self._buf = StepBuffers(histograms=histograms)
+        self._buf = self._new_buffers(histograms)
         self.taps.traced.on = True
         self.gradients.register()
         self.attention.register()
         if self.functional is not None:
             self.functional.register()
+
+    def _new_buffers(self, histograms: bool) -> StepBuffers:
+        return StepBuffers(histograms, self.how, self.sample_layout)
 
     def pause(self) -> None:
         """An unmeasured step begins: the step's hooks go; the layers' hooks only keep outputs."""
@@ -207,6 +211,9 @@ class Collector:
             self.guard("finiteness check", self._check_output, output, kept)
         if self.functional is not None:
             self.functional.leave()
+        buf = self._current()
+        if buf is not None:  # the layers' samples, reduced together
+            self.guard("layer outputs", buf.flush)
         self.guard("parameter gradients", self.gradients.watch_output, output)
 
     # ------------------------------------------------------------------ non-finite values between measured steps
@@ -214,7 +221,7 @@ class Collector:
         if self.sentinel.check(output, self.step, "the model's output") is False:
             # This step becomes a measured one now: its layers' outputs (kept until here) in
             # forward order, and its gradients at the end of its backward.
-            self._buf = StepBuffers(histograms=False)
+            self._buf = self._new_buffers(False)
             self.gradients.register()
             self.taps.replay(self._buf, kept)
 
@@ -224,7 +231,7 @@ class Collector:
 
     def _check_grad_now(self, param: torch.Tensor) -> None:
         if self.sentinel.check(param.grad, self.step, "a gradient near the input") is False:
-            self._buf = StepBuffers(histograms=False)  # read every gradient at the end of this backward
+            self._buf = self._new_buffers(False)  # read every gradient at the end of this backward
             self.gradients.register()
             self.gradients.accumulated(param)
 
