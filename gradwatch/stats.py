@@ -257,14 +257,19 @@ def sample_view(t: Tensor, max_elements: int) -> Tensor:
     random stream (dropout masks stay identical). The stride is coprime with the dimension laid
     out innermost in memory (the last one, or the channels of a channels-last image), so the sample
     visits every feature or channel instead of, say, only the even ones. A tensor with gaps or
-    repeats in its memory (sliced, expanded) is sampled in its logical order from a flattened copy.
+    repeats in its memory (sliced, expanded) is sampled in its logical order from a flattened copy,
+    and so is every tensor inside a graph torch.compile traces (the same elements for a contiguous one).
 
     >>> sample_view(torch.arange(12).reshape(3, 4), 4).tolist()
     [0, 3, 6, 9]
     >>> sample_view(torch.arange(100_000).reshape(1000, 100), 32768).numel()  # stride 3, not 4
     33334
     """
-    n, s, dense = _plan(t.shape, t.stride(), t.is_contiguous(), max_elements)
+    if _compiling():  # traced: shape arithmetic only (no guard on strides), in the logical order
+        n = t.numel()
+        s, dense = _stride(n, t.shape[-1] if t.dim() else 1, max_elements), False
+    else:
+        n, s, dense = _plan(t.shape, t.stride(), t.is_contiguous(), max_elements)
     if dense:
         return t.as_strided((-(-n // s),), (s,), t.storage_offset())
     flat = t.reshape(-1)
@@ -274,14 +279,17 @@ def sample_view(t: Tensor, max_elements: int) -> Tensor:
 def strided_sample(t: Tensor, max_elements: int) -> Tensor:
     """:func:`sample_view` of ``t`` (detached) as a contiguous tensor.
 
-    >>> strided_sample(torch.arange(8).reshape(2, 4).t(), 4).tolist()  # memory order
-    [0, 1, 2, 3]
+    >>> strided_sample(torch.arange(6).reshape(2, 3).t(), 6).tolist()  # memory order, not [0, 3, 1, 4, 2, 5]
+    [0, 1, 2, 3, 4, 5]
     """
     return sample_view(t.detach(), max_elements).contiguous()
 
 
 def sample_size(t: Tensor, max_elements: int) -> int:
     """Number of elements :func:`sample_view` takes from ``t`` (host arithmetic, no sync)."""
+    if _compiling():
+        n = t.numel()
+        return -(-n // _stride(n, t.shape[-1] if t.dim() else 1, max_elements))
     n, s, _ = _plan(t.shape, t.stride(), t.is_contiguous(), max_elements)
     return -(-n // s)
 
@@ -385,9 +393,9 @@ def sample_row_host(t: Tensor, a: np.ndarray, max_elements: int, limits: Optiona
 def row_moments(total: float, n: int, row: Sequence[float], m: int) -> dict:
     """Host side of :func:`sample_rows`: a row of an ``m``-element sample of an ``n``-element tensor
     whose exact sum is ``total`` -> what :func:`activation_moments` gives for the same tensor."""
-    s, spread, nonzero, saturated = (list(row) + [0.0])[:4]
     if not n or not m:
         return activation_moments([], n, m)
+    s, spread, nonzero, saturated = (list(row) + [0.0])[:4]
     if math.isfinite(total):
         # The sample's spread around the whole tensor's exact mean: around its own mean, plus the shift.
         dev_sq = spread * spread + m * (s / m - total / n) ** 2
