@@ -654,11 +654,17 @@ def update_norms(before: Sequence[Tensor], after: Sequence[Tensor], scales: Sequ
     if not before:
         return torch.zeros(2, 0, dtype=torch.float64)
     device = before[0].device
-    out = torch.empty(2, len(before), dtype=torch.float64, device=device)
-    groups: dict = {}
-    for i, b in enumerate(before):
-        groups.setdefault((b.device, b.dtype), []).append(i)
     with torch.no_grad():
+        if device.type == "cpu" and HOST_ARRAYS:  # per tensor, read at once (see _grad_rows_cpu)
+            parts = [l2_norm(torch.sub(a, b)) for b, a in zip(before, after)] + [l2_norm(b) for b in before]
+            values = [v[0] for v in to_host(parts)]
+            k = len(before)
+            return torch.tensor([[values[i] * scales[i] for i in range(k)],
+                                 [values[k + i] * scales[i] for i in range(k)]], dtype=torch.float64)
+        out = torch.empty(2, len(before), dtype=torch.float64, device=device)
+        groups: dict = {}
+        for i, b in enumerate(before):
+            groups.setdefault((b.device, b.dtype), []).append(i)
         for idx in groups.values():
             b = [before[i] for i in idx]
             d = torch._foreach_sub([after[i] for i in idx], b)

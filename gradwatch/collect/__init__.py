@@ -85,13 +85,14 @@ class Collector:
         # always_call: the functional tap must be left even when the forward raises.
         self._root_handles.append(forward_hook(self.model, eager(self._root_hook), always_call=True))
         params = self.gradients.params()
-        self.blind.attach(params[0][2] if params else None)
         # Under several processes a step that one rank turned into a measured one would leave the
         # others out of its all-reduce: the check runs in a single process only.
         self.checking = ranks.world() == 1
-        near_input = smallest_near_input(params) if self.checking else None
+        # One hook after the gradient of a small parameter near the input both counts backward passes
+        # (the blind spot's) and checks that gradient: one Python call per backward, not two.
+        near_input = smallest_near_input(params)
         if near_input is not None and hasattr(near_input, "register_post_accumulate_grad_hook"):
-            self._root_handles.append(near_input.register_post_accumulate_grad_hook(WeakHook(self._check_grad)))
+            self._root_handles.append(near_input.register_post_accumulate_grad_hook(WeakHook(self._after_grad)))
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer,
                          on_step: Optional[Callable[[], None]] = None) -> None:
@@ -204,17 +205,18 @@ class Collector:
         if self._depth or in_backward():
             return
         kept = self.taps.take()
-        traced = self.taps.traced.take()
-        if traced and self._current() is not None:  # a compiled forward: its layers' reductions
-            self.taps.replay_traced(self._buf, traced)
+        if self.taps.traced.records:  # a compiled forward: its layers' reductions
+            traced = self.taps.traced.take()
+            if self._current() is not None:
+                self.taps.replay_traced(self._buf, traced)
         if self._buf is None and self.enabled and self.checking:
             self.guard("finiteness check", self._check_output, output, kept)
         if self.functional is not None:
             self.functional.leave()
         buf = self._current()
-        if buf is not None:  # the layers' samples, reduced together
+        if buf is not None:  # a measured step: the layers' samples, reduced together
             self.guard("layer outputs", buf.flush)
-        self.guard("parameter gradients", self.gradients.watch_output, output)
+            self.guard("parameter gradients", self.gradients.watch_output, output)
 
     # ------------------------------------------------------------------ non-finite values between measured steps
     def _check_output(self, output: Any, kept: List[Any]) -> None:
@@ -225,8 +227,9 @@ class Collector:
             self.gradients.register()
             self.taps.replay(self._buf, kept)
 
-    def _check_grad(self, param: torch.Tensor) -> None:
-        if self._buf is None and self.enabled and param.grad is not None:
+    def _after_grad(self, param: torch.Tensor) -> None:
+        self.blind._trained(param)
+        if self._buf is None and self.enabled and self.checking and param.grad is not None:
             self.guard("finiteness check", self._check_grad_now, param)
 
     def _check_grad_now(self, param: torch.Tensor) -> None:

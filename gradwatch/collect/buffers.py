@@ -30,8 +30,8 @@ from .. import stats
 from ..layers import ActivationKind, ActivationSpec
 from .outputs import iter_tensors
 
-CHUNK_ELEMENTS = 1 << 20
-"""The most elements one buffer of sample rows holds (4 MiB in float32); a full buffer is reduced at
+CHUNK_ELEMENTS = 1 << 22
+"""The most elements one buffer of sample rows holds (16 MiB in float32); a full buffer is reduced at
 once and the next rows go into a new one, so the memory a step's samples take stays bounded however
 many layers a model has."""
 

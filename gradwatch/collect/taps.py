@@ -34,6 +34,9 @@ from .guard import Guard
 from .hooks import forward_hook, forward_pre_hook
 from .traced import TracedRecord, TracedTaps, compiling
 
+# The innermost saved-tensor hooks in force (activation checkpointing, offloading), or None.
+_saved_tensor_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", lambda tracing: None)
+
 Current = Callable[[], Optional[StepBuffers]]
 """Returns the buffers of the step being measured, or None when nothing is to be recorded."""
 
@@ -178,12 +181,15 @@ class LayerTaps:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if compiling():  # traced into the compiled graph, without a graph break
                 self.traced.record(layer, output, own_layout)
+            elif self.keeping:  # an unmeasured step: the usual case, first
+                # Kept only with autograd on and nothing packing saved tensors: then its graph
+                # holds most outputs anyway, so keeping them to the end of the forward costs little
+                # memory; under no_grad, a reentrant checkpoint's (no_grad too) or a non-reentrant
+                # one's (it drops saved tensors), or offloading, it would keep what is freed.
+                if torch.is_grad_enabled() and _saved_tensor_hooks(False) is None:
+                    self.kept.append((layer, output))
             elif self.current() is not None:
                 measure(module, args, output)
-            # Kept only with autograd on: its graph holds most outputs anyway, so keeping them
-            # to the end of the forward costs little memory (under no_grad it could cost a lot).
-            elif self.keeping and torch.is_grad_enabled():
-                self.kept.append((layer, output))
         return hook
 
     def _site(self, layer: Layer, buf: StepBuffers) -> str:
