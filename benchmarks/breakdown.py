@@ -6,9 +6,11 @@
 
 Trains the Fashion-MNIST seed MLP (batch 256) watched every step, with a timer around each
 part of gradwatch's work (the timers add a little of their own), and prints microseconds per
-step beside the plain step's forward, backward and optimizer time. Parts nest: "summarise" is
-inside "layer outputs", "gradient read" runs inside the backward. Gradients at layer outputs
-(a tensor hook and a norm each, during backward) are timed as "output gradients".
+step beside the plain step's forward, backward and optimizer time. Parts nest: the sums and
+samples are inside "layer outputs", "gradient read" runs inside the backward. Gradients at layer
+outputs (a tensor hook and a norm each, during backward) are timed as "output gradients".
+``--cpu-time``: every timer reads the process's CPU time instead of the wall clock (steadier on
+a machine other processes share).
 
 ``--cold``: why a call costs more inside a training step than in a micro-benchmark. An unwatched
 MLP gets a plain forward hook on each layer that calls the same function twice on the layer's
@@ -46,6 +48,7 @@ from overhead import bench, fashion_mlp  # noqa: E402  (run from the repository 
 
 spent: Dict[str, float] = collections.Counter()
 labels = ["output gradients"]  # the order they print in
+clock = time.perf_counter
 
 
 def timed(owner: Any, name: str, label: str) -> None:
@@ -54,11 +57,11 @@ def timed(owner: Any, name: str, label: str) -> None:
     labels.append(label)
 
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        t0 = time.perf_counter()
+        t0 = clock()
         try:
             return fn(*args, **kwargs)
         finally:
-            spent[label] += time.perf_counter() - t0
+            spent[label] += clock() - t0
     setattr(owner, name, wrapper)
 
 
@@ -149,7 +152,11 @@ def main() -> None:
     p.add_argument("--cold", action="store_true", help="the same call twice inside the step (see above)")
     p.add_argument("--between", action="store_true", help="what a step that is not measured costs (see above)")
     p.add_argument("--rounds", type=int, default=30, help="rounds of --between")
+    p.add_argument("--cpu-time", action="store_true", help="time with the process's CPU time (see above)")
     args = p.parse_args()
+    global clock
+    if args.cpu_time:
+        clock = time.process_time
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
@@ -173,16 +180,17 @@ def main() -> None:
         hook = original_hook(self, site)
 
         def timed_hook(grad: torch.Tensor) -> None:
-            t0 = time.perf_counter()
+            t0 = clock()
             hook(grad)
-            spent["output gradients"] += time.perf_counter() - t0
+            spent["output gradients"] += clock() - t0
         return timed_hook
     buffers.StepBuffers._output_grad_hook = output_grad_hook  # type: ignore[method-assign]
     timed(c.taps, "_on_output", "layer outputs (forward)")
-    timed(buffers, "summarise", "  summarise (activation_summary)")
-    timed(buffers.stats, "unit_sums", "  dead-unit activity (unit_sums of rectifiers)")
+    timed(buffers.stats, "full_sum", "  sums of outputs")
+    timed(buffers.stats, "unit_sums", "  per-unit sums (dead units)")
+    timed(buffers.SampleRows, "add", "  samples: copied, or reduced at once on the CPU")
+    timed(buffers.StepBuffers, "flush", "samples of all layers reduced (end of forward)")
     timed(c.gradients, "read", "gradient read (end of backward)")
-    timed(buffers.stats, "histogram", "histograms (in the two parts above)")
     timed(c, "end", "step summary (Collector.end)")
     timed(summary, "_gather", "  one read of the step's small tensors, unit counters")
     timed(summary, "finish", "  per-layer records")
@@ -190,19 +198,19 @@ def main() -> None:
     timed(watch.sinks, "on_step", "sinks (TensorBoard event when a log_dir is given)")
     phases = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
 
-    def run(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int, clock: bool) -> None:
+    def run(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int, record: bool) -> None:
         for _ in range(steps):
-            t0 = time.perf_counter()
+            t0 = clock()
             out = model(x)
-            t1 = time.perf_counter()
+            t1 = clock()
             loss = F.cross_entropy(out, y)
             opt.zero_grad()
-            t2 = time.perf_counter()
+            t2 = clock()
             loss.backward()
-            t3 = time.perf_counter()
+            t3 = clock()
             opt.step()
-            t4 = time.perf_counter()
-            if clock:
+            t4 = clock()
+            if record:
                 phases["forward"] += t1 - t0
                 phases["backward"] += t3 - t2
                 phases["optimizer"] += t4 - t3

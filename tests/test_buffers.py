@@ -139,3 +139,18 @@ def test_rectifier_units_give_their_activity_and_the_exact_total():
         part, alive = buffers.reduce_output(t, spec, how, SampleRows("samples", 64, SampleLayout(1)), True, True)
     assert alive.shape == (1, 5, 1, 1) and (alive.reshape(-1) > 0).tolist() == [True, True, False, True, True]
     assert float(part.total.sum()) == pytest.approx(float(t.sum()), rel=1e-6)
+
+
+def test_the_batched_reduction_for_tensors_held_at_once_gives_the_same_rows(monkeypatch):
+    """``stats.activation_rows``: what a compiled graph, holding every layer output, can call once."""
+    monkeypatch.setattr(stats, "HOST_ARRAYS", False)
+    tensors = [t for t in _tensors().values() if t.numel() and t.dim()]
+    limits = [stats.saturation_limits(0.0, 1.0, 0.01) if i % 2 else None for i in range(len(tensors))]
+    batched = stats.activation_rows(tensors, 4096, limits)
+    rows = SampleRows("samples", 4096, SampleLayout(len(tensors)))
+    refs = [rows.add(t, lim) for t, lim in zip(tensors, limits)]
+    rows.reduce()
+    for i, ref in enumerate(refs):
+        expected = ref.chunk.result[ref.index]
+        got = batched[i, :expected.numel()]
+        assert torch.allclose(got, expected.to(got.dtype), rtol=1e-5, atol=1e-5, equal_nan=True), i
