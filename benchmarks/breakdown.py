@@ -3,6 +3,7 @@
     python benchmarks/breakdown.py [--steps 300] [--histograms]
     python benchmarks/breakdown.py --cold [--steps 300]
     python benchmarks/breakdown.py --between [--rounds 30]
+    python benchmarks/breakdown.py --fresh [--rounds 10]
 
 Trains the Fashion-MNIST seed MLP (batch 256) watched every step, with a timer around each
 part of gradwatch's work (the timers add a little of their own), and prints microseconds per
@@ -25,6 +26,11 @@ nothing on every layer (where outputs are kept), plus the per-step finiteness ch
 of the model's output, and of the first layer's bias gradient from a hook during backward), and
 gradwatch itself with no step measured after its first (``every=10**6``). A second unwatched copy
 is the A/A control.
+
+``--fresh``: what the first 100 steps of a new watch cost at the defaults (the dense start
+measures the first 10 steps, then every 20th until the budget can act at step 100), as a new
+user would time it: per round, a fresh copy of the MLP trained 100 steps with SGD unwatched and
+a fresh copy watched from its first step, in alternating order; the median ratio over rounds.
 """
 
 from __future__ import annotations
@@ -144,6 +150,36 @@ def between_steps(rounds: int, x: torch.Tensor, y: torch.Tensor) -> None:
         print(f"  {v:40s} {(statistics.median(ratios) - 1) * plain * 1e3:7.0f}")
 
 
+def fresh_watches(rounds: int, x: torch.Tensor, y: torch.Tensor) -> None:
+    torch.manual_seed(0)
+    base = fashion_mlp()
+
+    def hundred(watched: bool) -> float:
+        model = copy.deepcopy(base)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+        t0 = clock()
+        watch = GradWatch(model, quiet=True).attach() if watched else None
+        for _ in range(100):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        if watch is not None:
+            watch.detach()
+        return clock() - t0
+    hundred(False), hundred(True)  # warm-up: imports, first-call costs of both
+    ratios, plain = [], []
+    for r in range(rounds):
+        order = [False, True] if r % 2 == 0 else [True, False]
+        times = {w: hundred(w) for w in order}
+        ratios.append(times[True] / times[False])
+        plain.append(times[False])
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; seed MLP, SGD: the first 100 steps of a "
+          f"fresh watch at the defaults (attach and detach included)")
+    print(f"  unwatched {statistics.median(plain) * 10:.2f} ms/step; watched / unwatched: median "
+          f"{statistics.median(ratios):.3f}x over {rounds} rounds (min {min(ratios):.3f}, max {max(ratios):.3f})")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=300)
@@ -151,7 +187,8 @@ def main() -> None:
     p.add_argument("--histograms", action="store_true", help="histograms every step, into a log_dir")
     p.add_argument("--cold", action="store_true", help="the same call twice inside the step (see above)")
     p.add_argument("--between", action="store_true", help="what a step that is not measured costs (see above)")
-    p.add_argument("--rounds", type=int, default=30, help="rounds of --between")
+    p.add_argument("--rounds", type=int, help="rounds of --between (default 30) or --fresh (default 10)")
+    p.add_argument("--fresh", action="store_true", help="the first 100 steps of a fresh watch (see above)")
     p.add_argument("--cpu-time", action="store_true", help="time with the process's CPU time (see above)")
     args = p.parse_args()
     global clock
@@ -167,7 +204,10 @@ def main() -> None:
         cold_calls(args.steps, x, y)
         return
     if args.between:
-        between_steps(args.rounds, x, y)
+        between_steps(args.rounds or 30, x, y)
+        return
+    if args.fresh:
+        fresh_watches(args.rounds or 10, x, y)
         return
     plain, watched = copy.deepcopy(base), copy.deepcopy(base)
     kwargs: Dict[str, Any] = {"histogram_every": 1, "log_dir": tempfile.mkdtemp(prefix="gw-breakdown-")} \

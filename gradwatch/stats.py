@@ -1,9 +1,13 @@
 """Pure statistics over tensors: no hooks, no state, no I/O.
 
-Every function reduces a (possibly large) tensor on its own device into a few
-numbers, without a host synchronisation, so hooks can call them on the hot path and
-gradwatch moves everything to the host in one transfer per logging step. Each is
-tested against a numpy reference in ``tests/test_stats.py``.
+Every function reduces (possibly large) tensors on their own device into a few numbers,
+without a host synchronisation, so hooks can call them on the hot path and gradwatch moves
+everything to the host in one transfer per logging step. Per layer only what needs the whole
+tensor runs (:func:`full_sum`, :func:`unit_sums`, :func:`l2_norm`); what a strided sample gives
+is computed for the samples of all layers at once (:func:`sample_rows`, :func:`histogram_rows`),
+in a number of kernels that does not grow with depth, and, for CPU tensors, in NumPy layer by
+layer (:func:`sample_row_host`, :func:`histogram_host`). Each is tested against a numpy or
+per-tensor reference in ``tests/test_stats.py`` and ``tests/test_buffers.py``.
 """
 
 from __future__ import annotations

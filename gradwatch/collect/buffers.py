@@ -100,23 +100,21 @@ class Chunk:
     def __init__(self, rows: int, length: int, dtype: torch.dtype, device: torch.device) -> None:
         self.capacity, self.length = rows, length
         self.buf: Optional[Tensor] = torch.full((rows, length), math.nan, dtype=dtype, device=device)
-        self.rows = 0
+        self.counts: List[int] = []  # per row, the sample's number of elements
         self.limits: List[Limits] = []
-        self.counts: List[int] = []
         self.result: Optional[Tensor] = None
 
     def fits(self, m: int) -> bool:
-        return self.buf is not None and self.rows < self.capacity and m <= self.length
+        return self.buf is not None and len(self.counts) < self.capacity and m <= self.length
 
     def add(self, view: Tensor, limits: Limits, scale: Optional[Tensor] = None) -> int:
-        row = self.rows
+        row = len(self.counts)
         assert self.buf is not None
         dest = torch.as_strided(self.buf, (view.numel(),), (1,), row * self.length)
         if scale is None:
             dest.copy_(view)
         else:
             torch.mul(view, scale, out=dest)
-        self.rows += 1
         self.counts.append(view.numel())
         self.limits.append(limits)
         return row
@@ -187,7 +185,7 @@ class SampleRows:
     def _reduce(self, chunk: Chunk) -> None:
         self.open = {k: c for k, c in self.open.items() if c is not chunk}
         buf, chunk.buf = chunk.buf, None
-        k = chunk.rows
+        k = len(chunk.counts)
         if buf is None or not k:
             return
         x = buf if k == chunk.capacity else buf.as_strided((k, chunk.length), (chunk.length, 1), 0)
