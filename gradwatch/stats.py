@@ -659,7 +659,7 @@ def to_host(tensors: Sequence[Tensor]) -> List[List[float]]:
         parts = [flat.get(i, tensors[i]) for i in idx]
         v = parts[0] if len(parts) == 1 else torch.cat(parts, dim)
         if ndim != 1:
-            v = v.view(-1)
+            v = v.view(-1) if v.is_contiguous() else v.reshape(-1)
         by_device.setdefault(device, {}).setdefault(dtype, []).append((idx, v))
     for device, by_dtype in by_device.items():
         order = [i for runs in by_dtype.values() for idx, _ in runs for i in idx]
