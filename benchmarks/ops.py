@@ -57,7 +57,8 @@ VIEWS = {"aten::as_strided", "aten::view", "aten::reshape", "aten::_reshape_alia
          "aten::resolve_neg", "aten::empty", "aten::empty_strided", "aten::empty_like", "aten::new_empty",
          "aten::flatten", "aten::split", "aten::split_with_sizes", "aten::unbind", "aten::to",
          "aten::_local_scalar_dense", "aten::item"}
-"""Ops that only make views or allocate, or read a number on the CPU (no kernel on a GPU)."""
+"""Ops that only make views or allocate, or read a number on the CPU: no kernel on a GPU (``aten::to``
+counts when it copies: an op is a kernel when it or an op inside it is not one of these)."""
 
 
 class Block(nn.Module):
@@ -77,12 +78,14 @@ class Block(nn.Module):
 
 
 def resnet_style(watched_layers: int = 50, channels: int = 16, classes: int = 10) -> nn.Module:
-    """A ResNet-style CNN with about ``watched_layers`` modules gradwatch watches (a stem conv, batch
-    norm and ReLU, residual blocks of six, pooling and a linear head)."""
-    blocks = max(1, (watched_layers - 6) // 6)
-    return nn.Sequential(nn.Conv2d(3, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(),
-                         *[Block(channels) for _ in range(blocks)], nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Linear(channels, classes))
+    """A ResNet-style CNN with ``watched_layers`` modules gradwatch watches, give or take a few: a stem of
+    two conv, batch norm and ReLU triples, residual blocks of six, pooling and a linear head."""
+    blocks = max(1, (watched_layers - 8) // 6)
+
+    def stem(c_in: int) -> List[nn.Module]:
+        return [nn.Conv2d(c_in, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU()]
+    return nn.Sequential(*stem(3), *stem(channels), *[Block(channels) for _ in range(blocks)],
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, classes))
 
 
 @dataclass
@@ -108,8 +111,13 @@ def _count(prof: Any, steps: int) -> Count:
             parent = parent.cpu_parent
         if parent is None:
             top += 1
-            kernels += e.name not in VIEWS
+            kernels += _computes(e)
     return Count(total / steps, top / steps, kernels / steps)
+
+
+def _computes(event: Any) -> bool:
+    """Whether an op, or an op inside it, does more than make views, allocate or read a number."""
+    return event.name.startswith("aten::") and event.name not in VIEWS or any(_computes(c) for c in event.cpu_children)
 
 
 def count_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, watch: Dict[str, Any] | None,
