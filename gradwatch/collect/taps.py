@@ -182,10 +182,11 @@ class LayerTaps:
             if compiling():  # traced into the compiled graph, without a graph break
                 self.traced.record(layer, output, own_layout)
             elif self.keeping:  # an unmeasured step: the usual case, first
-                # Kept only with autograd on and nothing packing saved tensors: then its graph
-                # holds most outputs anyway, so keeping them to the end of the forward costs little
-                # memory; under no_grad, a reentrant checkpoint's (no_grad too) or a non-reentrant
-                # one's (it drops saved tensors), or offloading, it would keep what is freed.
+                # Kept only with autograd on and nothing packing saved tensors: its graph holds
+                # most outputs anyway (the rest, freed early without gradwatch, live until the
+                # forward returns; see "Non-finite values between measured steps" in concepts.md).
+                # Under no_grad, checkpointing (reentrant: no_grad; non-reentrant: it drops saved
+                # tensors) or offloading, keeping would undo the memory they save.
                 if torch.is_grad_enabled() and _saved_tensor_hooks(False) is None:
                     self.kept.append((layer, output))
             elif self.current() is not None:
