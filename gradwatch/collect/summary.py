@@ -151,7 +151,7 @@ def _moments(g: _Gathered, name: str, site: SiteBuffer) -> List[dict]:
         if part.summary is not None:
             out.append(stats.activation_moments(next(summaries), part.numel, part.sampled))
         elif part.total is not None:
-            total = math.fsum(next(totals)) if isinstance(part.total, Tensor) else part.total if isinstance(part.total, Tensor) else part.total
+            total = sum(next(totals)) if isinstance(part.total, Tensor) else part.total
             row = g.row(part.row)
             out.append(stats.row_moments(total, part.numel, row if row is not None else [], part.sampled))
     return out
