@@ -3,12 +3,15 @@
     python benchmarks/breakdown.py [--steps 300] [--histograms]
     python benchmarks/breakdown.py --cold [--steps 300]
     python benchmarks/breakdown.py --between [--rounds 30]
+    python benchmarks/breakdown.py --fresh [--rounds 10]
 
 Trains the Fashion-MNIST seed MLP (batch 256) watched every step, with a timer around each
 part of gradwatch's work (the timers add a little of their own), and prints microseconds per
-step beside the plain step's forward, backward and optimizer time. Parts nest: "summarise" is
-inside "layer outputs", "gradient read" runs inside the backward. Gradients at layer outputs
-(a tensor hook and a norm each, during backward) are timed as "output gradients".
+step beside the plain step's forward, backward and optimizer time. Parts nest: the sums and
+samples are inside "layer outputs", "gradient read" runs inside the backward. Gradients at layer
+outputs (a tensor hook and a norm each, during backward) are timed as "output gradients".
+``--cpu-time``: every timer reads the process's CPU time instead of the wall clock (steadier on
+a machine other processes share).
 
 ``--cold``: why a call costs more inside a training step than in a micro-benchmark. An unwatched
 MLP gets a plain forward hook on each layer that calls the same function twice on the layer's
@@ -23,6 +26,11 @@ nothing on every layer (where outputs are kept), plus the per-step finiteness ch
 of the model's output, and of the first layer's bias gradient from a hook during backward), and
 gradwatch itself with no step measured after its first (``every=10**6``). A second unwatched copy
 is the A/A control.
+
+``--fresh``: what the first 100 steps of a new watch cost at the defaults (the dense start
+measures the first 10 steps, then every 20th until the budget can act at step 100), as a new
+user would time it: per round, a fresh copy of the MLP trained 100 steps with SGD unwatched and
+a fresh copy watched from its first step, in alternating order; the median ratio over rounds.
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ from overhead import bench, fashion_mlp  # noqa: E402  (run from the repository 
 
 spent: Dict[str, float] = collections.Counter()
 labels = ["output gradients"]  # the order they print in
+clock = time.perf_counter
 
 
 def timed(owner: Any, name: str, label: str) -> None:
@@ -54,11 +63,11 @@ def timed(owner: Any, name: str, label: str) -> None:
     labels.append(label)
 
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        t0 = time.perf_counter()
+        t0 = clock()
         try:
             return fn(*args, **kwargs)
         finally:
-            spent[label] += time.perf_counter() - t0
+            spent[label] += clock() - t0
     setattr(owner, name, wrapper)
 
 
@@ -141,6 +150,36 @@ def between_steps(rounds: int, x: torch.Tensor, y: torch.Tensor) -> None:
         print(f"  {v:40s} {(statistics.median(ratios) - 1) * plain * 1e3:7.0f}")
 
 
+def fresh_watches(rounds: int, x: torch.Tensor, y: torch.Tensor) -> None:
+    torch.manual_seed(0)
+    base = fashion_mlp()
+
+    def hundred(watched: bool) -> float:
+        model = copy.deepcopy(base)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+        t0 = clock()
+        watch = GradWatch(model, quiet=True).attach() if watched else None
+        for _ in range(100):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        if watch is not None:
+            watch.detach()
+        return clock() - t0
+    hundred(False), hundred(True)  # warm-up: imports, first-call costs of both
+    ratios, plain = [], []
+    for r in range(rounds):
+        order = [False, True] if r % 2 == 0 else [True, False]
+        times = {w: hundred(w) for w in order}
+        ratios.append(times[True] / times[False])
+        plain.append(times[False])
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; seed MLP, SGD: the first 100 steps of a "
+          f"fresh watch at the defaults (attach and detach included)")
+    print(f"  unwatched {statistics.median(plain) * 10:.2f} ms/step; watched / unwatched: median "
+          f"{statistics.median(ratios):.3f}x over {rounds} rounds (min {min(ratios):.3f}, max {max(ratios):.3f})")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=300)
@@ -148,8 +187,13 @@ def main() -> None:
     p.add_argument("--histograms", action="store_true", help="histograms every step, into a log_dir")
     p.add_argument("--cold", action="store_true", help="the same call twice inside the step (see above)")
     p.add_argument("--between", action="store_true", help="what a step that is not measured costs (see above)")
-    p.add_argument("--rounds", type=int, default=30, help="rounds of --between")
+    p.add_argument("--rounds", type=int, help="rounds of --between (default 30) or --fresh (default 10)")
+    p.add_argument("--fresh", action="store_true", help="the first 100 steps of a fresh watch (see above)")
+    p.add_argument("--cpu-time", action="store_true", help="time with the process's CPU time (see above)")
     args = p.parse_args()
+    global clock
+    if args.cpu_time:
+        clock = time.process_time
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
@@ -160,7 +204,10 @@ def main() -> None:
         cold_calls(args.steps, x, y)
         return
     if args.between:
-        between_steps(args.rounds, x, y)
+        between_steps(args.rounds or 30, x, y)
+        return
+    if args.fresh:
+        fresh_watches(args.rounds or 10, x, y)
         return
     plain, watched = copy.deepcopy(base), copy.deepcopy(base)
     kwargs: Dict[str, Any] = {"histogram_every": 1, "log_dir": tempfile.mkdtemp(prefix="gw-breakdown-")} \
@@ -173,16 +220,17 @@ def main() -> None:
         hook = original_hook(self, site)
 
         def timed_hook(grad: torch.Tensor) -> None:
-            t0 = time.perf_counter()
+            t0 = clock()
             hook(grad)
-            spent["output gradients"] += time.perf_counter() - t0
+            spent["output gradients"] += clock() - t0
         return timed_hook
     buffers.StepBuffers._output_grad_hook = output_grad_hook  # type: ignore[method-assign]
     timed(c.taps, "_on_output", "layer outputs (forward)")
-    timed(buffers, "summarise", "  summarise (activation_summary)")
-    timed(buffers.stats, "unit_sums", "  dead-unit activity (unit_sums of rectifiers)")
+    timed(buffers.stats, "full_sum", "  sums of outputs")
+    timed(buffers.stats, "unit_sums", "  per-unit sums (dead units)")
+    timed(buffers.SampleRows, "add", "  samples: copied, or reduced at once on the CPU")
+    timed(buffers.StepBuffers, "flush", "samples of all layers reduced (end of forward)")
     timed(c.gradients, "read", "gradient read (end of backward)")
-    timed(buffers.stats, "histogram", "histograms (in the two parts above)")
     timed(c, "end", "step summary (Collector.end)")
     timed(summary, "_gather", "  one read of the step's small tensors, unit counters")
     timed(summary, "finish", "  per-layer records")
@@ -190,19 +238,19 @@ def main() -> None:
     timed(watch.sinks, "on_step", "sinks (TensorBoard event when a log_dir is given)")
     phases = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
 
-    def run(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int, clock: bool) -> None:
+    def run(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int, record: bool) -> None:
         for _ in range(steps):
-            t0 = time.perf_counter()
+            t0 = clock()
             out = model(x)
-            t1 = time.perf_counter()
+            t1 = clock()
             loss = F.cross_entropy(out, y)
             opt.zero_grad()
-            t2 = time.perf_counter()
+            t2 = clock()
             loss.backward()
-            t3 = time.perf_counter()
+            t3 = clock()
             opt.step()
-            t4 = time.perf_counter()
-            if clock:
+            t4 = clock()
+            if record:
                 phases["forward"] += t1 - t0
                 phases["backward"] += t3 - t2
                 phases["optimizer"] += t4 - t3

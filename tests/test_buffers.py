@@ -1,36 +1,156 @@
-"""Per-unit dead-unit counters (``gradwatch.collect.buffers.UnitHistory``), on both of their paths."""
+"""The step's buffers (``gradwatch.collect.buffers``): per-unit dead-unit counters, and the batched
+statistics of samples (``SampleRows``) against the per-tensor reference (``stats.activation_summary``),
+on both paths: NumPy layer by layer on the CPU, and the rows of all layers reduced together (the
+path GPUs take, forced on the CPU with ``stats.HOST_ARRAYS = False``)."""
 
 from __future__ import annotations
 
+import gc
+import math
+import weakref
+
+import numpy as np
+import pytest
 import torch
 
-from gradwatch.collect.buffers import UnitHistory
+from gradwatch import stats
+from gradwatch.collect import buffers
+from gradwatch.collect.buffers import SampleLayout, SampleRows, UnitHistory
 
 
-class Elsewhere(torch.Tensor):
-    """A tensor subclass: the counters take PyTorch's path for it, as for a tensor on an accelerator."""
-
-
-def fold(batches, wrap=lambda t: t):
+def fold(batches):
     history = UnitHistory(window=3)
-    return [(seen, flags.tolist()) for seen, flags in (history.update("relu", wrap(b)) for b in batches)]
+    return [(seen, flags) for seen, flags in (history.update("relu", np.asarray(b)) for b in batches)]
 
 
-def test_a_unit_is_dead_when_idle_over_the_whole_window_seen_so_far_on_both_paths():
-    alive = [torch.tensor([True, False, False]), torch.tensor([False, False, True]),
-             torch.tensor([False, False, False]), torch.tensor([False, False, False]),
-             torch.tensor([True, False, False])]
+def test_a_unit_is_dead_when_idle_over_the_whole_window_seen_so_far():
+    alive = [[True, False, False], [False, False, True], [False, False, False], [False, False, False],
+             [True, False, False]]
     expected = [(1, [0.0, 1.0, 1.0]),  # one batch seen: idle in it is dead so far
                 (2, [0.0, 1.0, 0.0]),  # unit 0 was active in the window, unit 2 now
                 (3, [0.0, 1.0, 0.0]),
                 (3, [1.0, 1.0, 0.0]),  # the window holds 3 batches: unit 0 idle in all of them
                 (3, [0.0, 1.0, 1.0])]
     assert fold(alive) == expected
-    assert fold(alive, lambda t: t.as_subclass(Elsewhere)) == expected
 
 
 def test_counters_start_afresh_when_the_number_of_units_changes():
     history = UnitHistory(window=4)
-    history.update("relu", torch.tensor([False, True]))
-    seen, flags = history.update("relu", torch.tensor([False, True, True]))
-    assert seen == 1 and flags.tolist() == [1.0, 0.0, 0.0]
+    history.update("relu", np.array([False, True]))
+    seen, flags = history.update("relu", np.array([False, True, True]))
+    assert seen == 1 and flags == [1.0, 0.0, 0.0]
+
+
+# ---------------------------------------------------------------------------------------- batched samples
+def _tensors():
+    """Random tensors of mixed shapes, dtypes and memory layouts, some with exact zeros and values
+    near the saturation bounds (0.01, 0.99), one with a NaN and one with an Inf."""
+    g = torch.Generator().manual_seed(21)
+    base = torch.rand(16, 8, 12, 12, generator=g) * 1.2 - 0.1
+    base[base < 0.05] = 0.0
+    mlp = torch.randn(256, 300, generator=g)
+    mlp[mlp < 0] = 0.0
+    nan = torch.rand(40, 30, generator=g)
+    nan[3, 4] = float("nan")
+    inf = torch.rand(50, generator=g)
+    inf[7] = float("inf")
+    return {
+        "float32": mlp, "float64": mlp.double()[:100], "float16": base.half(), "bfloat16": base.bfloat16(),
+        "channels_last": base.to(memory_format=torch.channels_last), "transposed": mlp.t(),
+        "expanded": base[:, :1].expand(16, 8, 12, 12), "sliced": base[::3, 1:5, ::2], "empty": base[:0],
+        "scalar": base[0, 0, 0, 0], "large": torch.rand(300, 700, generator=g), "nan": nan, "inf": inf,
+    }
+
+
+def _reference(t, limits, max_elements):
+    lower, upper = (0.0, 1.0) if limits else (None, None)
+    raw = stats.activation_summary(t, lower, upper, 0.01, max_elements).tolist()
+    return stats.activation_moments(raw, t.numel(), stats.sample_size(t, max_elements))
+
+
+@pytest.mark.parametrize("host", [True, False], ids=["numpy", "batched"])
+@pytest.mark.parametrize("chunk", [1 << 20, 2000], ids=["one-buffer", "many-buffers"])
+def test_the_batched_rows_give_the_per_tensor_reference_numbers(host, chunk, monkeypatch):
+    monkeypatch.setattr(stats, "HOST_ARRAYS", host)
+    monkeypatch.setattr(buffers, "CHUNK_ELEMENTS", chunk)  # small buffers: full ones are reduced as rows arrive
+    max_elements = 4096
+    rows = SampleRows("samples", max_elements, SampleLayout(3))
+    tensors = _tensors()
+    limits = {name: (i % 2 == 0) for i, name in enumerate(tensors)}
+    refs = {name: rows.add(t, stats.saturation_limits(0.0, 1.0, 0.01) if limits[name] else None)
+            for name, t in tensors.items()}
+    rows.reduce()
+    for name, t in tensors.items():
+        ref = _reference(t, limits[name], max_elements)
+        if t.numel() == 0:
+            assert refs[name] is None
+            continue
+        row = refs[name].values if refs[name].values is not None else refs[name].chunk.result[refs[name].index].tolist()
+        total = float(stats.full_sum(t).double().sum())
+        got = stats.row_moments(total, t.numel(), row, refs[name].count)
+        assert refs[name].count == stats.sample_size(t, max_elements)
+        assert got["nonfinite"] == ref["nonfinite"] == (name in ("nan", "inf")), name
+        assert got["zeros"] == ref["zeros"], name  # counts are exact: the same elements of the same sample
+        assert got["saturated"] == ref["saturated"], name
+        if ref["nonfinite"]:
+            assert math.isnan(got["var"]) and not math.isfinite(got["mean"]), name
+        else:
+            assert got["mean"] == pytest.approx(ref["mean"], rel=1e-5, abs=1e-7), name
+            assert got["var"] == pytest.approx(ref["var"], rel=1e-4, abs=1e-7), name
+
+
+@pytest.mark.parametrize("host", [True, False], ids=["numpy", "batched"])
+def test_batched_histograms_match_numpy_on_each_sample(host, monkeypatch):
+    monkeypatch.setattr(stats, "HOST_ARRAYS", host)
+    rows = SampleRows("act_hist", 512, SampleLayout(2), bins=16)
+    tensors = {k: v for k, v in _tensors().items() if v.numel()}
+    refs = {name: rows.add(t) for name, t in tensors.items()}
+    rows.reduce()
+    for name, t in tensors.items():
+        ref = refs[name]
+        row = ref.values if ref.values is not None else ref.chunk.result[ref.index].tolist()
+        h = stats.histogram_fields(row)
+        s = stats.strided_sample(t, 512).double().numpy()
+        s = s[np.isfinite(s)]
+        counts, _ = np.histogram(s, bins=16, range=(s.min(), s.max()))
+        assert h[:5] == pytest.approx([s.min(), s.max(), s.size, s.sum(), (s * s).sum()], rel=1e-5), name
+        assert np.abs(np.array(h[5:]) - counts).sum() <= 4, name  # edges computed apart may move a value
+
+
+def test_a_sample_is_a_copy_the_layer_output_is_freed_as_without_gradwatch(monkeypatch):
+    monkeypatch.setattr(stats, "HOST_ARRAYS", False)
+    rows = SampleRows("samples", 64, SampleLayout(2))
+    t = torch.rand(32, 40)
+    alive = weakref.ref(t)
+    ref = rows.add(t)
+    del t
+    gc.collect()
+    assert alive() is None  # nothing of gradwatch keeps the tensor: checkpointing and freeing work as before
+    rows.reduce()
+    assert ref.chunk.result is not None and ref.chunk.buf is None  # the buffer goes once reduced
+
+
+def test_rectifier_units_give_their_activity_and_the_exact_total():
+    spec = buffers.ActivationSpec(buffers.ActivationKind.RECTIFIER)
+    t = torch.relu(torch.randn(8, 5, 3, 3))
+    t[:, 2] = 0.0
+    how = buffers.Reduction(0.01, 64, 8)
+    with torch.no_grad():
+        part, alive = buffers.reduce_output(t, spec, how, SampleRows("samples", 64, SampleLayout(1)), True, True)
+    assert alive.shape == (1, 5, 1, 1) and (alive.reshape(-1) > 0).tolist() == [True, True, False, True, True]
+    assert float(part.total.sum()) == pytest.approx(float(t.sum()), rel=1e-6)
+
+
+def test_the_batched_reduction_for_tensors_held_at_once_gives_the_same_rows(monkeypatch):
+    """``stats.activation_rows``: what a compiled graph, holding every layer output, can call once."""
+    monkeypatch.setattr(stats, "HOST_ARRAYS", False)
+    tensors = [t for t in _tensors().values() if t.numel() and t.dim()]
+    limits = [stats.saturation_limits(0.0, 1.0, 0.01) if i % 2 else None for i in range(len(tensors))]
+    batched = stats.activation_rows(tensors, 4096, limits)
+    rows = SampleRows("samples", 4096, SampleLayout(len(tensors)))
+    refs = [rows.add(t, lim) for t, lim in zip(tensors, limits)]
+    rows.reduce()
+    for i, ref in enumerate(refs):
+        expected = ref.chunk.result[ref.index]
+        got = batched[i, :expected.numel()]
+        assert torch.allclose(got, expected.to(got.dtype), rtol=1e-5, atol=1e-5, equal_nan=True), i

@@ -19,6 +19,19 @@ def cpu_path(request, monkeypatch):
     return request.param
 
 
+def row_of(t, lower=None, upper=None, margin=0.01, max_elements=1 << 15) -> list:
+    """The row of ``t``'s sample on the path in force: ``stats.sample_row_host`` for a CPU tensor
+    NumPy reads, else ``stats.sample_rows`` on a one-row buffer padded with NaN."""
+    limits = stats.saturation_limits(lower, upper, margin) if lower is not None or upper is not None else None
+    a = stats.host_array(t)
+    if a is not None:
+        return stats.sample_row_host(t, a, max_elements, limits)
+    s = stats.sample_view(t.detach(), max_elements)
+    x = torch.cat([s.float().reshape(1, -1), torch.full((1, 3), float("nan"))], 1)
+    low, high = (torch.tensor([[limits[0]]]), torch.tensor([[limits[1]]])) if limits else (None, None)
+    return stats.sample_rows(x, torch.tensor([[float(s.numel())]]), low, high)[0].tolist()
+
+
 @pytest.fixture
 def x():
     g = torch.Generator().manual_seed(0)
@@ -175,13 +188,18 @@ def test_histogram_skips_nonfinite_and_handles_constants():
                                     [0.0, 1e-44, 2e-44]])
 def test_both_paths_give_the_same_numbers(values, monkeypatch):
     t = torch.tensor(values * 100)
+    total = float(t.sum())
     for args in [(), (0.0, 1.0), (None, 4.0), (-1.0, None)]:
         rows = []
         for host in (True, False):
             monkeypatch.setattr(stats, "HOST_ARRAYS", host)
-            rows.append((stats.activation_summary(t, *args).tolist(), stats.histogram(t, bins=8).tolist()))
+            m = stats.sample_size(t, 1 << 15)
+            moments = stats.row_moments(total, t.numel(), row_of(t, *args), m)
+            rows.append(([moments[k] for k in ("mean", "var", "zeros", "nonfinite", "saturated")],
+                         stats.histogram(t, bins=8).tolist()))
         for host, plain in zip(*rows):
-            np.testing.assert_allclose(np.array(host), np.array(plain), rtol=1e-6, equal_nan=True)
+            np.testing.assert_allclose(np.array(host, dtype=float), np.array(plain, dtype=float), rtol=1e-6,
+                                       equal_nan=True)
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "transposed", "expanded", "sliced", "float64", "empty", "scalar"])
@@ -192,9 +210,14 @@ def test_both_paths_agree_on_every_memory_layout(layout, monkeypatch):
          "expanded": base[:, :1].expand(16, 8, 12, 12), "sliced": base[::3, 1:5, ::2],
          "float64": base.double(), "empty": base[:0], "scalar": base[0, 0, 0, 0]}[layout]
     rows = []
+    reference = summary(t, 0.0, 1.0, max_elements=256)
     for host in (True, False):
         monkeypatch.setattr(stats, "HOST_ARRAYS", host)
-        rows.append((stats.activation_summary(t, 0.0, 1.0, max_elements=256).tolist(),
+        m = stats.sample_size(t, 256)
+        got = stats.row_moments(float(t.double().sum()), t.numel(), row_of(t, 0.0, 1.0, max_elements=256), m)
+        if t.numel():
+            assert got == pytest.approx(reference, rel=1e-5, abs=1e-6)  # the per-tensor reference
+        rows.append(([got[k] for k in ("mean", "var", "zeros", "saturated")],
                      stats.histogram(t, bins=8, max_elements=128).tolist()))
     for host, plain in zip(*rows):
         np.testing.assert_allclose(np.array(host), np.array(plain), rtol=1e-5, atol=1e-6)
@@ -206,9 +229,10 @@ def test_huge_values_raise_no_numpy_warning_under_warnings_as_errors():
     t = torch.tensor([3e38, -3e38, 1e30, 0.0] * 50)  # sums and squares overflow float32
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a RuntimeWarning from NumPy would raise in the user's step
-        summary_row = stats.activation_summary(t, 0.0, 1.0).tolist()
+        summary_row = row_of(t, 0.0, 1.0)
         hist = stats.histogram(t, bins=4).tolist()
-    assert math.isinf(summary_row[1]) or math.isnan(summary_row[1])  # as PyTorch's norm: overflowed
+    var = stats.row_moments(float(t.sum()), t.numel(), summary_row, t.numel())["var"]
+    assert math.isinf(var) or math.isnan(var)  # as PyTorch's float32 norm: overflowed, never a finite spread
     assert hist[2] == t.numel() and sum(hist[5:]) == t.numel()
 
 

@@ -30,7 +30,7 @@ from ..report import StepData
 from . import ranks, summary
 from .attention import AttentionTaps
 from .blind import BlindSpot, scripted
-from .buffers import Reduction, StepBuffers, UnitHistory, in_backward
+from .buffers import Reduction, SampleLayout, StepBuffers, UnitHistory, in_backward
 from .finite import Sentinel, smallest_near_input
 from .forwards import ForwardGroup, transformed
 from .functional import FunctionalTaps
@@ -59,7 +59,8 @@ class Collector:
         self.include_eval = options.include_eval
         self._ignoring = False  # during a forward that is no training step (see _not_a_step)
         self._buf: Optional[StepBuffers] = None
-        how = Reduction(options.thresholds.saturation_margin, options.samples, options.bins)
+        how = self.how = Reduction(options.thresholds.saturation_margin, options.samples, options.bins)
+        self.sample_layout = SampleLayout(len(layers))  # sample buffers sized from earlier steps
         self.taps = LayerTaps(layers, how, options.thresholds.saturation_slope, self.guard, self._current)
         self.taps.on_transform = self._in_transform
         self.gradients = GradientReader(model, options.include, options.exclude, how, self.guard, self._current)
@@ -125,10 +126,11 @@ class Collector:
         self._param_handles.clear()
         params = self.gradients.params()
         self._placed_for = self.gradients.generation
-        self.blind.attach(params[0][2] if params else None)
-        near_input = smallest_near_input(params) if self.checking else None
+        # One hook after the gradient of a small parameter near the input both counts backward passes
+        # (the blind spot's) and checks that gradient: one Python call per backward, not two.
+        near_input = smallest_near_input(params)
         if near_input is not None and hasattr(near_input, "register_post_accumulate_grad_hook"):
-            self._param_handles.append(near_input.register_post_accumulate_grad_hook(WeakHook(self._check_grad)))
+            self._param_handles.append(near_input.register_post_accumulate_grad_hook(WeakHook(self._after_grad)))
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer,
                          on_step: Optional[Callable[[], None]] = None) -> None:
@@ -166,7 +168,7 @@ class Collector:
     def begin(self, *, histograms: bool) -> None:
         """Start a measured step: the layers' hooks measure, gradient and attention hooks are
         placed (kept from the previous step when that one was measured too, as with ``every=1``)."""
-        self._buf = StepBuffers(histograms=histograms)
+        self._buf = self._new_buffers(histograms)
         self.taps.traced.on = True
         self.gradients.register()
         if self.gradients.generation != self._placed_for:
@@ -175,6 +177,9 @@ class Collector:
         self.attention.register()
         if self.functional is not None:
             self.functional.register()
+
+    def _new_buffers(self, histograms: bool) -> StepBuffers:
+        return StepBuffers(histograms, self.how, self.sample_layout)
 
     def pause(self) -> None:
         """An unmeasured step begins: the step's hooks go; the layers' hooks only keep outputs."""
@@ -257,14 +262,17 @@ class Collector:
             self.taps.traced.take()  # a compiled forward's reductions, if any: not a step's
             return
         kept = self.taps.take()
-        traced = self.taps.traced.take()
+        traced = self.taps.traced.take() if self.taps.traced.records else []
         if traced and self._current() is not None:  # a compiled forward: its layers' reductions
             self.taps.replay_traced(self._buf, traced)
         if self._buf is None and self.enabled and self.checking:
             self.guard("finiteness check", self._check_output, output, kept)
         if self.functional is not None:
             self.functional.leave(compiled=bool(traced))
-        self.guard("parameter gradients", self.gradients.watch_output, output)
+        buf = self._current()
+        if buf is not None:  # a measured step: the layers' samples, reduced together
+            self.guard("layer outputs", buf.flush)
+            self.guard("parameter gradients", self.gradients.watch_output, output)
         self.guard("step counting", self.forwards.add, output)
         if self._lazy:
             self.guard("lazy parameters", self._materialised)
@@ -307,17 +315,18 @@ class Collector:
         if self.sentinel.check(output, self.step, "the model's output") is False:
             # This step becomes a measured one now: its layers' outputs (kept until here) in
             # forward order, and its gradients at the end of its backward.
-            self._buf = StepBuffers(histograms=False)
+            self._buf = self._new_buffers(False)
             self.gradients.register()
             self.taps.replay(self._buf, kept)
 
-    def _check_grad(self, param: torch.Tensor) -> None:
-        if self._buf is None and self.enabled and param.grad is not None:
+    def _after_grad(self, param: torch.Tensor) -> None:
+        self.blind._trained(param)
+        if self._buf is None and self.enabled and self.checking and param.grad is not None:
             self.guard("finiteness check", self._check_grad_now, param)
 
     def _check_grad_now(self, param: torch.Tensor) -> None:
         if self.sentinel.check(param.grad, self.step, "a gradient near the input") is False:
-            self._buf = StepBuffers(histograms=False)  # read every gradient at the end of this backward
+            self._buf = self._new_buffers(False)  # read every gradient at the end of this backward
             self.gradients.register()
             self.gradients.accumulated(param)
 

@@ -2,13 +2,25 @@
 
 A measured step gets a fresh :class:`StepBuffers`; every hook writes into the buffers of the
 step that registered it, so a late backward never pollutes a newer step. Nothing here is
-kept between steps except what :class:`UnitHistory` holds on purpose (per-unit counters).
+kept between steps except what :class:`SampleLayout` (row sizes, small constant tensors) and
+:class:`UnitHistory` (per-unit counters, on the host) hold on purpose.
+
+The work per layer is kept to the few kernels that must see the whole tensor while it exists:
+the sum of the output (per unit where dead units are tracked) in the forward hook, and the norm
+of the gradient at the output in its tensor hook (held until the end of backward, gradients
+would stay alive). Everything measured on a strided sample is done for all layers at once: each
+hook copies its output's sample into a row of a NaN-filled buffer (:class:`SampleRows`), and
+the rows are reduced together when the model's forward returns (``stats.sample_rows``,
+``stats.histogram_rows``). Only copies are kept, never the layer's tensor, so activation
+checkpointing, in-place modules and freeing work as without gradwatch, and the buffers are
+bounded (:data:`CHUNK_ELEMENTS`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -17,6 +29,11 @@ from torch import Tensor
 from .. import stats
 from ..layers import ActivationKind, ActivationSpec
 from .outputs import iter_tensors
+
+CHUNK_ELEMENTS = 1 << 22
+"""The most elements one buffer of sample rows holds (16 MiB in float32); a full buffer is reduced at
+once and the next rows go into a new one, so the memory a step's samples take stays bounded however
+many layers a model has."""
 
 
 def in_backward() -> bool:
@@ -43,28 +60,206 @@ class Reduction:
         return min(self.samples, stats.HISTOGRAM_SAMPLES)
 
 
-def summarise(t: Tensor, spec: ActivationSpec, how: Reduction, total: Optional[Tensor] = None) -> Tensor:
-    """``stats.activation_summary`` of one output tensor, with the bounds its kind has (a
-    rectifier's are its upper one, if any; its output cannot be negative)."""
-    rectifier = spec.kind is ActivationKind.RECTIFIER
-    bounded = rectifier or spec.kind is ActivationKind.BOUNDED
-    return stats.activation_summary(t, spec.lower if bounded else None, spec.upper if bounded else None,
-                                    how.margin, how.samples, nonnegative=rectifier, total=total)
+Limits = Optional[Tuple[float, float]]
+
+
+def limits_of(spec: ActivationSpec, margin: float) -> Limits:
+    """The saturation limits of an activation's output (``stats.saturation_limits``), None when
+    its kind has no bounds (a rectifier's are its upper one, if any)."""
+    if spec.kind not in (ActivationKind.BOUNDED, ActivationKind.RECTIFIER):
+        return None
+    if spec.lower is None and spec.upper is None:
+        return None
+    return stats.saturation_limits(spec.lower, spec.upper, margin)
+
+
+class SampleLayout:
+    """What sample buffers of earlier steps looked like, so the next ones are allocated at their
+    final size (rows, row length), and small constant tensors (row sizes, saturation limits) made
+    once on their device: creating a tensor from host values would cost a copy per step."""
+
+    def __init__(self, rows: int) -> None:
+        self.rows: Dict[Any, int] = {}
+        self.length: Dict[Any, int] = {}
+        self.default_rows = max(rows, 1)
+        self._constants: Dict[Any, Tensor] = {}
+
+    def constant(self, values: Tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        key = (values, dtype, device)
+        t = self._constants.get(key)
+        if t is None:
+            if len(self._constants) > 256:  # shapes that keep changing: no unbounded cache
+                self._constants.clear()
+            t = self._constants[key] = torch.tensor(values, dtype=dtype, device=device).view(-1, 1)
+        return t
+
+
+class Chunk:
+    """One buffer of sample rows, NaN after each sample's end, then the result of reducing it."""
+
+    def __init__(self, rows: int, length: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.capacity, self.length = rows, length
+        self.buf: Optional[Tensor] = torch.full((rows, length), math.nan, dtype=dtype, device=device)
+        self.counts: List[int] = []  # per row, the sample's number of elements
+        self.limits: List[Limits] = []
+        self.result: Optional[Tensor] = None
+
+    def fits(self, m: int) -> bool:
+        return self.buf is not None and len(self.counts) < self.capacity and m <= self.length
+
+    def add(self, view: Tensor, limits: Limits, scale: Optional[Tensor] = None) -> int:
+        row = len(self.counts)
+        assert self.buf is not None
+        dest = torch.as_strided(self.buf, (view.numel(),), (1,), row * self.length)
+        if scale is None:
+            dest.copy_(view)
+        else:
+            torch.mul(view, scale, out=dest)
+        self.counts.append(view.numel())
+        self.limits.append(limits)
+        return row
+
+
+class Row:
+    """Where one sample's statistics are: a row of a reduced :class:`Chunk`, or its values computed
+    on the host at once (``stats.sample_row_host``, ``stats.histogram_host``)."""
+
+    __slots__ = ("chunk", "index", "count", "values")
+
+    def __init__(self, count: int, chunk: Optional[Chunk] = None, index: int = 0,
+                 values: Optional[List[float]] = None) -> None:
+        self.count, self.chunk, self.index, self.values = count, chunk, index, values
+
+
+class SampleRows:
+    """Strided samples (``stats.sample_view``) of a step's tensors, and their statistics: on the CPU
+    computed in NumPy as each tensor is seen (``stats.HOST_ARRAYS``); elsewhere copied into rows of
+    NaN-filled buffers (:class:`Chunk`) and reduced together by ``reduce`` (``stats.sample_rows``,
+    or ``stats.histogram_rows`` when ``bins``): a fixed number of kernels for all layers instead of a
+    few per layer. ``kind`` names the layout hints kept between steps."""
+
+    def __init__(self, kind: str, max_elements: int, layout: SampleLayout, bins: int = 0) -> None:
+        self.kind, self.max_elements, self.layout, self.bins = kind, max_elements, layout, bins
+        self.open: Dict[Any, Chunk] = {}
+        self._used: Dict[Any, int] = {}  # rows used since the last reduce per (device, dtype): the next hint
+
+    def add(self, t: Tensor, limits: Limits = None, scale: Optional[Tensor] = None,
+            a: Optional[np.ndarray] = None) -> Optional[Row]:
+        """Take ``t``'s sample (``t`` detached or under no_grad), multiplied by ``scale`` (a 0-dim
+        tensor) when given; None when empty. ``a``: ``stats.host_array(t)``, when the caller has it."""
+        a = stats.host_array(t) if a is None else a
+        if a is not None:
+            m = stats.sample_size(t, self.max_elements)
+            if m == 0:
+                return None
+            factor = None if scale is None else float(scale)
+            if self.bins:
+                return Row(m, values=stats.histogram_host(t, a, self.bins, self.max_elements, factor))
+            return Row(m, values=stats.sample_row_host(t, a, self.max_elements, limits, factor))
+        view = stats.sample_view(t, self.max_elements)
+        m = view.numel()
+        if m == 0:
+            return None
+        dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
+        key = (t.device, dtype)
+        chunk = self.open.get(key)
+        if chunk is None or not chunk.fits(m):
+            if chunk is not None:
+                self._reduce(chunk)
+            hint = (self.kind, key)
+            length = self.layout.length[hint] = max(m, self.layout.length.get(hint, 0))
+            rows = self.layout.rows.get(hint, self.layout.default_rows) - self._used.get(key, 0)
+            rows = max(1, min(rows, CHUNK_ELEMENTS // length))
+            chunk = self.open[key] = Chunk(rows, length, dtype, t.device)
+        self._used[key] = self._used.get(key, 0) + 1
+        return Row(m, chunk, chunk.add(view, limits, scale))
+
+    def reduce(self) -> None:
+        """Reduce every buffer that still holds rows (the model's forward returned, or the step ends)."""
+        for chunk in list(self.open.values()):
+            self._reduce(chunk)
+        for key, used in self._used.items():  # the next forward's buffers get as many rows
+            self.layout.rows[(self.kind, key)] = used
+        self._used.clear()
+
+    def _reduce(self, chunk: Chunk) -> None:
+        self.open = {k: c for k, c in self.open.items() if c is not chunk}
+        buf, chunk.buf = chunk.buf, None
+        k = len(chunk.counts)
+        if buf is None or not k:
+            return
+        x = buf if k == chunk.capacity else buf.as_strided((k, chunk.length), (chunk.length, 1), 0)
+        if self.bins:
+            chunk.result = stats.histogram_rows(x, self.bins)
+            return
+        counts = self.layout.constant(tuple(float(c) for c in chunk.counts), x.dtype, x.device)
+        low = high = None
+        if any(lim is not None for lim in chunk.limits):
+            bounds = [lim if lim is not None else (-math.inf, math.inf) for lim in chunk.limits]
+            low = self.layout.constant(tuple(b[0] for b in bounds), x.dtype, x.device)
+            high = self.layout.constant(tuple(b[1] for b in bounds), x.dtype, x.device)
+        chunk.result = stats.sample_rows(x, counts, low, high)
+
+
+@dataclass
+class ActivationPart:
+    """One output tensor of one call, over ``numel`` elements, its spread and shares from a sample of
+    ``sampled`` elements: either ``total`` (its sum, or its per-unit sums, with kept dimensions) and
+    ``row`` (its sample's ``stats.sample_rows`` row), or ``summary`` (``stats.activation_summary``,
+    from a compiled graph)."""
+
+    numel: int
+    sampled: int
+    total: Any = None  # a device tensor, or the sum read on the host already (a float)
+    row: Optional[Row] = None
+    summary: Optional[Tensor] = None
+
+
+def reduce_output(t: Tensor, spec: ActivationSpec, how: Reduction, samples: SampleRows,
+                  channels_first: Optional[bool], units: bool) -> Tuple[ActivationPart, Optional[Tensor]]:
+    """The per-layer work on one output tensor (under no_grad): its sum, or its per-unit sums when
+    ``units`` (an activation that tracks dead units: a rectifier's sums also say which units were
+    active, a unit of a non-negative output is active exactly where its sum is positive; other
+    activations add per-unit L2 norms), and its sample copied into a row of ``samples``. Returns the
+    part and the per-unit tensor whose positive entries are the active units (or None)."""
+    alive = None
+    total = None
+    if units and t.numel():
+        total = stats.unit_sums(t, channels_first, keepdim=True)
+        if total is not None:
+            d = stats.unit_dim(t.dim(), channels_first)
+            alive = total if spec.kind is ActivationKind.RECTIFIER else torch.linalg.vector_norm(
+                t, dim=tuple(i for i in range(t.dim()) if i != d), keepdim=True, dtype=total.dtype)
+    a = stats.host_array(t)
+    if total is None:
+        if a is not None and a.size <= stats.HOST_SUM_ELEMENTS:  # a small CPU tensor: NumPy's sum, read at once
+            with np.errstate(all="ignore"):
+                total = float(a.sum())
+        else:
+            total = stats.full_sum(t)
+    row = samples.add(t, limits_of(spec, how.margin), a=a)
+    return ActivationPart(t.numel(), row.count if row is not None else 0, total, row), alive
 
 
 def summarise_with_units(t: Tensor, spec: ActivationSpec, how: Reduction,
                          layout: Optional[Tuple[torch.Size, bool]]) -> Tuple[Tensor, Optional[Tensor]]:
-    """``summarise`` and, for an activation that tracks dead units, its per-unit activity
-    (``stats.active_units``). A rectifier's output cannot be negative, so one pass of per-unit
-    sums gives both its activity and its total (``stats.unit_sums``): a pass less."""
-    if not spec.tracks_dead_units:
-        return summarise(t, spec, how), None
-    channels_first = follows_layout(layout, t.shape)
-    if spec.kind is ActivationKind.RECTIFIER:
-        sums = stats.unit_sums(t, channels_first)
-        if sums is not None:
-            return summarise(t, spec, how, total=sums.sum()), sums > 0
-    return summarise(t, spec, how), stats.active_units(t, channels_first)
+    """One output reduced on its own (inside a compiled graph, see ``traced``): its
+    ``stats.activation_summary`` and, for an activation that tracks dead units, its per-unit activity
+    (``stats.active_units``; a rectifier's from its per-unit sums, which also give its total)."""
+    rectifier = spec.kind is ActivationKind.RECTIFIER
+    bounded = rectifier or spec.kind is ActivationKind.BOUNDED
+    lower, upper = (spec.lower, spec.upper) if bounded else (None, None)
+    total = alive = None
+    if spec.tracks_dead_units:
+        channels_first = follows_layout(layout, t.shape)
+        if rectifier:
+            sums = stats.unit_sums(t, channels_first)
+            if sums is not None:
+                total, alive = sums.sum(), sums > 0
+        else:
+            alive = stats.active_units(t, channels_first)
+    summary = stats.activation_summary(t, lower, upper, how.margin, how.samples, nonnegative=rectifier, total=total)
+    return summary, alive
 
 
 def follows_layout(layout: Optional[Tuple[torch.Size, bool]], shape: torch.Size) -> Optional[bool]:
@@ -74,31 +269,21 @@ def follows_layout(layout: Optional[Tuple[torch.Size, bool]], shape: torch.Size)
 
 
 @dataclass
-class ActivationPart:
-    """One output tensor of one call: ``stats.activation_summary`` over ``numel`` elements,
-    its spread and shares from a sample of ``sampled`` elements."""
-
-    numel: int
-    sampled: int
-    summary: Tensor
-
-
-@dataclass
 class SiteBuffer:
     """What one call site (a module, or one of its call sites) produced in the step."""
 
     calls: int = 0
     parts: List[ActivationPart] = field(default_factory=list)
     skipped: List[str] = field(default_factory=list)  # dtypes of outputs that are not measured
-    histogram: Optional[Tensor] = None
+    histogram: Optional[Row] = None
     slope: List[Tensor] = field(default_factory=list)  # stats.slope_saturation rows
     out_grad: List[Tensor] = field(default_factory=list)  # L2 norms of the gradient at the output
-    alive: Optional[Tensor] = None  # per unit: any non-zero output in this step
+    alive: List[Tensor] = field(default_factory=list)  # per call, per unit: positive where the unit was active
     attention: List[Tensor] = field(default_factory=list)  # stats.attention_summary per call (attention.py)
 
-    def add_output(self, output: Any, spec: ActivationSpec, how: Reduction, histograms: bool,
-                   layout: Optional[Tuple[torch.Size, bool]] = None) -> List[Tensor]:
-        """Reduce one call's output on its device; returns its floating-point tensors.
+    def add_output(self, output: Any, spec: ActivationSpec, how: Reduction, samples: SampleRows,
+                   histograms: Optional[SampleRows], layout: Optional[Tuple[torch.Size, bool]] = None) -> List[Tensor]:
+        """Reduce one call's output (under no_grad); returns its floating-point tensors.
         ``layout``: the shape of the last output whose layout is known, and whether it was
         channels-first: the units of an activation of that shape follow it (``stats.unit_dim``)."""
         self.calls += 1
@@ -112,30 +297,22 @@ class SiteBuffer:
                 dtype = str(t.dtype).replace("torch.", "")
                 if dtype not in self.skipped:
                     self.skipped = sorted(self.skipped + [dtype])
-        if len(tensors) == 1:  # per-unit activity is tracked for single-tensor outputs
-            summary, alive = summarise_with_units(tensors[0], spec, how, layout)
-            self.parts.append(ActivationPart(tensors[0].numel(), stats.sample_size(tensors[0], how.samples), summary))
-            self.merge_alive(alive)
-        else:
-            for t in tensors:
-                self.parts.append(ActivationPart(t.numel(), stats.sample_size(t, how.samples), summarise(t, spec, how)))
-        if tensors and histograms and self.histogram is None:
-            self.histogram = stats.histogram(tensors[0], how.bins, how.histogram_samples)
+        units = len(tensors) == 1 and spec.tracks_dead_units  # per-unit activity of single-tensor outputs
+        for t in tensors:
+            part, alive = reduce_output(t, spec, how, samples, follows_layout(layout, t.shape) if units else None, units)
+            self.parts.append(part)
+            if alive is not None:
+                self.alive.append(alive)
+        if tensors and histograms is not None and self.histogram is None:
+            self.histogram = histograms.add(tensors[0])
         return tensors
 
     def add_summary(self, numel: int, sampled: int, summary: Tensor, alive: Optional[Tensor]) -> None:
         """One call reduced elsewhere (inside a compiled graph, see ``traced``)."""
         self.calls += 1
-        self.parts.append(ActivationPart(numel, sampled, summary))
-        self.merge_alive(alive)
-
-    def merge_alive(self, alive: Optional[Tensor]) -> None:
-        """A unit is alive in the step when any of its calls gave it a non-zero output."""
+        self.parts.append(ActivationPart(numel, sampled, summary=summary))
         if alive is not None:
-            if self.alive is None:
-                self.alive = alive
-            elif self.alive.shape == alive.shape:
-                self.alive = self.alive | alive
+            self.alive.append(alive)
 
 
 @dataclass
@@ -146,27 +323,33 @@ class GradientRead:
     summary: Tensor
 
 
-@dataclass
 class StepBuffers:
     """Device tensors gathered during one measured step."""
 
-    histograms: bool
-    sites: Dict[str, SiteBuffer] = field(default_factory=dict)  # insertion order = forward order
-    backward_order: Dict[str, None] = field(default_factory=dict)
-    grads: Optional[GradientRead] = None  # the last read at the end of a backward that wrote .grad
-    applied: Optional[GradientRead] = None  # read at optimizer.step(), after clipping
-    grad_hist: Dict[str, Tensor] = field(default_factory=dict)
-    notes: List[str] = field(default_factory=list)
-    layout: Optional[Tuple[torch.Size, bool]] = None  # the last output of a module with a known layout
-    updates: Any = None  # an updates.UpdateRead: update norms across optimizer.step()
-    noise: Any = None  # a noise.NoiseRead: the step's micro-batches (gradient noise scale)
+    def __init__(self, histograms: bool, how: Optional[Reduction] = None, layout: Optional[SampleLayout] = None) -> None:
+        how = how or Reduction(0.01, 1 << 15, 64)
+        layout = layout or SampleLayout(8)
+        self.histograms = histograms
+        self.sites: Dict[str, SiteBuffer] = {}  # insertion order = forward order
+        self.backward_order: Dict[str, None] = {}
+        self.grads: Optional[GradientRead] = None  # the last read at the end of a backward that wrote .grad
+        self.applied: Optional[GradientRead] = None  # read at optimizer.step(), after clipping
+        self.grad_hist: Dict[str, Row] = {}
+        self.notes: List[str] = []
+        self.layout: Optional[Tuple[torch.Size, bool]] = None  # the last output of a module with a known layout
+        self.updates: Any = None  # an updates.UpdateRead: update norms across optimizer.step()
+        self.noise: Any = None  # a noise.NoiseRead: the step's micro-batches (gradient noise scale)
+        self.samples = SampleRows("samples", how.samples, layout)
+        self.act_hist = SampleRows("act_hist", how.histogram_samples, layout, how.bins) if histograms else None
+        self.grad_hist_rows = SampleRows("grad_hist", how.histogram_samples, layout, how.bins) if histograms else None
 
     def record(self, site: str, output: Any, spec: ActivationSpec, how: Reduction,
                channels_first: Optional[bool] = None) -> List[Tensor]:
         """Reduce one call's output into ``site`` and watch the gradient that reaches it.
         ``channels_first``: the layout of the recording module's output, when its type tells
         (convolutions and batch norms: True; Linear, LayerNorm, embeddings: False)."""
-        tensors = self.site(site).add_output(output, spec, how, self.histograms, self.layout)
+        with torch.no_grad():
+            tensors = self.site(site).add_output(output, spec, how, self.samples, self.act_hist, self.layout)
         if channels_first is not None and tensors:
             self.layout = (tensors[0].shape, channels_first)
         if torch.is_grad_enabled():
@@ -175,7 +358,7 @@ class StepBuffers:
                     t.register_hook(self._output_grad_hook(site))
         return tensors
 
-    def _output_grad_hook(self, site: str) -> Any:
+    def _output_grad_hook(self, site: str) -> Callable[[Tensor], None]:
         def hook(grad: Tensor) -> None:  # None: the gradient is left as it is
             self.backward_order.setdefault(site, None)
             self.site(site).out_grad.append(stats.l2_norm(grad))
@@ -187,30 +370,31 @@ class StepBuffers:
             buf = self.sites[name] = SiteBuffer()
         return buf
 
+    def flush(self) -> None:
+        """Reduce the samples copied so far (the model's forward returned, or the step ends)."""
+        for rows in (self.samples, self.act_hist, self.grad_hist_rows):
+            if rows is not None:
+                rows.reduce()
+
 
 @dataclass
 class UnitHistory:
-    """Per unit of a call site: consecutive measured batches without a non-zero output.
+    """Per unit of a call site: consecutive measured batches without a non-zero output, on the host.
     A unit is dead when that count covers the whole window seen so far (at most ``window``)."""
 
     window: int
-    idle: Dict[str, Tensor] = field(default_factory=dict)
+    idle: Dict[str, np.ndarray] = field(default_factory=dict)
     seen: Dict[str, int] = field(default_factory=dict)
 
-    def update(self, name: str, alive: Tensor) -> "tuple[int, Tensor]":
-        """Fold in one measured batch; returns (batches covered, per-unit dead flags as 1.0/0.0,
-        float32) on the device."""
+    def update(self, name: str, alive: np.ndarray) -> Tuple[int, List[float]]:
+        """Fold in one measured batch (``alive``: per unit, whether it was active); returns (batches
+        covered, per-unit dead flags as 1.0/0.0)."""
         idle = self.idle.get(name)
-        if idle is None or idle.shape != alive.shape or idle.device != alive.device:
-            idle, self.seen[name] = torch.zeros(alive.shape, dtype=torch.int32, device=alive.device), 0
+        if idle is None or idle.shape != alive.shape:
+            idle, self.seen[name] = np.zeros(alive.shape, dtype=np.int64), 0
         seen = self.seen[name] = min(self.seen[name] + 1, self.window)
-        # A counter of consecutive idle batches gives the sliding window in two small ops.
-        if alive.is_cpu and type(alive) is Tensor:  # in place, in NumPy: a third of the three PyTorch ops' cost
-            counter = idle.numpy()
-            counter += 1
-            np.putmask(counter, alive.numpy(), 0)
-            self.idle[name] = idle
-            return seen, torch.from_numpy((counter >= seen).astype(np.float32))
-        idle = (idle + 1).masked_fill_(alive, 0)
+        # A counter of consecutive idle batches gives the sliding window in two small steps.
+        idle += 1
+        idle[alive] = 0
         self.idle[name] = idle
-        return seen, (idle >= seen).float()
+        return seen, (idle >= seen).astype(np.float64).tolist()

@@ -48,7 +48,7 @@ class Sentinel:
     def check(self, value: Any, step: Optional[int], what: str) -> Optional[bool]:
         """False when ``value`` (a tensor or a module output) holds a NaN/Inf, True when it does
         not; None when the answer comes later (:meth:`poll`) or there is nothing to check."""
-        if type(value) is Tensor and value.device.type == "cpu" and value.dtype in _PLAIN:  # the usual case
+        if type(value) is Tensor and value.is_cpu and value.dtype in _PLAIN:  # the usual case: one sum, read at once
             return math.isfinite(value.detach().sum().item())
         tensors = [t for t in iter_tensors(value) if t.is_floating_point() and t.numel()]
         if not tensors:

@@ -212,11 +212,17 @@ class GradientReader:
         if not grads:
             return None
         summary = reduce_shards(stats.grad_summaries(grads, weights), groups, max_rows=(1,))
+        inv = None
         if scale is not None:
             inv = 1.0 / scale.to(device=summary.device, dtype=summary.dtype).reshape(())
             summary = torch.cat([summary[:2] * inv, summary[2:]])
-            grads = [g * inv.to(g.device, g.real.dtype) for g in grads] if histograms else grads
-        if histograms:
-            buf.grad_hist = {n: stats.histogram(g if not g.is_complex() else g.abs(), self.how.bins,
-                                                self.how.histogram_samples) for n, g in zip(names, grads)}
+        rows = buf.grad_hist_rows
+        if histograms and rows is not None:  # binned with the step's other histograms (buffers.SampleRows)
+            with torch.no_grad():
+                hist = {}
+                for n, g in zip(names, grads):
+                    ref = rows.add(g.abs() if g.is_complex() else g, scale=None if inv is None else inv.to(g.device))
+                    if ref is not None:
+                        hist[n] = ref
+                buf.grad_hist = hist
         return GradientRead(names, summary)

@@ -86,7 +86,8 @@ class NoiseRead:
                 by_device.setdefault(t.device, ([], []))[i].append(t)
         out = []
         for norms, stale in by_device.values():
-            row = [torch.stack(p).double().square().sum() if p else torch.zeros((), dtype=torch.float64,
+            # (stats.l2_norm keeps the tensor's dimensions: one element each, of several shapes)
+            row = [torch.stack([n.reshape(()) for n in p]).double().square().sum() if p else torch.zeros((), dtype=torch.float64,
                                                                                  device=(norms or stale)[0].device)
                    for p in (norms, stale)]
             if self.inverse_scale is not None:

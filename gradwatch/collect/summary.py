@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 from torch import Tensor
 
 from .. import stats
 from ..layers import ActivationKind, Layer
 from ..report import LayerStats, ParamStats, StepData, StepStats
 from . import attention
-from .buffers import StepBuffers, UnitHistory
+from .buffers import Row, SiteBuffer, StepBuffers, UnitHistory
 
 
 def _sum(default: float = 0.0) -> float:
@@ -74,84 +75,143 @@ class StepTotals:
     noise: Optional[List[float]] = None  # noise.NoiseRead.totals: summed over processes by ranks.combine
 
 
-def _gather(buf: StepBuffers, units: UnitHistory) -> Tuple[Callable[[str, str], List[List[float]]], Dict[str, int]]:
-    """Every small tensor of the step, moved to the host in one transfer: returns a look-up by
-    (kind, site) and the dead-unit window of each site that tracks units."""
-    tensors: List[Tensor] = []
-    index: Dict[Tuple[str, str], List[int]] = {}
+class _Gathered:
+    """Every small tensor of a step, moved to the host in one transfer, looked up by (kind, site)."""
 
-    def put(key: Tuple[str, str], t: Tensor) -> None:
-        index.setdefault(key, []).append(len(tensors))
-        tensors.append(t)
+    def __init__(self) -> None:
+        self.tensors: List[Tensor] = []
+        self.index: Dict[Tuple[str, str], List[int]] = {}
+        self._position: Dict[int, int] = {}  # id of a tensor -> its place (a tensor is read once)
+        self.host: List[List[float]] = []
 
-    windows: Dict[str, int] = {}
+    def put(self, key: Tuple[str, str], t: Tensor) -> None:
+        pos = self._position.get(id(t))
+        if pos is None:
+            pos = self._position[id(t)] = len(self.tensors)
+            self.tensors.append(t)
+        self.index.setdefault(key, []).append(pos)
+
+    def put_row(self, ref: Optional[Row]) -> None:
+        if ref is not None and ref.chunk is not None and ref.chunk.result is not None:
+            self.put(("rows", ""), ref.chunk.result)
+
+    def read(self) -> None:
+        self.host = stats.to_host(self.tensors)
+
+    def get(self, kind: str, name: str) -> List[List[float]]:
+        return [self.host[i] for i in self.index.get((kind, name), [])]
+
+    def row(self, ref: Optional[Row]) -> Optional[List[float]]:
+        """The values of one sample's row (``stats.sample_rows`` or ``stats.histogram_rows``)."""
+        if ref is None or ref.values is not None:
+            return None if ref is None else ref.values
+        result = ref.chunk.result if ref.chunk is not None else None
+        if result is None:
+            return None
+        flat, width = self.host[self._position[id(result)]], result.shape[1]
+        return flat[ref.index * width:(ref.index + 1) * width]
+
+
+def _gather(buf: StepBuffers) -> _Gathered:
+    buf.flush()
+    g = _Gathered()
     for name, site in buf.sites.items():
         for part in site.parts:
-            put(("act", name), part.summary)
+            if part.summary is not None:
+                g.put(("act", name), part.summary)
+            elif part.total is not None:
+                if isinstance(part.total, Tensor):
+                    g.put(("total", name), part.total)
+                g.put_row(part.row)
         for row in site.slope:
-            put(("slope", name), row)
-        for g in site.out_grad:
-            put(("grad", name), g)
-        if site.alive is not None:
-            windows[name], dead = units.update(name, site.alive)
-            put(("dead", name), dead)
-        if site.histogram is not None:
-            put(("act_hist", name), site.histogram)
+            g.put(("slope", name), row)
+        for t in site.out_grad:
+            g.put(("grad", name), t)
+        for t in site.alive:
+            g.put(("alive", name), t)
+        g.put_row(site.histogram)
         for row in site.attention:
-            put(("attn", name), row)
-    for name, t in buf.grad_hist.items():
-        put(("grad_hist", name), t)
+            g.put(("attn", name), row)
+    for ref in buf.grad_hist.values():
+        g.put_row(ref)
     if buf.grads is not None:
-        put(("params", ""), buf.grads.summary)
+        g.put(("params", ""), buf.grads.summary)
     if buf.applied is not None:
-        put(("applied", ""), buf.applied.summary)
+        g.put(("applied", ""), buf.applied.summary)
     if buf.updates is not None:
-        put(("updates", ""), buf.updates.summary)
+        g.put(("updates", ""), buf.updates.summary)
     for t in buf.noise.tensors() if buf.noise is not None else []:
-        put(("noise", ""), t)
-    host = stats.to_host(tensors)
+        g.put(("noise", ""), t)
+    g.read()
+    return g
 
-    def get(kind: str, name: str) -> List[List[float]]:
-        return [host[i] for i in index.get((kind, name), [])]
-    return get, windows
+
+def _moments(g: _Gathered, name: str, site: SiteBuffer) -> List[dict]:
+    """Per part of a site: mean, variance, zeros, saturated, non-finite (``stats.activation_moments``)."""
+    totals, summaries = iter(g.get("total", name)), iter(g.get("act", name))
+    out = []
+    for part in site.parts:
+        if part.summary is not None:
+            out.append(stats.activation_moments(next(summaries), part.numel, part.sampled))
+        elif part.total is not None:
+            total = sum(next(totals)) if isinstance(part.total, Tensor) else part.total
+            row = g.row(part.row)
+            out.append(stats.row_moments(total, part.numel, row if row is not None else [], part.sampled))
+    return out
+
+
+def _dead(g: _Gathered, name: str, site: SiteBuffer, units: UnitHistory) -> Optional[Tuple[int, List[float]]]:
+    """The site's per-unit activity in this step (any call active), folded into its history."""
+    alive: Optional[np.ndarray] = None
+    for values in g.get("alive", name):
+        active = np.asarray(values) > 0  # a NaN sum or norm is not activity
+        if alive is None:
+            alive = active
+        elif alive.shape == active.shape:
+            alive |= active
+    return None if alive is None else units.update(name, alive)
 
 
 def totals(buf: StepBuffers, units: UnitHistory, kinds: Dict[str, ActivationKind]) -> StepTotals:
     """The step's additive totals per site, from one host transfer. ``kinds``: the activation
     kind of each site's module (slope saturation is for generic ones)."""
-    get, windows = _gather(buf, units)
-    sites = {name: _site_totals(site.calls, [(p.numel, p.sampled) for p in site.parts], get("act", name),
-                                get("slope", name) if kinds.get(name) is ActivationKind.GENERIC else [],
-                                get("grad", name))
-             for name, site in buf.sites.items()}
+    g = _gather(buf)
+    sites, dead, windows = {}, {}, {}
+    for name, site in buf.sites.items():
+        sites[name] = _site_totals(site.calls, [(p.numel, p.sampled) for p in site.parts], _moments(g, name, site),
+                                   g.get("slope", name) if kinds.get(name) is ActivationKind.GENERIC else [],
+                                   g.get("grad", name))
+        folded = _dead(g, name, site, units)
+        if folded is not None:
+            windows[name], dead[name] = folded
     grads = None
     if buf.grads is not None:
-        flat, k = get("params", "")[0], len(buf.grads.names)
+        flat, k = g.get("params", "")[0], len(buf.grads.names)
         grads = (buf.grads.names, [[flat[i], flat[k + i], flat[2 * k + i]] for i in range(k)])
     applied = None
     if buf.applied is not None:
-        flat = get("applied", "")[0]
+        flat = g.get("applied", "")[0]
         applied = (buf.applied.names, flat[:len(buf.applied.names)])
-    heads = {n: attention.fold(get("attn", n)) for n, s in buf.sites.items() if s.attention}
+    heads = {n: attention.fold(g.get("attn", n)) for n, s in buf.sites.items() if s.attention}
     for name, per_head in heads.items():
         attention.add_totals(sites[name], per_head)
-    updates = None if buf.updates is None else (buf.updates.names, get("updates", "")[0], buf.updates.lrs,
+    updates = None if buf.updates is None else (buf.updates.names, g.get("updates", "")[0], buf.updates.lrs,
                                                 buf.updates.ndims)
-    return StepTotals(sites=sites, dead={n: get("dead", n)[0] for n in windows}, dead_window=windows,
-                      grads=grads, applied=applied,
-                      act_hist={n: get("act_hist", n)[0] for n, s in buf.sites.items() if s.histogram is not None},
-                      grad_hist={n: get("grad_hist", n)[0] for n in buf.grad_hist},
+    act_hist = {n: g.row(s.histogram) for n, s in buf.sites.items()}
+    grad_hist = {n: g.row(ref) for n, ref in buf.grad_hist.items()}
+    return StepTotals(sites=sites, dead=dead, dead_window=windows, grads=grads, applied=applied,
+                      act_hist={n: stats.histogram_fields(h) for n, h in act_hist.items() if h is not None},
+                      grad_hist={n: stats.histogram_fields(h) for n, h in grad_hist.items() if h is not None},
                       backward_order=list(buf.backward_order),
                       skipped={n: s.skipped for n, s in buf.sites.items() if s.skipped},
                       attention=heads, updates=updates,
-                      noise=None if buf.noise is None else buf.noise.totals(get("noise", "")))
+                      noise=None if buf.noise is None else buf.noise.totals(g.get("noise", "")))
 
 
-def _site_totals(calls: int, sizes: List[Tuple[int, int]], parts: List[List[float]], slope: List[List[float]],
+def _site_totals(calls: int, sizes: List[Tuple[int, int]], moments: List[dict], slope: List[List[float]],
                  grads: List[List[float]]) -> SiteTotals:
     t = SiteTotals(calls=float(calls))
-    if parts:
-        moments = [stats.activation_moments(p, n, m) for (n, m), p in zip(sizes, parts)]
+    if moments:
         n, mean, var = stats.merge_moments([(c, m["mean"], m["var"]) for (c, _), m in zip(sizes, moments)])
         t.count, t.total = float(n), n * mean if n else 0.0
         t.m2, t.mean_sq = (n * var if n else 0.0), (n * mean * mean if n else 0.0)
@@ -162,7 +222,7 @@ def _site_totals(calls: int, sizes: List[Tuple[int, int]], parts: List[List[floa
     if slope:
         t.saturated, t.saturation_valid = sum(s[1] for s in slope), sum(s[0] for s in slope)
     if grads:
-        t.out_grad_sq, t.out_grad_seen = sum(g[0] ** 2 for g in grads), 1.0
+        t.out_grad_sq, t.out_grad_seen = sum(v * v for g in grads for v in g), 1.0
     return t
 
 

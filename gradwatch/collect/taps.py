@@ -35,6 +35,9 @@ from .guard import Guard
 from .hooks import forward_hook, forward_pre_hook
 from .traced import TracedRecord, TracedTaps, compiling
 
+# The innermost saved-tensor hooks in force (activation checkpointing, offloading), or None.
+_saved_tensor_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", lambda tracing: None)
+
 Current = Callable[[], Optional[StepBuffers]]
 """Returns the buffers of the step being measured, or None when nothing is to be recorded."""
 
@@ -183,12 +186,16 @@ class LayerTaps:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if compiling():  # traced into the compiled graph, without a graph break
                 self.traced.record(layer, output, own_layout)
+            elif self.keeping:  # an unmeasured step: the usual case, first
+                # Kept only with autograd on and nothing packing saved tensors: its graph holds
+                # most outputs anyway (the rest, freed early without gradwatch, live until the
+                # forward returns; see "Non-finite values between measured steps" in concepts.md).
+                # Under no_grad, checkpointing (reentrant: no_grad; non-reentrant: it drops saved
+                # tensors) or offloading, keeping would undo the memory they save.
+                if torch.is_grad_enabled() and _saved_tensor_hooks(False) is None:
+                    self.kept.append((layer, output))
             elif self.current() is not None:
                 measure(module, args, output)
-            # Kept only with autograd on: its graph holds most outputs anyway, so keeping them
-            # to the end of the forward costs little memory (under no_grad it could cost a lot).
-            elif self.keeping and torch.is_grad_enabled():
-                self.kept.append((layer, output))
         return hook
 
     def _site(self, layer: Layer, buf: StepBuffers) -> str:

@@ -105,9 +105,10 @@ class UpdateReader:
             w, group = local_shard(p)
             if w.numel() == 0 and group is None:
                 continue
-            sample = _sample(w, self.samples)
-            dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
-            before = sample.to(dtype, copy=True)
+            with torch.no_grad():
+                sample = _sample(w, self.samples)
+                dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+                before = sample.to(dtype, copy=True)
             scale = math.sqrt(w.numel() / sample.numel()) if sample.numel() else 0.0
             shots.append(_Snapshot(name, p, before, scale, group, lr_of[id(p)]))
         if shots:
@@ -127,9 +128,11 @@ class UpdateReader:
             if buf is None:
                 return
         after = []
-        for s in shots:
-            w, _ = local_shard(s.param)
-            after.append(_sample(w, self.samples).to(s.before.dtype))
+        with torch.no_grad():
+            for s in shots:
+                w, _ = local_shard(s.param)
+                sample = _sample(w, self.samples)
+                after.append(sample if sample.dtype == s.before.dtype else sample.to(s.before.dtype))
         summary = stats.update_norms([s.before for s in shots], after, [s.scale for s in shots])
         summary = reduce_shards(summary, [s.group for s in shots], max_rows=())
         buf.updates = UpdateRead([s.name for s in shots], summary, [s.lr for s in shots],
@@ -175,14 +178,16 @@ def _sample(w: Tensor, most: int) -> Tensor:
     """At most ``most`` evenly strided elements of ``w`` (a view where ``w`` is contiguous); the
     stride is the smallest at or above ``numel / most`` that is coprime with the last dimension,
     so the sample visits every column, and its size never exceeds the cap."""
-    flat = w.detach().reshape(-1)
-    n = flat.numel()
-    if n <= most:
-        return flat
-    stride, last = -(-n // most), w.shape[-1] if w.dim() else 1
-    while math.gcd(stride, last) != 1:
-        stride += 1
-    return flat[::stride]
+    n = w.numel()
+    stride = 1
+    if n > most:
+        stride, last = -(-n // most), w.shape[-1] if w.dim() else 1
+        while math.gcd(stride, last) != 1:
+            stride += 1
+    if w.is_contiguous():  # one view, no copy
+        return w.as_strided((-(-n // stride),), (stride,), w.storage_offset())
+    flat = w.reshape(-1)
+    return flat if stride == 1 else flat[::stride]
 
 
 def _as_float(lr: Any) -> Optional[float]:

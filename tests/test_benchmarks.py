@@ -1,0 +1,48 @@
+"""``benchmarks/ops.py`` at a tiny size: it runs, and the kernel counts a measured step adds keep the
+formula the code promises (op counts are deterministic: a behaviour, not a timing)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks import ops
+
+
+@pytest.fixture(scope="module")
+def device_rows():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return ops.measure(ops.QUICK, device_path=True)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_measured_step_adds_a_fixed_number_of_kernels_and_a_few_per_layer_output(device_rows):
+    assert {r["model"] for r in device_rows} == set(ops.QUICK) and all(r["layers"] > 0 for r in device_rows)
+    for r in device_rows:
+        if r["variant"] == "every step":
+            bound = ops.KERNELS_PER_LAYER * r["layers"] + ops.KERNELS_FIXED
+            assert 0 < r["added"].kernels <= bound, r
+            assert r["added"].top >= r["added"].kernels and r["added"].all >= r["added"].top, r
+
+
+def test_deeper_models_add_at_most_the_per_layer_kernels(device_rows):
+    """The fixed part does not grow with depth: between the two quick models, the kernels added per
+    extra watched output stay within the per-layer bound (parameters included: read in fused kernels)."""
+    every = sorted((r for r in device_rows if r["variant"] == "every step"), key=lambda r: r["layers"])
+    small, large = every[0], every[-1]
+    extra = large["added"].kernels - small["added"].kernels
+    assert large["layers"] > small["layers"]
+    assert extra <= ops.KERNELS_PER_LAYER * (large["layers"] - small["layers"])
+
+
+def test_the_cpu_path_counts_too():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rows = ops.measure({k: v for k, v in list(ops.QUICK.items())[:1]}, device_path=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(rows) == len(ops.VARIANTS) and all(r["added"].all > 0 and r["plain"] > 0 for r in rows)
