@@ -283,7 +283,7 @@ def sample_view(t: Tensor, max_elements: int) -> Tensor:
 def strided_sample(t: Tensor, max_elements: int) -> Tensor:
     """:func:`sample_view` of ``t`` (detached) as a contiguous tensor.
 
-    >>> strided_sample(torch.arange(6).reshape(2, 3).t(), 6).tolist()  # memory order, not [0, 3, 1, 4, 2, 5]
+    >>> strided_sample(torch.arange(6).reshape(2, 3).t(), 6).tolist()  # memory order, not the transpose's
     [0, 1, 2, 3, 4, 5]
     """
     return sample_view(t.detach(), max_elements).contiguous()
@@ -345,8 +345,10 @@ def sample_rows(x: Tensor, counts: Tensor, low: Optional[Tensor] = None, high: O
     >>> x = torch.tensor([[1.0, 0.0, 3.0, float("nan")], [0.5, 0.999, float("nan"), float("nan")]])
     >>> rows = sample_rows(x, torch.tensor([[3.0], [2.0]]), torch.tensor([[-math.inf], [0.01]]),
     ...                    torch.tensor([[math.inf], [0.99]]))
-    >>> [[round(v ** 2 if j else v, 4) for j, v in enumerate(r)] for r in rows.tolist()]
-    [[4.0, 4.6667, 2.0, 0.0], [1.499, 0.1245, 2.0, 1.0]]
+    >>> [round(v ** 2 if j else v, 4) for j, v in enumerate(rows[0].tolist())]  # squares: the roots back
+    [4.0, 4.6667, 2.0, 0.0]
+    >>> [round(v ** 2 if j else v, 4) for j, v in enumerate(rows[1].tolist())]  # the second row
+    [1.499, 0.1245, 2.0, 1.0]
     """
     total = torch.nansum(x, 1, keepdim=True)
     dev = x - total / counts
