@@ -345,9 +345,10 @@ def sample_rows(x: Tensor, counts: Tensor, low: Optional[Tensor] = None, high: O
     >>> x = torch.tensor([[1.0, 0.0, 3.0, float("nan")], [0.5, 0.999, float("nan"), float("nan")]])
     >>> rows = sample_rows(x, torch.tensor([[3.0], [2.0]]), torch.tensor([[-math.inf], [0.01]]),
     ...                    torch.tensor([[math.inf], [0.99]]))
-    >>> [round(v ** 2 if j else v, 4) for j, v in enumerate(rows[0].tolist())]  # squares: the roots back
+    >>> first, second = ([round(v ** 2 if j else v, 4) for j, v in enumerate(r)] for r in rows.tolist())
+    >>> first  # (squared: the third and fourth fields are roots)
     [4.0, 4.6667, 2.0, 0.0]
-    >>> [round(v ** 2 if j else v, 4) for j, v in enumerate(rows[1].tolist())]  # the second row
+    >>> second
     [1.499, 0.1245, 2.0, 1.0]
     """
     total = torch.nansum(x, 1, keepdim=True)
