@@ -33,8 +33,8 @@ from .finite import Sentinel, smallest_near_input
 from .functional import FunctionalTaps
 from .gradients import GradientReader
 from .guard import Guard
-from .hooks import CleanCopies, WeakHook, forward_hook, forward_pre_hook
-from .taps import LayerTaps, eager
+from .hooks import CleanCopies, WeakHook, eager_forward_hook, eager_forward_pre_hook
+from .taps import LayerTaps
 from .updates import RatioWindow, UpdateReader
 
 __all__ = ["Collector"]
@@ -80,9 +80,9 @@ class Collector:
         self.copies.install(self.model)  # copies of the watched model (deepcopy, pickle) carry no hook
         self.taps.attach()
         # The root's hooks are the edges of a compiled model's graph: never traced (see traced).
-        self._root_handles.append(forward_pre_hook(self.model, eager(self._root_pre_hook)))
+        self._root_handles.append(eager_forward_pre_hook(self.model, self._root_pre_hook))
         # always_call: the functional tap must be left even when the forward raises.
-        self._root_handles.append(forward_hook(self.model, eager(self._root_hook), always_call=True))
+        self._root_handles.append(eager_forward_hook(self.model, self._root_hook, always_call=True))
         params = self.gradients.params()
         self.blind.attach(params[0][2] if params else None)
         # Under several processes a step that one rank turned into a measured one would leave the
@@ -192,6 +192,10 @@ class Collector:
         if late is not None:
             self._found_late(*late)
         self.taps.keeping = self._buf is None and self.enabled and self.checking
+        # A compiled forward measures in its graph exactly when the eager hooks would record
+        # (never in forwards gradwatch ignores, such as eval passes): one graph per grad mode
+        # that does not measure, whatever the step, and one per grad mode that does.
+        self.taps.traced.on = self._current() is not None
         if self.functional is not None and self._current() is not None:
             self.functional.enter()
 

@@ -31,8 +31,8 @@ from .. import stats
 from ..layers import ActivationKind, Layer
 from .buffers import Reduction, StepBuffers, in_backward, site_name
 from .guard import Guard
-from .hooks import forward_hook, forward_pre_hook
-from .traced import TracedRecord, TracedTaps, compiling
+from .hooks import eager, forward_hook, forward_pre_hook
+from .traced import TracedLayer, TracedRecord, TracedTaps, compiling
 
 Current = Callable[[], Optional[StepBuffers]]
 """Returns the buffers of the step being measured, or None when nothing is to be recorded."""
@@ -54,13 +54,6 @@ def channels_first(module: nn.Module) -> Optional[bool]:
     if isinstance(module, _CHANNELS_LAST):
         return False
     return None
-
-
-def eager(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Keep torch.compile from tracing into ``fn``: gradwatch's eager code (step boundaries,
-    records of a step) runs at the compiled graph's edges only, never inside it."""
-    disable = getattr(getattr(torch, "compiler", None), "disable", None)
-    return disable(fn) if disable is not None else fn
 
 
 @dataclass
@@ -93,7 +86,7 @@ class LayerTaps:
         self._layout = {layer.name: channels_first(layer.module) for layer in layers}
         self._probes: Dict[str, List[Optional[_SlopeProbe]]] = {}
         self._peak: Dict[str, Tensor] = {}  # per site, the largest slope seen (kept across steps)
-        self.traced = TracedTaps(how)  # what the hooks record when torch.compile traces them
+        self.traced = TracedTaps()  # what the hooks record when torch.compile traces them
 
     def attach(self) -> None:
         """One permanent forward hook per layer (and a pre-hook per generic activation). On a
@@ -139,7 +132,7 @@ class LayerTaps:
             if r.layer.name not in self.guard.broken:
                 self.seen += 1
                 site = self._site(r.layer, buf)
-                buf.site(site).add_summary(r.numel, r.sampled, r.summary, r.alive)
+                buf.site(site).add_summary(r.numel, r.numel, r.summary, r.alive)  # every element is the sample
 
     # ------------------------------------------------------------------ hooks
     def _pre_hook(self, layer: Layer) -> Callable[..., None]:
@@ -166,7 +159,8 @@ class LayerTaps:
         return pre_hook
 
     def _hook(self, layer: Layer) -> Callable[..., None]:
-        name, own_layout = layer.name, self._layout.get(layer.name)
+        name = layer.name
+        traced = TracedLayer.of(layer, self.how.margin, self._layout.get(layer.name))
 
         def measure(module: nn.Module, args: Any, output: Any) -> None:  # None: a value replaces the output
             buf = self.current()
@@ -177,7 +171,7 @@ class LayerTaps:
 
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if compiling():  # traced into the compiled graph, without a graph break
-                self.traced.record(layer, output, own_layout)
+                self.traced.record(traced, output)
             elif self.current() is not None:
                 measure(module, args, output)
             # Kept only with autograd on: its graph holds most outputs anyway, so keeping them

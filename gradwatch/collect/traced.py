@@ -1,17 +1,20 @@
 """Layer hooks that torch.compile traces into the model's graph instead of breaking it.
 
 When ``torch.compile`` traces a watched layer's forward hook, the hook does not run
-gradwatch's eager code (which would split the graph at every layer); it adds the same
-device reductions as a measured step's (:func:`gradwatch.stats.activation_summary` and the
-per-unit activity of :func:`gradwatch.stats.active_units`) to the graph, where the compiler
-fuses them with the layer, and appends the small results to :attr:`TracedTaps.records`.
+gradwatch's eager code (which would split the graph at every layer); it adds a measured step's
+reductions of the layer's output to the graph (:func:`graph_summary`, and per-unit activity
+from :func:`gradwatch.stats.active_units` for dead units), where the compiler fuses them into
+one pass over the output, and appends the small results to :attr:`TracedTaps.records`.
 After the forward, the root module's hook (eager, at the graph's edge) hands them to the
 step's buffers like any other record.
 
-Whether a step is measured is one Python flag, :attr:`TracedTaps.on`. The compiler guards on
-its value, so a compiled model gets two graphs, one that measures and one that does not, and
+Whether a forward is measured is one Python flag, :attr:`TracedTaps.on`, set by the root
+module's pre-hook for each forward. The compiler guards on its value, so a compiled model gets
+one graph that measures and one that does not (per grad mode, as PyTorch compiles anyway), and
 switching between them as the step count advances recompiles nothing. Nothing step-dependent
-(step numbers, buffers of a step, counters) is read inside the traced hook.
+(step numbers, buffers of a step, counters) is read inside the traced hook, and what it reads of
+a layer is fixed at attach (:class:`TracedLayer`). It computes no sample stride on the host, so
+a graph compiled for dynamic shapes (a last batch of another size) stays one graph.
 
 Not measured inside a compiled region: gradients at layer outputs and the slope-based
 saturation of generic activations (both need autograd hooks on intermediate tensors), and
@@ -26,18 +29,73 @@ import torch
 from torch import Tensor
 
 from .. import stats
-from ..layers import Layer
-from .buffers import Reduction, summarise_with_units
+from ..layers import ActivationKind, Layer
+from .buffers import follows_layout
 
 compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def graph_summary(y: Tensor, lower: Optional[float] = None, upper: Optional[float] = None,
+                  margin: float = 0.01) -> Tensor:
+    """:func:`gradwatch.stats.activation_summary` of ``y`` with every element as the sample,
+    in float64: ``[sum, sample_dev_norm, sample_nonzero(, sample_saturated)]``, read with
+    ``stats.activation_moments(values, n, n)``.
+
+    For a compiled graph: the mean and spread come from one ``var_mean`` (Welford's update,
+    exact also when the mean is large), and with the counts the compiler fuses them into one
+    pass over ``y``, which the full sum of the sampled form makes anyway. No stride is computed
+    on the host, so nothing specialises on the tensor's size. Half precision is reduced in
+    float32; counts are exact integers. A NaN/Inf makes the sum non-finite.
+
+    >>> [round(v, 4) for v in graph_summary(torch.tensor([0.0, 0.5, 0.999, 1.0]), 0.0, 1.0).tolist()]
+    [2.499, 0.8287, 3.0, 3.0]
+    """
+    x = y.detach()
+    n = x.numel()
+    bounded = lower is not None or upper is not None
+    out = torch.float64 if x.device.type != "mps" else torch.float32  # (MPS has no float64)
+    if n == 0:
+        return torch.zeros(3 + bounded, dtype=out, device=x.device)
+    xf = x.float() if x.dtype in _HALF else x
+    var, mean = torch.var_mean(xf, correction=0)
+    parts = [mean.to(out) * n, (var.to(out) * n).sqrt(), (x != 0).sum().to(out)]
+    if lower is not None and upper is not None:  # as stats.activation_summary's _near_bounds
+        center, half = (upper + lower) / 2, (upper - lower) / 2
+        parts.append(((xf - center).abs() > half * (1 - 2 * margin)).sum().to(out))
+    elif upper is not None:
+        parts.append((xf > upper - margin).sum().to(out))
+    elif lower is not None:
+        parts.append((xf < lower + margin).sum().to(out))
+    return torch.stack(parts)
+
+
+class TracedLayer(NamedTuple):
+    """What a layer's traced hook reads, fixed at attach (constants of the graph)."""
+
+    layer: Layer
+    lower: Optional[float]  # saturation bounds, as ``buffers.summarise`` takes them
+    upper: Optional[float]
+    margin: float
+    units: bool  # tracks dead units (per-unit activity)
+    rectifier: bool  # its output cannot be negative
+    own_layout: Optional[bool]  # whether the module's type puts units at dim 1 (``taps.channels_first``)
+
+    @classmethod
+    def of(cls, layer: Layer, margin: float, own_layout: Optional[bool]) -> "TracedLayer":
+        spec = layer.spec
+        rectifier = spec.kind is ActivationKind.RECTIFIER
+        bounded = rectifier or spec.kind is ActivationKind.BOUNDED
+        return cls(layer, spec.lower if bounded else None, spec.upper if bounded else None, margin,
+                   spec.tracks_dead_units, rectifier, own_layout)
+
 
 class TracedRecord(NamedTuple):
-    """One compiled layer call: the output's size, its sample's size and its summaries."""
+    """One compiled layer call: the output's size and its summaries (every element sampled)."""
 
     layer: Layer
     numel: int
-    sampled: int
     summary: Tensor
     alive: Optional[Tensor]
 
@@ -45,26 +103,27 @@ class TracedRecord(NamedTuple):
 class TracedTaps:
     """The reductions of compiled layers, in the order the layers ran."""
 
-    def __init__(self, how: Reduction) -> None:
-        self.how = how
-        self.on = False  # the running step is measured (a guard of the compiled graph)
-        self.records: List[TracedRecord] = []  # emptied (never replaced) before every forward of the model
+    def __init__(self) -> None:
+        self.on = False  # this forward is measured (a guard of the compiled graph)
+        self.records: List[Tuple[Any, ...]] = []  # emptied (never replaced) before every forward of the model
         self.layout: Optional[Tuple[torch.Size, bool]] = None  # as StepBuffers.layout, within one forward
 
-    def record(self, layer: Layer, output: Any, own_layout: Optional[bool]) -> None:
-        """Traced by torch.compile: reduce ``output`` into the graph when the step is measured.
-        ``own_layout``: whether the module's type puts units at dim 1 (see ``taps.channels_first``)."""
+    def record(self, plan: TracedLayer, output: Any) -> None:
+        """Traced by torch.compile: reduce ``output`` into the graph when the forward is measured."""
         if not self.on or not isinstance(output, Tensor) or not output.is_floating_point():
             return
-        if own_layout is not None:
-            self.layout = (output.shape, own_layout)
-        summary, alive = summarise_with_units(output, layer.spec, self.how, self.layout)
-        self.records.append(TracedRecord(layer, output.numel(), stats.sample_size(output, self.how.samples),
-                                         summary, alive))
+        if plan.own_layout is not None:
+            self.layout = (output.shape, plan.own_layout)
+        alive = None
+        if plan.units:
+            alive = stats.active_units(output, follows_layout(self.layout, output.shape), plan.rectifier)
+        # A plain tuple: a NamedTuple built inside the graph costs the compiler a traced call per layer.
+        self.records.append((plan.layer, output.numel(), graph_summary(output, plan.lower, plan.upper, plan.margin),
+                             alive))
 
     def take(self) -> List[TracedRecord]:
         """The records of the forward that just ended; the next forward starts afresh."""
-        records = list(self.records)
+        records = [TracedRecord(*r) for r in self.records]
         self.records.clear()
         self.layout = None
         return records
