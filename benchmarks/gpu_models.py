@@ -31,8 +31,11 @@ import argparse
 import copy
 import math
 import random
+import shutil
 import statistics
+import tempfile
 import time
+import types
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -41,6 +44,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from gradwatch import GradWatch
 
 
 # ---------------------------------------------------------------------------------------- GPT
@@ -138,3 +143,246 @@ class GPT(nn.Module):
 def tiny_gpt_config() -> GPTConfig:
     """A GPT of the same shape at a size a CPU test trains in seconds."""
     return GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=32)
+
+
+# ---------------------------------------------------------------------------------------- ResNet-50
+class Bottleneck(nn.Module):
+    """ResNet's bottleneck block (v1.5: the stride on the 3x3 convolution, as torchvision's)."""
+
+    expansion = 4
+
+    def __init__(self, cin: int, width: int, stride: int = 1) -> None:
+        super().__init__()
+        cout = width * self.expansion
+        self.conv1, self.bn1 = nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv3, self.bn3 = nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                           if stride != 1 or cin != cout else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class ResNet(nn.Module):
+    """ResNet with bottleneck blocks; ``ResNet()`` is ResNet-50 (25.6M parameters, 1000 classes)."""
+
+    def __init__(self, blocks: Tuple[int, ...] = (3, 4, 6, 3), width: int = 64, classes: int = 1000) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
+        self.bn1, self.relu, self.maxpool = nn.BatchNorm2d(width), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)
+        stages, cin = [], width
+        for i, n in enumerate(blocks):
+            w = width * 2 ** i
+            stage = [Bottleneck(cin, w, 1 if i == 0 else 2)] + [Bottleneck(w * 4, w) for _ in range(n - 1)]
+            stages.append(nn.Sequential(*stage))
+            cin = w * 4
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.avgpool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(cin, classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+# ---------------------------------------------------------------------------------------- the benchmark
+@dataclass
+class Workload:
+    """A model and its batch: ``make()`` builds it (seeded by the caller), ``loss(model)`` one batch's loss."""
+
+    title: str
+    make: Callable[[], nn.Module]
+    loss: Callable[[nn.Module], torch.Tensor]
+
+
+def workloads(device: str, tiny: bool) -> Dict[str, Workload]:
+    g = torch.Generator().manual_seed(0)
+    if tiny:
+        images, batch, res = torch.rand(4, 3, 32, 32, generator=g), 4, dict(blocks=(1, 1, 1, 1), width=8, classes=10)
+        c, seqs = tiny_gpt_config(), 2
+    else:
+        images, batch, res = torch.rand(128, 3, 224, 224, generator=g), 128, {}
+        c, seqs = GPTConfig(), 8
+    images = images.to(device)
+    labels = torch.randint(0, res.get("classes", 1000), (batch,), generator=g).to(device)
+    tokens = torch.randint(0, c.vocab_size, (seqs, c.block_size + 1), generator=g).to(device)
+    x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    size = "tiny" if tiny else "full size"
+    return {
+        "resnet50": Workload(f"ResNet-50-style CNN ({size}, batch {batch}, {images.shape[-1]}px)",
+                             lambda: ResNet(**res), lambda m: F.cross_entropy(m(images), labels)),
+        "gpt2": Workload(f"GPT-2-small-style transformer ({size}, batch {seqs} x {c.block_size} tokens)",
+                         lambda: GPT(c), lambda m: m(x, y)[1]),
+    }
+
+
+VARIANTS: Dict[str, Tuple[Optional[Dict[str, Any]], bool]] = {  # name: (GradWatch's arguments or None, compiled)
+    "unwatched": (None, False),
+    "defaults": ({}, False),
+    "every step": ({"every": 1, "histogram_every": None}, False),
+    "every step + histograms": ({"every": 1, "histogram_every": 1}, False),
+    "compiled, unwatched": (None, True),
+    "compiled, defaults": ({}, True),
+    "compiled, every step": ({"every": 1, "histogram_every": None}, True),
+}
+
+
+def own_class(i: int, net: nn.Module) -> nn.Module:
+    """``net`` inside a module class of its own, whose ``forward`` has a code object of its own:
+    compiled graphs are cached per code object and guarded on the module's class (torch.compile
+    skips module-hook guards by default), so no two compiled copies share graphs or a cache."""
+    class Own(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.net = inner
+
+        def forward(self, *args: Any) -> Any:
+            return self.net(*args)
+    f = Own.forward
+    Own.forward = types.FunctionType(f.__code__.replace(co_name=f"forward_{i}"), f.__globals__, f"forward_{i}")
+    Own.__name__ = Own.__qualname__ = f"{type(net).__name__}{i}"
+    return Own(net)
+
+
+class Trainer:
+    """One variant: its own copy of the model, optimizer, watch and (maybe) compiled module."""
+
+    def __init__(self, i: int, base: nn.Module, w: Workload, kwargs: Optional[Dict[str, Any]], compiled: bool,
+                 args: argparse.Namespace) -> None:
+        self.model = own_class(i, copy.deepcopy(base))
+        self.loss_of, self.device = w.loss, args.device
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.log_dir = tempfile.mkdtemp(prefix="gradwatch-gpu-models-") if kwargs and kwargs.get("histogram_every") else None
+        self.watch = (GradWatch(self.model, quiet=True, log_dir=self.log_dir, **kwargs).attach()
+                      if kwargs is not None else None)
+        self.run = torch.compile(self.model, backend=args.backend) if compiled else self.model
+        dtype = torch.bfloat16 if args.amp else None
+        self.autocast = (lambda: torch.autocast(torch.device(args.device).type, dtype=dtype)) if dtype else nullcontext
+
+    def steps(self, n: int) -> float:
+        sync(self.device)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            with self.autocast():
+                loss = self.loss_of(self.run)
+            loss.backward()
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        sync(self.device)
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        if self.watch is not None:
+            self.watch.detach()
+        if self.log_dir:
+            shutil.rmtree(self.log_dir, ignore_errors=True)
+
+
+def sync(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def synchronisations(t: Trainer, steps: int) -> Tuple[int, int]:
+    """Synchronising CUDA calls during ``steps`` steps (``torch.cuda.set_sync_debug_mode("warn")``
+    turns each into a warning), and how many measured steps were closed meanwhile (a step's
+    numbers are read when the next step opens)."""
+    first = t.watch.steps if t.watch is not None else 0
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            t.steps(steps)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    count = sum(1 for r in seen if "synchroniz" in str(r.message).lower())
+    if t.watch is None:
+        return count, 0
+    last = t.watch.steps
+    return count, sum(1 for s in range(first - 1, last - 1) if s >= 0 and t.watch.schedule.measures(s))
+
+
+def run_workload(name: str, w: Workload, args: argparse.Namespace) -> None:
+    torch.manual_seed(0)
+    base = w.make().to(args.device)
+    params = sum(p.numel() for p in base.parameters())
+    cuda = torch.device(args.device).type == "cuda"
+    trainers: Dict[str, Trainer] = {}
+    for i, (variant, (kwargs, compiled)) in enumerate(VARIANTS.items()):
+        trainers[variant] = Trainer(i, base, w, kwargs, compiled, args)
+        trainers[variant].steps(args.warmup)  # compiling, the dense start, the budget's first adaptation
+    peak: Dict[str, float] = {v: 0.0 for v in trainers}
+    times: Dict[str, List[float]] = {v: [] for v in trainers}
+    order, rng = list(trainers), random.Random(0)
+    for _ in range(args.rounds):
+        rng.shuffle(order)
+        for v in order:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            times[v].append(trainers[v].steps(args.block) / args.block)
+            if cuda:
+                peak[v] = max(peak[v], torch.cuda.max_memory_allocated() / 2 ** 30)
+    syncs: Dict[str, str] = {v: "-" for v in trainers}
+    if cuda:
+        base_syncs = {c: synchronisations(trainers[v], args.sync_steps)[0]
+                      for v, c in (("unwatched", False), ("compiled, unwatched", True))}
+        for v, t in trainers.items():
+            if t.watch is not None:
+                count, measured = synchronisations(t, args.sync_steps)
+                extra = count - base_syncs[VARIANTS[v][1]]
+                syncs[v] = f"{extra / measured:.1f}" if measured else f"{extra} in {args.sync_steps} steps"
+    plain = statistics.median(times["unwatched"])
+    print(f"\n{w.title}: {params / 1e6:.1f}M parameters; unwatched {plain * 1e3:.1f} ms/step"
+          + (f", compiled unwatched {statistics.median(times['compiled, unwatched']) * 1e3:.1f} ms/step"))
+    print(f"  {'variant':26s} {'ms/step':>9s} {'ratio':>7s} {'(rounds)':>15s} {'syncs/measured step':>20s} "
+          f"{'peak memory':>12s} {'interval':>8s}")
+    for v, t in trainers.items():
+        ref = times["compiled, unwatched" if VARIANTS[v][1] else "unwatched"]
+        ratios = [a / b for a, b in zip(times[v], ref)]
+        mem = f"{peak[v]:.2f} GiB" if cuda else "-"
+        every = str(t.watch.every) if t.watch is not None else "-"
+        print(f"  {v:26s} {statistics.median(times[v]) * 1e3:9.1f} {statistics.median(ratios):6.3f}x "
+              f"{min(ratios):6.3f}-{max(ratios):6.3f}  {syncs[v]:>20s} {mem:>12s} {every:>8s}")
+        t.close()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="tiny models (a smoke run, e.g. on the CPU)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--models", default="resnet50,gpt2", help="comma-separated: resnet50, gpt2")
+    p.add_argument("--backend", default="inductor", help="torch.compile backend of the compiled variants")
+    p.add_argument("--no-amp", dest="amp", action="store_false", help="no bf16 autocast")
+    p.add_argument("--warmup", type=int, default=None, help="steps per variant before timing (default 110; tiny 3)")
+    p.add_argument("--rounds", type=int, default=None, help="rounds of blocks (default 5; tiny 1)")
+    p.add_argument("--block", type=int, default=None, help="steps per block (default 10; tiny 2)")
+    p.add_argument("--sync-steps", type=int, default=20, help="steps per variant under the sync debug mode (CUDA)")
+    args = p.parse_args()
+    args.warmup = args.warmup if args.warmup is not None else (3 if args.tiny else 110)
+    args.rounds = args.rounds if args.rounds is not None else (1 if args.tiny else 5)
+    args.block = args.block if args.block is not None else (2 if args.tiny else 10)
+    warnings.simplefilter("ignore")
+    if torch.device(args.device).type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}")
+    else:
+        print(f"{args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"bf16 autocast: {args.amp}; compiled with backend {args.backend}; {args.warmup} warm-up steps per "
+          f"variant, then {args.rounds} rounds of {args.block} steps, variants interleaved")
+    all_workloads = workloads(args.device, args.tiny)
+    for name in args.models.split(","):
+        if name not in all_workloads:
+            raise SystemExit(f"--models: unknown model {name!r}; choose from {', '.join(all_workloads)}")
+        run_workload(name, all_workloads[name], args)
+
+
+if __name__ == "__main__":
+    main()

@@ -111,7 +111,6 @@ class Collector:
         self.copies.remove()
         self.blind.detach()
         self.enabled = False
-        self.taps.traced.on = False
 
     @property
     def spent(self) -> float:

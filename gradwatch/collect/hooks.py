@@ -13,13 +13,13 @@ Two layers make every copy clean:
    consult: the state it returns is the module's own, minus gradwatch's hooks and minus
    itself. A copy holds no gradwatch hook and no reference to gradwatch at all (a model
    saved with ``torch.save`` loads where gradwatch is not installed). ``detach`` removes it.
-2. Every hook gradwatch registers is a :class:`Hook` (or an :class:`EagerHook`), which copies
-   and pickles as :class:`Unhooked`: a no-op that takes itself off the module the first time it
+2. Every hook gradwatch registers is a :class:`Hook`, which copies and pickles as
+   :class:`Unhooked`: a no-op that takes itself off the module the first time it
    is called. This covers copies that do not go through ``__getstate__`` (a module class with its
    own ``__reduce__`` or ``__deepcopy__``, a hook dictionary copied by hand).
 
 Under ``torch.compile`` a :class:`Hook` is traced into the graph of the module that calls it (the
-layers' hooks, :mod:`.traced`); an :class:`EagerHook` never is (the root module's hooks).
+layers' hooks, :mod:`.traced`); an :class:`EagerHook` (the root module's hooks) never is.
 """
 
 from __future__ import annotations
@@ -55,16 +55,17 @@ class Unhooked:
         return (Unhooked, ())
 
 
-class Hook:
-    """A gradwatch hook: calls ``fn``; copied or pickled, it becomes :class:`Unhooked`."""
+class Hook(functools.partial):
+    """A gradwatch hook: calls ``fn``; copied or pickled, it becomes :class:`Unhooked`.
 
-    __slots__ = ("fn", "__weakref__")
+    A ``functools.partial`` (C code) rather than a class with a Python ``__call__``: torch.compile
+    traces a module's hooks into its graph, and a wrapper frame per hook and layer would be one
+    more function for it to trace and guard."""
 
-    def __init__(self, fn: Callable[..., Any]) -> None:
-        self.fn = fn
+    __slots__ = ()
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.fn(*args, **kwargs)
+    def __new__(cls, fn: Callable[..., Any]) -> "Hook":
+        return super().__new__(cls, fn)
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         return (Unhooked, ())
@@ -101,29 +102,20 @@ def eager(fn: Callable[..., Any]) -> Callable[..., Any]:
     return disable(fn) if disable is not None else fn
 
 
-class EagerHook(functools.partial):
-    """A gradwatch hook that torch.compile never traces: ``eager(fn)``, called through a
-    ``functools.partial`` (C code), so that calling it opens no Python frame of gradwatch's.
+class EagerHook(Hook):
+    """A gradwatch hook that torch.compile never traces: ``eager(fn)``, called through the
+    ``functools.partial`` of :class:`Hook`, so that calling it opens no Python frame of gradwatch's.
 
     ``torch.compile(model)`` runs the root module's hooks outside Dynamo and compiles any Python
-    frame they open as a graph of its own: a wrapper frame (``Hook.__call__``) would be compiled,
-    broken at the call of ``fn`` and recompiled for each grad mode and each hook signature. Called
-    from a traced caller (``model.compile()``, a compiled training step), the graph breaks at the
-    call, in PyTorch's module code. Copied or pickled, it becomes :class:`Unhooked`."""
+    frame they open as a graph of its own: a wrapper frame would be compiled, broken at the call
+    of ``fn`` and recompiled for each grad mode and each hook signature. Called from a traced
+    caller (``model.compile()``, a compiled training step), the graph breaks at the call, in
+    PyTorch's module code."""
 
     __slots__ = ()
 
     def __new__(cls, fn: Callable[..., Any]) -> "EagerHook":
         return super().__new__(cls, eager(fn))
-
-    def __reduce_ex__(self, protocol: Any) -> Any:
-        return (Unhooked, ())
-
-    def __deepcopy__(self, memo: Dict[int, Any]) -> Unhooked:
-        return Unhooked()
-
-    def __copy__(self) -> Unhooked:
-        return Unhooked()
 
 
 def eager_forward_hook(module: nn.Module, fn: Callable[..., Any], **kwargs: Any) -> RemovableHandle:
@@ -183,7 +175,7 @@ class CleanState:
         for key in _HOOK_DICTS + _EXTRA_DICTS:
             if isinstance(state.get(key), dict):
                 state[key] = OrderedDict(state[key])
-        return _drop(state, lambda hook: isinstance(hook, (Hook, EagerHook)))
+        return _drop(state, lambda hook: isinstance(hook, Hook))
 
 
 class CleanCopies:

@@ -32,7 +32,7 @@ from ..layers import ActivationKind, Layer
 from .buffers import Reduction, StepBuffers, in_backward, site_name
 from .guard import Guard
 from .hooks import eager, forward_hook, forward_pre_hook
-from .traced import TracedLayer, TracedRecord, TracedTaps, compiling
+from .traced import LIVE, TracedLayer, TracedRecord, TracedTaps, compiling
 
 Current = Callable[[], Optional[StepBuffers]]
 """Returns the buffers of the step being measured, or None when nothing is to be recorded."""
@@ -96,6 +96,7 @@ class LayerTaps:
         with them stays valid whatever the compiler's hook guards."""
         if self.handles:
             return
+        self.traced.attach()
         for layer in self.layers:
             if layer.spec.kind is ActivationKind.GENERIC:
                 self.handles.append(forward_pre_hook(layer.module, self._pre_hook(layer)))
@@ -106,6 +107,7 @@ class LayerTaps:
             h.remove()
         self.handles.clear()
         self.kept.clear()
+        self.traced.detach()
 
     def take(self) -> List[Tuple[Layer, Any]]:
         """The outputs kept during the forward that just ended (and stop keeping)."""
@@ -159,7 +161,7 @@ class LayerTaps:
         return pre_hook
 
     def _hook(self, layer: Layer) -> Callable[..., None]:
-        name = layer.name
+        name, key = layer.name, self.traced.key
         traced = TracedLayer.of(layer, self.how.margin, self._layout.get(layer.name))
 
         def measure(module: nn.Module, args: Any, output: Any) -> None:  # None: a value replaces the output
@@ -171,7 +173,9 @@ class LayerTaps:
 
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if compiling():  # traced into the compiled graph, without a graph break
-                self.traced.record(traced, output)
+                taps = getattr(LIVE, key)  # one path to the taps for every layer (see traced.LIVE)
+                if taps.on:  # (read here: an unmeasured graph traces one call less per layer)
+                    taps.record(traced, output)
             elif self.current() is not None:
                 measure(module, args, output)
             # Kept only with autograd on: its graph holds most outputs anyway, so keeping them

@@ -23,6 +23,7 @@ activation histograms; parameter gradients are read as in eager mode, at the end
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, List, NamedTuple, Optional, Tuple
 
 import torch
@@ -40,34 +41,34 @@ _HALF = (torch.float16, torch.bfloat16)
 def graph_summary(y: Tensor, lower: Optional[float] = None, upper: Optional[float] = None,
                   margin: float = 0.01) -> Tensor:
     """:func:`gradwatch.stats.activation_summary` of ``y`` with every element as the sample,
-    in float64: ``[sum, sample_dev_norm, sample_nonzero(, sample_saturated)]``, read with
+    ``[sum, sample_dev_norm, sample_nonzero(, sample_saturated)]`` (float32 at least), read with
     ``stats.activation_moments(values, n, n)``.
 
     For a compiled graph: the mean and spread come from one ``var_mean`` (Welford's update,
     exact also when the mean is large), and with the counts the compiler fuses them into one
     pass over ``y``, which the full sum of the sampled form makes anyway. No stride is computed
-    on the host, so nothing specialises on the tensor's size. Half precision is reduced in
-    float32; counts are exact integers. A NaN/Inf makes the sum non-finite.
+    on the host, so nothing specialises on the tensor's size. Few operations, as each costs
+    compile time: half precision is reduced in float32 (the accumulator), counts too (exact up
+    to 2**24, within 6e-8 of the count above). A NaN/Inf makes the sum non-finite.
 
     >>> [round(v, 4) for v in graph_summary(torch.tensor([0.0, 0.5, 0.999, 1.0]), 0.0, 1.0).tolist()]
     [2.499, 0.8287, 3.0, 3.0]
     """
     x = y.detach()
     n = x.numel()
-    bounded = lower is not None or upper is not None
-    out = torch.float64 if x.device.type != "mps" else torch.float32  # (MPS has no float64)
+    if x.dtype in _HALF:
+        x = x.float()
     if n == 0:
-        return torch.zeros(3 + bounded, dtype=out, device=x.device)
-    xf = x.float() if x.dtype in _HALF else x
-    var, mean = torch.var_mean(xf, correction=0)
-    parts = [mean.to(out) * n, (var.to(out) * n).sqrt(), (x != 0).sum().to(out)]
+        return torch.zeros(3 + (lower is not None or upper is not None), dtype=x.dtype, device=x.device)
+    var, mean = torch.var_mean(x, correction=0)
+    parts = [mean * n, (var * n).sqrt(), torch.count_nonzero(x).to(mean.dtype)]
     if lower is not None and upper is not None:  # as stats.activation_summary's _near_bounds
         center, half = (upper + lower) / 2, (upper - lower) / 2
-        parts.append(((xf - center).abs() > half * (1 - 2 * margin)).sum().to(out))
+        parts.append(((x - center).abs() > half * (1 - 2 * margin)).sum(dtype=mean.dtype))
     elif upper is not None:
-        parts.append((xf > upper - margin).sum().to(out))
+        parts.append((x > upper - margin).sum(dtype=mean.dtype))
     elif lower is not None:
-        parts.append((xf < lower + margin).sum().to(out))
+        parts.append((x < lower + margin).sum(dtype=mean.dtype))
     return torch.stack(parts)
 
 
@@ -100,13 +101,35 @@ class TracedRecord(NamedTuple):
     alive: Optional[Tensor]
 
 
+class LIVE:
+    """The :class:`TracedTaps` of every attached watch, each an attribute named by its ``key``.
+
+    The layers' traced hooks reach their watch's taps through this one global, never through
+    their closures: the compiler guards every path by which it reaches an object, and the same
+    object reached from the closure of each layer's hook adds a relational guard per layer
+    (``DUPLICATE_INPUT``), which costs more compile time than the rest of the hook. A key that
+    has gone (the watch detached) fails the guard, and the graph is traced again without it."""
+
+
+_keys = itertools.count()
+
+
 class TracedTaps:
     """The reductions of compiled layers, in the order the layers ran."""
 
     def __init__(self) -> None:
+        self.key = f"watch{next(_keys)}"
         self.on = False  # this forward is measured (a guard of the compiled graph)
         self.records: List[Tuple[Any, ...]] = []  # emptied (never replaced) before every forward of the model
         self.layout: Optional[Tuple[torch.Size, bool]] = None  # as StepBuffers.layout, within one forward
+
+    def attach(self) -> None:
+        setattr(LIVE, self.key, self)
+
+    def detach(self) -> None:
+        self.on = False
+        if getattr(LIVE, self.key, None) is self:
+            delattr(LIVE, self.key)
 
     def record(self, plan: TracedLayer, output: Any) -> None:
         """Traced by torch.compile: reduce ``output`` into the graph when the forward is measured."""
