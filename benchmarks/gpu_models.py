@@ -340,7 +340,7 @@ def run_workload(name: str, w: Workload, args: argparse.Namespace) -> None:
                 extra = count - base_syncs[VARIANTS[v][1]]
                 syncs[v] = f"{extra / measured:.1f}" if measured else f"{extra} in {args.sync_steps} steps"
     plain = statistics.median(times["unwatched"])
-    print(f"\n{w.title}: {params / 1e6:.1f}M parameters; unwatched {plain * 1e3:.1f} ms/step"
+    print(f"\n{w.title}: {params:,} parameters; unwatched {plain * 1e3:.1f} ms/step"
           + (f", compiled unwatched {statistics.median(times['compiled, unwatched']) * 1e3:.1f} ms/step"))
     print(f"  {'variant':26s} {'ms/step':>9s} {'ratio':>7s} {'(rounds)':>15s} {'syncs/measured step':>20s} "
           f"{'peak memory':>12s} {'interval':>8s}")
@@ -349,8 +349,9 @@ def run_workload(name: str, w: Workload, args: argparse.Namespace) -> None:
         ratios = [a / b for a, b in zip(times[v], ref)]
         mem = f"{peak[v]:.2f} GiB" if cuda else "-"
         every = str(t.watch.every) if t.watch is not None else "-"
+        spread = f"{min(ratios):.3f}-{max(ratios):.3f}"
         print(f"  {v:26s} {statistics.median(times[v]) * 1e3:9.1f} {statistics.median(ratios):6.3f}x "
-              f"{min(ratios):6.3f}-{max(ratios):6.3f}  {syncs[v]:>20s} {mem:>12s} {every:>8s}")
+              f"{spread:>15s} {syncs[v]:>20s} {mem:>12s} {every:>8s}")
         t.close()
 
 
