@@ -24,6 +24,7 @@ from ..layers import ActivationKind, ActivationSpec, Layer, activation_spec, dis
 from .buffers import Reduction, StepBuffers, in_backward, site_name
 from .guard import Guard
 from .hooks import forward_hook, forward_pre_hook
+from .traced import compiling
 
 _RECT = ActivationSpec(ActivationKind.RECTIFIER)
 _SMOOTH = ActivationSpec(ActivationKind.SMOOTH)
@@ -68,7 +69,8 @@ class FunctionalTap(TorchFunctionMode):
         out = func(*args, **(kwargs or {}))
         known = KNOWN.get(func)
         # F.hardtanh with other bounds than (-1, 1) is measured without saturation bounds.
-        if known is not None and isinstance(out, torch.Tensor) and out.is_floating_point():
+        # Not inside a graph torch.compile traces: the measuring is eager code (see traced.py).
+        if known is not None and isinstance(out, torch.Tensor) and out.is_floating_point() and not compiling():
             name, spec = known
             if func is F.hardtanh:
                 lo = kwargs.get("min_val", args[1] if len(args) > 1 else -1.0) if kwargs else (
