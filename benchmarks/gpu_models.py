@@ -8,21 +8,24 @@ under bf16 autocast; GPT-2 small (12 layers, 12 heads, width 768, 124M parameter
 embeddings tied to the head) on sequences of 1024 tokens, batch 8, under bf16 autocast, with
 ``F.scaled_dot_product_attention``. Each trains with AdamW.
 
-For each model, the variants train their own copy (same initial weights), interleaved block by
-block in a shuffled order; a variant's ratio is the median over rounds of its block time over the
-unwatched copy's in the same round:
+For each model, the variants train their own copy (same initial weights): each warms up
+(``--warmup`` steps, 110 by default: compiling, the dense start, and the measuring interval's first
+adaptation at step 100), then the variants take turns block by block in a shuffled order; a
+variant's ratio is the median over rounds of its block time over its baseline's in the same round:
 
 - unwatched (its step time is printed);
-- gradwatch at its defaults, every step (scalars), every step with histograms (every step);
-- compiled (``torch.compile``, watched before compiling) at its defaults and every step, beside
-  a compiled unwatched copy, which is their baseline.
+- gradwatch at its defaults, every step (scalars), every step with histograms written into a
+  log_dir, against the unwatched copy;
+- compiled (``torch.compile``, watched before compiling) at its defaults and every step, against a
+  compiled unwatched copy (each compiled copy has a module class of its own, so none shares graphs).
 
-Per variant it also reports peak memory over the timed blocks (``torch.cuda.max_memory_allocated``,
-reset before each block; on the CPU: not measured) and the host synchronisations of one measured
-step: on CUDA, ``torch.cuda.set_sync_debug_mode("warn")`` makes every synchronising call PyTorch
-makes (``.item()``, ``.tolist()``, ``.cpu()``, a non-blocking copy's wait, ...) raise a warning,
-and the warnings during one step are counted, less those the unwatched step makes. On the CPU
-there is nothing to synchronise with: reported as "-".
+Per variant it also reports the peak memory of its timed blocks (``torch.cuda.max_memory_allocated``,
+reset before each block) and the host synchronisations per measured step: for ``--sync-steps``
+steps, ``torch.cuda.set_sync_debug_mode("warn")`` turns every synchronising CUDA call (``.item()``,
+``.tolist()``, ``.cpu()``, a blocking copy, ...) into a warning; the warnings are counted, less
+those of the same number of steps of its unwatched baseline, and divided by the measured steps
+whose numbers were read in that window (a step's numbers are read when the next step opens).
+On the CPU neither is measured ("-"). Compile time is ``benchmarks/compiled.py``'s.
 """
 
 from __future__ import annotations
@@ -260,7 +263,8 @@ class Trainer:
         self.model = own_class(i, copy.deepcopy(base))
         self.loss_of, self.device = w.loss, args.device
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
-        self.log_dir = tempfile.mkdtemp(prefix="gradwatch-gpu-models-") if kwargs and kwargs.get("histogram_every") else None
+        histograms = kwargs is not None and kwargs.get("histogram_every") == 1
+        self.log_dir = tempfile.mkdtemp(prefix="gradwatch-gpu-models-") if histograms else None  # written, as users do
         self.watch = (GradWatch(self.model, quiet=True, log_dir=self.log_dir, **kwargs).attach()
                       if kwargs is not None else None)
         self.run = torch.compile(self.model, backend=args.backend) if compiled else self.model
