@@ -19,8 +19,10 @@ variant's ratio is the median over rounds of its block time over its baseline's 
 - compiled (``torch.compile``, watched before compiling) at its defaults and every step, against a
   compiled unwatched copy (each compiled copy has a module class of its own, so none shares graphs).
 
-Per variant it also reports the peak memory of its timed blocks (``torch.cuda.max_memory_allocated``,
-reset before each block) and the host synchronisations per measured step: for ``--sync-steps``
+Per variant it also reports the peak memory of a step above what was allocated before it
+(``torch.cuda.max_memory_allocated``, reset before each block, less ``memory_allocated()`` then:
+activations, gradients and temporaries; every copy's weights and optimizer state stay resident
+throughout, and count for none) and the host synchronisations per measured step: for ``--sync-steps``
 steps, ``torch.cuda.set_sync_debug_mode("warn")`` turns every synchronising CUDA call (``.item()``,
 ``.tolist()``, ``.cpu()``, a blocking copy, ...) into a warning; the warnings are counted, less
 those of the same number of steps of its unwatched baseline, and divided by the measured steps
@@ -331,9 +333,10 @@ def run_workload(name: str, w: Workload, args: argparse.Namespace) -> None:
         for v in order:
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
+                resident = torch.cuda.memory_allocated()
             times[v].append(trainers[v].steps(args.block) / args.block)
             if cuda:
-                peak[v] = max(peak[v], torch.cuda.max_memory_allocated() / 2 ** 30)
+                peak[v] = max(peak[v], (torch.cuda.max_memory_allocated() - resident) / 2 ** 30)
     syncs: Dict[str, str] = {v: "-" for v in trainers}
     if cuda:
         base_syncs = {c: synchronisations(trainers[v], args.sync_steps)[0]
@@ -347,7 +350,7 @@ def run_workload(name: str, w: Workload, args: argparse.Namespace) -> None:
     print(f"\n{w.title}: {params:,} parameters; unwatched {plain * 1e3:.1f} ms/step"
           + (f", compiled unwatched {statistics.median(times['compiled, unwatched']) * 1e3:.1f} ms/step"))
     print(f"  {'variant':26s} {'ms/step':>9s} {'ratio':>7s} {'(rounds)':>15s} {'syncs/measured step':>20s} "
-          f"{'peak memory':>12s} {'interval':>8s}")
+          f"{'step memory':>12s} {'interval':>8s}")
     for v, t in trainers.items():
         ref = times["compiled, unwatched" if VARIANTS[v][1] else "unwatched"]
         ratios = [a / b for a, b in zip(times[v], ref)]
