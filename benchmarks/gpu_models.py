@@ -209,7 +209,7 @@ class Workload:
 
 
 def workloads(device: str, tiny: bool) -> Dict[str, Workload]:
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(1)  # not the weights' seed: the data would repeat their random draws
     if tiny:
         images, batch, res = torch.rand(4, 3, 32, 32, generator=g), 4, dict(blocks=(1, 1, 1, 1), width=8, classes=10)
         c, seqs = tiny_gpt_config(), 2
