@@ -36,10 +36,10 @@ from .forwards import ForwardGroup, transformed
 from .functional import FunctionalTaps
 from .gradients import GradientReader
 from .guard import Guard
-from .hooks import CleanCopies, WeakHook, forward_hook, forward_pre_hook
+from .hooks import CleanCopies, WeakHook, eager_forward_hook, eager_forward_pre_hook
 from .noise import NoiseReader
 from .sdpa import SdpaTaps
-from .taps import LayerTaps, eager
+from .taps import LayerTaps
 from .updates import RatioWindow, UpdateReader
 
 __all__ = ["Collector"]
@@ -106,9 +106,9 @@ class Collector:
         self.taps.attach()
         if not isinstance(self.model, torch.jit.ScriptModule):  # a scripted model takes no hook (said above)
             # The root's hooks are the edges of a compiled model's graph: never traced (see traced).
-            self._root_handles.append(forward_pre_hook(self.model, eager(self._root_pre_hook), with_kwargs=True))
+            self._root_handles.append(eager_forward_pre_hook(self.model, self._root_pre_hook, with_kwargs=True))
             # always_call: the functional tap must be left even when the forward raises.
-            self._root_handles.append(forward_hook(self.model, eager(self._root_hook), always_call=True))
+            self._root_handles.append(eager_forward_hook(self.model, self._root_hook, always_call=True))
         else:
             self.blind.said("unseen")  # its unseen forwards are in the note above
         # Under several processes a step that one rank turned into a measured one would leave the
@@ -154,7 +154,6 @@ class Collector:
         self.copies.remove()
         self.blind.detach()
         self.enabled = False
-        self.taps.traced.on = False
 
     @property
     def spent(self) -> float:
@@ -241,6 +240,7 @@ class Collector:
             raise
         if not counted:  # no training step: nothing of this forward is recorded
             self._ignoring = True
+            self.taps.traced.on = False  # (a compiled eval pass: the graph that measures nothing)
             return
         self.taps.new_forward()
         late = self.guard("finiteness check", self.sentinel.poll) if self.sentinel.pending else None
@@ -249,6 +249,10 @@ class Collector:
         self.taps.keeping = self._buf is None and self.enabled and self.checking
         if self._buf is not None:
             self.guard("gradient noise scale", self.noise.forward, self._buf, args, kwargs)
+        # A compiled forward measures in its graph exactly when the eager hooks would record
+        # (never in forwards gradwatch ignores, such as eval passes): one graph per grad mode
+        # that does not measure, whatever the step, and one per grad mode that does.
+        self.taps.traced.on = self._current() is not None
         if self.functional is not None and self._current() is not None:
             self.functional.enter()
 

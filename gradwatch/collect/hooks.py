@@ -14,13 +14,17 @@ Two layers make every copy clean:
    itself. A copy holds no gradwatch hook and no reference to gradwatch at all (a model
    saved with ``torch.save`` loads where gradwatch is not installed). ``detach`` removes it.
 2. Every hook gradwatch registers is a :class:`Hook`, which copies and pickles as
-   :class:`Unhooked`: a no-op that takes itself off the module the first time it is called.
-   This covers copies that do not go through ``__getstate__`` (a module class with its own
-   ``__reduce__`` or ``__deepcopy__``, a hook dictionary copied by hand).
+   :class:`Unhooked`: a no-op that takes itself off the module the first time it
+   is called. This covers copies that do not go through ``__getstate__`` (a module class with its
+   own ``__reduce__`` or ``__deepcopy__``, a hook dictionary copied by hand).
+
+Under ``torch.compile`` a :class:`Hook` is traced into the graph of the module that calls it (the
+layers' hooks, :mod:`.traced`); an :class:`EagerHook` (the root module's hooks) never is.
 """
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections import OrderedDict
 from typing import Any, Callable, Dict, List, Set
@@ -51,16 +55,17 @@ class Unhooked:
         return (Unhooked, ())
 
 
-class Hook:
-    """A gradwatch hook: calls ``fn``; copied or pickled, it becomes :class:`Unhooked`."""
+class Hook(functools.partial):
+    """A gradwatch hook: calls ``fn``; copied or pickled, it becomes :class:`Unhooked`.
 
-    __slots__ = ("fn", "__weakref__")
+    A ``functools.partial`` (C code) rather than a class with a Python ``__call__``: torch.compile
+    traces a module's hooks into its graph, and a wrapper frame per hook and layer would be one
+    more function for it to trace and guard."""
 
-    def __init__(self, fn: Callable[..., Any]) -> None:
-        self.fn = fn
+    __slots__ = ()
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.fn(*args, **kwargs)
+    def __new__(cls, fn: Callable[..., Any]) -> "Hook":
+        return super().__new__(cls, fn)
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         return (Unhooked, ())
@@ -88,6 +93,37 @@ class WeakHook:
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         return (Unhooked, ())
+
+
+def eager(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Keep torch.compile from tracing into ``fn``: gradwatch's eager code (step boundaries,
+    records of a step) runs at the compiled graph's edges only, never inside it."""
+    disable = getattr(getattr(torch, "compiler", None), "disable", None)
+    return disable(fn) if disable is not None else fn
+
+
+class EagerHook(Hook):
+    """A gradwatch hook that torch.compile never traces: ``eager(fn)``, called through the
+    ``functools.partial`` of :class:`Hook`, so that calling it opens no Python frame of gradwatch's.
+
+    ``torch.compile(model)`` runs the root module's hooks outside Dynamo and compiles any Python
+    frame they open as a graph of its own: a wrapper frame would be compiled, broken at the call
+    of ``fn`` and recompiled for each grad mode and each hook signature. Called from a traced
+    caller (``model.compile()``, a compiled training step), the graph breaks at the call, in
+    PyTorch's module code."""
+
+    __slots__ = ()
+
+    def __new__(cls, fn: Callable[..., Any]) -> "EagerHook":
+        return super().__new__(cls, eager(fn))
+
+
+def eager_forward_hook(module: nn.Module, fn: Callable[..., Any], **kwargs: Any) -> RemovableHandle:
+    return module.register_forward_hook(EagerHook(fn), **kwargs)
+
+
+def eager_forward_pre_hook(module: nn.Module, fn: Callable[..., Any], **kwargs: Any) -> RemovableHandle:
+    return module.register_forward_pre_hook(EagerHook(fn), **kwargs)
 
 
 def forward_hook(module: nn.Module, fn: Callable[..., Any], **kwargs: Any) -> RemovableHandle:

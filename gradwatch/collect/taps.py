@@ -32,8 +32,8 @@ from ..layers import ActivationKind, Layer
 from .buffers import Reduction, StepBuffers, in_backward, site_name
 from .forwards import transformed
 from .guard import Guard
-from .hooks import forward_hook, forward_pre_hook
-from .traced import TracedRecord, TracedTaps, compiling
+from .hooks import eager, forward_hook, forward_pre_hook
+from .traced import LIVE, TracedLayer, TracedRecord, TracedTaps, compiling
 
 # The innermost saved-tensor hooks in force (activation checkpointing, offloading), or None.
 _saved_tensor_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", lambda tracing: None)
@@ -58,13 +58,6 @@ def channels_first(module: nn.Module) -> Optional[bool]:
     if isinstance(module, _CHANNELS_LAST):
         return False
     return None
-
-
-def eager(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Keep torch.compile from tracing into ``fn``: gradwatch's eager code (step boundaries,
-    records of a step) runs at the compiled graph's edges only, never inside it."""
-    disable = getattr(getattr(torch, "compiler", None), "disable", None)
-    return disable(fn) if disable is not None else fn
 
 
 @dataclass
@@ -97,7 +90,7 @@ class LayerTaps:
         self._layout = {layer.name: channels_first(layer.module) for layer in layers}
         self._probes: Dict[str, List[Optional[_SlopeProbe]]] = {}
         self._peak: Dict[str, Tensor] = {}  # per site, the largest slope seen (kept across steps)
-        self.traced = TracedTaps(how)  # what the hooks record when torch.compile traces them
+        self.traced = TracedTaps()  # what the hooks record when torch.compile traces them
         self.on_transform: Callable[[], None] = lambda: None  # a layer ran inside a torch.func transform
 
     def attach(self) -> None:
@@ -108,6 +101,7 @@ class LayerTaps:
         with them stays valid whatever the compiler's hook guards."""
         if self.handles:
             return
+        self.traced.attach()
         for layer in self.layers:
             if layer.spec.kind is ActivationKind.GENERIC:
                 self.handles.append(forward_pre_hook(layer.module, self._pre_hook(layer)))
@@ -118,6 +112,7 @@ class LayerTaps:
             h.remove()
         self.handles.clear()
         self.kept.clear()
+        self.traced.detach()
 
     def take(self) -> List[Tuple[Layer, Any]]:
         """The outputs kept during the forward that just ended (and stop keeping)."""
@@ -144,7 +139,7 @@ class LayerTaps:
             if r.layer.name not in self.guard.broken:
                 self.seen += 1
                 site = self._site(r.layer, buf)
-                buf.site(site).add_summary(r.numel, r.sampled, r.summary, r.alive)
+                buf.site(site).add_summary(r.numel, r.numel, r.summary, r.alive)  # every element is the sample
 
     # ------------------------------------------------------------------ hooks
     def _pre_hook(self, layer: Layer) -> Callable[..., None]:
@@ -171,7 +166,8 @@ class LayerTaps:
         return pre_hook
 
     def _hook(self, layer: Layer) -> Callable[..., None]:
-        name, own_layout = layer.name, self._layout.get(layer.name)
+        name, key = layer.name, self.traced.key
+        traced = TracedLayer.of(layer, self.how.margin, self._layout.get(layer.name))
 
         def measure(module: nn.Module, args: Any, output: Any) -> None:  # None: a value replaces the output
             buf = self.current()
@@ -185,7 +181,9 @@ class LayerTaps:
 
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if compiling():  # traced into the compiled graph, without a graph break
-                self.traced.record(layer, output, own_layout)
+                taps = getattr(LIVE, key)  # one path to the taps for every layer (see traced.LIVE)
+                if taps.on:  # (read here: an unmeasured graph traces one call less per layer)
+                    taps.record(traced, output)
             elif self.keeping:  # an unmeasured step: the usual case, first
                 # Kept only with autograd on and nothing packing saved tensors: its graph holds
                 # most outputs anyway (the rest, freed early without gradwatch, live until the
