@@ -586,7 +586,8 @@ def grad_summaries(grads: Sequence[Tensor], weights: Sequence[Tensor]) -> Tensor
     with torch.no_grad():
         if len(groups) == 1:  # the usual case: one run of kernels, its rows as they come
             try:
-                return _grad_rows(list(grads), list(weights), device).to(device, torch.float64)
+                rows = _grad_rows(list(grads), list(weights), device)
+                return rows if rows.dtype == torch.float64 and rows.device == device else rows.to(device, torch.float64)
             except (RuntimeError, TypeError, NotImplementedError):
                 return torch.full((3, len(grads)), math.nan, dtype=torch.float64, device=device)
         out = torch.full((3, len(grads)), math.nan, dtype=torch.float64, device=device)
@@ -771,10 +772,12 @@ def to_host(tensors: Sequence[Union[Tensor, float]]) -> List[List[float]]:
     return out
 
 
-def update_norms(before: Sequence[Tensor], after: Sequence[Tensor], scales: Sequence[float]) -> Tensor:
+def update_norms(before: Sequence[Any], after: Sequence[Any], scales: Sequence[float]) -> Tensor:
     """Per pair of parameter samples taken before and after an optimizer step: ``‖after - before‖``
     and ``‖before‖``, each multiplied by ``scales[i]``. Returns float64 of shape (2, k) on the first
-    sample's device; the ratio of the two rows is the update-to-weight ratio.
+    sample's device; the ratio of the two rows is the update-to-weight ratio. A pair of NumPy arrays
+    (CPU samples, :func:`host_array`) is reduced in NumPy, without a PyTorch op; then the result is
+    on the CPU.
 
     With ``scales[i] = sqrt(n / m)`` for an ``m``-element sample of an ``n``-element tensor each row
     estimates the whole tensor's norm, so the norms of several shards combine as the root of
@@ -786,6 +789,17 @@ def update_norms(before: Sequence[Tensor], after: Sequence[Tensor], scales: Sequ
     """
     if not before:
         return torch.zeros(2, 0, dtype=torch.float64)
+    arrays = [i for i, b in enumerate(before) if isinstance(b, np.ndarray)]
+    if arrays:
+        rows = np.empty((2, len(before)))
+        with np.errstate(all="ignore"):  # NaN/Inf and overflows give no RuntimeWarning
+            for i in arrays:
+                rows[:, i] = host_norm(after[i] - before[i]) * scales[i], host_norm(before[i]) * scales[i]
+        others = [i for i, b in enumerate(before) if not isinstance(b, np.ndarray)]
+        if others:  # tensors NumPy does not read (half precision)
+            rows[:, others] = update_norms([before[i] for i in others], [after[i] for i in others],
+                                           [scales[i] for i in others]).cpu().numpy()
+        return torch.from_numpy(rows)
     device = before[0].device
     with torch.no_grad():
         if device.type == "cpu" and HOST_ARRAYS:  # per tensor, read at once (see _grad_rows_cpu)
