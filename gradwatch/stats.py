@@ -614,8 +614,9 @@ def _grad_rows(grads: List[Tensor], weights: List[Tensor], device: torch.device)
         acc = torch.float64  # no overflow of the sum of squares; fused and cheap on accelerators
     norms = torch.stack(torch._foreach_norm(grads, dtype=acc))
     wnorms = torch.stack(torch._foreach_norm(weights, dtype=torch.float32 if weights[0].dtype in _HALF else None))
-    # The inf-norm reads each gradient once and allocates nothing (``_foreach_abs`` would copy them all).
-    maxabs = torch.stack(torch._foreach_norm(grads, ord=math.inf))
+    # The inf-norm reads each gradient once and allocates nothing (``_foreach_abs`` would copy them all);
+    # it has no value for an empty tensor (and would fail the whole group): a zero stands in for one.
+    maxabs = torch.stack(torch._foreach_norm([g if g.numel() else g.new_zeros(1) for g in grads], ord=math.inf))
     return torch.stack([norms.double(), maxabs.double(), wnorms.double()])
 
 
