@@ -6,8 +6,9 @@ everything to the host in one transfer per logging step. Per layer only what nee
 tensor runs (:func:`full_sum`, :func:`unit_sums`, :func:`l2_norm`); what a strided sample gives
 is computed for the samples of all layers at once (:func:`sample_rows`, :func:`histogram_rows`),
 in a number of kernels that does not grow with depth, and, for CPU tensors, in NumPy layer by
-layer (:func:`sample_row_host`, :func:`histogram_host`). Each is tested against a numpy or
-per-tensor reference in ``tests/test_stats.py`` and ``tests/test_buffers.py``.
+layer (:func:`sample_row_host`, :func:`histogram_host`; norms too), on memory NumPy reads without
+a PyTorch op (:func:`host_array`). Each is tested against a numpy or per-tensor reference in
+``tests/test_stats.py`` and ``tests/test_buffers.py``.
 """
 
 from __future__ import annotations
@@ -69,7 +70,9 @@ def host_array(t: Tensor) -> Optional[np.ndarray]:
             return None
         try:
             ptr = t.data_ptr()
-        except RuntimeError:  # no memory of its own (functorch's and functionalization's wrappers)
+        except RuntimeError:  # no memory of its own (functorch's wrappers)
+            return None
+        if not ptr and t.numel():  # nor this (functionalization's wrappers)
             return None
         memory = _Memory()
         memory.tensor = t

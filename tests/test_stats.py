@@ -433,3 +433,15 @@ def test_update_norms_of_numpy_samples_match_the_pytorch_ones(dtype, cpu_path):
     np.testing.assert_allclose(got, expected, rtol=1e-6)
     d = (after[0] - before[0]).double().numpy()
     assert got[0, 0] == pytest.approx(2 * np.linalg.norm(d), rel=1e-6)
+
+
+def test_numpy_declines_tensors_without_memory_of_their_own():
+    seen = []
+
+    def f(x):
+        seen.append(stats.host_array(x))
+        return (x * 2).sum()
+    torch.func.grad(f)(torch.ones(3))
+    torch.func.functionalize(f)(torch.ones(3))
+    torch.vmap(f)(torch.ones(2, 3))
+    assert seen == [None, None, None]
