@@ -12,17 +12,21 @@ kernels on the CPU); printed is (watched step) - (plain step). Beside it, "top-l
 ops called from Python (an op inside another is not counted), and "kernels": the top-level ops
 minus those that only make views or allocate (``as_strided``, ``view``, ``empty``, ...): about the
 kernel launches the same step would cost on a GPU. Two paths are counted: the CPU's own
-(``stats.HOST_ARRAYS``: float tensors reduced in NumPy layer by layer, parameters one tensor
-at a time) and the device path (the one GPUs take: samples of all layers reduced together,
-fused multi-tensor kernels for parameters), forced on the CPU with ``stats.HOST_ARRAYS = False``.
+(``stats.HOST_ARRAYS``: NumPy reads float32/float64 tensors through their memory without a PyTorch
+op, ``stats.host_array``, and reduces outputs, output gradients, parameter gradients and weights
+there layer by layer; what is left in PyTorch is a sum over a large output, or per unit where dead
+units are tracked, and one tensor made of the parameters' rows) and the device path (the one GPUs
+take: samples of all layers reduced together, fused multi-tensor kernels for parameters), forced
+on the CPU with ``stats.HOST_ARRAYS = False``.
 
 The counts are deterministic for a given torch version and thread count (one thread here: with
 more, a full reduction over a large tensor may split into partial ones that record more events).
 
 Target (issue 21): at most 3 added ops per watched layer plus 40 (the seed MLP, 9 watched
-layers: 67). The formula the code keeps, which tests/test_benchmarks.py checks, is
+layers: 67). The formulas the code keeps, which tests/test_benchmarks.py checks, are
 :data:`KERNELS_PER_LAYER` kernels per watched layer output plus :data:`KERNELS_FIXED` on the
-device path.
+device path, and :data:`CPU_OPS_PER_LAYER` ops (all events) per watched layer output plus
+:data:`CPU_OPS_FIXED` on the CPU's own path.
 """
 
 from __future__ import annotations
@@ -50,6 +54,15 @@ tracked), the copy of its sample into the step's buffer, the norm of the gradien
 KERNELS_FIXED = 40
 """Kernels on the device path per measured step whatever the depth: reducing the samples of all
 layers, the fused parameter-gradient norms, one read of every number."""
+
+CPU_OPS_PER_LAYER = 2
+"""All ops (events) on the CPU's own path per output of a watched layer, at most: one sum in PyTorch
+(of the whole output above ``stats.HOST_SUM_ELEMENTS`` elements, or per unit where dead units are
+tracked), which fills its output first; everything else is NumPy on the tensor's memory."""
+CPU_OPS_FIXED = 3
+"""All ops on the CPU's own path per measured step whatever the depth: the parameters' rows made a
+tensor, once per gradient read (at the end of backward; with ``optimizer=`` also at its step) and
+once for the update ratios."""
 
 VIEWS = {"aten::as_strided", "aten::view", "aten::reshape", "aten::_reshape_alias", "aten::expand", "aten::slice",
          "aten::select", "aten::narrow", "aten::unsqueeze", "aten::squeeze", "aten::t", "aten::transpose",

@@ -6,15 +6,16 @@ everything to the host in one transfer per logging step. Per layer only what nee
 tensor runs (:func:`full_sum`, :func:`unit_sums`, :func:`l2_norm`); what a strided sample gives
 is computed for the samples of all layers at once (:func:`sample_rows`, :func:`histogram_rows`),
 in a number of kernels that does not grow with depth, and, for CPU tensors, in NumPy layer by
-layer (:func:`sample_row_host`, :func:`histogram_host`). Each is tested against a numpy or
-per-tensor reference in ``tests/test_stats.py`` and ``tests/test_buffers.py``.
+layer (:func:`sample_row_host`, :func:`histogram_host`; norms too), on memory NumPy reads without
+a PyTorch op (:func:`host_array`). Each is tested against a numpy or per-tensor reference in
+``tests/test_stats.py`` and ``tests/test_buffers.py``.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -43,21 +44,64 @@ HOST_SUM_ELEMENTS = 1 << 15
 """Above this many elements a CPU tensor's full sum is PyTorch's, vectorised over every core
 (NumPy's pairwise sum uses one, about 3x slower on 131,072 floats)."""
 
-_HOST_DTYPES = (torch.float32, torch.float64)
+_HOST_TYPES = {torch.float32: (np.dtype(np.float32).str, 4), torch.float64: (np.dtype(np.float64).str, 8)}
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+class _Memory:
+    """A CPU tensor's memory as NumPy reads it (``__array_interface__``, read-only); it holds the
+    tensor, so the memory outlives every array made from it."""
+
+    __slots__ = ("__array_interface__", "tensor")
 
 
 def host_array(t: Tensor) -> Optional[np.ndarray]:
-    """``t`` as a NumPy array sharing its memory, where that works: a plain float32/float64 CPU
-    tensor, outside torch.compile's tracing, with ``HOST_ARRAYS`` on; else None."""
-    if not HOST_ARRAYS or not t.is_cpu or t.dtype not in _HOST_DTYPES or t.layout is not torch.strided:
+    """``t`` as a read-only NumPy array over its memory, where that works: a float32/float64 CPU
+    tensor, outside torch.compile's tracing, with ``HOST_ARRAYS`` on; else None. A plain tensor or
+    parameter is read through its pointer, shape and strides, without a PyTorch op (``detach`` and
+    ``numpy()`` are four dispatches, which cost more than the NumPy call that follows them)."""
+    if not HOST_ARRAYS:
         return None
-    x = t.detach() if t.requires_grad or type(t) is not Tensor else t
+    kind = _HOST_TYPES.get(t.dtype)
+    if kind is None or not t.is_cpu or t.layout is not torch.strided:
+        return None
+    if type(t) in _PLAIN:
+        if t.is_neg() or t.is_conj() or _compiling():
+            return None
+        try:
+            ptr = t.data_ptr()
+        except RuntimeError:  # no memory of its own (functorch's wrappers)
+            return None
+        if not ptr and t.numel():  # nor this (functionalization's wrappers)
+            return None
+        memory = _Memory()
+        memory.tensor = t
+        memory.__array_interface__ = {
+            "shape": t.shape, "typestr": kind[0], "data": (ptr, True), "version": 3,
+            "strides": None if t.is_contiguous() else tuple([s * kind[1] for s in t.stride()])}
+        return np.asarray(memory)
+    x = t.detach()
     if type(x) is not Tensor or _compiling():
         return None  # tensor subclasses (FakeTensor, DTensor, functorch wrappers)
     try:
         return x.numpy()
     except (RuntimeError, TypeError, ValueError):
         return None
+
+
+def host_flat(a: np.ndarray) -> np.ndarray:
+    """Every element of ``a`` as a 1-dimensional array in the order of its memory (a view where
+    its memory is dense, as for a permuted layout; a copy in logical order for one with gaps or
+    repeats)."""
+    return a.reshape(-1) if a.flags.c_contiguous else np.ravel(a, order="K")
+
+
+def host_norm(a: np.ndarray) -> float:
+    """L2 norm of every element of ``a`` (one BLAS dot product, accumulated in ``a``'s dtype as
+    :func:`l2_norm` accumulates; NaN/Inf anywhere makes it non-finite)."""
+    flat = host_flat(a)
+    with np.errstate(all="ignore"):
+        return math.sqrt(float(np.dot(flat, flat)))
 
 
 def as_float(t: Tensor) -> Tensor:
@@ -90,6 +134,13 @@ def l2_norm(t: Tensor) -> Tensor:
     if x.dim() == 0:
         return torch.linalg.vector_norm(x, dtype=_acc_dtype(x))
     return torch.linalg.vector_norm(x, dim=all_dims(x), keepdim=True, dtype=_acc_dtype(x))
+
+
+def l2_norm_now(t: Tensor) -> Union[float, Tensor]:
+    """:func:`l2_norm`, read at once where NumPy reads ``t`` (:func:`host_norm`: no PyTorch op, and a
+    number, which :func:`to_host` takes as it is); elsewhere the tensor :func:`l2_norm` gives."""
+    a = host_array(t)
+    return l2_norm(t) if a is None else host_norm(a)
 
 
 def full_sum(t: Tensor) -> Tensor:
@@ -367,11 +418,9 @@ def sample_rows(x: Tensor, counts: Tensor, low: Optional[Tensor] = None, high: O
 
 def _host_sample(t: Tensor, a: np.ndarray, max_elements: int) -> np.ndarray:
     """The elements :func:`sample_view` takes of ``t`` (whose memory ``a`` shares), as an array."""
-    if t.is_contiguous():
-        flat = a.reshape(-1)
-        stride = _plan(t.shape, t.stride(), True, max_elements)[1]
-        return flat[::stride] if stride > 1 else flat
-    return sample_view(t, max_elements).numpy()  # another layout: PyTorch knows its memory order
+    _, stride, dense = _plan(t.shape, t.stride(), t.is_contiguous(), max_elements)
+    flat = host_flat(a) if dense else a.reshape(-1)  # gaps or repeats: a copy in logical order, as sample_view
+    return flat[::stride] if stride > 1 else flat
 
 
 def activation_rows(tensors: Sequence[Tensor], max_elements: int,
@@ -543,7 +592,8 @@ def grad_summaries(grads: Sequence[Tensor], weights: Sequence[Tensor]) -> Tensor
     with torch.no_grad():
         if len(groups) == 1:  # the usual case: one run of kernels, its rows as they come
             try:
-                return _grad_rows(list(grads), list(weights), device).to(device, torch.float64)
+                rows = _grad_rows(list(grads), list(weights), device)
+                return rows if rows.dtype == torch.float64 and rows.device == device else rows.to(device, torch.float64)
             except (RuntimeError, TypeError, NotImplementedError):
                 return torch.full((3, len(grads)), math.nan, dtype=torch.float64, device=device)
         out = torch.full((3, len(grads)), math.nan, dtype=torch.float64, device=device)
@@ -570,17 +620,55 @@ def _grad_rows(grads: List[Tensor], weights: List[Tensor], device: torch.device)
         acc = torch.float64  # no overflow of the sum of squares; fused and cheap on accelerators
     norms = torch.stack(torch._foreach_norm(grads, dtype=acc))
     wnorms = torch.stack(torch._foreach_norm(weights, dtype=torch.float32 if weights[0].dtype in _HALF else None))
-    # The inf-norm reads each gradient once and allocates nothing (``_foreach_abs`` would copy them all).
-    maxabs = torch.stack(torch._foreach_norm(grads, ord=math.inf))
+    # The inf-norm reads each gradient once and allocates nothing (``_foreach_abs`` would copy them all);
+    # it has no value for an empty tensor (and would fail the whole group): a zero stands in for one.
+    maxabs = torch.stack(torch._foreach_norm([g if g.numel() else g.new_zeros(1) for g in grads], ord=math.inf))
     return torch.stack([norms.double(), maxabs.double(), wnorms.double()])
 
 
 def _grad_rows_cpu(grads: List[Tensor], weights: List[Tensor]) -> Tensor:
-    """The CPU's rows: per tensor one kernel per norm and extreme, with kept dimensions (the fused
-    ``_foreach_`` kernels run tensor by tensor on the CPU too, and their results need re-striding and
-    stacking; ``aminmax`` over all dimensions is no faster than ``amax`` and ``amin``, over one
-    dimension 15x slower), read on the host at once: a number read on the CPU costs no
-    synchronisation, and the float32 overflow check below needs them."""
+    """The CPU's rows: float32/float64 tensors in NumPy through their memory (:func:`host_array`, no
+    PyTorch op: :func:`_host_grad_row`), any other one in per-tensor kernels (:func:`_torch_grad_rows`)."""
+    rows = np.empty((3, len(grads)))
+    others: List[int] = []
+    for i, (g, w) in enumerate(zip(grads, weights)):
+        a, b = host_array(g), host_array(w)
+        if a is None or b is None:
+            others.append(i)
+        else:
+            rows[:, i] = _host_grad_row(a, b)
+    if others:
+        rows[:, others] = _torch_grad_rows([grads[i] for i in others], [weights[i] for i in others])
+    return torch.from_numpy(rows)
+
+
+def _host_grad_row(a: np.ndarray, b: np.ndarray) -> Tuple[float, float, float]:
+    """Gradient L2 norm, gradient max |g| and weight L2 norm of a gradient and a weight NumPy reads.
+    The norms are BLAS dot products; max |g| is one pass that allocates up to 16,384 elements,
+    two that do not above (the faster of the two at each size). Where the float32 sum of squares
+    overflows, the norm is computed again in float64 on the tensor scaled by its max |g|."""
+    flat = host_flat(a)
+    with np.errstate(all="ignore"):  # NaN/Inf and overflows give no RuntimeWarning (see sample_row_host)
+        norm = math.sqrt(float(np.dot(flat, flat)))
+        if not flat.size:
+            top = 0.0
+        elif flat.size <= 1 << 14:
+            top = float(np.abs(flat).max())
+        else:
+            top = max(float(flat.max()), -float(flat.min()))  # NaN when either is (both are)
+        if math.isinf(norm) and math.isfinite(top) and top > 0:
+            scaled = flat.astype(np.float64) / top
+            norm = top * math.sqrt(float(np.dot(scaled, scaled)))
+    return norm, top, host_norm(b)
+
+
+def _torch_grad_rows(grads: List[Tensor], weights: List[Tensor]) -> List[List[float]]:
+    """The rows of CPU tensors NumPy does not read (half precision, tensor subclasses): per tensor one
+    kernel per norm and extreme, with kept dimensions (the fused ``_foreach_`` kernels run tensor by
+    tensor on the CPU too, and their results need re-striding and stacking; ``aminmax`` over all
+    dimensions is no faster than ``amax`` and ``amin``, over one dimension 15x slower), read on the
+    host at once: a number read on the CPU costs no synchronisation, and the float32 overflow check
+    below needs them."""
     # Four numbers per parameter, shaped (1,) * g.dim(): concatenated per number of dimensions, read once.
     by_ndim: Dict[int, List[Tensor]] = {}
     for g, w in zip(grads, weights):
@@ -609,7 +697,7 @@ def _grad_rows_cpu(grads: List[Tensor], weights: List[Tensor]) -> Tensor:
     for i, g in enumerate(grads):  # the float32 sum of squares overflowed: the norm of the scaled tensor
         if math.isinf(norms[i]) and math.isfinite(maxabs[i]) and maxabs[i] > 0:
             norms[i] = maxabs[i] * torch.linalg.vector_norm(g.double() / maxabs[i]).item()
-    return torch.tensor([norms, maxabs, wnorms], dtype=torch.float64)
+    return [norms, maxabs, wnorms]
 
 
 def flat_view(t: Tensor) -> Tensor:
@@ -637,16 +725,25 @@ def merge_moments(parts: Sequence[Tuple[int, float, float]]) -> Tuple[int, float
     return n, mean, (m2 / n if n else math.nan)
 
 
-def to_host(tensors: Sequence[Tensor]) -> List[List[float]]:
+def to_host(tensors: Sequence[Union[Tensor, float]]) -> List[List[float]]:
     """Many small tensors read in one host transfer per device, in a number of kernels that does not
     grow with the number of tensors: tensors whose sizes are all 1 but along one dimension (the
     results of reductions with kept dimensions, vectors) are concatenated along it, group by
     group, and flattened; the groups are joined per dtype (converted to float64 off the CPU) and
-    read at once. Returns each tensor's values as a flat list, in the order given."""
+    read at once. A CPU tensor NumPy reads (:func:`host_array`) is read where it is, without a
+    PyTorch op; a number (a value read already, see :func:`l2_norm_now`) is taken as it is.
+    Returns each tensor's values as a flat list, in the order given."""
     out: List[List[float]] = [[] for _ in tensors]
     groups: Dict[Any, List[int]] = {}
     flat: Dict[int, Tensor] = {}
     for i, t in enumerate(tensors):
+        if not isinstance(t, Tensor):
+            out[i] = [t]
+            continue
+        a = host_array(t) if t.is_cpu else None
+        if a is not None:
+            out[i] = a.reshape(-1).tolist()
+            continue
         ndim = t.dim()
         if t.numel() == 1 and ndim:  # a reduction with kept dimensions: the usual case
             key = (t.get_device(), t.dtype, ndim, 0)
@@ -682,10 +779,12 @@ def to_host(tensors: Sequence[Tensor]) -> List[List[float]]:
     return out
 
 
-def update_norms(before: Sequence[Tensor], after: Sequence[Tensor], scales: Sequence[float]) -> Tensor:
+def update_norms(before: Sequence[Any], after: Sequence[Any], scales: Sequence[float]) -> Tensor:
     """Per pair of parameter samples taken before and after an optimizer step: ``‖after - before‖``
     and ``‖before‖``, each multiplied by ``scales[i]``. Returns float64 of shape (2, k) on the first
-    sample's device; the ratio of the two rows is the update-to-weight ratio.
+    sample's device; the ratio of the two rows is the update-to-weight ratio. A pair of NumPy arrays
+    (CPU samples, :func:`host_array`) is reduced in NumPy, without a PyTorch op; then the result is
+    on the CPU.
 
     With ``scales[i] = sqrt(n / m)`` for an ``m``-element sample of an ``n``-element tensor each row
     estimates the whole tensor's norm, so the norms of several shards combine as the root of
@@ -697,6 +796,17 @@ def update_norms(before: Sequence[Tensor], after: Sequence[Tensor], scales: Sequ
     """
     if not before:
         return torch.zeros(2, 0, dtype=torch.float64)
+    arrays = [i for i, b in enumerate(before) if isinstance(b, np.ndarray)]
+    if arrays:
+        rows = np.empty((2, len(before)))
+        with np.errstate(all="ignore"):  # NaN/Inf and overflows give no RuntimeWarning
+            for i in arrays:
+                rows[:, i] = host_norm(after[i] - before[i]) * scales[i], host_norm(before[i]) * scales[i]
+        others = [i for i, b in enumerate(before) if not isinstance(b, np.ndarray)]
+        if others:  # tensors NumPy does not read (half precision)
+            rows[:, others] = update_norms([before[i] for i in others], [after[i] for i in others],
+                                           [scales[i] for i in others]).cpu().numpy()
+        return torch.from_numpy(rows)
     device = before[0].device
     with torch.no_grad():
         if device.type == "cpu" and HOST_ARRAYS:  # per tensor, read at once (see _grad_rows_cpu)

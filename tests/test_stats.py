@@ -298,3 +298,150 @@ def test_to_host_keeps_order_and_shapes_across_dtypes():
     ts = [torch.tensor([1.0, 2.0]), torch.tensor(3, dtype=torch.int64), torch.zeros(2, 2, dtype=torch.float64),
           torch.tensor([0.5], dtype=torch.float16)]
     assert stats.to_host(ts) == [[1.0, 2.0], [3.0], [0.0, 0.0, 0.0, 0.0], [0.5]]
+
+
+def layouts():
+    """CPU tensors of every kind NumPy may be asked to read, by name."""
+    g = torch.Generator().manual_seed(11)
+    base = torch.randn(6, 4, 5, 5, generator=g)
+    return {"contiguous": base, "channels_last": base.to(memory_format=torch.channels_last),
+            "transposed": base[0, 0].t(), "expanded": base[:, :1].expand(6, 4, 5, 5), "sliced": base[::2, 1:3, ::2],
+            "float64": base.double(), "empty": base[:0], "scalar": base[0, 0, 0, 0], "permuted": base.permute(3, 1, 0, 2),
+            "requires_grad": base.clone().requires_grad_(), "non_leaf": base.clone().requires_grad_() * 2,
+            "parameter": torch.nn.Parameter(base.clone()), "negative_bit": torch._neg_view(base),
+            "float16": base.half(), "bfloat16": base.bfloat16()}
+
+
+@pytest.mark.parametrize("layout", list(layouts()))
+def test_numpy_reads_a_cpu_tensor_in_place_without_a_pytorch_op(layout, cpu_path):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    t = layouts()[layout]
+    with Ops() as ops:
+        a = stats.host_array(t)
+    plain = t.dtype in (torch.float32, torch.float64) and not t.is_neg()
+    if cpu_path == "torch" or not plain:
+        assert a is None  # the PyTorch path (a negative bit, half precision: NumPy does not read them)
+        return
+    assert ops.calls == []
+    assert a.shape == tuple(t.shape) and a.dtype == {torch.float32: np.float32, torch.float64: np.float64}[t.dtype]
+    np.testing.assert_array_equal(a, t.detach().numpy())
+    if t.numel():
+        assert not a.flags.writeable  # never a way to change the user's tensor
+        assert np.shares_memory(a, t.detach().numpy())
+        np.testing.assert_array_equal(stats.host_flat(a), stats.flat_view(t.detach()).numpy())  # memory order
+
+
+def test_an_array_keeps_its_tensor_alive(cpu_path):
+    import gc
+
+    t = torch.arange(1000, dtype=torch.float32) * 2
+    a = stats.host_array(t)
+    if a is None:
+        return
+    del t
+    gc.collect()
+    torch.ones(1000) * 7  # memory freed by now would be reused
+    np.testing.assert_array_equal(a, np.arange(1000, dtype=np.float32) * 2)
+
+
+@pytest.mark.parametrize("layout", list(layouts()))
+def test_sample_rows_histograms_and_norms_agree_with_the_reference_on_every_layout(layout):
+    t = layouts()[layout]
+    x = t.detach().double()
+    if t.numel():
+        reference = summary(t, -1.0, 1.0, max_elements=64)
+        got = stats.row_moments(float(x.sum()), t.numel(), row_of(t, -1.0, 1.0, max_elements=64),
+                                stats.sample_size(t, 64))
+        assert got == pytest.approx(reference, rel=1e-2 if t.dtype in (torch.float16, torch.bfloat16) else 1e-5,
+                                    abs=1e-5)
+        expected = stats.strided_sample(t, 64).double().numpy()
+        h = stats.histogram(t, bins=8, max_elements=64).tolist()
+        assert h[2] == expected.size and h[3] == pytest.approx(expected.sum(), rel=1e-5, abs=1e-5)
+    norm = stats.l2_norm_now(t)
+    assert float(norm) == pytest.approx(float(torch.linalg.vector_norm(x)), rel=1e-3, abs=1e-6)
+    assert isinstance(norm, float) == (stats.host_array(t) is not None)
+
+
+@pytest.mark.parametrize("layout", list(layouts()))
+def test_grad_summaries_match_numpy_on_every_layout(layout):
+    t = layouts()[layout]
+    x = t.detach().double().numpy()
+    w = t.detach().flip(0) if t.dim() else t.detach()
+    grads, weights = [t.detach(), torch.randn(7)], [w, torch.ones(7)]
+    got = stats.grad_summaries(grads, weights).numpy()
+    rel = 1e-2 if t.dtype in (torch.float16, torch.bfloat16) else 1e-5
+    assert got[0, 0] == pytest.approx(np.linalg.norm(x), rel=rel, abs=1e-6)
+    assert got[1, 0] == pytest.approx(np.abs(x).max() if x.size else 0.0, rel=1e-6)
+    assert got[2, 0] == pytest.approx(np.linalg.norm(w.double().numpy()), rel=rel, abs=1e-6)
+    assert got[:, 1] == pytest.approx([np.linalg.norm(grads[1].numpy()), grads[1].abs().max().item(), 7 ** 0.5],
+                                      rel=1e-6)
+
+
+@pytest.mark.parametrize("n", [8, 1 << 16])  # max |g| in one pass (small), two passes (large)
+def test_grad_summaries_of_overflowing_and_nonfinite_gradients(n):
+    big = torch.full((n,), 1e19)
+    big[3] = -3e19  # the largest magnitude is negative
+    nan = torch.randn(n)
+    nan[n // 2] = float("nan")
+    inf = torch.zeros(n)
+    inf[1] = -float("inf")
+    got = stats.grad_summaries([big, nan, inf], [torch.ones(n)] * 3).numpy()
+    exact = np.linalg.norm(big.double().numpy())
+    assert got[0, 0] == pytest.approx(exact, rel=1e-6)  # the float32 sum of squares overflowed: scaled
+    assert got[1, 0] == -big[3].item()
+    assert math.isnan(got[0, 1]) and math.isnan(got[1, 1])
+    assert math.isinf(got[0, 2]) and got[1, 2] == math.inf
+    assert got[2].tolist() == pytest.approx([n ** 0.5] * 3)
+
+
+def test_grad_summaries_mix_tensors_numpy_reads_with_ones_it_does_not():
+    g = torch.Generator().manual_seed(12)
+    grads = [torch.randn(30, 20, generator=g), torch.randn(20, generator=g).bfloat16(), torch.randn(5, generator=g)]
+    weights = [torch.randn(30, 20, generator=g), torch.randn(20, generator=g).bfloat16(), torch.randn(5, generator=g).half()]
+    got = stats.grad_summaries(grads, weights).numpy()
+    for i, (gr, w) in enumerate(zip(grads, weights)):
+        a, b = gr.double().numpy(), w.double().numpy()
+        assert got[:, i] == pytest.approx([np.linalg.norm(a), np.abs(a).max(), np.linalg.norm(b)], rel=1e-3)
+
+
+def test_to_host_reads_cpu_tensors_in_place_and_takes_numbers_as_they_are():
+    t = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    ts = [t.t(), 2.5, t[:, 1:2].double(), torch.tensor([True, False]), t.sum((0, 1), keepdim=True)]
+    assert stats.to_host(ts) == [t.t().reshape(-1).tolist(), [2.5], [1.0, 5.0, 9.0], [1.0, 0.0], [66.0]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_update_norms_of_numpy_samples_match_the_pytorch_ones(dtype, cpu_path):
+    g = torch.Generator().manual_seed(13)
+    before = [torch.randn(50, generator=g).to(dtype), torch.randn(3, generator=g).to(dtype)]
+    after = [b + 0.01 * torch.randn(b.shape, generator=g).to(dtype) for b in before]
+    expected = stats.update_norms(before, after, [2.0, 1.0]).numpy()
+    arrays = [stats.host_array(b) for b in before]
+    if any(a is None for a in arrays):
+        return
+    got = stats.update_norms([a.copy() for a in arrays], [stats.host_array(a) for a in after], [2.0, 1.0]).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    d = (after[0] - before[0]).double().numpy()
+    assert got[0, 0] == pytest.approx(2 * np.linalg.norm(d), rel=1e-6)
+
+
+def test_numpy_declines_tensors_without_memory_of_their_own():
+    seen = []
+
+    def f(x):
+        seen.append(stats.host_array(x))
+        return (x * 2).sum()
+    torch.func.grad(f)(torch.ones(3))
+    torch.func.functionalize(f)(torch.ones(3))
+    torch.vmap(f)(torch.ones(2, 3))
+    assert seen == [None, None, None]

@@ -101,7 +101,7 @@ def test_snapshot_memory_is_bounded():
     reader = UpdateReader(lambda: [(n, "", p) for n, p in big.named_parameters()], Guard(True), lambda: buf)
     opt = torch.optim.SGD(big.parameters(), lr=0.1)
     reader._before(opt)
-    held = sum(s.before.numel() for s in reader._pending[1])
+    held = sum(len(s.before) for s in reader._pending[1])  # 1-dimensional samples: tensors, or NumPy arrays on the CPU
     assert held <= UPDATE_SAMPLE + 1000  # the bias (1,000) whole, the weight (10^6) as a sample
 
 

@@ -277,7 +277,7 @@ class SiteBuffer:
     skipped: List[str] = field(default_factory=list)  # dtypes of outputs that are not measured
     histogram: Optional[Row] = None
     slope: List[Tensor] = field(default_factory=list)  # stats.slope_saturation rows
-    out_grad: List[Tensor] = field(default_factory=list)  # L2 norms of the gradient at the output
+    out_grad: List[Any] = field(default_factory=list)  # L2 norms of the gradient at the output (or their values)
     alive: List[Tensor] = field(default_factory=list)  # per call, per unit: positive where the unit was active
     attention: List[Tensor] = field(default_factory=list)  # stats.attention_summary per call (attention.py)
 
@@ -361,7 +361,7 @@ class StepBuffers:
     def _output_grad_hook(self, site: str) -> Callable[[Tensor], None]:
         def hook(grad: Tensor) -> None:  # None: the gradient is left as it is
             self.backward_order.setdefault(site, None)
-            self.site(site).out_grad.append(stats.l2_norm(grad))
+            self.site(site).out_grad.append(stats.l2_norm_now(grad))
         return hook
 
     def site(self, name: str) -> SiteBuffer:

@@ -9,9 +9,10 @@ so it is measured around the step itself, which needs ``GradWatch(..., optimizer
   watched parameter the optimizer holds (at most :data:`UPDATE_SAMPLE` elements
   per tensor: the memory this costs is bounded by ``UPDATE_SAMPLE`` x the number of parameter
   tensors, whatever the model's size; a smaller tensor is copied whole and measured exactly);
-- a step post-hook takes the same elements again and reduces both samples on the device to
-  ``sqrt(n/m)·‖Δw_sample‖`` and ``sqrt(n/m)·‖w_sample‖`` (:func:`gradwatch.stats.update_norms`),
-  into the step's buffers, so they reach the host in the step's one transfer. Parameters that
+- a step post-hook takes the same elements again and reduces both samples on the device (in
+  NumPy on the CPU) to ``sqrt(n/m)·‖Δw_sample‖`` and ``sqrt(n/m)·‖w_sample‖``
+  (:func:`gradwatch.stats.update_norms`), into the step's buffers, so they reach the host in the
+  step's one transfer. Parameters that
   have no gradient after the step (the optimizer skipped them) are left out.
 
 Any optimizer works (SGD, Adam/AdamW, closures such as L-BFGS'), since only the weights before and
@@ -30,6 +31,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
@@ -62,7 +64,7 @@ class UpdateRead:
 class _Snapshot:
     name: str
     param: nn.Parameter
-    before: Tensor
+    before: Any  # a tensor, or a NumPy array (stats.host_array)
     scale: float
     group: Any
     lr: Optional[float]
@@ -105,11 +107,16 @@ class UpdateReader:
             w, group = local_shard(p)
             if w.numel() == 0 and group is None:
                 continue
-            with torch.no_grad():
-                sample = _sample(w, self.samples)
-                dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
-                before = sample.to(dtype, copy=True)
-            scale = math.sqrt(w.numel() / sample.numel()) if sample.numel() else 0.0
+            a = stats.host_array(w)
+            if a is not None:  # a CPU tensor NumPy reads: its sample copied, and reduced after the step, in NumPy
+                before = _host_sample(a, self.samples).copy()
+                m = before.size
+            else:
+                with torch.no_grad():
+                    sample = _sample(w, self.samples)
+                    dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+                    before, m = sample.to(dtype, copy=True), sample.numel()
+            scale = math.sqrt(w.numel() / m) if m else 0.0
             shots.append(_Snapshot(name, p, before, scale, group, lr_of[id(p)]))
         if shots:
             self._pending = (buf, shots)
@@ -131,6 +138,12 @@ class UpdateReader:
         with torch.no_grad():
             for s in shots:
                 w, _ = local_shard(s.param)
+                if isinstance(s.before, np.ndarray):
+                    a = stats.host_array(w)
+                    if a is not None:
+                        after.append(_host_sample(a, self.samples))
+                        continue
+                    s.before = torch.from_numpy(s.before)  # no longer read in NumPy: both samples in PyTorch
                 sample = _sample(w, self.samples)
                 after.append(sample if sample.dtype == s.before.dtype else sample.to(s.before.dtype))
         summary = stats.update_norms([s.before for s in shots], after, [s.scale for s in shots])
@@ -174,20 +187,33 @@ def unwrap_optimizer(obj: Any) -> torch.optim.Optimizer:
                     f"AcceleratedOptimizer, Lightning's LightningOptimizer), got {what}")
 
 
-def _sample(w: Tensor, most: int) -> Tensor:
-    """At most ``most`` evenly strided elements of ``w`` (a view where ``w`` is contiguous); the
-    stride is the smallest at or above ``numel / most`` that is coprime with the last dimension,
-    so the sample visits every column, and its size never exceeds the cap."""
-    n = w.numel()
+def _stride(n: int, last: int, most: int) -> int:
+    """The smallest stride at or above ``n / most`` that is coprime with the last dimension's size
+    ``last``, so the sample visits every column, and its size never exceeds the cap."""
     stride = 1
     if n > most:
-        stride, last = -(-n // most), w.shape[-1] if w.dim() else 1
+        stride = -(-n // most)
         while math.gcd(stride, last) != 1:
             stride += 1
+    return stride
+
+
+def _sample(w: Tensor, most: int) -> Tensor:
+    """At most ``most`` evenly strided elements of ``w`` (a view where ``w`` is contiguous), in its
+    logical order (see :func:`_stride`)."""
+    n = w.numel()
+    stride = _stride(n, w.shape[-1] if w.dim() else 1, most)
     if w.is_contiguous():  # one view, no copy
         return w.as_strided((-(-n // stride),), (stride,), w.storage_offset())
     flat = w.reshape(-1)
     return flat if stride == 1 else flat[::stride]
+
+
+def _host_sample(a: np.ndarray, most: int) -> np.ndarray:
+    """:func:`_sample`'s elements of a tensor NumPy reads as ``a`` (``stats.host_array``)."""
+    stride = _stride(a.size, a.shape[-1] if a.ndim else 1, most)
+    flat = a.reshape(-1)  # a view where the memory is contiguous, else a copy in logical order
+    return flat[::stride] if stride > 1 else flat
 
 
 def _as_float(lr: Any) -> Optional[float]:
