@@ -104,7 +104,7 @@ class FlatSide:
 
     def output_cutoff(self, slope: float) -> float:
         """``f(cutoff)``: what a unit's largest output is compared with where ``f`` increases strictly."""
-        return float(self(torch.tensor([self.cutoff(slope)], dtype=torch.float64)))
+        return _output_cutoff(self, slope)
 
 
 _GRID = (-60.0, 20.0, 80_001)  # where slopes are looked at: steps of 1e-3, 0 among them (the peak of ELU's)
@@ -126,6 +126,11 @@ def _increasing(function: str, kwargs: Tuple[Tuple[str, Any], ...]) -> bool:
 
 def _slope(side: FlatSide, x: float) -> float:
     return abs(float(_slopes(side.function, side.kwargs, torch.tensor([x], dtype=torch.float64))))
+
+
+@functools.lru_cache(maxsize=64)
+def _output_cutoff(side: FlatSide, slope: float) -> float:
+    return float(side(torch.tensor([side.cutoff(slope)], dtype=torch.float64)))
 
 
 @functools.lru_cache(maxsize=64)
