@@ -834,6 +834,71 @@ def p_dead_resnet_shared_relu() -> Setup:
     return resnet_setup(relu_bias=-5.0)
 
 
+# ---- smooth rectifiers (GELU, SiLU, ELU): dead by slope, not by exact zeros
+SMOOTH_DEAD = -20.0
+"""The bias that puts a smooth rectifier's planted units far onto its flat side (SiLU(-20) = -4e-8)."""
+
+
+def _plant(bias: Tensor, value: float = SMOOTH_DEAD) -> None:
+    """Four units in five (80 %) get ``value``; the rest carry the gradient."""
+    with torch.no_grad():
+        bias[torch.arange(bias.numel()) % 5 != 0] = value
+
+
+class SmoothBlock(nn.Module):
+    """A pre-norm transformer block: x + attn(norm1(x)), then x + fc2(act(fc1(norm2(x))))."""
+
+    def __init__(self, d: int, heads: int, act: Callable[[], nn.Module]) -> None:
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(d), nn.MultiheadAttention(d, heads, batch_first=True)
+        self.norm2, self.fc1, self.act, self.fc2 = nn.LayerNorm(d), nn.Linear(d, 4 * d), act(), nn.Linear(4 * d, d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.fc2(self.act(self.fc1(self.norm2(x))))
+
+
+class BlockClassifier(nn.Module):
+    """Token embedding, two :class:`SmoothBlock` s, LayerNorm, mean over positions, a linear head."""
+
+    def __init__(self, act: Callable[[], nn.Module], vocab: int = 16, d: int = 32, heads: int = 4,
+                 length: int = 16) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.pos = nn.Parameter(torch.randn(length, d) * 0.02)
+        self.blocks = nn.Sequential(*[SmoothBlock(d, heads, act) for _ in range(2)])
+        self.norm, self.head = nn.LayerNorm(d), nn.Linear(d, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.norm(self.blocks(self.embed(x) + self.pos)).mean(1))
+
+
+def smooth_mlp(act: Callable[[], nn.Module], dead: bool, seed: int) -> Setup:
+    model = mlp([32, 128, 128, 128, 10], act)
+    if dead:  # planted: 80 % of act2's units at a pre-activation near -20
+        _plant(model.fc2.bias)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    return supervised(model, Batches(*teacher(seed=seed), batch=64), opt)
+
+
+def smooth_cnn(dead: bool, seed: int) -> Setup:
+    """SmallCNN with in-place SiLU (as EfficientNet and YOLOv5 use it), which overwrites its input."""
+    model = SmallCNN(lambda: nn.SiLU(inplace=True))
+    if dead:  # planted: 80 % of conv2's channels at about -20
+        _plant(model.conv2.bias)
+    opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    return supervised(model, Batches(*images(seed=seed), batch=32), opt)
+
+
+def smooth_blocks(act: Callable[[], nn.Module], dead: bool, seed: int) -> Setup:
+    model = BlockClassifier(act)
+    if dead:  # planted: 80 % of the second block's feed-forward units at about -20
+        _plant(model.blocks[1].fc1.bias)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    return supervised(model, Batches(*tokens(seed=seed), batch=32), opt)
+
+
 def p_tanh_unnormalised() -> Setup:
     """Inputs left unnormalised (x50, like raw 0..255 pixel values): the first tanh sits on its bounds."""
     model = mlp([32, 128, 128, 10], nn.Tanh)
@@ -1289,6 +1354,12 @@ CASES: List[Case] = [
          h_orthogonal_rnn),
     Case("custom-swish-gelu-tanh", "custom modules", "hand-written Swish and GELU (tanh approximation) modules, "
          "functional=True", h_custom_activations),
+    Case("gelu-mlp", "MLP", "GELU MLP 32-128-128-128-10, SGD+momentum",
+         lambda: smooth_mlp(nn.GELU, dead=False, seed=60)),
+    Case("silu-inplace-cnn", "convolutional", "2-conv CNN with nn.SiLU(inplace=True), SGD+momentum",
+         lambda: smooth_cnn(dead=False, seed=61)),
+    Case("silu-transformer-blocks", "attention", "two pre-norm blocks (LayerNorm, MHA, SiLU MLP), AdamW",
+         lambda: smooth_blocks(nn.SiLU, dead=False, seed=62)),
     Case("message-passing-gnn", "custom modules", "2-layer GNN with a hand-written mean-aggregation module",
          h_message_passing),
     Case("gated-two-input", "custom modules", "hand-written two-input Gate module: value * sigmoid(gate)", h_gated),
@@ -1327,6 +1398,15 @@ CASES: List[Case] = [
          expect=((D, "act2*"),)),
     Case("dead-resnet-first-call-site", "residual", "BatchNorm shift -5 before the first call of a shared ReLU "
          "(the second call is alive)", p_dead_resnet_shared_relu, expect=((D, "layer1.0.relu*"),)),
+    Case("dead-gelu-mlp", "MLP", f"bias {SMOOTH_DEAD:g} on 4 of 5 units of fc2, before a GELU",
+         lambda: smooth_mlp(nn.GELU, dead=True, seed=63), expect=((D, "act2"),)),
+    Case("dead-elu-mlp", "MLP", f"bias {SMOOTH_DEAD:g} on 4 of 5 units of fc2, before an ELU",
+         lambda: smooth_mlp(nn.ELU, dead=True, seed=64), expect=((D, "act2"),)),
+    Case("dead-silu-inplace-cnn", "convolutional", f"bias {SMOOTH_DEAD:g} on 4 of 5 channels of conv2, before "
+         "an in-place SiLU", lambda: smooth_cnn(dead=True, seed=65), expect=((D, "act2"),)),
+    Case("dead-gelu-transformer-block", "attention", f"bias {SMOOTH_DEAD:g} on 4 of 5 feed-forward units of "
+         "the second block, before its GELU", lambda: smooth_blocks(nn.GELU, dead=True, seed=66),
+         expect=((D, "blocks.1.act"),)),
     Case("tanh-unnormalised-inputs", "MLP", "inputs x50 into a tanh MLP", p_tanh_unnormalised,
          expect=((S, "act1"),)),
     Case("sigmoid-cnn-huge-weights", "convolutional", "sigmoid CNN, conv weights N(0, 1)",

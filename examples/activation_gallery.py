@@ -228,7 +228,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
                       _fmt(g["saturated_fraction"]), _fmt(g["zero_fraction"]), _fmt(g["dead_fraction"]), found)
     console.print(table)
     console.print("saturated: share of outputs within 1% of the output range from a bound (bounded activations "
-                  "only, '-' otherwise); zeros: exact zeros; dead: units (of 100) with no non-zero output; "
+                  "only, '-' otherwise); zeros: exact zeros; dead: units (of 100) with no non-zero output, or, for "
+                  "the smooth rectifiers, no input above their flat side's cut-off ('-': not tracked); "
                   "mean f': mean slope, by autograd")
 
     setup = {"input": f"torch.randn({rows}, {UNITS}), seed {run.args.seed}", "values": x.numel(),

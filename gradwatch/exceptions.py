@@ -33,7 +33,8 @@ class ExplodingGradientWarning(GradWatchWarning):
 
 
 class DeadUnitsWarning(GradWatchWarning):
-    """A large share of a layer's units produced no non-zero output over a window."""
+    """A large share of a layer's units passed no gradient over a window (no non-zero output, or a
+    smooth rectifier's pre-activation below its flat side's cut-off)."""
 
 
 class SaturationWarning(GradWatchWarning):

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import enum
 import fnmatch
+import functools
 import warnings
 import weakref
-from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence, Tuple, Type, Union
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional, Sequence, Tuple, Type, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
@@ -34,7 +36,7 @@ class ActivationKind(enum.Enum):
 
     BOUNDED = "bounded"  # saturation = share of outputs near a known bound (Sigmoid, Tanh, ...)
     RECTIFIER = "rectifier"  # exact zeros are the off side: dead units, not saturation (ReLU, ReLU6)
-    SMOOTH = "smooth"  # known activation without saturation bounds (LeakyReLU, ELU, GELU, ...)
+    SMOOTH = "smooth"  # known activation without saturation bounds (LeakyReLU, ELU, GELU, ...; see FlatSide)
     GENERIC = "generic"  # unknown parameter-free leaf: slope-based saturation and dead units
     NONE = "none"  # not an activation (Linear, Conv, norms, pooling, ...)
 
@@ -51,9 +53,104 @@ _SMOOTH = (
     nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
     nn.Mish, nn.Softplus, nn.Hardswish, nn.Tanhshrink, nn.Softshrink, nn.Hardshrink,
 )
+# Smooth rectifiers (see FlatSide): (type, torch.nn.functional name, parameters read from the module).
+_FLAT: Sequence[Tuple[Type[nn.Module], str, Tuple[str, ...]]] = (
+    (nn.GELU, "gelu", ("approximate",)), (nn.SiLU, "silu", ()), (nn.Mish, "mish", ()),
+    (nn.ELU, "elu", ("alpha",)), (nn.CELU, "celu", ("alpha",)), (nn.SELU, "selu", ()),
+    (nn.Softplus, "softplus", ("beta", "threshold")), (nn.Hardswish, "hardswish", ()),
+)
 # Leaf modules not worth a hook by default: they copy or drop values without transforming them.
 _SKIP_BY_DEFAULT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
                     nn.FeatureAlphaDropout, nn.Identity, nn.Flatten, nn.Unflatten)
+
+
+@dataclass(frozen=True)
+class FlatSide:
+    """The flat negative side of a smooth rectifier (GELU, SiLU, Mish, ELU, CELU, SELU, Softplus,
+    Hardswish): ``f'(x) -> 0`` as ``x -> -inf``, so a unit pushed far negative passes (almost) no
+    gradient, although its output is not exactly zero (SiLU(-20) = -4e-8).
+
+    ``function`` names the ``torch.nn.functional`` function and ``kwargs`` its parameters (ELU's
+    ``alpha``, Softplus's ``beta`` and ``threshold``, GELU's ``approximate``). Its :meth:`cutoff`
+    is the pre-activation below which the slope stays under a share of its peak.
+
+    LeakyReLU, PReLU and RReLU have no flat side: their negative slope is a constant the user chose so
+    that every unit keeps learning, as large at -20 as at -0.1, and a unit is never cut off by it.
+    """
+
+    function: str
+    kwargs: Tuple[Tuple[str, Any], ...] = ()
+    # Whether f increases strictly (ELU, CELU, SELU, Softplus): then a unit's largest output is above
+    # f(cutoff) exactly when its largest pre-activation is above the cut-off, so the output says as
+    # much as the input (also of an in-place module, which overwrites its input). GELU, SiLU, Mish and
+    # Hardswish dip below zero and come back: their output does not say where the input was. Known at
+    # construction, so that code torch.compile traces reads a plain attribute.
+    increasing: bool = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "increasing", _increasing(self.function, self.kwargs))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return getattr(F, self.function)(x, **dict(self.kwargs))
+
+    def cutoff(self, slope: float) -> float:
+        """The largest pre-activation ``c`` such that ``|f'(x)| < slope * max |f'|`` for every
+        ``x < c``: below it a unit passes less than ``slope`` (a share) of the peak slope.
+
+        >>> round(FlatSide("elu", (("alpha", 1.0),)).cutoff(0.04), 4)  # alpha * e^c = 0.04
+        -3.2189
+        """
+        return _cutoff(self, slope)
+
+    def output_cutoff(self, slope: float) -> float:
+        """``f(cutoff)``: what a unit's largest output is compared with where ``f`` increases strictly."""
+        return _output_cutoff(self, slope)
+
+
+_GRID = (-60.0, 20.0, 80_001)  # where slopes are looked at: steps of 1e-3, 0 among them (the peak of ELU's)
+
+
+def _slopes(function: str, kwargs: Tuple[Tuple[str, Any], ...], x: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``f'`` on :data:`_GRID` (or at ``x``), float64, by autograd."""
+    x = torch.linspace(*_GRID, dtype=torch.float64) if x is None else x
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        (d,) = torch.autograd.grad(getattr(F, function)(x, **dict(kwargs)).sum(), x)
+    return d
+
+
+@functools.lru_cache(maxsize=64)
+def _increasing(function: str, kwargs: Tuple[Tuple[str, Any], ...]) -> bool:
+    return bool((_slopes(function, kwargs) > 0).all())
+
+
+def _slope(side: FlatSide, x: float) -> float:
+    return abs(float(_slopes(side.function, side.kwargs, torch.tensor([x], dtype=torch.float64))))
+
+
+@functools.lru_cache(maxsize=64)
+def _output_cutoff(side: FlatSide, slope: float) -> float:
+    return float(side(torch.tensor([side.cutoff(slope)], dtype=torch.float64)))
+
+
+@functools.lru_cache(maxsize=64)
+def _cutoff(side: FlatSide, slope: float) -> float:
+    """:meth:`FlatSide.cutoff`, once per function, parameters and share: the peak of ``|f'|`` on the
+    grid, the first grid point from the left where ``|f'|`` reaches ``slope`` times it, then the edge
+    by bisection between it and the point before."""
+    d = _slopes(side.function, side.kwargs).abs()
+    limit = slope * float(d.max())
+    steep = torch.nonzero(d >= limit)
+    first = int(steep[0]) if len(steep) else 0
+    if first == 0:
+        raise ValueError(f"{side} has no flat negative side at a slope share of {slope!r}")
+    start, stop, n = _GRID
+    step = (stop - start) / (n - 1)
+    lo, hi = start + (first - 1) * step, start + first * step
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _slope(side, mid) < limit else (lo, mid)
+    return lo
 
 
 @dataclass(frozen=True)
@@ -61,10 +158,40 @@ class ActivationSpec:
     kind: ActivationKind
     lower: Optional[float] = None
     upper: Optional[float] = None
+    flat: Optional[FlatSide] = None  # a smooth rectifier's flat side: dead units judged by slope
 
     @property
     def tracks_dead_units(self) -> bool:
-        return self.kind in (ActivationKind.RECTIFIER, ActivationKind.GENERIC)
+        return self.kind in (ActivationKind.RECTIFIER, ActivationKind.GENERIC) or self.flat is not None
+
+    @property
+    def reads_input(self) -> bool:
+        """A smooth rectifier whose dead units are judged from its input (its output does not say)."""
+        return self.flat is not None and not self.flat.increasing
+
+
+def flat_side(module: nn.Module) -> Optional[FlatSide]:
+    """The flat side of a smooth rectifier module, with its parameters; None for other modules."""
+    for cls, function, params in _FLAT:
+        if isinstance(module, cls):
+            return FlatSide(function, tuple((p, _param(getattr(module, p))) for p in params))
+    return None
+
+
+def call_flat_side(function: str, args: Sequence[Any], kwargs: dict) -> Optional[FlatSide]:
+    """The flat side of a call ``F.<function>(input, *args[1:], **kwargs)`` of a smooth rectifier
+    (``functional=True``), its parameters as passed or the module's defaults; None for others."""
+    for cls, name, params in _FLAT:
+        if name == function:
+            values = dict(flat_side(cls()).kwargs)  # type: ignore[union-attr]
+            values.update(zip(params, args[1:]))
+            values.update((p, kwargs[p]) for p in params if p in kwargs)
+            return FlatSide(name, tuple((p, _param(values[p])) for p in params))
+    return None
+
+
+def _param(v: Any) -> Any:
+    return v if isinstance(v, str) else float(v)
 
 
 def activation_spec(module: nn.Module) -> ActivationSpec:
@@ -80,7 +207,7 @@ def activation_spec(module: nn.Module) -> ActivationSpec:
         if isinstance(module, cls):
             return ActivationSpec(ActivationKind.BOUNDED, lo, hi)
     if isinstance(module, _SMOOTH):
-        return ActivationSpec(ActivationKind.SMOOTH)
+        return ActivationSpec(ActivationKind.SMOOTH, flat=flat_side(module))
     if _is_generic_candidate(module):
         return ActivationSpec(ActivationKind.GENERIC)
     return ActivationSpec(ActivationKind.NONE)

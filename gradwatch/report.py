@@ -107,6 +107,7 @@ class LayerStats:
     saturation_method: Optional[str] = None  # "bounds" or "slope"
     dead_fraction: Optional[float] = None
     dead_window: int = 0  # batches the dead-unit verdict covers
+    dead_cutoff: Optional[float] = None  # smooth rectifiers: a unit is dead below this pre-activation
     output_grad_norm: Optional[float] = None
     output_grad_nonfinite: bool = False
     grad_norm: Optional[float] = None  # L2 norm over this layer's own parameter gradients

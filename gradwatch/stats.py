@@ -3,8 +3,8 @@
 Every function reduces (possibly large) tensors on their own device into a few numbers,
 without a host synchronisation, so hooks can call them on the hot path and gradwatch moves
 everything to the host in one transfer per logging step. Per layer only what needs the whole
-tensor runs (:func:`full_sum`, :func:`unit_sums`, :func:`l2_norm`); what a strided sample gives
-is computed for the samples of all layers at once (:func:`sample_rows`, :func:`histogram_rows`),
+tensor runs (:func:`full_sum`, :func:`unit_sums`, :func:`unit_max`, :func:`l2_norm`); what a strided
+sample gives is computed for the samples of all layers at once (:func:`sample_rows`, :func:`histogram_rows`),
 in a number of kernels that does not grow with depth, and, for CPU tensors, in NumPy layer by
 layer (:func:`sample_row_host`, :func:`histogram_host`; norms too), on memory NumPy reads without
 a PyTorch op (:func:`host_array`). Each is tested against a numpy or per-tensor reference in
@@ -303,6 +303,22 @@ def unit_sums(y: Tensor, channels_first: Optional[bool] = None, keepdim: bool = 
         return None
     x = _detached(y)
     return x.sum(dim=tuple(i for i in range(x.dim()) if i != d), keepdim=keepdim, dtype=_acc_dtype(x))
+
+
+def unit_max(y: Tensor, channels_first: Optional[bool] = None, keepdim: bool = False) -> Optional[Tensor]:
+    """Per unit (see :func:`unit_dim`): its largest element, in ``y``'s dtype (a maximum is exact in
+    any precision; a NaN anywhere in a unit makes its maximum NaN). A smooth rectifier's unit passes
+    (almost) no gradient on any sample exactly when the largest pre-activation it received lies below
+    the flat side's cut-off (``layers.FlatSide``). ``keepdim`` as in :func:`unit_sums`.
+
+    >>> unit_max(torch.tensor([[-20.0, 1.0, -3.0], [-21.0, -2.0, -4.0]])).tolist()
+    [-20.0, 1.0, -3.0]
+    """
+    d = unit_dim(y.dim(), channels_first)
+    if d is None or y.numel() == 0:
+        return None
+    x = _detached(y)
+    return x.amax(dim=tuple(i for i in range(x.dim()) if i != d), keepdim=keepdim)
 
 
 def sample_view(t: Tensor, max_elements: int) -> Tensor:

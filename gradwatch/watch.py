@@ -50,8 +50,9 @@ class GradWatch:
             widened to at most every 100 at steps 100, 1,000, 10,000, ... where measuring
             would cost more than ``budget`` (see :mod:`gradwatch.schedule`).
         histogram_every: histograms every ``histogram_every`` steps (200; ``None``: off).
-        dead_window: a unit is dead when it gave no non-zero output on any sample of the
-            last ``dead_window`` measured batches (default 10).
+        dead_window: a unit is dead when it gave no non-zero output (a smooth rectifier's: no
+            pre-activation above its flat side's cut-off) on any sample of the last
+            ``dead_window`` measured batches (default 10).
         include: layers by glob over qualified names (``"features.*"``) or by module type;
             default: every leaf but dropout/identity/flatten, and modules with own parameters.
         exclude: layers to leave out, in the same forms; wins over ``include``.

@@ -12,10 +12,12 @@ import weakref
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from gradwatch import stats
 from gradwatch.collect import buffers
 from gradwatch.collect.buffers import SampleLayout, SampleRows, UnitHistory
+from gradwatch.layers import activation_spec
 
 
 def fold(batches):
@@ -139,6 +141,35 @@ def test_rectifier_units_give_their_activity_and_the_exact_total():
         part, alive = buffers.reduce_output(t, spec, how, SampleRows("samples", 64, SampleLayout(1)), True, True)
     assert alive.shape == (1, 5, 1, 1) and (alive.reshape(-1) > 0).tolist() == [True, True, False, True, True]
     assert float(part.total.sum()) == pytest.approx(float(t.sum()), rel=1e-6)
+
+
+@pytest.mark.parametrize("module", [nn.SiLU(), nn.GELU(), nn.ELU(), nn.Softplus()], ids=lambda m: type(m).__name__)
+def test_smooth_rectifier_units_are_alive_when_their_largest_pre_activation_passes_the_cut_off(module):
+    """Four units: pre-activations at -20, just below the cut-off, just above it, and around 0. Read
+    from the input (SiLU, GELU: their output does not say) or, where f increases strictly, the output."""
+    spec = activation_spec(module)
+    how = buffers.Reduction(0.01, 64, 8, slope=0.04)
+    c = spec.flat.cutoff(0.04)
+    x = torch.tensor([-20.0, c - 1e-3, c + 1e-3, 0.0]).repeat(6, 1)
+    x[:3, :3] -= 5.0  # the maximum is what counts, not the mean
+    y = module(x)
+    site = buffers.SiteBuffer()
+    with torch.no_grad():
+        site.add_output(y, spec, how, SampleRows("samples", 64, SampleLayout(1)), None, pre=x)
+    (alive,) = site.alive
+    assert site.cutoff == c and (alive.reshape(-1) > site.alive_above).tolist() == [False, False, True, True]
+    assert (site.alive_above == c) is spec.reads_input  # else the output at the cut-off
+    part = site.parts[0]
+    assert float(torch.as_tensor(part.total).sum()) == pytest.approx(float(y.sum()), rel=1e-6)
+
+
+def test_a_smooth_rectifier_read_from_its_input_needs_it():
+    """Without the input (an in-place module overwrote it) nothing is said about its units."""
+    spec = activation_spec(nn.SiLU())
+    with torch.no_grad():
+        _, alive = buffers.reduce_output(torch.zeros(4, 3), spec, buffers.Reduction(0.01, 64, 8),
+                                         SampleRows("samples", 64, SampleLayout(1)), None, True)
+    assert alive is None
 
 
 def test_the_batched_reduction_for_tensors_held_at_once_gives_the_same_rows(monkeypatch):

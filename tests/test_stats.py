@@ -168,6 +168,30 @@ def test_unit_sums_count_a_unit_with_a_nan_as_inactive_and_need_a_batch_dimensio
     assert stats.unit_sums(torch.ones(3)) is None and stats.unit_sums(torch.ones(0, 3)) is None
 
 
+@pytest.mark.parametrize("shape,dim,channels_first", [((5, 7), 1, None), ((5, 4, 7), 2, None), ((5, 3, 6, 6), 1, None),
+                                                      ((5, 6, 6, 3), 3, False), ((5, 3, 8), 1, True),
+                                                      ((2, 3, 4, 4, 4), 1, None)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_unit_max_matches_numpy_over_all_but_the_unit_dim(shape, dim, channels_first, dtype):
+    g = torch.Generator().manual_seed(5)
+    t = (torch.randn(*shape, generator=g) * 3 - 20).to(dtype)  # pre-activations pushed far negative
+    t[(slice(None),) * dim + (1,)] += 25.0  # one unit alive
+    a = t.float().numpy()
+    axes = tuple(i for i in range(a.ndim) if i != dim)
+    got = stats.unit_max(t, channels_first)
+    assert got.dtype == dtype  # a maximum is exact in any precision
+    np.testing.assert_array_equal(got.float().numpy(), a.max(axis=axes))
+    kept = stats.unit_max(t, channels_first, keepdim=True)
+    np.testing.assert_array_equal(kept.float().numpy(), a.max(axis=axes, keepdims=True))
+
+
+def test_unit_max_of_a_unit_with_a_nan_is_nan_and_needs_a_batch_dimension():
+    t = torch.tensor([[-20.0, 1.0, float("nan")], [-21.0, 2.0, 1.0]])
+    got = stats.unit_max(t)
+    assert got[:2].tolist() == [-20.0, 2.0] and math.isnan(got[2])  # NaN > cut-off is False: not active
+    assert stats.unit_max(torch.ones(3)) is None and stats.unit_max(torch.ones(0, 3)) is None
+
+
 def test_histogram_matches_numpy():
     g = torch.Generator().manual_seed(3)
     t = torch.randn(10_000, generator=g)

@@ -59,7 +59,8 @@ class Collector:
         self.include_eval = options.include_eval
         self._ignoring = False  # during a forward that is no training step (see _not_a_step)
         self._buf: Optional[StepBuffers] = None
-        how = self.how = Reduction(options.thresholds.saturation_margin, options.samples, options.bins)
+        how = self.how = Reduction(options.thresholds.saturation_margin, options.samples, options.bins,
+                                   options.thresholds.saturation_slope)
         self.sample_layout = SampleLayout(len(layers))  # sample buffers sized from earlier steps
         self.taps = LayerTaps(layers, how, options.thresholds.saturation_slope, self.guard, self._current)
         self.taps.on_transform = self._in_transform

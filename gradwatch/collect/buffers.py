@@ -49,11 +49,14 @@ def site_name(name: str, call: int) -> str:
 
 @dataclass(frozen=True)
 class Reduction:
-    """How outputs are reduced: saturation margin, sample size, histogram bins."""
+    """How outputs are reduced: saturation margin, sample size, histogram bins, and the share of its
+    peak slope below which an activation counts as flat (``Thresholds.saturation_slope``: a smooth
+    rectifier's dead-unit cut-off, ``layers.FlatSide.cutoff``)."""
 
     margin: float
     samples: int
     bins: int
+    slope: float = 0.04
 
     @property
     def histogram_samples(self) -> int:
@@ -215,16 +218,31 @@ class ActivationPart:
     summary: Optional[Tensor] = None
 
 
+def alive_threshold(spec: ActivationSpec, how: Reduction) -> float:
+    """What a smooth rectifier's per-unit maxima must exceed for a unit to be alive: the cut-off
+    (``layers.FlatSide.cutoff``) for maxima of its input; for those of its output, where it increases
+    strictly (``FlatSide.increasing``), the output at the cut-off."""
+    assert spec.flat is not None
+    return spec.flat.output_cutoff(how.slope) if spec.flat.increasing else spec.flat.cutoff(how.slope)
+
+
 def reduce_output(t: Tensor, spec: ActivationSpec, how: Reduction, samples: SampleRows,
-                  channels_first: Optional[bool], units: bool) -> Tuple[ActivationPart, Optional[Tensor]]:
+                  channels_first: Optional[bool], units: bool,
+                  pre: Optional[Tensor] = None) -> Tuple[ActivationPart, Optional[Tensor]]:
     """The per-layer work on one output tensor (under no_grad): its sum, or its per-unit sums when
     ``units`` (an activation that tracks dead units: a rectifier's sums also say which units were
-    active, a unit of a non-negative output is active exactly where its sum is positive; other
-    activations add per-unit L2 norms), and its sample copied into a row of ``samples``. Returns the
-    part and the per-unit tensor whose positive entries are the active units (or None)."""
+    active, a unit of a non-negative output is active exactly where its sum is positive; a smooth
+    rectifier adds per-unit maxima, of its output or of ``pre``, its input, see :func:`alive_threshold`;
+    other activations add per-unit L2 norms), and its sample copied into a row of ``samples``.
+    Returns the part and the per-unit tensor whose entries above the site's ``alive_above`` are
+    the active units (or None)."""
     alive = None
     total = None
-    if units and t.numel():
+    if units and t.numel() and spec.flat is not None:
+        source = t if spec.flat.increasing else pre
+        if source is not None and source.shape == t.shape:
+            alive = stats.unit_max(source, channels_first, keepdim=True)
+    elif units and t.numel():
         total = stats.unit_sums(t, channels_first, keepdim=True)
         if total is not None:
             d = stats.unit_dim(t.dim(), channels_first)
@@ -239,27 +257,6 @@ def reduce_output(t: Tensor, spec: ActivationSpec, how: Reduction, samples: Samp
             total = stats.full_sum(t)
     row = samples.add(t, limits_of(spec, how.margin), a=a)
     return ActivationPart(t.numel(), row.count if row is not None else 0, total, row), alive
-
-
-def summarise_with_units(t: Tensor, spec: ActivationSpec, how: Reduction,
-                         layout: Optional[Tuple[torch.Size, bool]]) -> Tuple[Tensor, Optional[Tensor]]:
-    """One output reduced on its own (inside a compiled graph, see ``traced``): its
-    ``stats.activation_summary`` and, for an activation that tracks dead units, its per-unit activity
-    (``stats.active_units``; a rectifier's from its per-unit sums, which also give its total)."""
-    rectifier = spec.kind is ActivationKind.RECTIFIER
-    bounded = rectifier or spec.kind is ActivationKind.BOUNDED
-    lower, upper = (spec.lower, spec.upper) if bounded else (None, None)
-    total = alive = None
-    if spec.tracks_dead_units:
-        channels_first = follows_layout(layout, t.shape)
-        if rectifier:
-            sums = stats.unit_sums(t, channels_first)
-            if sums is not None:
-                total, alive = sums.sum(), sums > 0
-        else:
-            alive = stats.active_units(t, channels_first)
-    summary = stats.activation_summary(t, lower, upper, how.margin, how.samples, nonnegative=rectifier, total=total)
-    return summary, alive
 
 
 def follows_layout(layout: Optional[Tuple[torch.Size, bool]], shape: torch.Size) -> Optional[bool]:
@@ -278,14 +275,18 @@ class SiteBuffer:
     histogram: Optional[Row] = None
     slope: List[Tensor] = field(default_factory=list)  # stats.slope_saturation rows
     out_grad: List[Any] = field(default_factory=list)  # L2 norms of the gradient at the output (or their values)
-    alive: List[Tensor] = field(default_factory=list)  # per call, per unit: positive where the unit was active
+    alive: List[Tensor] = field(default_factory=list)  # per call, per unit: above alive_above where the unit was active
+    alive_above: float = 0.0  # a smooth rectifier's cut-off (alive_threshold); 0 for the others
+    cutoff: Optional[float] = None  # a smooth rectifier's pre-activation cut-off (FlatSide.cutoff)
     attention: List[Tensor] = field(default_factory=list)  # stats.attention_summary per call (attention.py)
 
     def add_output(self, output: Any, spec: ActivationSpec, how: Reduction, samples: SampleRows,
-                   histograms: Optional[SampleRows], layout: Optional[Tuple[torch.Size, bool]] = None) -> List[Tensor]:
+                   histograms: Optional[SampleRows], layout: Optional[Tuple[torch.Size, bool]] = None,
+                   pre: Optional[Tensor] = None) -> List[Tensor]:
         """Reduce one call's output (under no_grad); returns its floating-point tensors.
         ``layout``: the shape of the last output whose layout is known, and whether it was
-        channels-first: the units of an activation of that shape follow it (``stats.unit_dim``)."""
+        channels-first: the units of an activation of that shape follow it (``stats.unit_dim``).
+        ``pre``: the module's input, where a smooth rectifier's dead units are read from it."""
         self.calls += 1
         if type(output) is Tensor and output.is_floating_point():  # the usual case: one walk less
             tensors = [output]
@@ -299,20 +300,29 @@ class SiteBuffer:
                     self.skipped = sorted(self.skipped + [dtype])
         units = len(tensors) == 1 and spec.tracks_dead_units  # per-unit activity of single-tensor outputs
         for t in tensors:
-            part, alive = reduce_output(t, spec, how, samples, follows_layout(layout, t.shape) if units else None, units)
+            part, alive = reduce_output(t, spec, how, samples, follows_layout(layout, t.shape) if units else None, units,
+                                        pre)
             self.parts.append(part)
             if alive is not None:
-                self.alive.append(alive)
+                self.add_alive(alive, spec, how)
         if tensors and histograms is not None and self.histogram is None:
             self.histogram = histograms.add(tensors[0])
         return tensors
 
-    def add_summary(self, numel: int, sampled: int, summary: Tensor, alive: Optional[Tensor]) -> None:
+    def add_summary(self, numel: int, sampled: int, summary: Tensor, alive: Optional[Tensor],
+                    spec: Optional[ActivationSpec] = None, how: Optional[Reduction] = None) -> None:
         """One call reduced elsewhere (inside a compiled graph, see ``traced``)."""
         self.calls += 1
         self.parts.append(ActivationPart(numel, sampled, summary=summary))
         if alive is not None:
-            self.alive.append(alive)
+            self.add_alive(alive, spec, how)
+
+    def add_alive(self, alive: Tensor, spec: Optional[ActivationSpec], how: Optional[Reduction]) -> None:
+        """One call's per-unit activity (a smooth rectifier's per-unit maxima, compared with its cut-off)."""
+        self.alive.append(alive)
+        if spec is not None and spec.flat is not None and how is not None:
+            self.alive_above = alive_threshold(spec, how)
+            self.cutoff = spec.flat.cutoff(how.slope)
 
 
 @dataclass
@@ -344,12 +354,13 @@ class StepBuffers:
         self.grad_hist_rows = SampleRows("grad_hist", how.histogram_samples, layout, how.bins) if histograms else None
 
     def record(self, site: str, output: Any, spec: ActivationSpec, how: Reduction,
-               channels_first: Optional[bool] = None) -> List[Tensor]:
+               channels_first: Optional[bool] = None, pre: Optional[Tensor] = None) -> List[Tensor]:
         """Reduce one call's output into ``site`` and watch the gradient that reaches it.
         ``channels_first``: the layout of the recording module's output, when its type tells
-        (convolutions and batch norms: True; Linear, LayerNorm, embeddings: False)."""
+        (convolutions and batch norms: True; Linear, LayerNorm, embeddings: False). ``pre``: the
+        module's input (a smooth rectifier's dead units are read from it, see ``alive_threshold``)."""
         with torch.no_grad():
-            tensors = self.site(site).add_output(output, spec, how, self.samples, self.act_hist, self.layout)
+            tensors = self.site(site).add_output(output, spec, how, self.samples, self.act_hist, self.layout, pre)
         if channels_first is not None and tensors:
             self.layout = (tensors[0].shape, channels_first)
         if torch.is_grad_enabled():
@@ -379,8 +390,9 @@ class StepBuffers:
 
 @dataclass
 class UnitHistory:
-    """Per unit of a call site: consecutive measured batches without a non-zero output, on the host.
-    A unit is dead when that count covers the whole window seen so far (at most ``window``)."""
+    """Per unit of a call site: consecutive measured batches in which it was not active (no non-zero
+    output; a smooth rectifier's: no pre-activation above the cut-off), on the host. A unit is dead
+    when that count covers the whole window seen so far (at most ``window``)."""
 
     window: int
     idle: Dict[str, np.ndarray] = field(default_factory=dict)

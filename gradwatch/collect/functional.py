@@ -30,7 +30,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
-from ..layers import ActivationKind, ActivationSpec, Layer, activation_spec, display_name, is_wrapper
+from ..layers import ActivationKind, ActivationSpec, Layer, activation_spec, call_flat_side, display_name, is_wrapper
 from .buffers import Reduction, StepBuffers, in_backward, site_name
 from .guard import Guard
 from .hooks import forward_hook, forward_pre_hook
@@ -202,6 +202,10 @@ class FunctionalTaps:
         if name in self.guard.broken:
             return
         if name not in self.layers:
+            flat = self.guard(name, call_flat_side, fn_name, args, kwargs)  # a smooth rectifier's, as called
+            if flat is not None:
+                spec = ActivationSpec(ActivationKind.SMOOTH, flat=flat)
             self.layers[name] = Layer(name, owner, spec, function=fn_name)
         call = self._calls[name] = self._calls.get(name, 0) + 1
-        self.guard(name, buf.record, site_name(name, call), out, self.layers[name].spec, self.how)
+        pre = args[0] if args and isinstance(args[0], torch.Tensor) and args[0] is not out else None
+        self.guard(name, buf.record, site_name(name, call), out, self.layers[name].spec, self.how, None, pre)

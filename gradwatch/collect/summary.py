@@ -73,6 +73,7 @@ class StepTotals:
     attention: Dict[str, List[List[float]]] = field(default_factory=dict)  # per site, per head (this rank)
     updates: Optional[Tuple[List[str], List[float], List[Optional[float]], List[int]]] = None  # updates.finish
     noise: Optional[List[float]] = None  # noise.NoiseRead.totals: summed over processes by ranks.combine
+    dead_cutoff: Dict[str, float] = field(default_factory=dict)  # per smooth-rectifier site: FlatSide.cutoff
 
 
 class _Gathered:
@@ -164,7 +165,7 @@ def _dead(g: _Gathered, name: str, site: SiteBuffer, units: UnitHistory) -> Opti
     """The site's per-unit activity in this step (any call active), folded into its history."""
     alive: Optional[np.ndarray] = None
     for values in g.get("alive", name):
-        active = np.asarray(values) > 0  # a NaN sum or norm is not activity
+        active = np.asarray(values) > site.alive_above  # a NaN sum, norm or maximum is not activity
         if alive is None:
             alive = active
         elif alive.shape == active.shape:
@@ -205,7 +206,8 @@ def totals(buf: StepBuffers, units: UnitHistory, kinds: Dict[str, ActivationKind
                       backward_order=list(buf.backward_order),
                       skipped={n: s.skipped for n, s in buf.sites.items() if s.skipped},
                       attention=heads, updates=updates,
-                      noise=None if buf.noise is None else buf.noise.totals(g.get("noise", "")))
+                      noise=None if buf.noise is None else buf.noise.totals(g.get("noise", "")),
+                      dead_cutoff={n: s.cutoff for n, s in buf.sites.items() if s.cutoff is not None and n in dead})
 
 
 def _site_totals(calls: int, sizes: List[Tuple[int, int]], moments: List[dict], slope: List[List[float]],
@@ -257,6 +259,7 @@ def finish(step: int, tot: StepTotals, layer_of: Dict[str, Layer], owner: Dict[s
             dead = sum(flags) if world == 1 else sum(1 for v in flags if v >= world)
             ls.dead_fraction = dead / len(flags)
             ls.dead_window = tot.dead_window[site]
+            ls.dead_cutoff = tot.dead_cutoff.get(site)
         if t.out_grad_seen:
             # Under several processes each rank's loss is a mean over its own samples and DDP
             # averages, so the whole batch's gradient at an output is the ranks' sum / world.

@@ -29,7 +29,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .. import stats
 from ..layers import ActivationKind, Layer
-from .buffers import Reduction, StepBuffers, in_backward, site_name
+from .buffers import Reduction, StepBuffers, follows_layout, in_backward, site_name
 from .forwards import transformed
 from .guard import Guard
 from .hooks import eager, forward_hook, forward_pre_hook
@@ -90,21 +90,27 @@ class LayerTaps:
         self._layout = {layer.name: channels_first(layer.module) for layer in layers}
         self._probes: Dict[str, List[Optional[_SlopeProbe]]] = {}
         self._peak: Dict[str, Tensor] = {}  # per site, the largest slope seen (kept across steps)
+        # Per in-place smooth rectifier read from its input (nn.SiLU(inplace=True)): its per-unit maxima,
+        # taken by a pre-hook before the module overwrites its input, until its forward hook runs.
+        self._before: Dict[str, Tensor] = {}
         self.traced = TracedTaps()  # what the hooks record when torch.compile traces them
         self.on_transform: Callable[[], None] = lambda: None  # a layer ran inside a torch.func transform
 
     def attach(self) -> None:
-        """One permanent forward hook per layer (and a pre-hook per generic activation). On a
-        measured step it reduces the output; on an unmeasured one it keeps the output until the
-        forward returns (see :meth:`take`); traced by torch.compile, it adds the reductions to the
-        graph (see ``traced``). The hooks never change between steps, so a compiled graph traced
-        with them stays valid whatever the compiler's hook guards."""
+        """One permanent forward hook per layer (and a pre-hook per generic activation and per
+        in-place smooth rectifier read from its input). On a measured step it reduces the output;
+        on an unmeasured one it keeps the output until the forward returns (see :meth:`take`);
+        traced by torch.compile, it adds the reductions to the graph (see ``traced``). The hooks
+        never change between steps, so a compiled graph traced with them stays valid whatever the
+        compiler's hook guards."""
         if self.handles:
             return
         self.traced.attach()
         for layer in self.layers:
             if layer.spec.kind is ActivationKind.GENERIC:
                 self.handles.append(forward_pre_hook(layer.module, self._pre_hook(layer)))
+            elif layer.spec.reads_input and getattr(layer.module, "inplace", False):
+                self.handles.append(forward_pre_hook(layer.module, self._before_hook(layer)))
             self.handles.append(forward_hook(layer.module, self._hook(layer)))
 
     def detach(self) -> None:
@@ -131,6 +137,7 @@ class LayerTaps:
         """The model's forward begins: call sites are counted from 1 again."""
         self._calls.clear()
         self._probes.clear()
+        self._before.clear()
         self.traced.take()
 
     def replay_traced(self, buf: StepBuffers, records: List[TracedRecord]) -> None:
@@ -139,7 +146,7 @@ class LayerTaps:
             if r.layer.name not in self.guard.broken:
                 self.seen += 1
                 site = self._site(r.layer, buf)
-                buf.site(site).add_summary(r.numel, r.numel, r.summary, r.alive)  # every element is the sample
+                buf.site(site).add_summary(r.numel, r.numel, r.summary, r.alive, r.layer.spec, self.how)  # every element is the sample
 
     # ------------------------------------------------------------------ hooks
     def _pre_hook(self, layer: Layer) -> Callable[..., None]:
@@ -165,9 +172,36 @@ class LayerTaps:
                 measure(module, args)
         return pre_hook
 
+    def _before_hook(self, layer: Layer) -> Callable[..., None]:
+        """An in-place smooth rectifier read from its input: its per-unit maxima, before it runs."""
+        name, key = layer.name, self.traced.key
+        traced = TracedLayer.of(layer, self.how.margin, self._layout.get(layer.name))
+
+        def measure(module: nn.Module, args: Any) -> None:  # must return None: a value replaces the input
+            buf = self.current()
+            x = args[0] if args else None
+            if buf is None or name in self.guard.broken or in_backward() or transformed() or \
+                    not isinstance(x, Tensor) or not x.is_floating_point():
+                return
+            with torch.no_grad():
+                high = stats.unit_max(x, follows_layout(buf.layout, x.shape), keepdim=True)
+            if high is not None:
+                self._before[name] = high
+        measure = eager(measure)
+
+        def pre_hook(module: nn.Module, args: Any) -> None:
+            if compiling():
+                taps = getattr(LIVE, key)  # as in _hook
+                if taps.on:
+                    taps.before(traced, args)
+            elif self.current() is not None:
+                measure(module, args)
+        return pre_hook
+
     def _hook(self, layer: Layer) -> Callable[..., None]:
         name, key = layer.name, self.traced.key
         traced = TracedLayer.of(layer, self.how.margin, self._layout.get(layer.name))
+        reads_input = layer.spec.reads_input
 
         def measure(module: nn.Module, args: Any, output: Any) -> None:  # None: a value replaces the output
             buf = self.current()
@@ -176,14 +210,14 @@ class LayerTaps:
             if transformed():  # batched or wrapped tensors (vmap inside the model's forward): not measured
                 self.on_transform()
                 return
-            self.guard(name, self._on_output, layer, buf, output)
+            self.guard(name, self._on_output, layer, buf, output, args if reads_input else ())
         measure = eager(measure)
 
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if compiling():  # traced into the compiled graph, without a graph break
                 taps = getattr(LIVE, key)  # one path to the taps for every layer (see traced.LIVE)
                 if taps.on:  # (read here: an unmeasured graph traces one call less per layer)
-                    taps.record(traced, output)
+                    taps.record(traced, output, args if reads_input else ())
             elif self.keeping:  # an unmeasured step: the usual case, first
                 # Kept only with autograd on and nothing packing saved tensors: its graph holds
                 # most outputs anyway (the rest, freed early without gradwatch, live until the
@@ -203,12 +237,18 @@ class LayerTaps:
         call = self._calls[layer.name] = self._calls.get(layer.name, 0) + 1
         return site_name(layer.name, call)
 
-    def _on_output(self, layer: Layer, buf: StepBuffers, output: Any) -> None:
+    def _on_output(self, layer: Layer, buf: StepBuffers, output: Any, args: Any = ()) -> None:
         self.seen += 1
         site = self._site(layer, buf)
         probes = self._probes.get(layer.name)
         probe = probes.pop() if probes else None
-        tensors = buf.record(site, output, layer.spec, self.how, self._layout.get(layer.name))
+        # A smooth rectifier read from its input: the input as it was (an in-place module overwrote
+        # it: the maxima its pre-hook took instead).
+        pre = args[0] if args and isinstance(args[0], Tensor) and args[0] is not output else None
+        before = self._before.pop(layer.name, None)
+        tensors = buf.record(site, output, layer.spec, self.how, self._layout.get(layer.name), pre)
+        if before is not None and pre is None and len(tensors) == 1 and tensors[0].dim() == before.dim():
+            buf.site(site).add_alive(before, layer.spec, self.how)
         if not tensors or not torch.is_grad_enabled():
             return
         first = tensors[0]

@@ -3,8 +3,10 @@
 When ``torch.compile`` traces a watched layer's forward hook, the hook does not run
 gradwatch's eager code (which would split the graph at every layer); it adds a measured step's
 reductions of the layer's output to the graph (:func:`graph_summary`, and per-unit activity
-from :func:`gradwatch.stats.active_units` for dead units), where the compiler fuses them into
-one pass over the output, and appends the small results to :attr:`TracedTaps.records`.
+from :func:`gradwatch.stats.active_units` for dead units, or a smooth rectifier's per-unit maxima
+from :func:`gradwatch.stats.unit_max`, taken by a pre-hook where an in-place module overwrites its
+input), where the compiler fuses them into one pass over the output, and appends the small
+results to :attr:`TracedTaps.records`.
 After the forward, the root module's hook (eager, at the graph's edge) hands them to the
 step's buffers like any other record.
 
@@ -24,7 +26,7 @@ activation histograms; parameter gradients are read as in eager mode, at the end
 from __future__ import annotations
 
 import itertools
-from typing import Any, List, NamedTuple, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -81,6 +83,7 @@ class TracedLayer(NamedTuple):
     margin: float
     units: bool  # tracks dead units (per-unit activity)
     rectifier: bool  # its output cannot be negative
+    increasing: Optional[bool]  # a smooth rectifier: whether its output is read (else its input); None otherwise
     own_layout: Optional[bool]  # whether the module's type puts units at dim 1 (``taps.channels_first``)
 
     @classmethod
@@ -89,7 +92,8 @@ class TracedLayer(NamedTuple):
         rectifier = spec.kind is ActivationKind.RECTIFIER
         bounded = rectifier or spec.kind is ActivationKind.BOUNDED
         return cls(layer, spec.lower if bounded else None, spec.upper if bounded else None, margin,
-                   spec.tracks_dead_units, rectifier, own_layout)
+                   spec.tracks_dead_units, rectifier, spec.flat.increasing if spec.flat is not None else None,
+                   own_layout)
 
 
 class TracedRecord(NamedTuple):
@@ -122,6 +126,7 @@ class TracedTaps:
         self.on = False  # this forward is measured (a guard of the compiled graph)
         self.records: List[Tuple[Any, ...]] = []  # emptied (never replaced) before every forward of the model
         self.layout: Optional[Tuple[torch.Size, bool]] = None  # as StepBuffers.layout, within one forward
+        self.maxima: Dict[str, Tensor] = {}  # an in-place smooth rectifier's input maxima, until its forward hook
 
     def attach(self) -> None:
         setattr(LIVE, self.key, self)
@@ -131,15 +136,32 @@ class TracedTaps:
         if getattr(LIVE, self.key, None) is self:
             delattr(LIVE, self.key)
 
-    def record(self, plan: TracedLayer, output: Any) -> None:
-        """Traced by torch.compile: reduce ``output`` into the graph when the forward is measured."""
+    def before(self, plan: TracedLayer, args: Any) -> None:
+        """Traced pre-hook of an in-place smooth rectifier read from its input: its per-unit maxima."""
+        x = args[0] if args else None
+        if self.on and isinstance(x, Tensor) and x.is_floating_point():
+            high = stats.unit_max(x, follows_layout(self.layout, x.shape))
+            if high is not None:
+                self.maxima[plan.layer.name] = high
+
+    def record(self, plan: TracedLayer, output: Any, args: Any = ()) -> None:
+        """Traced by torch.compile: reduce ``output`` into the graph when the forward is measured.
+        ``args``: the module's inputs, where a smooth rectifier's dead units are read from its input."""
         if not self.on or not isinstance(output, Tensor) or not output.is_floating_point():
             return
         if plan.own_layout is not None:
             self.layout = (output.shape, plan.own_layout)
         alive = None
         if plan.units:
-            alive = stats.active_units(output, follows_layout(self.layout, output.shape), plan.rectifier)
+            units_first = follows_layout(self.layout, output.shape)
+            if plan.increasing is None:
+                alive = stats.active_units(output, units_first, plan.rectifier)
+            else:  # a smooth rectifier: per-unit maxima of its output, or of its input
+                pre = args[0] if args and isinstance(args[0], Tensor) and args[0] is not output else None
+                source = output if plan.increasing else pre
+                if source is not None and source.shape == output.shape:
+                    alive = stats.unit_max(source, units_first)
+                alive = self.maxima.pop(plan.layer.name, alive)
         # A plain tuple: a NamedTuple built inside the graph costs the compiler a traced call per layer.
         self.records.append((plan.layer, output.numel(), graph_summary(output, plan.lower, plan.upper, plan.margin),
                              alive))
@@ -148,5 +170,6 @@ class TracedTaps:
         """The records of the forward that just ended; the next forward starts afresh."""
         records = [TracedRecord(*r) for r in self.records]
         self.records.clear()
+        self.maxima.clear()
         self.layout = None
         return records

@@ -50,8 +50,8 @@ _KINDS = (
          "row; a one-step jump of the global norm over its running median (reported at its step)",
          lambda t: f"> {_n(t.exploding_ratio)}; > {_n(t.exploding_norm)}; × {_n(t.jump_factor)}"),
     Kind(FindingKind.DEAD_UNITS, dead_units, ex.DeadUnitsWarning, "yellow",
-         "share of units (features / channels) with no non-zero output on any sample of the last "
-         "`dead_window` measured batches", lambda t: f"> {100 * t.dead_fraction:.0f} %", share="of units dead"),
+         "share of units (features / channels) with no non-zero output (smooth rectifiers: no pre-activation "
+         "above the flat side's cut-off) on any sample of the last `dead_window` measured batches", lambda t: f"> {100 * t.dead_fraction:.0f} %", share="of units dead"),
     Kind(FindingKind.SATURATION, saturation, ex.SaturationWarning, "yellow",
          "share of outputs where the activation is flat (see below)",
          lambda t: f"> {100 * t.saturated_fraction:.0f} %", share="saturated"),
