@@ -25,7 +25,8 @@ findings (plain ``GradWatchWarning``, e.g. "nothing could be measured") are list
 Adding a case: append a ``Case`` to ``CASES`` (a builder returning a ``Setup``: the model and a
 function doing one training step). A planted case may name a finding kind this gradwatch does
 not have yet (as a string, e.g. ``"learning_rate"``): it is listed and skipped until the kind
-exists.
+exists. ``ahead=((a, b),)``: kind a's first finding must come at an earlier step than b's (a warning
+that must come before the NaN), else the case is "named too late".
 """
 
 from __future__ import annotations
