@@ -25,7 +25,8 @@ findings (plain ``GradWatchWarning``, e.g. "nothing could be measured") are list
 Adding a case: append a ``Case`` to ``CASES`` (a builder returning a ``Setup``: the model and a
 function doing one training step). A planted case may name a finding kind this gradwatch does
 not have yet (as a string, e.g. ``"learning_rate"``): it is listed and skipped until the kind
-exists.
+exists. ``ahead=((a, b),)``: kind a's first finding must come at an earlier step than b's (a warning
+that must come before the NaN), else the case is "named too late".
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ class Case:
     expect: Tuple[Expect, ...] = ()
     steps: int = DEFAULT_STEPS
     every: int = DEFAULT_EVERY
+    ahead: Tuple[Tuple[KindName, KindName], ...] = ()  # (a, b): a's first finding at an earlier step than b's
 
     @property
     def healthy(self) -> bool:
@@ -461,7 +463,8 @@ def h_autoencoder_softmax() -> Setup:
 
 
 def amp_setup(model: nn.Module, data: Batches, opt: torch.optim.Optimizer, dtype: torch.dtype,
-              pass_optimizer: bool) -> Setup:
+              pass_optimizer: bool, pass_scaler: bool = False,
+              loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy) -> Setup:
     """The documented mixed-precision recipe: autocast forward, GradScaler on the loss."""
     # growth_interval=20 (default 2000): the scale keeps probing upwards, so that these 300 steps hold
     # the overflow -> skipped step -> back-off cycles that a long run has.
@@ -470,13 +473,16 @@ def amp_setup(model: nn.Module, data: Batches, opt: torch.optim.Optimizer, dtype
     def step(i: int) -> float:
         x, y = data(i)
         with torch.autocast("cpu", dtype=dtype):
-            loss = F.cross_entropy(model(x), y)
+            loss = loss_fn(model(x), y)
         opt.zero_grad()
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
         return loss.item()
-    return Setup(model, step, {"optimizer": opt} if pass_optimizer else {})
+    watch: Dict[str, Any] = {"optimizer": opt} if pass_optimizer else {}
+    if pass_scaler:
+        watch["scaler"] = scaler
+    return Setup(model, step, watch)
 
 
 def h_amp_fp16() -> Setup:
@@ -491,6 +497,63 @@ def h_amp_bf16() -> Setup:
                 ("fc3", nn.Linear(128, 10)))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     return amp_setup(model, Batches(*teacher(seed=17), batch=64), opt, torch.bfloat16, pass_optimizer=True)
+
+
+class ResidualMLP(nn.Module):
+    """A transformer's residual stream without attention: an input projection, pre-norm blocks
+    (LayerNorm, Linear, GELU, Linear) added to the stream, a final LayerNorm and a linear head."""
+
+    def __init__(self, dim: int = 32, width: int = 64, hidden: int = 128, blocks: int = 2, classes: int = 10) -> None:
+        super().__init__()
+        self.inp = nn.Linear(dim, width)
+        self.blocks = nn.ModuleList(seq(("norm", nn.LayerNorm(width)), ("fc1", nn.Linear(width, hidden)),
+                                        ("act", nn.GELU()), ("fc2", nn.Linear(hidden, width))) for _ in range(blocks))
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.inp(x)
+        for block in self.blocks:
+            h = h + block(h)
+        return self.head(self.norm(h))
+
+
+def fp16_residual(half: bool, seed: int, grow: Optional[int] = None) -> Setup:
+    """The residual MLP in float16: under autocast with AdamW and a GradScaler (passed as ``scaler=``),
+    or ``.half()`` with SGD (a GradScaler cannot unscale float16 gradients: none). ``grow``: planted,
+    feature 7 of that block's fc2 output, from a bias of 1, is multiplied by 1.1 before every step
+    (its weight row and bias): an outlier feature of the residual stream on its way to 65504."""
+    model = ResidualMLP()
+    data = Batches(*teacher(seed=seed), batch=64)
+    fc = model.blocks[grow].fc2 if grow is not None else None
+    if fc is not None:
+        with torch.no_grad():
+            fc.bias[7] = 1.0
+    if half:
+        model = model.half()
+        setup = supervised(model, Batches(data.tensors[0].half(), data.tensors[1], batch=64),
+                           torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9),
+                           loss_fn=lambda out, y: F.cross_entropy(out.float(), y))
+    else:
+        setup = amp_setup(model, data, torch.optim.AdamW(model.parameters(), lr=1e-3), torch.float16,
+                          pass_optimizer=False, pass_scaler=True)
+    if fc is None:
+        return setup
+    train = setup.step
+
+    def step(i: int) -> float:
+        with torch.no_grad():
+            fc.weight[7].mul_(1.1)
+            fc.bias[7].mul_(1.1)
+        return train(i)
+    return Setup(model, step, setup.watch)
+
+
+def h_amp_fp16_nanogpt() -> Setup:
+    model = NanoGPT()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    return amp_setup(model, Batches(*shifts(seed=62), batch=32), opt, torch.float16, pass_optimizer=True,
+                     loss_fn=_next_token_loss)
 
 
 def h_finetune_zero_head() -> Setup:
@@ -1317,9 +1380,9 @@ def p_hf_gpt2_collapse() -> Setup:
 
 
 # ====================================================================== the list
-V, E, D, S, N, L, A = (FindingKind.VANISHING, FindingKind.EXPLODING, FindingKind.DEAD_UNITS,
-                       FindingKind.SATURATION, FindingKind.NON_FINITE, FindingKind.LEARNING_RATE,
-                       FindingKind.ATTENTION_COLLAPSE)
+V, E, D, S, N, L, A, H = (FindingKind.VANISHING, FindingKind.EXPLODING, FindingKind.DEAD_UNITS,
+                          FindingKind.SATURATION, FindingKind.NON_FINITE, FindingKind.LEARNING_RATE,
+                          FindingKind.ATTENTION_COLLAPSE, FindingKind.FP16_OVERFLOW)
 
 CASES: List[Case] = [
     # ---- healthy: must raise nothing
@@ -1347,6 +1410,12 @@ CASES: List[Case] = [
          h_amp_fp16),
     Case("amp-bf16-gradscaler", "mixed precision", "LayerNorm MLP under autocast(cpu, bfloat16) with "
          "GradScaler('cpu'); optimizer= passed to GradWatch", h_amp_bf16),
+    Case("amp-fp16-residual-mlp", "mixed precision", "pre-norm residual MLP under autocast(cpu, float16), AdamW, "
+         "GradScaler('cpu') passed as scaler=", lambda: fp16_residual(half=False, seed=60)),
+    Case("amp-fp16-nanogpt", "mixed precision", "nanoGPT-style LM (SDPA) under autocast(cpu, float16), AdamW, "
+         "GradScaler('cpu') not passed, optimizer= passed", h_amp_fp16_nanogpt),
+    Case("half-residual-mlp", "mixed precision", "the residual MLP in .half() (float16 weights and "
+         "gradients, no loss scaler), SGD+momentum", lambda: fp16_residual(half=True, seed=61)),
     Case("finetune-zero-head", "fine-tuning", "pretrained MLP backbone, new zero-initialised head", h_finetune_zero_head),
     Case("lora-zero-b", "fine-tuning", "frozen pretrained MLP with LoRA adapters (B initialised to zero)", h_lora),
     Case("weight-norm-cnn", "parametrized", "CNN with parametrizations.weight_norm on every layer", h_weight_norm),
@@ -1447,6 +1516,13 @@ CASES: List[Case] = [
     Case("hf-gpt2-qk-x30", "attention", "Hugging Face GPT2LMHeadModel from a config (SDPA), second layer's "
          "query/key projections x30", p_hf_gpt2_collapse,
          expect=((A, "transformer.h.1.attn"),), steps=60),
+    Case("fp16-outlier-feature-autocast", "mixed precision", "residual MLP under autocast(cpu, float16) with a "
+         "GradScaler (scaler=): feature 7 of blocks.1.fc2's output x1.1 a step until it overflows",
+         lambda: fp16_residual(half=False, seed=60, grow=1),
+         expect=((H, "blocks.1.fc2"), (N, "blocks.1.fc2")), ahead=((H, N),)),
+    Case("fp16-outlier-feature-half", "mixed precision", "residual MLP in .half(), SGD: feature 7 of "
+         "blocks.0.fc2's output x1.1 a step until it overflows", lambda: fp16_residual(half=True, seed=61, grow=0),
+         expect=((H, "blocks.0.fc2"), (N, "blocks.0.fc2")), ahead=((H, N),)),
 ]
 
 
@@ -1461,6 +1537,15 @@ class Outcome:
     error: Optional[str] = None
     skipped: Optional[str] = None
     steps: int = 0
+
+    def late(self) -> List[Tuple[FindingKind, FindingKind]]:
+        """The case's ``ahead`` pairs (a, b) where a's first finding did not come at an earlier step
+        than b's first (or never came while b did)."""
+        first: Dict[FindingKind, int] = {}
+        for f in self.findings:
+            first[f.kind] = min(first.get(f.kind, f.step), f.step)
+        pairs = [tuple(k if isinstance(k, FindingKind) else FindingKind(k) for k in pair) for pair in self.case.ahead]
+        return [(a, b) for a, b in pairs if b in first and not first.get(a, math.inf) < first[b]]
 
     def matched(self) -> Dict[Tuple[FindingKind, str], bool]:
         return {(k, p): any(f.kind == k and fnmatch.fnmatchcase(f.layer, p) for f in self.findings)
@@ -1485,6 +1570,8 @@ class Outcome:
             return "misnamed" if any(f.kind in {k for k, _ in missed} for f in extra) else "missed + false alarm"
         if missed:
             return "missed"
+        if self.late():
+            return "named too late"
         return "pass + extra findings" if extra else "pass"
 
     @property
@@ -1574,7 +1661,9 @@ def _findings_summary(o: Outcome, limit: int = 4) -> str:
 def _expect_text(case: Case) -> str:
     if case.healthy:
         return "nothing"
-    return ", ".join(f"{k.value if isinstance(k, FindingKind) else k} @ {p}" for k, p in case.expect)
+    name = lambda k: k.value if isinstance(k, FindingKind) else k  # noqa: E731
+    order = "".join(f" ({name(a)} before {name(b)})" for a, b in case.ahead)
+    return ", ".join(f"{name(k)} @ {p}" for k, p in case.expect) + order
 
 
 def machine() -> str:

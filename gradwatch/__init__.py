@@ -17,6 +17,7 @@ from .exceptions import (
     VanishingGradientWarning,
     LearningRateWarning,
     AttentionCollapseWarning,
+    FP16OverflowWarning,
 )
 from .report import Finding, FindingKind, LayerStats, ParamStats, Report
 from .watch import GradWatch
@@ -43,4 +44,5 @@ __all__ = [
     "NonFiniteWarning",
     "LearningRateWarning",
     "AttentionCollapseWarning",
+    "FP16OverflowWarning",
 ]

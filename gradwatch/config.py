@@ -76,6 +76,8 @@ class Thresholds:
             (an integer, 2 or more).
         attention_saturated_fraction: warn (``attention_collapse``) when more than this share
             of an attention layer's sampled queries put more than 0.99 of their weight on one key.
+        fp16_headroom: warn (``fp16_overflow``) when a float16 activation or gradient comes within
+            this factor of float16's largest finite value, 65504 (8: from 8188 on).
     """
 
     saturation_slope: float = 0.04
@@ -92,6 +94,7 @@ class Thresholds:
     update_ratio_low: float = 1e-5
     update_window: int = 5
     attention_saturated_fraction: float = 0.5
+    fp16_headroom: float = 8.0
 
     def __post_init__(self) -> None:
         open_unit = ("saturation_slope", "saturated_fraction", "dead_fraction", "vanishing_ratio",

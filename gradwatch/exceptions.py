@@ -53,6 +53,10 @@ class AttentionCollapseWarning(GradWatchWarning):
     """Softmax attention heads put almost all their weight on one key (entropy collapse)."""
 
 
+class FP16OverflowWarning(GradWatchWarning):
+    """Float16 activations or gradients come within reach of float16's largest finite value."""
+
+
 __all__ = [
     "GradWatchError",
     "AlreadyWatchedError",
@@ -65,4 +69,5 @@ __all__ = [
     "NonFiniteWarning",
     "LearningRateWarning",
     "AttentionCollapseWarning",
+    "FP16OverflowWarning",
 ]

@@ -25,6 +25,7 @@ class FindingKind(str, enum.Enum):
     NON_FINITE = "non_finite"
     LEARNING_RATE = "learning_rate"
     ATTENTION_COLLAPSE = "attention_collapse"
+    FP16_OVERFLOW = "fp16_overflow"
 
     @property
     def category(self) -> Type[GradWatchWarning]:
@@ -80,6 +81,7 @@ class ParamStats:
     update_window: int = 0
     learning_rate: Optional[float] = None  # of the optimizer's param group holding it
     ndim: int = 0  # dimensions (the learning-rate rule judges weight matrices and kernels, ndim >= 2)
+    dtype: str = ""  # "float32", "float16", ... (fp16_overflow judges float16 gradients)
 
     @property
     def ratio(self) -> float:
@@ -122,6 +124,9 @@ class LayerStats:
     # ‖Δw‖/‖w‖ as the learning-rate rule judges it here (optimizer= given): the largest over the
     # layer's own weight matrices and kernels (ndim >= 2), not its biases or norm scales
     update_ratio: Optional[float] = None
+    # The largest |value| in the strided sample of the layer's float16 outputs (None: no float16 output, as
+    # in float32 and bfloat16 training): how near it comes to float16's largest finite value, 65504
+    fp16_peak: Optional[float] = None
 
     def to_dict(self) -> Dict[str, Any]:
         return {k: _json_float(v) if k != "attention_heads" or v is None else

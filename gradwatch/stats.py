@@ -27,6 +27,9 @@ ACTIVATION_FIELDS = ("sum", "sample_dev_norm", "sample_nonzero", "sample_saturat
 ROW_FIELDS = ("sample_sum", "sample_spread", "sample_nonzero", "sample_saturated")
 """Order of the values :func:`sample_rows` returns per sample (see :func:`row_moments`)."""
 
+PEAK_FIELD = "sample_peak"
+"""The last value :func:`sample_rows` returns per sample when asked for it: the sample's largest |value|."""
+
 _compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -398,7 +401,8 @@ def _stride(n: int, last: int, max_elements: int) -> int:
     return base
 
 
-def sample_rows(x: Tensor, counts: Tensor, low: Optional[Tensor] = None, high: Optional[Tensor] = None) -> Tensor:
+def sample_rows(x: Tensor, counts: Tensor, low: Optional[Tensor] = None, high: Optional[Tensor] = None,
+                peak: bool = False) -> Tensor:
     """The statistics of many strided samples at once, in a fixed number of kernels: ``x`` is a
     ``(k, R)`` buffer holding one sample per row, NaN after its end (``x`` is used as scratch space
     and left changed); ``counts`` ``(k, 1)``: each row's number of elements. Returns ``(k, 4)``
@@ -408,6 +412,9 @@ def sample_rows(x: Tensor, counts: Tensor, low: Optional[Tensor] = None, high: O
     number of elements outside them (roots: an L2 norm of signs counts in one fast kernel). A NaN
     counts as zero and never as saturated; a sample with a NaN/Inf gives meaningless spreads, which
     :func:`row_moments` replaces, its tensor's sum being non-finite. Host side: :func:`row_moments`.
+    ``peak``: one more, last column: the largest |value| of the sample (:data:`PEAK_FIELD`; an Inf
+    counts, a NaN does not), two kernels more for all rows (how near float16 outputs come to
+    float16's largest finite value; the sample visits every feature, see :func:`sample_view`).
 
     >>> x = torch.tensor([[1.0, 0.0, 3.0, float("nan")], [0.5, 0.999, float("nan"), float("nan")]])
     >>> rows = sample_rows(x, torch.tensor([[3.0], [2.0]]), torch.tensor([[-math.inf], [0.01]]),
@@ -428,8 +435,12 @@ def sample_rows(x: Tensor, counts: Tensor, low: Optional[Tensor] = None, high: O
         torch.minimum(outside, high, out=outside)
         saturated.append(torch.linalg.vector_norm(outside.sub_(x).sign_(), dim=1, keepdim=True))
         del outside
+    top = []
+    if peak:  # the padding's NaN (and a NaN of the sample) become 0, which sign_ counts as before
+        top.append(torch.linalg.vector_norm(x.nan_to_num_(0.0, math.inf, -math.inf), ord=math.inf, dim=1,
+                                            keepdim=True))
     nonzero = torch.linalg.vector_norm(x.sign_(), dim=1, keepdim=True)  # sign(NaN) is 0
-    return torch.cat([total, spread, nonzero] + saturated, 1)
+    return torch.cat([total, spread, nonzero] + saturated + top, 1)
 
 
 def _host_sample(t: Tensor, a: np.ndarray, max_elements: int) -> np.ndarray:

@@ -103,7 +103,8 @@ class GradWatch:
         half = lambda: self._collector.gradients.half_precision  # noqa: E731
         self._judge = Judge(o.thresholds, o.dead_window, self._note,
                             unscaled=lambda: o.scaler is not None or not half(),
-                            scaler=lambda: o.scaler is not None or half())
+                            scaler=lambda: o.scaler is not None or half(),
+                            scaler_given=lambda: o.scaler is not None)
         self._attached = False
         self._manual = o.steps in (StepMode.MANUAL, StepMode.OPTIMIZER)
         self._clock = StepClock(self.schedule, self._collector, self._note)

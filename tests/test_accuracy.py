@@ -84,6 +84,20 @@ def test_scoring_counts_case_kind_pairs():
     assert Counter(o.ok for o in outs) == Counter({True: 2, False: 3})
 
 
+def test_a_warning_that_must_come_first_fails_the_case_when_it_comes_late():
+    H, N = FindingKind.FP16_OVERFLOW, FindingKind.NON_FINITE
+    case = Case("ahead", "test", "", lambda: Setup(torch.nn.Identity(), lambda i: 0.0),
+                expect=((H, "fc2"), (N, "fc2")), ahead=((H, N),))
+
+    def at(kind, step):
+        return Finding(kind, "fc2", step, math.nan, 0.0, "", "")
+
+    assert Outcome(case, findings=[at(H, 95), at(N, 112)]).verdict == "pass"
+    assert Outcome(case, findings=[at(N, 112), at(H, 112)]).verdict == "named too late"  # the same step is too late
+    assert Outcome(case, findings=[at(N, 10), at(H, 95), at(N, 112)]).late() == [(H, N)]
+    assert Outcome(case, findings=[at(H, 95)]).verdict == "missed"  # no NaN came: its expectation is missed
+
+
 def test_cases_of_kinds_to_come_are_skipped():
     out = run_case(_case("future", (("no_such_kind", "*"),)))
     assert out.skipped and out.verdict == "skipped" and out.ok

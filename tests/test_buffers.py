@@ -182,6 +182,6 @@ def test_the_batched_reduction_for_tensors_held_at_once_gives_the_same_rows(monk
     refs = [rows.add(t, lim) for t, lim in zip(tensors, limits)]
     rows.reduce()
     for i, ref in enumerate(refs):
-        expected = ref.chunk.result[ref.index]
+        expected = ref.chunk.result[ref.index, :batched.shape[1]]  # (a float16 row's peak column is not in it)
         got = batched[i, :expected.numel()]
         assert torch.allclose(got, expected.to(got.dtype), rtol=1e-5, atol=1e-5, equal_nan=True), i

@@ -372,7 +372,7 @@ def test_public_surface():
         "GradWatch", "Thresholds", "StepMode", "Report", "LayerStats", "ParamStats", "Finding", "FindingKind",
         "GradWatchError", "AlreadyWatchedError", "LogDirError", "GradWatchWarning", "VanishingGradientWarning",
         "ExplodingGradientWarning", "DeadUnitsWarning", "SaturationWarning", "NonFiniteWarning",
-        "LearningRateWarning", "AttentionCollapseWarning"])
+        "LearningRateWarning", "AttentionCollapseWarning", "FP16OverflowWarning"])
     for name in gradwatch.__all__:
         assert getattr(gradwatch, name).__module__.startswith("gradwatch.")
     assert issubclass(NonFiniteWarning, GradWatchWarning) and issubclass(GradWatchWarning, UserWarning)

@@ -215,7 +215,8 @@ class Collector:
             tot = self.combiner.combine(tot)
         params = self.gradients.params()
         data = summary.finish(step, tot, layer_of, {n: layer for n, layer, _ in params},
-                              {n: p.numel() for n, _, p in params}, world)
+                              {n: p.numel() for n, _, p in params}, world,
+                              {n: str(p.dtype).replace("torch.", "") for n, _, p in params})
         self.update_window.fold(data.stats, tot.updates)
         self.noise.fold(data.stats, tot.noise, world)
         return data

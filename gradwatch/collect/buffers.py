@@ -105,6 +105,8 @@ class Chunk:
         self.buf: Optional[Tensor] = torch.full((rows, length), math.nan, dtype=dtype, device=device)
         self.counts: List[int] = []  # per row, the sample's number of elements
         self.limits: List[Limits] = []
+        self.half = False  # some row is a float16 tensor's
+        self.peaks = False  # the result has a last column of peaks (stats.PEAK_FIELD): for float16 rows
         self.result: Optional[Tensor] = None
 
     def fits(self, m: int) -> bool:
@@ -120,6 +122,7 @@ class Chunk:
             torch.mul(view, scale, out=dest)
         self.counts.append(view.numel())
         self.limits.append(limits)
+        self.half |= view.dtype == torch.float16
         return row
 
 
@@ -201,7 +204,8 @@ class SampleRows:
             bounds = [lim if lim is not None else (-math.inf, math.inf) for lim in chunk.limits]
             low = self.layout.constant(tuple(b[0] for b in bounds), x.dtype, x.device)
             high = self.layout.constant(tuple(b[1] for b in bounds), x.dtype, x.device)
-        chunk.result = stats.sample_rows(x, counts, low, high)
+        chunk.peaks = chunk.half
+        chunk.result = stats.sample_rows(x, counts, low, high, peak=chunk.peaks)
 
 
 @dataclass
@@ -216,6 +220,7 @@ class ActivationPart:
     total: Any = None  # a device tensor, or the sum read on the host already (a float)
     row: Optional[Row] = None
     summary: Optional[Tensor] = None
+    half: bool = False  # a float16 tensor: its row's peak (the sample's largest |value|) is read too
 
 
 def alive_threshold(spec: ActivationSpec, how: Reduction) -> float:
@@ -256,7 +261,8 @@ def reduce_output(t: Tensor, spec: ActivationSpec, how: Reduction, samples: Samp
         else:
             total = stats.full_sum(t)
     row = samples.add(t, limits_of(spec, how.margin), a=a)
-    return ActivationPart(t.numel(), row.count if row is not None else 0, total, row), alive
+    return ActivationPart(t.numel(), row.count if row is not None else 0, total, row,
+                          half=t.dtype == torch.float16), alive
 
 
 def follows_layout(layout: Optional[Tuple[torch.Size, bool]], shape: torch.Size) -> Optional[bool]:

@@ -52,6 +52,7 @@ class SiteTotals:
     attn_normalisable: float = _sum()
     attn_saturated: float = _sum()
     attn_max_logit: float = _max(-math.inf)
+    fp16_peak: float = _max(-math.inf)  # largest |value| in the samples of float16 outputs (-inf: none)
 
 
 REDUCTIONS: Tuple[Tuple[str, str], ...] = tuple((f.name, f.metadata["reduce"]) for f in fields(SiteTotals))
@@ -103,9 +104,19 @@ class _Gathered:
         return [self.host[i] for i in self.index.get((kind, name), [])]
 
     def row(self, ref: Optional[Row]) -> Optional[List[float]]:
-        """The values of one sample's row (``stats.sample_rows`` or ``stats.histogram_rows``)."""
+        """The values of one sample's row (``stats.sample_rows`` or ``stats.histogram_rows``), without
+        the peak column of a chunk that has one (``peak``)."""
         if ref is None or ref.values is not None:
             return None if ref is None else ref.values
+        values = self._values(ref)
+        return values[:-1] if values is not None and ref.chunk is not None and ref.chunk.peaks else values
+
+    def peak(self, ref: Optional[Row]) -> Optional[float]:
+        """The largest |value| of a float16 tensor's sample (``stats.PEAK_FIELD``), where its row has it."""
+        values = None if ref is None or ref.chunk is None or not ref.chunk.peaks else self._values(ref)
+        return values[-1] if values else None
+
+    def _values(self, ref: Row) -> Optional[List[float]]:
         result = ref.chunk.result if ref.chunk is not None else None
         if result is None:
             return None
@@ -182,6 +193,9 @@ def totals(buf: StepBuffers, units: UnitHistory, kinds: Dict[str, ActivationKind
         sites[name] = _site_totals(site.calls, [(p.numel, p.sampled) for p in site.parts], _moments(g, name, site),
                                    g.get("slope", name) if kinds.get(name) is ActivationKind.GENERIC else [],
                                    g.get("grad", name))
+        peaks = [p for p in (g.peak(part.row) for part in site.parts if part.half) if p is not None]
+        if peaks:
+            sites[name].fp16_peak = max(peaks)
         folded = _dead(g, name, site, units)
         if folded is not None:
             windows[name], dead[name] = folded
@@ -229,8 +243,9 @@ def _site_totals(calls: int, sizes: List[Tuple[int, int]], moments: List[dict], 
 
 
 def finish(step: int, tot: StepTotals, layer_of: Dict[str, Layer], owner: Dict[str, str], numel: Dict[str, int],
-           world: int = 1) -> StepData:
-    """Totals (combined over ``world`` processes) -> the step's plain records."""
+           world: int = 1, dtypes: Optional[Dict[str, str]] = None) -> StepData:
+    """Totals (combined over ``world`` processes) -> the step's plain records. ``dtypes``: each
+    parameter's (``"float16"``)."""
     layers: Dict[str, LayerStats] = {}
     names = _site_labels(list(tot.sites))
     for site, t in tot.sites.items():
@@ -265,12 +280,15 @@ def finish(step: int, tot: StepTotals, layer_of: Dict[str, Layer], owner: Dict[s
             # averages, so the whole batch's gradient at an output is the ranks' sum / world.
             ls.output_grad_norm = math.sqrt(t.out_grad_sq) / world
             ls.output_grad_nonfinite = not math.isfinite(ls.output_grad_norm)
+        if t.fp16_peak > -math.inf:
+            ls.fp16_peak = t.fp16_peak
         attention.finish_layer(ls, t, tot.attention.get(site))
         layers[ls.name] = ls
     params: Dict[str, ParamStats] = {}
     if tot.grads is not None:
         for pname, (norm, maxabs, wnorm) in zip(*tot.grads):
-            params[pname] = ParamStats(pname, owner.get(pname, ""), numel.get(pname, 0), norm, maxabs, wnorm)
+            params[pname] = ParamStats(pname, owner.get(pname, ""), numel.get(pname, 0), norm, maxabs, wnorm,
+                                       dtype=(dtypes or {}).get(pname, ""))
     if tot.applied is not None:
         for pname, value in zip(*tot.applied):
             if pname in params:

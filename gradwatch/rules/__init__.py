@@ -2,7 +2,7 @@
 
 One module per finding kind holds its rule, its words and its advice (``vanishing``,
 ``exploding``, ``dead_units``, ``saturation``, ``non_finite``, ``learning_rate``,
-``attention_collapse``); ``registry`` ties each kind to its warning category, its terminal style
+``attention_collapse``, ``fp16_overflow``); ``registry`` ties each kind to its warning category, its terminal style
 and its row in the docs. Two stages: :func:`evaluate` (``step``) says which conditions hold at
 one measured step, from that step's numbers alone; :class:`Judge` (``judge``) turns them into
 findings over a run: persistence, root causes, one finding per module, once per condition.

@@ -103,18 +103,20 @@ class Judge:
     ``unscaled()`` says whether gradients at the end of backward are known to be unscaled (no
     half-precision outputs, or the scaler was given): otherwise a gradient's size is only judged
     from what ``optimizer=`` applies. ``scaler()`` says whether a loss scaler may be skipping
-    steps (one was given, or half precision is in use).
+    steps (one was given, or half precision is in use); ``scaler_given()``, whether one was given.
     """
 
     def __init__(self, thresholds: Thresholds, dead_window: int,
                  note: Callable[[str], None] = lambda text: None,
                  unscaled: Callable[[], object] = lambda: True,
-                 scaler: Callable[[], object] = lambda: False) -> None:
+                 scaler: Callable[[], object] = lambda: False,
+                 scaler_given: Callable[[], object] = lambda: False) -> None:
         self.thresholds = thresholds
         self.dead_window = dead_window
         self.note = note
         self.unscaled = unscaled
         self.scaler = scaler
+        self.scaler_given = scaler_given
         self.history: Deque[float] = deque(maxlen=5)  # global gradient norms, for the running median
         self.zero_init: Set[str] = set()
         self._seen: Set[str] = set()
@@ -153,7 +155,7 @@ class Judge:
                 self.zero_init.add(w.name)
             self._seen.add(w.name)
         conditions = evaluate(stats, self.thresholds, list(self.history), self.dead_window, self.zero_init,
-                              weighted=weighted)
+                              weighted=weighted, scaler=bool(self.scaler_given()))
         if stats.total_applied_grad_norm is None and not self.unscaled():
             # Half precision, and only the gradient at the end of backward is known: a GradScaler may
             # have multiplied it. Its size is no evidence; the blow-up rule watches the updates.

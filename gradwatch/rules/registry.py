@@ -17,7 +17,7 @@ from typing import Callable, Dict
 from .. import exceptions as ex
 from ..config import Thresholds
 from ..report import FindingKind
-from . import attention_collapse, dead_units, exploding, learning_rate, non_finite, saturation, vanishing
+from . import attention_collapse, dead_units, exploding, fp16_overflow, learning_rate, non_finite, saturation, vanishing
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,10 @@ _KINDS = (
          "share of an attention layer's queries putting > 0.99 of their weight on one key (`nn.MultiheadAttention`, "
          "or a module calling `F.scaled_dot_product_attention`; recomputed from a sample of queries)", lambda t: f"> {100 * t.attention_saturated_fraction:.0f} %",
          share="of sampled queries on one key"),
+    Kind(FindingKind.FP16_OVERFLOW, fp16_overflow, ex.FP16OverflowWarning, "bold yellow",
+         "largest \\|value\\| of a layer's float16 output (its strided sample) and, where no loss scaler "
+         "multiplies them, of float16 gradients (parameters' largest; at outputs, their L2 norm as a bound), "
+         "against float16's largest finite value 65504", lambda t: f"≥ 65504 / {t.fp16_headroom:g} ({65504 / t.fp16_headroom:.0f})"),
 )
 
 KINDS: Dict[FindingKind, Kind] = {k.kind: k for k in _KINDS}

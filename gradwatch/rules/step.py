@@ -15,6 +15,7 @@ from ..report import Finding, FindingKind, StepStats
 from .attention_collapse import attention_collapse
 from .dead_units import dead_units
 from .exploding import across_depth, jump, size
+from .fp16_overflow import fp16_overflow
 from .learning_rate import learning_rate
 from .non_finite import non_finite
 from .saturation import saturation
@@ -24,18 +25,18 @@ from .vanishing import vanishing
 
 def evaluate(stats: StepStats, thresholds: Thresholds, history: Sequence[float] = (),
              dead_window: int = 1, zero_init: Iterable[str] = (), *,
-             weighted: Optional[List[Weighted]] = None) -> List[Finding]:
+             weighted: Optional[List[Weighted]] = None, scaler: bool = False) -> List[Finding]:
     """The conditions that hold at one measured step. ``history``: global gradient norms of
     earlier measured steps; ``dead_window``: measured batches a dead-unit verdict must cover;
     ``zero_init``: layers that started at zero (not compared for gradient flow); ``weighted``:
-    ``weighted_layers(stats)``, when the caller has it already."""
+    ``weighted_layers(stats)``, when the caller has it already; ``scaler``: a loss scaler was given."""
     t = traits(stats)
     weighted = weighted_layers(stats) if weighted is None else weighted
     root = non_finite(stats)
     if root and root[0].condition != "backward":  # everything below is only its consequence
         return root
     sat = saturation(stats, thresholds, t)
-    findings = sat + dead_units(stats, thresholds, dead_window)
+    findings = sat + dead_units(stats, thresholds, dead_window) + fp16_overflow(stats, thresholds, scaler)
     if root:  # gradients alone are non-finite: the forward's findings stand, the gradients' do not
         return root + findings
     flow = (vanishing(stats, thresholds, t, zero_init, weighted=weighted)
