@@ -1117,7 +1117,7 @@ def p_fully_masked_attention() -> Setup:
 
 
 def p_lr_sigmoid_mlp() -> Setup:
-    """Issue 11's example: SGD at lr 10 on a sigmoid MLP; the cause is the learning rate."""
+    """A user's report: SGD at lr 10 on a sigmoid MLP; the cause is the learning rate."""
     model = mlp([32, 128, 128, 128, 10], nn.Sigmoid)
     opt = torch.optim.SGD(model.parameters(), lr=10.0)
     return supervised(model, Batches(*teacher(seed=47), batch=64), opt)

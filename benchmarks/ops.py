@@ -22,7 +22,7 @@ on the CPU with ``stats.HOST_ARRAYS = False``.
 The counts are deterministic for a given torch version and thread count (one thread here: with
 more, a full reduction over a large tensor may split into partial ones that record more events).
 
-Target (issue 21): at most 3 added ops per watched layer plus 40 (the seed MLP, 9 watched
+Target: at most 3 added ops per watched layer plus 40 (the seed MLP, 9 watched
 layers: 67). The formulas the code keeps, which tests/test_benchmarks.py checks, are
 :data:`KERNELS_PER_LAYER` kernels per watched layer output plus :data:`KERNELS_FIXED` on the
 device path, and :data:`CPU_OPS_PER_LAYER` ops (all events) per watched layer output plus

@@ -7,6 +7,8 @@ machine's speed hits them all alike. Reported: the median over rounds of
 
     python benchmarks/overhead.py            # full (a few minutes on 2 CPU cores)
     python benchmarks/overhead.py --quick    # a smoke run
+    python benchmarks/overhead.py --baseline DIR   # also another checkout's gradwatch, in the same run
+                                                   # (git worktree add DIR REF): before/after a change
 
 Targets (CPU, 2 threads): defaults <= 1.03, every-step scalars <= 1.15 (with ``optimizer=`` too,
 which adds the update-to-weight ratios on measured steps), every-step histograms written into a
@@ -22,12 +24,15 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import inspect
 import random
 import statistics
+import sys
 import tempfile
 import time
 import warnings
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
@@ -122,6 +127,31 @@ VARIANTS: Dict[str, Callable[[nn.Module, torch.optim.Optimizer], object]] = {
 }
 
 
+def load_baseline(root: str) -> Any:
+    """The gradwatch package of another checkout at ``root``, imported as ``gradwatch_baseline``
+    (its relative imports stay inside it), so that old and new code take turns in one run."""
+    init = Path(root) / "gradwatch" / "__init__.py"
+    if not init.is_file():
+        raise SystemExit(f"--baseline {root!r}: no gradwatch/__init__.py there; give a checkout of this "
+                         f"project, for example one made with: git worktree add DIR REF")
+    spec = importlib.util.spec_from_file_location("gradwatch_baseline", init, submodule_search_locations=[str(init.parent)])
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gradwatch_baseline"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def with_baseline(root: str) -> Dict[str, Callable[..., Any]]:
+    """VARIANTS, and the defaults and every-step scalars of the baseline at ``root`` beside them."""
+    old = load_baseline(root).GradWatch
+    variants = dict(VARIANTS)
+    variants["defaults (baseline)"] = lambda m, opt: old(m, quiet=True).attach()
+    variants["every-step scalars (baseline)"] = lambda m, opt: old(m, every=1, histogram_every=None,
+                                                                  quiet=True).attach()
+    return variants
+
+
 def _attach(attach: Callable[..., Any], model: nn.Module, opt: torch.optim.Optimizer) -> Any:
     """A variant is built from the model, or from the model and its optimizer (peers such as torchmortem need it)."""
     try:
@@ -175,7 +205,7 @@ def bench(name: str, make: Callable[[], nn.Module], batch: torch.Tensor, target:
             per_step[v].append(times[v] / block)
         for v in ratios:
             ratios[v].append(times[v] / times["unwatched"])
-    intervals = {v: getattr(h, "every", None) for v, (_, _, _, h) in runs.items() if isinstance(h, GradWatch)}
+    intervals = {v: h.every for v, (_, _, _, h) in runs.items() if type(h).__name__ == "GradWatch"}
     for _, _, _, handle in runs.values():
         if handle is not None:
             handle.detach()
@@ -195,7 +225,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="few rounds, for a smoke test")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--baseline", metavar="DIR", help="a checkout whose gradwatch runs beside this one")
     args = parser.parse_args()
+    variants = with_baseline(args.baseline) if args.baseline else None
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
     rounds = 3 if args.quick else 15
@@ -203,10 +235,10 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     bench("Fashion-MNIST MLP 784-512-256-256-128-10, batch 256", fashion_mlp,
           torch.rand(256, 784, generator=g) * 2 - 1, torch.randint(0, 10, (256,), generator=g),
-          rounds, 40)
+          rounds, 40, variants)
     bench("MNIST CNN conv32-conv64-fc1024, batch 64", mnist_cnn,
           torch.rand(64, 1, 28, 28, generator=g), torch.randint(0, 10, (64,), generator=g),
-          rounds, 20 if not args.quick else 10)
+          rounds, 20 if not args.quick else 10, variants)
 
 
 if __name__ == "__main__":

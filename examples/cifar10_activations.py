@@ -49,9 +49,9 @@ Setup (every hyper-parameter):
 Deviations from the tutorial: 14,000 steps (the published figures' point) instead of the
 tutorial's 100k+ (with ``--steps`` under 10,000 the "~0.6-0.8 by 14k steps" part is not
 checked, only the first thousand steps are); no random
-brightness/contrast augmentation (crop and flip only, as the issue asks); no moving
+brightness/contrast augmentation (crop and flip only); no moving
 average of the weights for evaluation; PyTorch's ``LocalResponseNorm(4, alpha=0.001/9)``
-as the issue specifies it, which divides alpha by the window of 4 channels (TF's
+as the study specifies it, which divides alpha by the window of 4 channels (TF's
 ``lrn(depth_radius=4, alpha=0.001/9)`` sums over 9 channels and does not divide; the
 exact equivalent would be ``LocalResponseNorm(9, alpha=0.001)``) -- at these alphas the
 normalisation changes activations by well under 1% either way; PyTorch's max-pool

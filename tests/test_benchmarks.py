@@ -55,3 +55,22 @@ def test_the_cpu_path_adds_at_most_a_sum_per_layer_output(cpu_rows):
     for r in cpu_rows:
         assert r["layers"] > 0 and r["plain"] > 0, r
         assert 0 < r["added"].all <= ops.CPU_OPS_PER_LAYER * r["layers"] + ops.CPU_OPS_FIXED, r
+
+
+def test_overhead_runs_another_checkouts_gradwatch_beside_this_one(tmp_path):
+    from pathlib import Path
+
+    from benchmarks import overhead
+
+    import gradwatch
+
+    root = Path(gradwatch.__file__).resolve().parent.parent
+    variants = overhead.with_baseline(str(root))
+    watch = variants["defaults (baseline)"](torch.nn.Sequential(torch.nn.Linear(2, 2)), None)
+    try:  # the same code, imported a second time under another name: a class of its own
+        assert type(watch).__name__ == "GradWatch" and type(watch) is not gradwatch.GradWatch
+        assert type(watch).__module__.startswith("gradwatch_baseline")
+    finally:
+        watch.detach()
+    with pytest.raises(SystemExit, match="--baseline .*git worktree add"):
+        overhead.load_baseline(str(tmp_path))
