@@ -469,3 +469,17 @@ def test_numpy_declines_tensors_without_memory_of_their_own():
     torch.func.functionalize(f)(torch.ones(3))
     torch.vmap(f)(torch.ones(2, 3))
     assert seen == [None, None, None]
+
+
+def test_sum_squares_matches_numpy_and_the_numpy_path_calls_no_blas():
+    import inspect
+    import re
+
+    rng = np.random.default_rng(0)
+    for n in (0, 1, 8192, 401_408):
+        a = rng.standard_normal(n).astype(np.float32)
+        assert stats.sum_squares(a) == pytest.approx(float((a.astype(np.float64) ** 2).sum()), rel=1e-5, abs=1e-6)
+    # BLAS spreads a long dot product over threads that keep spinning after the call, taking the
+    # cores from PyTorch's own threads: gradwatch's NumPy reductions stay on the calling thread.
+    source = inspect.getsource(stats)
+    assert not re.search(r"np\.(dot|vdot|inner|matmul|tensordot)\(|np\.linalg\.|\w @ \w", source)
