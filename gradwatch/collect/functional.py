@@ -34,7 +34,7 @@ from ..layers import ActivationKind, ActivationSpec, Layer, activation_spec, cal
 from .buffers import Reduction, StepBuffers, in_backward, site_name
 from .guard import Guard
 from .hooks import forward_hook, forward_pre_hook
-from .traced import compiling
+from .traced import compiling, inside_compiled_call
 
 _RECT = ActivationSpec(ActivationKind.RECTIFIER)
 _SMOOTH = ActivationSpec(ActivationKind.SMOOTH)
@@ -145,7 +145,7 @@ class FunctionalTaps:
 
     def enter(self) -> None:
         """The model's forward begins on a measured step (called from the root's pre-hook)."""
-        if self._tap is not None or not self._armed or self.current() is None:
+        if self._tap is not None or not self._armed or self.current() is None or inside_compiled_call():
             return
         if not self._wanted():
             self._unhook()

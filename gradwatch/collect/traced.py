@@ -26,6 +26,7 @@ activation histograms; parameter gradients are read as in eager mode, at the end
 from __future__ import annotations
 
 import itertools
+import sys
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
@@ -36,6 +37,20 @@ from ..layers import ActivationKind, Layer
 from .buffers import follows_layout
 
 compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
+
+
+def inside_compiled_call() -> bool:
+    """Whether a callable that torch.compile made (a compiled model, ``model.compile()``, a compiled
+    training step) is running below this call. Its layers run in a graph: they measure through
+    :class:`TracedTaps`, and a function tap or module hooks placed for one forward would only change
+    the graph's guards (a recompile). Walks the stack (a few dozen frames) for Dynamo's wrapper."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "compile_wrapper" and code.co_filename.endswith("eval_frame.py"):
+            return True
+        frame = frame.f_back
+    return False
 
 _HALF = (torch.float16, torch.bfloat16)
 
