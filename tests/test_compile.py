@@ -353,3 +353,31 @@ def test_graph_summary_traces_without_breaks_and_gives_the_eager_numbers():
     torch._dynamo.reset()
     compiled = torch.compile(graph_summary, backend="eager", fullgraph=True)  # fullgraph: a break raises
     assert compiled(x, None, 6.0, 0.01).tolist() == pytest.approx(graph_summary(x, None, 6.0, 0.01).tolist())
+
+
+@pytest.mark.slow
+def test_an_eval_pass_before_the_first_measured_step_compiles_nothing_when_it_comes_again():
+    """The eval graph is traced before any step is measured; measuring every step afterwards must
+    leave it valid (no function tap or module-stack hooks placed for a compiled model's forwards)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    model, (x, y) = models.small_mlp(), models.batch()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    run = torch.compile(model, backend="eager")
+    counters.clear()
+    with GradWatch(model, optimizer=opt, steps="optimizer", every=1, quiet=True, strict=True) as watch:
+        for it in range(4):
+            if it % 2 == 0:
+                model.eval()
+                with torch.no_grad():
+                    run(x)
+                model.train()
+            nn.functional.cross_entropy(run(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+            if it == 1:
+                after_each_mode = _compile_counts()
+        rep = watch.report()
+    assert _compile_counts() == after_each_mode  # the second eval pass reuses the first one's graph
+    assert rep.layers and all(ls.count > 0 for ls in rep.layers.values())
