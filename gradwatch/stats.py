@@ -679,7 +679,7 @@ def _grad_rows_cpu(grads: List[Tensor], weights: List[Tensor]) -> Tensor:
 
 def _host_grad_row(a: np.ndarray, b: np.ndarray) -> Tuple[float, float, float]:
     """Gradient L2 norm, gradient max |g| and weight L2 norm of a gradient and a weight NumPy reads.
-    The norms are BLAS dot products; max |g| is one pass that allocates up to 16,384 elements,
+    The norms are :func:`sum_squares`; max |g| is one pass that allocates up to 16,384 elements,
     two that do not above (the faster of the two at each size). Where the float32 sum of squares
     overflows, the norm is computed again in float64 on the tensor scaled by its max |g|."""
     flat = host_flat(a)
