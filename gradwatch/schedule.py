@@ -23,10 +23,9 @@ DENSE_STEPS = 10
 DEFAULT_BUDGET = 0.005
 """Share of the step time measured steps may cost when ``every`` is not given. The steps in
 between cost gradwatch's light per-step work too (the finiteness check, one call per layer):
-0.2-0.4 ms on a 2-core CPU, 3-5 % of the seed MLP's 7-8 ms step (``benchmarks/breakdown.py
---between``), which leaves the measured steps little of the 3 % the defaults aim at there (at
-1 % the seed MLP settled on every 40 steps and cost 1.04-1.07x; at 0.5 %, every 80-100 and
-1.02-1.05x over the runs in docs/performance.md)."""
+about 0.2 ms on a 2-core CPU, 4 % of the seed MLP's 5 ms step (``benchmarks/breakdown.py
+--between``), which leaves the measured steps little of the 3 % the defaults aim at there: at
+0.5 % the seed MLP settles on every 100 steps (docs/performance.md)."""
 DEFAULT_HISTOGRAM_EVERY = 200
 """Histogram interval in steps."""
 CEILING = 100
