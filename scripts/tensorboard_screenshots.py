@@ -3,7 +3,7 @@
     python scripts/tensorboard_screenshots.py [--out docs/img]
 
 Runs the demo into a temporary folder, starts the real TensorBoard server on a loopback port,
-and photographs its scalars, custom-scalars and histograms pages. Needs Debian's `chromium`
+and photographs its scalars, custom-scalars, histograms and images pages. Needs Debian's `chromium`
 (apt-get install chromium); the server is always stopped at the end.
 """
 
@@ -23,6 +23,7 @@ PAGES = {
     "tensorboard_scalars.png": "#scalars&tagFilter=dead_fraction%7Cglobal_norm",
     "tensorboard_custom_scalars.png": "#custom_scalars",
     "tensorboard_histograms.png": "#histograms&tagFilter=activation%2F%5B13%5D%24",
+    "tensorboard_images.png": "#images",
 }
 
 
