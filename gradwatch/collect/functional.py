@@ -145,10 +145,12 @@ class FunctionalTaps:
 
     def enter(self) -> None:
         """The model's forward begins on a measured step (called from the root's pre-hook)."""
-        if self._tap is not None or not self._armed or self.current() is None or inside_compiled_call():
+        if self._tap is not None or not self._armed or self.current() is None:
             return
         if not self._wanted():
             self._unhook()
+            return
+        if inside_compiled_call():  # its layers run in a graph (see traced.inside_compiled_call)
             return
         if not self.handles:  # kept while steps are measured
             for module in self.names:  # track which module's forward is running
