@@ -43,7 +43,7 @@ from ..layers import Layer
 from ..report import LayerStats
 from .buffers import StepBuffers, in_backward
 from .guard import Guard
-from .hooks import forward_pre_hook
+from .hooks import eager, forward_pre_hook
 
 BATCH_SAMPLE = 4
 """The most sequences of a batch whose attention is recomputed, per call."""
@@ -80,8 +80,6 @@ class AttentionTaps:
         self.handles.clear()
 
     def _hook(self, layer: Layer) -> Callable[..., None]:
-        from .taps import eager
-
         name = layer.name
 
         def pre_hook(module: nn.Module, args: Any, kwargs: Dict[str, Any]) -> None:  # None: inputs unchanged
