@@ -123,6 +123,41 @@ class Thresholds:
         return self.saturation_slope / 4
 
 
+def unwrap_optimizer(obj: Any) -> torch.optim.Optimizer:
+    """The ``torch.optim.Optimizer`` behind what a user holds, whose step hooks gradwatch registers.
+
+    Training frameworks hand out wrappers that pass ``step()`` on: accelerate's
+    ``AcceleratedOptimizer`` (also the Hugging Face Trainer's ``trainer.optimizer``; ``.optimizer``),
+    which steps the wrapped optimizer only once gradients are synchronised after accumulation, and
+    Lightning's ``LightningOptimizer`` (``._optimizer``). Both are ``Optimizer`` instances without the
+    hook tables of one. The wrapped optimizer is taken, however deep; anything that is neither an
+    optimizer nor such a wrapper is a ``TypeError`` quoting it (an LR scheduler, a model, a list).
+    """
+    seen = set()
+    opt = obj
+    while id(opt) not in seen:
+        seen.add(id(opt))
+        if isinstance(opt, torch.optim.Optimizer) and "_optimizer_step_pre_hooks" in vars(opt):
+            return opt
+        looks_like_one = isinstance(opt, torch.optim.Optimizer) or (
+            callable(getattr(opt, "step", None)) and hasattr(opt, "param_groups"))
+        inner = next((i for i in (getattr(opt, "_optimizer", None), getattr(opt, "optimizer", None))
+                      if i is not None and i is not opt), None) if looks_like_one else None
+        if inner is None:
+            break
+        opt = inner
+    try:
+        shown = repr(obj)
+    except Exception:  # noqa: BLE001 -- a half-built optimizer's repr fails too
+        shown = object.__repr__(obj)
+    what = f"{type(obj).__name__} ({shown[:60]})".replace("\n", " ")
+    if isinstance(opt, torch.optim.Optimizer):
+        raise TypeError(f"optimizer: {what} is a torch.optim.Optimizer that never ran Optimizer.__init__ (it has "
+                        f"no step hooks) and wraps no optimizer as .optimizer: pass the optimizer it steps")
+    raise TypeError(f"optimizer must be a torch.optim.Optimizer or a wrapper of one (accelerate's "
+                    f"AcceleratedOptimizer, Lightning's LightningOptimizer), got {what}")
+
+
 @dataclass(frozen=True)
 class Options:
     """Every option of a :class:`~gradwatch.GradWatch`, validated once (see its docstring)."""
@@ -156,8 +191,6 @@ class Options:
               scaler: Any = None) -> "Options":
         mode = step_mode(steps)
         if optimizer is not None:
-            from .collect.updates import unwrap_optimizer  # (collect imports this module)
-
             optimizer = unwrap_optimizer(optimizer)
         if mode is StepMode.OPTIMIZER and optimizer is None:
             raise ValueError('steps="optimizer" needs the optimizer: GradWatch(model, optimizer=opt, '
