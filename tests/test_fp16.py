@@ -123,18 +123,21 @@ def outlier_model(value: float) -> nn.Sequential:
     return model
 
 
-def train(model: nn.Module, mode: str, steps: int = 2, **watch_kwargs):
+def train(model: nn.Module, mode: str, steps: int = 2, compiled: bool = False, **watch_kwargs):
     x, y = torch.randn(64, 32, generator=torch.Generator().manual_seed(1)), torch.arange(64) % 4
     if mode == "half":
         model, x = model.half(), x.half()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    if compiled:
+        torch._dynamo.reset()
+    run = torch.compile(model, backend="eager") if compiled else model
     autocast = {"autocast": torch.float16, "bf16": torch.bfloat16}.get(mode)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with GradWatch(model, every=1, quiet=True, strict=True, **watch_kwargs) as watch:
             for _ in range(steps):
                 with torch.autocast("cpu", dtype=autocast or torch.float16, enabled=autocast is not None):
-                    out = model(x)
+                    out = run(x)
                 loss = F.cross_entropy(out.float(), y)
                 opt.zero_grad()
                 loss.backward()
@@ -154,6 +157,21 @@ def test_a_planted_outlier_feature_is_named_at_its_layer_and_step(mode, host, mo
     assert layers["2"].fp16_peak == 9000.0
     assert layers["1"].fp16_peak is not None and 0 < layers["1"].fp16_peak < 10  # ReLU of a float16 input
     watch, found, _ = train(outlier_model(8000.0), mode)  # below 8188: silent
+    assert found == [] and watch.report().layers["2"].fp16_peak == 8000.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["half", "autocast"])
+def test_a_compiled_model_names_the_outlier_feature_from_its_graph(mode):
+    """Inside a compiled graph a float16 output's peak is one more value of its graph summary."""
+    watch, found, _ = train(outlier_model(9000.0), mode, compiled=True)
+    assert [(f.layer, f.step, f.value) for f in found] == [("2", 0, 9000.0)]
+    layers = watch.report().layers
+    assert layers["2"].fp16_peak == 9000.0 and layers["2"].count > 0
+    eager, _, _ = train(outlier_model(9000.0), mode)
+    assert layers["1"].fp16_peak is not None  # every element in the graph, a sample in eager mode:
+    assert layers["1"].fp16_peak >= eager.report().layers["1"].fp16_peak  # the graph's peak is the larger
+    watch, found, _ = train(outlier_model(8000.0), mode, compiled=True)
     assert found == [] and watch.report().layers["2"].fp16_peak == 8000.0
 
 
@@ -202,3 +220,12 @@ def test_autocast_output_gradients_are_judged_only_when_known_unscaled():
     assert norm > BOUND and found == [("1", "backward")]  # the optimizer applied what backward gave: unscaled
     assert run(optimizer=False, scaler=False)[1] == []  # no optimizer=: a GradScaler may have multiplied it
     assert run(optimizer=True, scaler=True)[1] == []  # a scaler given: activations only
+
+
+def test_a_graph_summary_ends_with_the_largest_magnitude_when_asked():
+    from gradwatch.collect.traced import graph_summary
+
+    x = torch.tensor([-3.0, 1.0, 2.0], dtype=torch.float16)
+    assert graph_summary(x, peak=True).tolist()[-1] == 3.0 and len(graph_summary(x)) == 3
+    assert len(graph_summary(x, 0.0, 1.0, peak=True)) == 5  # after the saturated count
+    assert len(graph_summary(torch.empty(0, dtype=torch.float16), peak=True)) == 4

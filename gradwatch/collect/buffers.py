@@ -316,10 +316,12 @@ class SiteBuffer:
         return tensors
 
     def add_summary(self, numel: int, sampled: int, summary: Tensor, alive: Optional[Tensor],
-                    spec: Optional[ActivationSpec] = None, how: Optional[Reduction] = None) -> None:
-        """One call reduced elsewhere (inside a compiled graph, see ``traced``)."""
+                    spec: Optional[ActivationSpec] = None, how: Optional[Reduction] = None,
+                    half: bool = False) -> None:
+        """One call reduced elsewhere (inside a compiled graph, see ``traced``); ``half``: a float16
+        output, whose ``summary`` ends with its peak."""
         self.calls += 1
-        self.parts.append(ActivationPart(numel, sampled, summary=summary))
+        self.parts.append(ActivationPart(numel, sampled, summary=summary, half=half))
         if alive is not None:
             self.add_alive(alive, spec, how)
 

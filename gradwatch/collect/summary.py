@@ -164,7 +164,8 @@ def _moments(g: _Gathered, name: str, site: SiteBuffer) -> List[dict]:
     out = []
     for part in site.parts:
         if part.summary is not None:
-            out.append(stats.activation_moments(next(summaries), part.numel, part.sampled))
+            values = next(summaries)
+            out.append(stats.activation_moments(values[:-1] if part.half else values, part.numel, part.sampled))
         elif part.total is not None:
             total = sum(next(totals)) if isinstance(part.total, Tensor) else part.total
             row = g.row(part.row)
@@ -184,6 +185,20 @@ def _dead(g: _Gathered, name: str, site: SiteBuffer, units: UnitHistory) -> Opti
     return None if alive is None else units.update(name, alive)
 
 
+def _peaks(g: _Gathered, name: str, site: SiteBuffer) -> List[float]:
+    """The largest |value| of each float16 part of a site: its sample row's peak column, or the
+    last value of a compiled graph's summary (``traced.graph_summary``)."""
+    summaries, peaks = iter(g.get("act", name)), []
+    for part in site.parts:
+        values = next(summaries) if part.summary is not None else None
+        if not part.half:
+            continue
+        peak = values[-1] if values is not None else g.peak(part.row)
+        if peak is not None:
+            peaks.append(peak)
+    return peaks
+
+
 def totals(buf: StepBuffers, units: UnitHistory, kinds: Dict[str, ActivationKind]) -> StepTotals:
     """The step's additive totals per site, from one host transfer. ``kinds``: the activation
     kind of each site's module (slope saturation is for generic ones)."""
@@ -193,7 +208,7 @@ def totals(buf: StepBuffers, units: UnitHistory, kinds: Dict[str, ActivationKind
         sites[name] = _site_totals(site.calls, [(p.numel, p.sampled) for p in site.parts], _moments(g, name, site),
                                    g.get("slope", name) if kinds.get(name) is ActivationKind.GENERIC else [],
                                    g.get("grad", name))
-        peaks = [p for p in (g.peak(part.row) for part in site.parts if part.half) if p is not None]
+        peaks = _peaks(g, name, site)
         if peaks:
             sites[name].fp16_peak = max(peaks)
         folded = _dead(g, name, site, units)

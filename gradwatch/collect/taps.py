@@ -146,7 +146,8 @@ class LayerTaps:
             if r.layer.name not in self.guard.broken:
                 self.seen += 1
                 site = self._site(r.layer, buf)
-                buf.site(site).add_summary(r.numel, r.numel, r.summary, r.alive, r.layer.spec, self.how)  # every element is the sample
+                # every element is the sample
+                buf.site(site).add_summary(r.numel, r.numel, r.summary, r.alive, r.layer.spec, self.how, half=r.half)
 
     # ------------------------------------------------------------------ hooks
     def _pre_hook(self, layer: Layer) -> Callable[..., None]:

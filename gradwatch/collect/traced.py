@@ -56,10 +56,11 @@ _HALF = (torch.float16, torch.bfloat16)
 
 
 def graph_summary(y: Tensor, lower: Optional[float] = None, upper: Optional[float] = None,
-                  margin: float = 0.01) -> Tensor:
+                  margin: float = 0.01, peak: bool = False) -> Tensor:
     """:func:`gradwatch.stats.activation_summary` of ``y`` with every element as the sample,
     ``[sum, sample_dev_norm, sample_nonzero(, sample_saturated)]`` (float32 at least), read with
-    ``stats.activation_moments(values, n, n)``.
+    ``stats.activation_moments(values, n, n)``; ``peak``: one more value last, the largest |value|
+    (what ``fp16_overflow`` judges of a float16 output, as ``stats.PEAK_FIELD`` of a sample row).
 
     For a compiled graph: the mean and spread come from one ``var_mean`` (Welford's update,
     exact also when the mean is large), and with the counts the compiler fuses them into one
@@ -76,7 +77,7 @@ def graph_summary(y: Tensor, lower: Optional[float] = None, upper: Optional[floa
     if x.dtype in _HALF:
         x = x.float()
     if n == 0:
-        return torch.zeros(3 + (lower is not None or upper is not None), dtype=x.dtype, device=x.device)
+        return torch.zeros(3 + (lower is not None or upper is not None) + peak, dtype=x.dtype, device=x.device)
     var, mean = torch.var_mean(x, correction=0)
     parts = [mean * n, (var * n).sqrt(), torch.count_nonzero(x).to(mean.dtype)]
     if lower is not None and upper is not None:  # as stats.activation_summary's _near_bounds
@@ -86,6 +87,8 @@ def graph_summary(y: Tensor, lower: Optional[float] = None, upper: Optional[floa
         parts.append((x > upper - margin).sum(dtype=mean.dtype))
     elif lower is not None:
         parts.append((x < lower + margin).sum(dtype=mean.dtype))
+    if peak:
+        parts.append(x.abs().amax())
     return torch.stack(parts)
 
 
@@ -118,6 +121,7 @@ class TracedRecord(NamedTuple):
     numel: int
     summary: Tensor
     alive: Optional[Tensor]
+    half: bool  # a float16 output: ``summary`` ends with its peak (see graph_summary)
 
 
 class LIVE:
@@ -178,8 +182,9 @@ class TracedTaps:
                     alive = stats.unit_max(source, units_first)
                 alive = self.maxima.pop(plan.layer.name, alive)
         # A plain tuple: a NamedTuple built inside the graph costs the compiler a traced call per layer.
-        self.records.append((plan.layer, output.numel(), graph_summary(output, plan.lower, plan.upper, plan.margin),
-                             alive))
+        half = output.dtype == torch.float16
+        self.records.append((plan.layer, output.numel(),
+                             graph_summary(output, plan.lower, plan.upper, plan.margin, peak=half), alive, half))
 
     def take(self) -> List[TracedRecord]:
         """The records of the forward that just ended; the next forward starts afresh."""
