@@ -7,7 +7,7 @@ from typing import Callable, Optional
 
 from .collect import Collector, ranks
 from .report import StepData
-from .schedule import Schedule
+from .schedule import Schedule, is_adapt_step
 
 
 class StepClock:
@@ -26,7 +26,7 @@ class StepClock:
 
     def advance(self, emit: Callable[[StepData], None]) -> None:
         finished, measured = self.step, self.collector.measuring
-        data = self.close()
+        data = self.close() if measured else None
         self._open()
         try:
             if data is not None:
@@ -53,15 +53,15 @@ class StepClock:
         step = self.step = 0 if self.step is None else self.step + 1
         self.collector.opened(step)
         self.seen += 1
-        self._adapt(step)
+        if self.schedule.budget is not None and is_adapt_step(step):
+            self._adapt(step)
         if self.schedule.measures(step):
             self.collector.begin(histograms=self.schedule.histograms(step))
         else:
             self.collector.pause()
 
     def _adapt(self, step: int) -> None:
-        if self.schedule.budget is None:
-            return
+        """At a step where the budget may change the interval (``schedule.is_adapt_step``)."""
         own = self.collector.spent / max(len(self.schedule.measured_times), 1)
         proposal = self.schedule.adapt(step, own)
         # Every rank must measure the same steps: all reach this step together and take the widest.

@@ -89,6 +89,7 @@ class Collector:
         self.sentinel = Sentinel()
         self.checking = False  # the per-step finiteness check (one process only, see attach)
         self.step: Optional[int] = None  # the running step (set by the clock)
+        self._step_hooks = False  # a measured step placed hooks that the next unmeasured one removes
 
     def _current(self) -> Optional[StepBuffers]:
         return self._buf if self.enabled and not self._ignoring else None
@@ -170,6 +171,7 @@ class Collector:
         placed (kept from the previous step when that one was measured too, as with ``every=1``)."""
         self._buf = self._new_buffers(histograms)
         self.taps.traced.on = True
+        self._step_hooks = True
         self.gradients.register()
         if self.gradients.generation != self._placed_for:
             self._place_param_hooks()
@@ -183,10 +185,12 @@ class Collector:
 
     def pause(self) -> None:
         """An unmeasured step begins: the step's hooks go; the layers' hooks only keep outputs."""
-        self._remove_step_hooks()
+        if self._step_hooks:  # (nothing to remove between two unmeasured steps: the usual case)
+            self._remove_step_hooks()
         self.taps.traced.on = False
 
     def _remove_step_hooks(self) -> None:
+        self._step_hooks = False
         self.gradients.remove()
         self.noise.remove()
         self.attention.remove()
@@ -322,6 +326,7 @@ class Collector:
             # This step becomes a measured one now: its layers' outputs (kept until here) in
             # forward order, and its gradients at the end of its backward.
             self._buf = self._new_buffers(False)
+            self._step_hooks = True
             self.gradients.register()
             self.taps.replay(self._buf, kept)
 
@@ -333,6 +338,7 @@ class Collector:
     def _check_grad_now(self, param: torch.Tensor) -> None:
         if self.sentinel.check(param.grad, self.step, "a gradient near the input") is False:
             self._buf = self._new_buffers(False)  # read every gradient at the end of this backward
+            self._step_hooks = True
             self.gradients.register()
             self.gradients.accumulated(param)
 
@@ -357,14 +363,14 @@ def _not_a_step(module: nn.Module, args: Any, include_eval: bool) -> Optional[st
     activation checkpointing of the whole model) is one."""
     if transformed():
         return "transform"
-    tensors = [a for a in args if isinstance(a, Tensor)]
-    if tensors and tensors[0].is_meta:
+    first = next((a for a in args if isinstance(a, Tensor)), None)
+    if first is not None and first.is_meta:
         return "meta"
     if include_eval:
         return None
     if not module.training:
         return "eval"
-    if not torch.is_grad_enabled() and not any(t.requires_grad for t in tensors):
+    if not torch.is_grad_enabled() and not any(isinstance(a, Tensor) and a.requires_grad for a in args):
         return "no_grad"
     return None
 

@@ -123,8 +123,7 @@ class LayerTaps:
     def take(self) -> List[Tuple[Layer, Any]]:
         """The outputs kept during the forward that just ended (and stop keeping)."""
         self.keeping = False
-        kept = list(self.kept)
-        self.kept.clear()
+        kept, self.kept = self.kept, []
         return kept
 
     def replay(self, buf: StepBuffers, kept: List[Tuple[Layer, Any]]) -> None:
@@ -135,10 +134,12 @@ class LayerTaps:
 
     def new_forward(self) -> None:
         """The model's forward begins: call sites are counted from 1 again."""
-        self._calls.clear()
-        self._probes.clear()
-        self._before.clear()
-        self.traced.take()
+        if self._calls or self._probes or self._before:  # (empty after an unmeasured forward)
+            self._calls.clear()
+            self._probes.clear()
+            self._before.clear()
+        if self.traced.records:
+            self.traced.take()
 
     def replay_traced(self, buf: StepBuffers, records: List[TracedRecord]) -> None:
         """The reductions a compiled forward computed in its graph, recorded as eager calls are."""
