@@ -1,6 +1,6 @@
 """Where a measured step's time goes: gradwatch's parts timed inside one training process.
 
-    python benchmarks/breakdown.py [--steps 300] [--histograms]
+    python benchmarks/breakdown.py [--steps 300] [--histograms] [--model cnn]
     python benchmarks/breakdown.py --cold [--steps 300]
     python benchmarks/breakdown.py --between [--rounds 300] [--baseline DIR]
     python benchmarks/breakdown.py --fresh [--rounds 10]
@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from gradwatch import GradWatch, stats
 from gradwatch.collect import buffers, summary
-from overhead import bench, fashion_mlp, load_baseline  # noqa: E402  (run from the repository root or benchmarks/)
+from overhead import bench, fashion_mlp, load_baseline, mnist_cnn  # noqa: E402  (run from the repository root or benchmarks/)
 
 spent: Dict[str, float] = collections.Counter()
 labels = ["output gradients"]  # the order they print in
@@ -198,6 +198,8 @@ def main() -> None:
     p.add_argument("--fresh", action="store_true", help="the first 100 steps of a fresh watch (see above)")
     p.add_argument("--baseline", metavar="DIR", help="with --between: another checkout's gradwatch beside this one "
                                                      "(git worktree add DIR REF)")
+    p.add_argument("--model", choices=("mlp", "cnn"), default="mlp",
+                   help="the seed model of a measured step's breakdown: the MLP (batch 256) or the CNN (batch 64)")
     p.add_argument("--cpu-time", action="store_true", help="time with the process's CPU time (see above)")
     args = p.parse_args()
     global clock
@@ -218,6 +220,9 @@ def main() -> None:
     if args.fresh:
         fresh_watches(args.rounds or 10, x, y)
         return
+    if args.model == "cnn":
+        base = mnist_cnn()
+        x, y = torch.rand(64, 1, 28, 28, generator=g), torch.randint(0, 10, (64,), generator=g)
     plain, watched = copy.deepcopy(base), copy.deepcopy(base)
     kwargs: Dict[str, Any] = {"histogram_every": 1, "log_dir": tempfile.mkdtemp(prefix="gw-breakdown-")} \
         if args.histograms else {"histogram_every": None}
@@ -272,7 +277,7 @@ def main() -> None:
     phases.update(forward=0.0, backward=0.0, optimizer=0.0)
     run(watched, opts[1], args.steps, True)
     watch.detach()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; seed MLP, every step"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; seed {args.model.upper()}, every step"
           + (" with histograms into a log_dir" if args.histograms else "") + f", {args.steps} steps")
     print(f"{'phase':52s} {'plain':>9s} {'watched':>9s}  (us per step)")
     for k in phases:

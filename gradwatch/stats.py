@@ -107,9 +107,28 @@ def sum_squares(flat: np.ndarray) -> float:
     return float(np.einsum("i,i->", flat, flat))
 
 
-def host_norm(a: np.ndarray) -> float:
+DOT_ELEMENTS = 1 << 17
+"""From this many elements, a dense CPU tensor's sum of squares is PyTorch's ``dot`` (BLAS, on
+PyTorch's own threads: 9 µs against NumPy's 20 µs at 131,072 float32 on the project's 2-core
+machine, 136 against 409 µs at 3.2 million) and its extremes ``aminmax`` (one pass); below it,
+NumPy's single-threaded calls cost less than PyTorch's dispatch."""
+
+
+def _dense(t: Optional[Tensor], size: int) -> Optional[Tensor]:
+    """``t``'s elements as a 1-dimensional PyTorch view when it is large (:data:`DOT_ELEMENTS`) and
+    contiguous, else None (NumPy reduces it)."""
+    if t is None or size < DOT_ELEMENTS or not t.is_contiguous():
+        return None
+    return t.detach().view(-1)
+
+
+def host_norm(a: np.ndarray, t: Optional[Tensor] = None) -> float:
     """L2 norm of every element of ``a`` (:func:`sum_squares`, accumulated in ``a``'s dtype as
-    :func:`l2_norm` accumulates; NaN/Inf anywhere makes it non-finite)."""
+    :func:`l2_norm` accumulates; NaN/Inf anywhere makes it non-finite). ``t``: the tensor whose
+    memory ``a`` reads, if the caller has it: a large one goes to PyTorch's ``dot`` instead."""
+    flat = _dense(t, a.size)
+    if flat is not None:
+        return math.sqrt(torch.dot(flat, flat).item())
     flat = host_flat(a)
     with np.errstate(all="ignore"):
         return math.sqrt(sum_squares(flat))
@@ -151,7 +170,7 @@ def l2_norm_now(t: Tensor) -> Union[float, Tensor]:
     """:func:`l2_norm`, read at once where NumPy reads ``t`` (:func:`host_norm`: no PyTorch op, and a
     number, which :func:`to_host` takes as it is); elsewhere the tensor :func:`l2_norm` gives."""
     a = host_array(t)
-    return l2_norm(t) if a is None else host_norm(a)
+    return l2_norm(t) if a is None else host_norm(a, t)
 
 
 def full_sum(t: Tensor) -> Tensor:
@@ -671,30 +690,38 @@ def _grad_rows_cpu(grads: List[Tensor], weights: List[Tensor]) -> Tensor:
         if a is None or b is None:
             others.append(i)
         else:
-            rows[:, i] = _host_grad_row(a, b)
+            rows[:, i] = _host_grad_row(a, b, g, w)
     if others:
         rows[:, others] = _torch_grad_rows([grads[i] for i in others], [weights[i] for i in others])
     return torch.from_numpy(rows)
 
 
-def _host_grad_row(a: np.ndarray, b: np.ndarray) -> Tuple[float, float, float]:
-    """Gradient L2 norm, gradient max |g| and weight L2 norm of a gradient and a weight NumPy reads.
+def _host_grad_row(a: np.ndarray, b: np.ndarray, g: Optional[Tensor] = None,
+                   w: Optional[Tensor] = None) -> Tuple[float, float, float]:
+    """Gradient L2 norm, gradient max |g| and weight L2 norm of a gradient and a weight NumPy reads
+    (``g`` and ``w``: the tensors themselves, whose large ones PyTorch reduces, see :data:`DOT_ELEMENTS`).
     The norms are :func:`sum_squares`; max |g| is one pass that allocates up to 16,384 elements,
     two that do not above (the faster of the two at each size). Where the float32 sum of squares
     overflows, the norm is computed again in float64 on the tensor scaled by its max |g|."""
+    dense = _dense(g, a.size)
     flat = host_flat(a)
     with np.errstate(all="ignore"):  # NaN/Inf and overflows give no RuntimeWarning (see sample_row_host)
-        norm = math.sqrt(sum_squares(flat))
-        if not flat.size:
-            top = 0.0
-        elif flat.size <= 1 << 14:
-            top = float(np.abs(flat).max())
+        if dense is not None:  # large: PyTorch's dot and one pass for both extremes
+            norm = math.sqrt(torch.dot(dense, dense).item())
+            low, high = (v.item() for v in torch.aminmax(dense))
+            top = max(high, -low) if not (math.isnan(low) or math.isnan(high)) else math.nan
         else:
-            top = max(float(flat.max()), -float(flat.min()))  # NaN when either is (both are)
+            norm = math.sqrt(sum_squares(flat))
+            if not flat.size:
+                top = 0.0
+            elif flat.size <= 1 << 14:
+                top = float(np.abs(flat).max())
+            else:
+                top = max(float(flat.max()), -float(flat.min()))  # NaN when either is (both are)
         if math.isinf(norm) and math.isfinite(top) and top > 0:
             scaled = flat.astype(np.float64) / top
             norm = top * math.sqrt(sum_squares(scaled))
-    return norm, top, host_norm(b)
+    return norm, top, host_norm(b, w)
 
 
 def _torch_grad_rows(grads: List[Tensor], weights: List[Tensor]) -> List[List[float]]:

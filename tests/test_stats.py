@@ -411,7 +411,8 @@ def test_grad_summaries_match_numpy_on_every_layout(layout):
                                       rel=1e-6)
 
 
-@pytest.mark.parametrize("n", [8, 1 << 16])  # max |g| in one pass (small), two passes (large)
+# max |g| in one pass (small), two passes (large), PyTorch's dot and aminmax (from stats.DOT_ELEMENTS)
+@pytest.mark.parametrize("n", [8, 1 << 16, stats.DOT_ELEMENTS + 3])
 def test_grad_summaries_of_overflowing_and_nonfinite_gradients(n):
     big = torch.full((n,), 1e19)
     big[3] = -3e19  # the largest magnitude is negative
@@ -483,3 +484,19 @@ def test_sum_squares_matches_numpy_and_the_numpy_path_calls_no_blas():
     # cores from PyTorch's own threads: gradwatch's NumPy reductions stay on the calling thread.
     source = inspect.getsource(stats)
     assert not re.search(r"np\.(dot|vdot|inner|matmul|tensordot)\(|np\.linalg\.|\w @ \w", source)
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_large_cpu_tensors_reduced_by_pytorch_match_numpy(dense):
+    """From stats.DOT_ELEMENTS, dense tensors' norms and extremes come from PyTorch's dot and aminmax;
+    strided ones stay in NumPy: the same numbers either way."""
+    g = torch.Generator().manual_seed(21)
+    n = stats.DOT_ELEMENTS
+    grad = 3 * torch.randn(n // 64, 128 if not dense else 64, generator=g)
+    grad = grad if dense else grad[:, ::2]
+    weight = torch.randn(grad.shape, generator=g)
+    assert grad.is_contiguous() == dense and grad.numel() == n
+    a, w = grad.double().numpy(), weight.double().numpy()
+    got = stats.grad_summaries([grad], [weight]).numpy()[:, 0]
+    assert got == pytest.approx([np.linalg.norm(a), np.abs(a).max(), np.linalg.norm(w)], rel=1e-5)
+    assert stats.l2_norm_now(grad) == pytest.approx(np.linalg.norm(a), rel=1e-5)
