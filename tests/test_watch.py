@@ -396,6 +396,27 @@ def test_optimizer_steps_and_clipped_gradients():
     assert rep.to_dict()["params"]["0.weight"]["applied_grad_norm"] < rep.params["0.weight"].grad_norm
 
 
+def test_a_gradient_changed_after_it_was_written_is_read_as_it_is_at_the_end_of_backward():
+    # A hook that changes a gradient after it was accumulated, in the same backward: the numbers are
+    # those of the gradient the optimizer will see, never of the one first written.
+    model = models.small_mlp()
+    x, y = models.batch()
+    weight = model[0].weight
+    with GradWatch(model, every=1, quiet=True, strict=True) as watch:
+        models.train(model, 1)  # gradwatch's gradient hooks are placed, and stay (every step is measured)
+        def halve(p: torch.Tensor) -> None:
+            p.grad.mul_(0.5)
+        weight.register_post_accumulate_grad_hook(halve)  # runs after gradwatch's
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        halved = torch.linalg.vector_norm(weight.grad).item()
+        untouched = torch.linalg.vector_norm(model[2].weight.grad).item()
+        model(x)  # the next step begins: the one before is summarised
+        params = watch.report().params
+    assert params["0.weight"].grad_norm == pytest.approx(halved, rel=1e-6)
+    assert params["2.weight"].grad_norm == pytest.approx(untouched, rel=1e-6)
+
+
 def test_optimizer_steps_need_the_optimizer():
     with pytest.raises(ValueError, match="optimizer=opt"):
         GradWatch(models.small_mlp(), steps="optimizer")
