@@ -23,7 +23,9 @@ own kernels ran in between), the second, on the same data, warm.
 in parts on copies of the MLP, timed in interleaved blocks as ``overhead.py`` times its variants:
 the root module's two hooks doing nothing (step counting's place), plus a forward hook doing
 nothing on every layer (where outputs are kept), plus the per-step finiteness check (a sum read
-of the model's output, and of the first layer's bias gradient from a hook during backward), and
+of the model's output, and of the first layer's bias gradient from a hook during backward), plus
+each layer's hook keeping its output until the forward returns (what lets the check name a
+layer at the step its values turned non-finite), and
 gradwatch itself with no step measured after its first (``every=10**6``). A second unwatched copy
 is the A/A control. Blocks of 10 steps, 300 rounds: a single block's ratio varies by several per
 cent on a shared machine, and the median of hundreds resolves the 2 % target. ``--baseline DIR``
@@ -113,17 +115,23 @@ def cold_calls(steps: int, x: torch.Tensor, y: torch.Tensor) -> None:
 
 class BetweenSteps:
     """The parts of an unmeasured step, without gradwatch: ``layers`` adds a forward hook doing
-    nothing on every leaf module, ``check`` the per-step finiteness check."""
+    nothing on every leaf module, ``keep`` makes those hooks keep each output until the model's
+    forward returns, ``check`` adds the per-step finiteness check."""
 
-    def __init__(self, model: torch.nn.Module, layers: bool, check: bool) -> None:
+    def __init__(self, model: torch.nn.Module, layers: bool, check: bool, keep: bool = False) -> None:
+        kept: list = []
         nothing = torch.compiler.disable(lambda *args: None)  # as gradwatch's root hooks are
         out_check = torch.compiler.disable(
             lambda module, args, out: math.isfinite(out.detach().sum().item()) and None)
+        let_go = torch.compiler.disable(lambda *args: kept.clear())
         self.handles = [model.register_forward_pre_hook(nothing),
                         model.register_forward_hook(out_check if check else nothing, always_call=True)]
+        if keep:
+            self.handles.append(model.register_forward_hook(let_go, always_call=True))
         if layers:
             leaves = [m for m in model.modules() if not list(m.children())]
-            self.handles += [m.register_forward_hook(lambda *args: None) for m in leaves]
+            hook = (lambda module, args, out: kept.append(out)) if keep else (lambda *args: None)
+            self.handles += [m.register_forward_hook(hook) for m in leaves]
         if check:
             first_bias = [p for p in model.parameters() if p.dim() == 1][0]
             self.handles.append(first_bias.register_post_accumulate_grad_hook(
@@ -141,6 +149,7 @@ def between_steps(rounds: int, x: torch.Tensor, y: torch.Tensor, baseline: Optio
         "root hooks doing nothing": lambda m: BetweenSteps(m, layers=False, check=False),
         "+ a hook doing nothing per layer": lambda m: BetweenSteps(m, layers=True, check=False),
         "+ the finiteness check (2 sums read)": lambda m: BetweenSteps(m, layers=True, check=True),
+        "+ each layer keeps its output": lambda m: BetweenSteps(m, layers=True, check=True, keep=True),
         "gradwatch, no step measured": lambda m: GradWatch(m, every=10**6, quiet=True).attach(),
     }
     if baseline is not None:

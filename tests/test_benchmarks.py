@@ -74,3 +74,14 @@ def test_overhead_runs_another_checkouts_gradwatch_beside_this_one(tmp_path):
         watch.detach()
     with pytest.raises(SystemExit, match="--baseline .*git worktree add"):
         overhead.load_baseline(str(tmp_path))
+
+
+def test_reductions_compares_numpy_and_pytorch_at_each_size():
+    from benchmarks import reductions
+
+    rows = reductions.measure([64, 4096], repeat=3)
+    assert [r["elements"] for r in rows] == [64, 4096]
+    for r in rows:
+        assert set(r) == {"elements", "numpy sum of squares (einsum)", "torch.dot", "numpy max and min",
+                          "torch.aminmax"}
+        assert all(v > 0 for k, v in r.items() if k != "elements")
