@@ -5,9 +5,9 @@
 On the CPU, gradwatch reduces float32/float64 tensors in NumPy, through their memory
 (``stats.host_array``), as long as NumPy's single-threaded call costs less than PyTorch's
 dispatch; from ``stats.DOT_ELEMENTS`` elements a dense gradient's or weight's sum of squares
-is ``torch.dot`` and its extremes ``torch.aminmax`` (PyTorch's own threads). This prints both
-ways at several sizes (median µs per call, the tensor warm in the caches), so that the threshold
-can be checked on another machine.
+is ``torch.dot`` (PyTorch's own threads). Extremes stay NumPy's: ``torch.aminmax``, one pass, is
+here for the comparison. This prints both ways at several sizes (median µs per call, the tensor
+warm in the caches), so that the threshold can be checked on another machine.
 """
 
 from __future__ import annotations

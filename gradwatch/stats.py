@@ -109,17 +109,17 @@ def sum_squares(flat: np.ndarray) -> float:
 
 DOT_ELEMENTS = 1 << 17
 """From this many elements, a dense CPU tensor's sum of squares is PyTorch's ``dot`` (BLAS, on
-PyTorch's own threads: 9 µs against NumPy's 20 µs at 131,072 float32 on the project's 2-core
-machine, 136 against 409 µs at 3.2 million) and its extremes ``aminmax`` (one pass); below it,
-NumPy's single-threaded calls cost less than PyTorch's dispatch."""
+PyTorch's own threads: about half of NumPy's single-threaded ``einsum`` from 131,072 float32 up on
+the project's 2-core machine, ``benchmarks/reductions.py``); below it, NumPy's call costs less than
+PyTorch's dispatch. Extremes stay NumPy's (``aminmax`` is slower up to about 400,000 elements)."""
 
 
 def _dense(t: Optional[Tensor], size: int) -> Optional[Tensor]:
     """``t``'s elements as a 1-dimensional PyTorch view when it is large (:data:`DOT_ELEMENTS`) and
-    contiguous, else None (NumPy reduces it)."""
+    contiguous, else None (NumPy reduces it). Detached only where autograd would record the view."""
     if t is None or size < DOT_ELEMENTS or not t.is_contiguous():
         return None
-    return t.detach().view(-1)
+    return _detached(t).view(-1)
 
 
 def host_norm(a: np.ndarray, t: Optional[Tensor] = None) -> float:
@@ -699,25 +699,21 @@ def _grad_rows_cpu(grads: List[Tensor], weights: List[Tensor]) -> Tensor:
 def _host_grad_row(a: np.ndarray, b: np.ndarray, g: Optional[Tensor] = None,
                    w: Optional[Tensor] = None) -> Tuple[float, float, float]:
     """Gradient L2 norm, gradient max |g| and weight L2 norm of a gradient and a weight NumPy reads
-    (``g`` and ``w``: the tensors themselves, whose large ones PyTorch reduces, see :data:`DOT_ELEMENTS`).
+    (``g`` and ``w``: the tensors themselves, whose large ones' sums of squares PyTorch computes, see
+    :data:`DOT_ELEMENTS`).
     The norms are :func:`sum_squares`; max |g| is one pass that allocates up to 16,384 elements,
     two that do not above (the faster of the two at each size). Where the float32 sum of squares
     overflows, the norm is computed again in float64 on the tensor scaled by its max |g|."""
     dense = _dense(g, a.size)
     flat = host_flat(a)
     with np.errstate(all="ignore"):  # NaN/Inf and overflows give no RuntimeWarning (see sample_row_host)
-        if dense is not None:  # large: PyTorch's dot and one pass for both extremes
-            norm = math.sqrt(torch.dot(dense, dense).item())
-            low, high = (v.item() for v in torch.aminmax(dense))
-            top = max(high, -low) if not (math.isnan(low) or math.isnan(high)) else math.nan
+        norm = math.sqrt(torch.dot(dense, dense).item() if dense is not None else sum_squares(flat))
+        if not flat.size:
+            top = 0.0
+        elif flat.size <= 1 << 14:
+            top = float(np.abs(flat).max())
         else:
-            norm = math.sqrt(sum_squares(flat))
-            if not flat.size:
-                top = 0.0
-            elif flat.size <= 1 << 14:
-                top = float(np.abs(flat).max())
-            else:
-                top = max(float(flat.max()), -float(flat.min()))  # NaN when either is (both are)
+            top = max(float(flat.max()), -float(flat.min()))  # NaN when either is (both are)
         if math.isinf(norm) and math.isfinite(top) and top > 0:
             scaled = flat.astype(np.float64) / top
             norm = top * math.sqrt(sum_squares(scaled))
