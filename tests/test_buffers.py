@@ -22,7 +22,7 @@ from gradwatch.layers import activation_spec
 
 def fold(batches):
     history = UnitHistory(window=3)
-    return [(seen, flags) for seen, flags in (history.update("relu", np.asarray(b)) for b in batches)]
+    return [(seen, flags.tolist()) for seen, flags in (history.update("relu", np.asarray(b)) for b in batches)]
 
 
 def test_a_unit_is_dead_when_idle_over_the_whole_window_seen_so_far():
@@ -40,7 +40,7 @@ def test_counters_start_afresh_when_the_number_of_units_changes():
     history = UnitHistory(window=4)
     history.update("relu", np.array([False, True]))
     seen, flags = history.update("relu", np.array([False, True, True]))
-    assert seen == 1 and flags == [1.0, 0.0, 0.0]
+    assert seen == 1 and flags.tolist() == [1.0, 0.0, 0.0]
 
 
 # ---------------------------------------------------------------------------------------- batched samples

@@ -406,9 +406,9 @@ class UnitHistory:
     idle: Dict[str, np.ndarray] = field(default_factory=dict)
     seen: Dict[str, int] = field(default_factory=dict)
 
-    def update(self, name: str, alive: np.ndarray) -> Tuple[int, List[float]]:
+    def update(self, name: str, alive: np.ndarray) -> Tuple[int, np.ndarray]:
         """Fold in one measured batch (``alive``: per unit, whether it was active); returns (batches
-        covered, per-unit dead flags as 1.0/0.0)."""
+        covered, per-unit dead flags as 1.0/0.0, float64)."""
         idle = self.idle.get(name)
         if idle is None or idle.shape != alive.shape:
             idle, self.seen[name] = np.zeros(alive.shape, dtype=np.int64), 0
@@ -417,4 +417,4 @@ class UnitHistory:
         idle += 1
         idle[alive] = 0
         self.idle[name] = idle
-        return seen, (idle >= seen).astype(np.float64).tolist()
+        return seen, (idle >= seen).astype(np.float64)

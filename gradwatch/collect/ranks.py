@@ -89,7 +89,7 @@ class RankCombiner:
             vec_max += [getattr(t, f) for f in maxes]
         for s in names:
             size = self._units[s]
-            mine = (tot.dead.get(s) or [])[:size]
+            mine = [float(v) for v in tot.dead.get(s, [])][:size]
             vec_sum += mine + [0.0] * (size - len(mine))
         vec_sum += tot.noise if tot.noise is not None else [0.0] * NOISE_FIELDS  # the noise scale's, at the end
         summed = self._all_reduce(vec_sum, dist.ReduceOp.SUM)

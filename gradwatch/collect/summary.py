@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from torch import Tensor
@@ -63,7 +63,7 @@ class StepTotals:
     """Everything of one measured step on the host, before any combining across processes."""
 
     sites: Dict[str, SiteTotals]
-    dead: Dict[str, List[float]]  # per site with unit tracking: per-unit dead flags (1.0 dead)
+    dead: Dict[str, Sequence[float]]  # per site with unit tracking: per-unit dead flags (1.0 dead), an array or a list
     dead_window: Dict[str, int]
     grads: Optional[Tuple[List[str], List[List[float]]]]  # names, rows (norm, max |g|, weight norm)
     applied: Optional[Tuple[List[str], List[float]]]
@@ -78,27 +78,39 @@ class StepTotals:
 
 
 class _Gathered:
-    """Every small tensor of a step, moved to the host in one transfer, looked up by (kind, site)."""
+    """Every small tensor of a step, moved to the host in one transfer, looked up by (kind, site).
+    Per-unit tensors that NumPy reads where they are (``stats.host_array``: the CPU) stay arrays,
+    so that hundreds of units are never turned into Python floats and back (:meth:`put_units`)."""
 
     def __init__(self) -> None:
-        self.tensors: List[Tensor] = []
+        self.tensors: List[Any] = []  # tensors and numbers for stats.to_host, or arrays read already
         self.index: Dict[Tuple[str, str], List[int]] = {}
         self._position: Dict[int, int] = {}  # id of a tensor -> its place (a tensor is read once)
-        self.host: List[List[float]] = []
+        self.host: List[Any] = []
 
-    def put(self, key: Tuple[str, str], t: Tensor) -> None:
+    def put(self, key: Tuple[str, str], t: Any, value: Any = None) -> None:
+        """``t`` under ``key``; ``value``: what it reads as, when known already (an array)."""
         pos = self._position.get(id(t))
         if pos is None:
             pos = self._position[id(t)] = len(self.tensors)
-            self.tensors.append(t)
+            self.tensors.append(t if value is None else value)
         self.index.setdefault(key, []).append(pos)
+
+    def put_units(self, key: Tuple[str, str], t: Any) -> None:
+        """A per-unit tensor (or a sum, shaped ``(1,) * dim``): an array where NumPy reads it."""
+        a = stats.host_array(t) if isinstance(t, Tensor) and id(t) not in self._position else None
+        self.put(key, t, None if a is None else a.reshape(-1))
 
     def put_row(self, ref: Optional[Row]) -> None:
         if ref is not None and ref.chunk is not None and ref.chunk.result is not None:
             self.put(("rows", ""), ref.chunk.result)
 
     def read(self) -> None:
-        self.host = stats.to_host(self.tensors)
+        todo = [i for i, t in enumerate(self.tensors) if not isinstance(t, np.ndarray)]
+        read = stats.to_host([self.tensors[i] for i in todo])
+        self.host = list(self.tensors)
+        for i, values in zip(todo, read):
+            self.host[i] = values
 
     def get(self, kind: str, name: str) -> List[List[float]]:
         return [self.host[i] for i in self.index.get((kind, name), [])]
@@ -133,14 +145,14 @@ def _gather(buf: StepBuffers) -> _Gathered:
                 g.put(("act", name), part.summary)
             elif part.total is not None:
                 if isinstance(part.total, Tensor):
-                    g.put(("total", name), part.total)
+                    g.put_units(("total", name), part.total)
                 g.put_row(part.row)
         for row in site.slope:
             g.put(("slope", name), row)
         for t in site.out_grad:
             g.put(("grad", name), t)
         for t in site.alive:
-            g.put(("alive", name), t)
+            g.put_units(("alive", name), t)
         g.put_row(site.histogram)
         for row in site.attention:
             g.put(("attn", name), row)
@@ -167,13 +179,18 @@ def _moments(g: _Gathered, name: str, site: SiteBuffer) -> List[dict]:
             values = next(summaries)
             out.append(stats.activation_moments(values[:-1] if part.half else values, part.numel, part.sampled))
         elif part.total is not None:
-            total = sum(next(totals)) if isinstance(part.total, Tensor) else part.total
+            total = _total(next(totals)) if isinstance(part.total, Tensor) else part.total
             row = g.row(part.row)
             out.append(stats.row_moments(total, part.numel, row if row is not None else [], part.sampled))
     return out
 
 
-def _dead(g: _Gathered, name: str, site: SiteBuffer, units: UnitHistory) -> Optional[Tuple[int, List[float]]]:
+def _total(values: Any) -> float:
+    """The sum of a sum's or per-unit sums' values (an array, or a list read from a device)."""
+    return float(values.sum(dtype=np.float64)) if isinstance(values, np.ndarray) else sum(values)
+
+
+def _dead(g: _Gathered, name: str, site: SiteBuffer, units: UnitHistory) -> Optional[Tuple[int, np.ndarray]]:
     """The site's per-unit activity in this step (any call active), folded into its history."""
     alive: Optional[np.ndarray] = None
     for values in g.get("alive", name):
@@ -243,7 +260,10 @@ def _site_totals(calls: int, sizes: List[Tuple[int, int]], moments: List[dict], 
                  grads: List[List[float]]) -> SiteTotals:
     t = SiteTotals(calls=float(calls))
     if moments:
-        n, mean, var = stats.merge_moments([(c, m["mean"], m["var"]) for (c, _), m in zip(sizes, moments)])
+        if len(moments) == 1 and sizes[0][0]:  # one call: nothing to merge (the usual case)
+            n, mean, var = sizes[0][0], moments[0]["mean"], moments[0]["var"]
+        else:
+            n, mean, var = stats.merge_moments([(c, m["mean"], m["var"]) for (c, _), m in zip(sizes, moments)])
         t.count, t.total = float(n), n * mean if n else 0.0
         t.m2, t.mean_sq = (n * var if n else 0.0), (n * mean * mean if n else 0.0)
         t.zeros = sum(m["zeros"] for m in moments)
@@ -283,11 +303,11 @@ def finish(step: int, tot: StepTotals, layer_of: Dict[str, Layer], owner: Dict[s
         elif t.count and (spec.kind is ActivationKind.BOUNDED or
                           (spec.kind is ActivationKind.RECTIFIER and spec.upper is not None)):
             ls.saturated_fraction, ls.saturation_method = t.saturated / t.count, "bounds"
-        flags = tot.dead.get(site)
-        if flags:
+        flags = np.asarray(tot.dead.get(site, ()))
+        if flags.size:
             # (flags are 1.0/0.0 in one process; summed over processes, dead on all where they reach world)
-            dead = sum(flags) if world == 1 else sum(1 for v in flags if v >= world)
-            ls.dead_fraction = dead / len(flags)
+            dead = float(flags.sum()) if world == 1 else int(np.count_nonzero(flags >= world))
+            ls.dead_fraction = dead / flags.size
             ls.dead_window = tot.dead_window[site]
             ls.dead_cutoff = tot.dead_cutoff.get(site)
         if t.out_grad_seen:
