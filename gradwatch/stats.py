@@ -599,18 +599,25 @@ def histogram_host(t: Tensor, a: np.ndarray, bins: int, max_elements: int = HIST
     the same fields from the same elements (float64 arithmetic, one call per pass)."""
     s = _host_sample(t, a, max_elements)
     with np.errstate(all="ignore"):  # overflows (to Inf, as PyTorch's) give no RuntimeWarning
-        s = s.astype(np.float64) * (1.0 if scale is None else scale)
-        finite = np.isfinite(s)
-        left_out = s.size - int(np.count_nonzero(finite))
-        if left_out:
-            s = s[finite]
+        s = s.astype(np.float64) if scale is None else s * np.float64(scale)
+        total = float(s.sum())
+        left_out = 0
+        if not math.isfinite(total):  # a NaN/Inf in the sample (a finite float64 sum of it cannot overflow)
+            finite = np.isfinite(s)
+            left_out = s.size - int(np.count_nonzero(finite))
+            if left_out:
+                s = s[finite]
+                total = float(s.sum())
         if not s.size:
             return [math.inf, -math.inf, 0.0, 0.0] + [0.0] * bins + [float(left_out)]
         low, high = float(s.min()), float(s.max())
+        x = np.subtract(s, low)
         scale_ = bins / (high - low) if high > low else 0.0
-        idx = np.minimum(((s - low) * scale_), bins - 1).astype(np.intp)
-        counts = np.bincount(idx, minlength=bins)
-        return [low, high, float(s.sum()), sum_squares(s)] + counts.astype(np.float64).tolist() + [float(left_out)]
+        x *= scale_ if math.isfinite(scale_) else 0.0  # (a subnormal range: all in bin 0, as histogram_rows)
+        # The largest value lands on ``bins``: counted in one more slot, then taken into the last bin.
+        counts = np.bincount(x.astype(np.intp), minlength=bins + 1)
+        counts[bins - 1] += counts[bins:].sum()
+        return [low, high, total, sum_squares(s)] + counts[:bins].astype(np.float64).tolist() + [float(left_out)]
 
 
 def histogram_fields(row: Sequence[float]) -> List[float]:

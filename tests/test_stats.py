@@ -208,6 +208,19 @@ def test_histogram_skips_nonfinite_and_handles_constants():
     assert h[:3] == [2.0, 2.0, 2.0] and sum(h[5:]) == 2
 
 
+@pytest.mark.parametrize("values", [[0.5, -2.0, 7.25, 3.0, 7.25], [1.0, float("nan"), 3.0, float("-inf")],
+                                    [1e-310, 2e-310, 3e-310], [float("nan")], [3e38, 2.5e38, 1.0]])
+@pytest.mark.parametrize("scale", [None, 0.5, 1e300])
+def test_a_cpu_histogram_is_the_device_paths_bin_for_bin(values, scale):
+    # The top value lands in the last bin, a range too narrow to divide (subnormal) puts all in the first.
+    t = torch.tensor(values * 50, dtype=torch.float64)
+    host = stats.histogram_host(t, t.numpy(), 16, scale=scale)
+    x = stats.strided_sample(t, stats.HISTOGRAM_SAMPLES).reshape(1, -1) * (1.0 if scale is None else scale)
+    device = stats.histogram_rows(x, 16)[0].tolist()
+    np.testing.assert_allclose(host, device, rtol=1e-12)
+    assert sum(host[4:-1]) + host[-1] == t.numel()
+
+
 @pytest.mark.parametrize("values", [[1.0, float("nan"), 0.0, 3.0], [0.0, float("inf"), 2.0], [5.0, 5.0],
                                     [0.0, 1e-44, 2e-44]])
 def test_both_paths_give_the_same_numbers(values, monkeypatch):

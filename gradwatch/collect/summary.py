@@ -303,9 +303,10 @@ def finish(step: int, tot: StepTotals, layer_of: Dict[str, Layer], owner: Dict[s
         elif t.count and (spec.kind is ActivationKind.BOUNDED or
                           (spec.kind is ActivationKind.RECTIFIER and spec.upper is not None)):
             ls.saturated_fraction, ls.saturation_method = t.saturated / t.count, "bounds"
-        flags = np.asarray(tot.dead.get(site, ()))
-        if flags.size:
+        flags = tot.dead.get(site)
+        if flags is not None and len(flags):
             # (flags are 1.0/0.0 in one process; summed over processes, dead on all where they reach world)
+            flags = np.asarray(flags)
             dead = float(flags.sum()) if world == 1 else int(np.count_nonzero(flags >= world))
             ls.dead_fraction = dead / flags.size
             ls.dead_window = tot.dead_window[site]

@@ -16,6 +16,8 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
+import numpy as np
+
 from .base import Sink
 from .flow_image import IMAGE_TAG, FlowImage, png_shape
 
@@ -262,13 +264,13 @@ class TensorBoardSink(Sink):
                 value = getattr(ls, attr)
                 if attr == "nonfinite":
                     if value:  # a chart per layer only where NaN/Inf appeared, not nine lines at 0
-                        event.scalar(f"{tag}/{name}", 1.0)
+                        event.scalar(f"{tag}/{name}", 1.0, tag)
                 elif value is not None and not (attr in ("mean", "std") and ls.count == 0):
-                    event.scalar(f"{tag}/{name}", float(value))
+                    event.scalar(f"{tag}/{name}", float(value), tag)
         for pname, ps in st.params.items():
             for tag, attr in PARAM_SCALARS.items():
                 if getattr(ps, attr) is not None:  # update_ratio: only with optimizer=
-                    event.scalar(f"{tag}/{pname}", float(getattr(ps, attr)))
+                    event.scalar(f"{tag}/{pname}", float(getattr(ps, attr)), tag)
         if st.total_grad_norm is not None:
             event.scalar("gradient.global_norm", st.total_grad_norm)
         if st.total_applied_grad_norm is not None:
@@ -291,7 +293,7 @@ class TensorBoardSink(Sink):
             self._flow.add(st)
             if (data.act_histograms or data.grad_histograms) and self._flow.due():
                 self._image(event)
-        families = {scalar_family(tag) for kind, tag, _ in event.values if kind == "scalar"}
+        families = event.families
         if not families <= self._families:  # TensorBoard reads the latest layout
             self._families |= families
             event.layout(custom_scalars_layout(self._families))
@@ -325,8 +327,6 @@ class TensorBoardSink(Sink):
 def histogram_of(values: List[float], bins: int) -> List[float]:
     """A few host values in ``stats.histogram``'s layout (min, max, num, sum, sum of squares,
     counts of ``bins`` equal buckets from min to max)."""
-    import numpy as np
-
     a = np.asarray(values, dtype=np.float64)
     lo, hi = float(a.min()), float(a.max())
     counts = np.histogram(a, bins=bins, range=(lo, hi))[0] if hi > lo else np.eye(bins)[0] * a.size
@@ -351,9 +351,12 @@ class _Event:
     def __init__(self, writer: Any) -> None:
         self.writer = writer
         self.values: List[Tuple[str, str, Any]] = []  # (kind, tag, value): scalar, histogram, text, image, layout
+        self.families: Set[str] = set()  # of the scalars (the custom-scalars layout's charts)
 
-    def scalar(self, tag: str, value: float) -> None:
+    def scalar(self, tag: str, value: float, family: Optional[str] = None) -> None:
+        """``family``: the tag's :func:`scalar_family`, where the caller knows it."""
         self.values.append(("scalar", tag, value))
+        self.families.add(family or scalar_family(tag))
 
     def histogram(self, tag: str, h: List[float]) -> None:
         mn, mx, num, total, sumsq = h[:5]
@@ -366,7 +369,7 @@ class _Event:
             width = (mx - mn) / len(counts)
             if not math.isfinite(width):
                 return
-            limits = [mn + (i + 1) * width for i in range(len(counts))]
+            limits = (np.arange(1, len(counts) + 1) * width + mn).tolist()  # mn + (i + 1) * width
         else:  # every element the same value
             mn, mx, limits, counts = single_value_buckets(mn, num, len(counts))
         self.values.append(("histogram", tag, dict(min=mn, max=mx, num=int(num), sum=total, sum_squares=sumsq,
@@ -428,7 +431,6 @@ def _decode_png(png: bytes) -> Any:
     """A PNG as an 8-bit height x width x channels array, for a writer's ``add_image``."""
     import io
 
-    import numpy as np
     from matplotlib.image import imread
 
     pixels = imread(io.BytesIO(png), format="png")
