@@ -28,7 +28,6 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
-from torch.nn.parameter import is_lazy
 from torch.utils.hooks import RemovableHandle
 
 from .. import stats
@@ -70,7 +69,8 @@ class GradientReader:
         self._queued = False  # a read is queued for the end of the running backward pass
         self._wrote = False  # a parameter's .grad was accumulated in this pass
         self._snapshot: Optional[List[Any]] = None
-        self._key: List[Tuple[str, int, bool, bool]] = []  # (name, id, requires_grad, lazy) at the last look-up
+        self._key: Optional[List[Any]] = None  # what the last look-up depended on (_structure)
+        self._modules: List[nn.Module] = []  # the model's modules at the last look-up
         self.generation = 0  # how many times the look-up found the parameters changed
         self._params: List[Tuple[str, str, nn.Parameter]] = []
         self._assigned = False  # some watched parameter is sharded (FSDP)
@@ -83,15 +83,14 @@ class GradientReader:
         looked up again whenever a parameter was replaced, added, frozen or unfrozen."""
         # Checked once per measured step (``register``), and at every read of a model that swaps
         # its parameters within a step (FSDP swaps sharded and unsharded ones around each forward
-        # and backward). A check walks every module: about 30 us for a small MLP. Names are part
-        # of the key (``prune.remove`` renames ``weight_orig`` to ``weight``), and so is laziness
-        # (a lazy parameter is materialised in place, keeping its identity).
+        # and backward). A check reads each module's own dictionaries (:meth:`_structure`); only a
+        # change walks the model by name again.
         if self._checked and not self._swaps:
             return self._params
-        key = [(n, id(p), p.requires_grad, is_lazy(p)) for n, p in self.model.named_parameters()]
         self._checked = True
-        if key != self._key:
-            self._key, self._params = key, select_parameters(self.model, self.include, self.exclude)
+        if self._structure() != self._key:
+            self._modules = list(self.model.modules())
+            self._key, self._params = self._structure(), select_parameters(self.model, self.include, self.exclude)
             self.generation += 1
             # Sharded parameters get their gradients assigned, not accumulated: only for them
             # must a backward pass compare gradient versions to know whether it wrote one.
@@ -99,6 +98,19 @@ class GradientReader:
             self._swaps = self._assigned or any(type(m).__name__ == "FullyShardedDataParallel"
                                                 for m in self.model.modules())
         return self._params
+
+    def _structure(self) -> List[Any]:
+        """What the look-up depends on, per module of the last look-up: its parameters (name, since
+        ``prune.remove`` renames ``weight_orig`` to ``weight``; identity; whether it trains; type, since
+        a lazy parameter is materialised in place, keeping its identity) and its children (a module
+        replaced or added anywhere changes its parent's). A few microseconds, where walking
+        ``named_parameters()`` costs about 30 inside a training step."""
+        key: List[Any] = []
+        for m in self._modules:
+            for name, p in m._parameters.items():
+                key.append((name, id(p), p is not None and p.requires_grad, type(p)))
+            key.extend(map(id, m._modules.values()))
+        return key
 
     def look_again(self) -> None:
         """Look the parameters up afresh at the next ``params()`` (they may have changed)."""
