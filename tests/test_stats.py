@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -206,6 +207,17 @@ def test_histogram_matches_numpy():
 def test_histogram_skips_nonfinite_and_handles_constants():
     h = stats.histogram(torch.tensor([2.0, 2.0, float("nan")]), bins=4).tolist()
     assert h[:3] == [2.0, 2.0, 2.0] and sum(h[5:]) == 2
+
+
+@pytest.mark.parametrize("values", [[1e30, -1e30, 2.0], [float("inf"), float("-inf")], [float("nan"), 1.0], [3.0]])
+def test_sums_of_squares_of_nonfinite_or_overflowing_values_warn_of_nothing(values):
+    # Under -W error a NumPy RuntimeWarning would raise in the user's training step.
+    a = np.array(values * 10, dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = stats.host_norm(a)
+    assert got == pytest.approx(float(np.sqrt(np.sum(a.astype(np.float64) ** 2))), nan_ok=True) or \
+        (math.isinf(got) and np.abs(a).max() ** 2 > np.finfo(np.float32).max)
 
 
 @pytest.mark.parametrize("values", [[0.5, -2.0, 7.25, 3.0, 7.25], [1.0, float("nan"), 3.0, float("-inf")],
