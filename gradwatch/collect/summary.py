@@ -170,21 +170,6 @@ def _gather(buf: StepBuffers) -> _Gathered:
     return g
 
 
-def _moments(g: _Gathered, name: str, site: SiteBuffer) -> List[dict]:
-    """Per part of a site: mean, variance, zeros, saturated, non-finite (``stats.activation_moments``)."""
-    totals, summaries = iter(g.get("total", name)), iter(g.get("act", name))
-    out = []
-    for part in site.parts:
-        if part.summary is not None:
-            values = next(summaries)
-            out.append(stats.activation_moments(values[:-1] if part.half else values, part.numel, part.sampled))
-        elif part.total is not None:
-            total = _total(next(totals)) if isinstance(part.total, Tensor) else part.total
-            row = g.row(part.row)
-            out.append(stats.row_moments(total, part.numel, row if row is not None else [], part.sampled))
-    return out
-
-
 def _total(values: Any) -> float:
     """The sum of a sum's or per-unit sums' values (an array, or a list read from a device)."""
     return float(values.sum(dtype=np.float64)) if isinstance(values, np.ndarray) else sum(values)
@@ -202,32 +187,13 @@ def _dead(g: _Gathered, name: str, site: SiteBuffer, units: UnitHistory) -> Opti
     return None if alive is None else units.update(name, alive)
 
 
-def _peaks(g: _Gathered, name: str, site: SiteBuffer) -> List[float]:
-    """The largest |value| of each float16 part of a site: its sample row's peak column, or the
-    last value of a compiled graph's summary (``traced.graph_summary``)."""
-    summaries, peaks = iter(g.get("act", name)), []
-    for part in site.parts:
-        values = next(summaries) if part.summary is not None else None
-        if not part.half:
-            continue
-        peak = values[-1] if values is not None else g.peak(part.row)
-        if peak is not None:
-            peaks.append(peak)
-    return peaks
-
-
 def totals(buf: StepBuffers, units: UnitHistory, kinds: Dict[str, ActivationKind]) -> StepTotals:
     """The step's additive totals per site, from one host transfer. ``kinds``: the activation
     kind of each site's module (slope saturation is for generic ones)."""
     g = _gather(buf)
     sites, dead, windows = {}, {}, {}
     for name, site in buf.sites.items():
-        sites[name] = _site_totals(site.calls, [(p.numel, p.sampled) for p in site.parts], _moments(g, name, site),
-                                   g.get("slope", name) if kinds.get(name) is ActivationKind.GENERIC else [],
-                                   g.get("grad", name))
-        peaks = _peaks(g, name, site)
-        if peaks:
-            sites[name].fp16_peak = max(peaks)
+        sites[name] = _site_totals(g, name, site, kinds.get(name) is ActivationKind.GENERIC)
         folded = _dead(g, name, site, units)
         if folded is not None:
             windows[name], dead[name] = folded
@@ -256,24 +222,49 @@ def totals(buf: StepBuffers, units: UnitHistory, kinds: Dict[str, ActivationKind
                       dead_cutoff={n: s.cutoff for n, s in buf.sites.items() if s.cutoff is not None and n in dead})
 
 
-def _site_totals(calls: int, sizes: List[Tuple[int, int]], moments: List[dict], slope: List[List[float]],
-                 grads: List[List[float]]) -> SiteTotals:
-    t = SiteTotals(calls=float(calls))
-    if moments:
-        if len(moments) == 1 and sizes[0][0]:  # one call: nothing to merge (the usual case)
-            n, mean, var = sizes[0][0], moments[0]["mean"], moments[0]["var"]
+def _site_totals(g: _Gathered, name: str, site: SiteBuffer, generic: bool) -> SiteTotals:
+    """One site's additive numbers: its parts' moments (``stats.row_moments`` of a sample row and the
+    exact sum, or ``stats.activation_moments`` of a compiled graph's summary) merged, the largest
+    |value| of its float16 parts, slope saturation (``generic``: a generic activation's), and the
+    squared norm of the gradients at its outputs; one walk over its parts."""
+    t = SiteTotals(calls=float(site.calls))
+    totals, summaries = iter(g.get("total", name)), iter(g.get("act", name))
+    parts: List[Tuple[int, dict]] = []
+    peaks: List[float] = []
+    for part in site.parts:
+        if part.summary is not None:
+            values = next(summaries)
+            if part.half:
+                values, peak = values[:-1], values[-1]
+                peaks.append(peak)
+            parts.append((part.numel, stats.activation_moments(values, part.numel, part.sampled)))
+        elif part.total is not None:
+            total = _total(next(totals)) if isinstance(part.total, Tensor) else part.total
+            row = g.row(part.row)
+            parts.append((part.numel, stats.row_moments(total, part.numel, row if row is not None else [],
+                                                         part.sampled)))
+            peak = g.peak(part.row) if part.half else None
+            if peak is not None:
+                peaks.append(peak)
+    if peaks:
+        t.fp16_peak = max(peaks)
+    if parts:
+        if len(parts) == 1 and parts[0][0]:  # one call: nothing to merge (the usual case)
+            n, mean, var = parts[0][0], parts[0][1]["mean"], parts[0][1]["var"]
         else:
-            n, mean, var = stats.merge_moments([(c, m["mean"], m["var"]) for (c, _), m in zip(sizes, moments)])
+            n, mean, var = stats.merge_moments([(c, m["mean"], m["var"]) for c, m in parts])
         t.count, t.total = float(n), n * mean if n else 0.0
         t.m2, t.mean_sq = (n * var if n else 0.0), (n * mean * mean if n else 0.0)
-        t.zeros = sum(m["zeros"] for m in moments)
-        t.saturated = sum(m["saturated"] for m in moments)
+        t.zeros = sum(m["zeros"] for _, m in parts)
+        t.saturated = sum(m["saturated"] for _, m in parts)
         t.saturation_valid = float(n)
-        t.nonfinite = float(any(m["nonfinite"] for m in moments))
+        t.nonfinite = float(any(m["nonfinite"] for _, m in parts))
+    slope = g.get("slope", name) if generic else []
     if slope:
         t.saturated, t.saturation_valid = sum(s[1] for s in slope), sum(s[0] for s in slope)
+    grads = g.get("grad", name)
     if grads:
-        t.out_grad_sq, t.out_grad_seen = sum(v * v for g in grads for v in g), 1.0
+        t.out_grad_sq, t.out_grad_seen = sum(v * v for g_ in grads for v in g_), 1.0
     return t
 
 
