@@ -4,6 +4,7 @@
     python benchmarks/breakdown.py --cold [--steps 300]
     python benchmarks/breakdown.py --between [--rounds 300] [--baseline DIR]
     python benchmarks/breakdown.py --fresh [--rounds 10]
+    python benchmarks/breakdown.py --replay [--model cnn] [--baseline DIR]
 
 Trains the Fashion-MNIST seed MLP (batch 256) watched every step, with a timer around each
 part of gradwatch's work (the timers add a little of their own), and prints microseconds per
@@ -31,6 +32,12 @@ is the A/A control. Blocks of 10 steps, 300 rounds: a single block's ratio varie
 cent on a shared machine, and the median of hundreds resolves the 2 % target. ``--baseline DIR``
 adds another checkout's gradwatch (no step measured) to the same run.
 
+``--replay``: the step summary (``Collector._summarise``: one host read, per-site totals, the
+records) of one measured step, captured after a few steps watched every step and replayed 2,000
+times in a row, best of three: the code warm, so that two versions of the bookkeeping compare to
+within a few per cent where a training step's own spread hides them. ``--baseline DIR`` replays the
+same step of another checkout's gradwatch after this one's.
+
 ``--fresh``: what the first 100 steps of a new watch cost at the defaults (the dense start
 measures the first 10 steps, then every 20th until the budget can act at step 100), as a new
 user would time it: per round, a fresh copy of the MLP trained 100 steps with SGD unwatched and
@@ -54,7 +61,10 @@ import torch.nn.functional as F
 
 from gradwatch import GradWatch, stats
 from gradwatch.collect import buffers, summary
-from overhead import bench, fashion_mlp, load_baseline, mnist_cnn  # noqa: E402  (run from the repository root or benchmarks/)
+try:
+    from benchmarks.overhead import bench, fashion_mlp, load_baseline, mnist_cnn
+except ImportError:  # run as python benchmarks/breakdown.py
+    from overhead import bench, fashion_mlp, load_baseline, mnist_cnn  # type: ignore[no-redef]
 
 spent: Dict[str, float] = collections.Counter()
 labels = ["output gradients"]  # the order they print in
@@ -196,6 +206,41 @@ def fresh_watches(rounds: int, x: torch.Tensor, y: torch.Tensor) -> None:
           f"{statistics.median(ratios):.3f}x over {rounds} rounds (min {min(ratios):.3f}, max {max(ratios):.3f})")
 
 
+def replay_summary(make: Callable[[], torch.nn.Module], x: torch.Tensor, y: torch.Tensor,
+                   baseline: Optional[str] = None) -> None:
+    import timeit
+
+    packages = [("this checkout", GradWatch)]
+    if baseline is not None:
+        packages.append((f"baseline {baseline}", load_baseline(baseline).GradWatch))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; the step summary of one measured step, "
+          f"replayed warm (best of 3 x 2,000 calls)")
+    for label, watch_class in packages:
+        torch.manual_seed(0)
+        model = make()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+        watch = watch_class(model, every=1, quiet=True).attach()
+        collector = watch._collector
+        captured: Dict[str, Any] = {}
+        summarise = collector._summarise
+
+        def capture(step: int, buf: Any) -> Any:
+            captured.update(step=step, buf=buf)
+            return summarise(step, buf)
+        collector._summarise = capture
+        for _ in range(5):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        collector._summarise = summarise
+        data = summarise(captured["step"], captured["buf"])
+        best = min(timeit.repeat(lambda: summarise(captured["step"], captured["buf"]), number=2000, repeat=3))
+        watch.detach()
+        print(f"  {label:50s} {best / 2000 * 1e6:7.1f} us per step ({len(data.stats.layers)} layers, "
+              f"{len(data.stats.params)} parameters)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=300)
@@ -205,8 +250,9 @@ def main() -> None:
     p.add_argument("--between", action="store_true", help="what a step that is not measured costs (see above)")
     p.add_argument("--rounds", type=int, help="rounds of --between (default 300) or --fresh (default 10)")
     p.add_argument("--fresh", action="store_true", help="the first 100 steps of a fresh watch (see above)")
-    p.add_argument("--baseline", metavar="DIR", help="with --between: another checkout's gradwatch beside this one "
-                                                     "(git worktree add DIR REF)")
+    p.add_argument("--replay", action="store_true", help="the step summary replayed warm (see above)")
+    p.add_argument("--baseline", metavar="DIR", help="with --between or --replay: another checkout's gradwatch "
+                                                     "beside this one (git worktree add DIR REF)")
     p.add_argument("--model", choices=("mlp", "cnn"), default="mlp",
                    help="the seed model of a measured step's breakdown: the MLP (batch 256) or the CNN (batch 64)")
     p.add_argument("--cpu-time", action="store_true", help="time with the process's CPU time (see above)")
@@ -232,6 +278,9 @@ def main() -> None:
     if args.model == "cnn":
         base = mnist_cnn()
         x, y = torch.rand(64, 1, 28, 28, generator=g), torch.randint(0, 10, (64,), generator=g)
+    if args.replay:
+        replay_summary(mnist_cnn if args.model == "cnn" else fashion_mlp, x, y, args.baseline)
+        return
     plain, watched = copy.deepcopy(base), copy.deepcopy(base)
     kwargs: Dict[str, Any] = {"histogram_every": 1, "log_dir": tempfile.mkdtemp(prefix="gw-breakdown-")} \
         if args.histograms else {"histogram_every": None}

@@ -85,3 +85,21 @@ def test_reductions_compares_numpy_and_pytorch_at_each_size():
         assert set(r) == {"elements", "numpy sum of squares (einsum)", "torch.dot", "numpy max and min",
                           "torch.aminmax"}
         assert all(v > 0 for k, v in r.items() if k != "elements")
+
+
+def test_breakdown_replays_one_measured_steps_summary_here_and_in_a_baseline(capsys):
+    from pathlib import Path
+
+    from benchmarks import breakdown
+
+    import gradwatch
+
+    root = Path(gradwatch.__file__).resolve().parent.parent
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+    breakdown.replay_summary(lambda: torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3)),
+                             x, y, baseline=str(root))
+    lines = [line for line in capsys.readouterr().out.splitlines() if "us per step" in line]
+    assert len(lines) == 2 and "this checkout" in lines[0] and "baseline" in lines[1]
+    assert all("(3 layers, 4 parameters)" in line for line in lines)
+    assert all(float(line.split("us per step")[0].split()[-1]) > 0 for line in lines)
