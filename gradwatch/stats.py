@@ -599,10 +599,12 @@ def histogram_host(t: Tensor, a: np.ndarray, bins: int, max_elements: int = HIST
     the same fields from the same elements (float64 arithmetic, one call per pass)."""
     s = _host_sample(t, a, max_elements)
     with np.errstate(all="ignore"):  # overflows (to Inf, as PyTorch's) give no RuntimeWarning
-        s = s.astype(np.float64) if scale is None else s * np.float64(scale)
+        s = s.astype(np.float64)  # (a float32 sample times a scalar stays float32 under NumPy 1's casting)
+        if scale is not None:
+            s *= scale
         total = float(s.sum())
         left_out = 0
-        if not math.isfinite(total):  # a NaN/Inf in the sample (a finite float64 sum of it cannot overflow)
+        if not math.isfinite(total):  # a NaN/Inf in the sample, or a scaled sum past float64's range
             finite = np.isfinite(s)
             left_out = s.size - int(np.count_nonzero(finite))
             if left_out:
