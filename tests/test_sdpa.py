@@ -11,9 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.overrides import _get_current_function_mode_stack
+from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 
 from gradwatch import AttentionCollapseWarning, GradWatch
+from gradwatch.collect.functional import FunctionalTap
 from gradwatch.collect.sdpa import PROBE_FORWARDS, sdpa_logits
 
 
@@ -269,6 +270,41 @@ def test_unmeasured_steps_enter_no_tap_and_register_no_hook():
     assert measured == [0, 4]
     assert all(hooks == 0 for modes, hooks in spy.seen if not modes)
     assert all(hooks == 1 for modes, hooks in spy.seen if modes)
+
+
+class CountingMode(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_tap_sees_the_models_own_calls_only_not_gradwatchs_work_in_its_hooks(monkeypatch):
+    # gradwatch's work on a measured output calls dozens of tensor functions per layer: run under the
+    # tap, each would be a Python call of it (a measured step of an attention model several per cent slower).
+    x = torch.randint(0, 24, (8, 15), generator=torch.Generator().manual_seed(1))
+    model = make()
+    own = CountingMode()
+    with own:
+        model(x)
+    seen = []
+    original = FunctionalTap.__torch_function__
+
+    def counted(self, func, types, args=(), kwargs=None):
+        seen.append(func)
+        return original(self, func, types, args, kwargs)
+
+    monkeypatch.setattr(FunctionalTap, "__torch_function__", counted)
+    with GradWatch(model, every=1, quiet=True, strict=True) as watch:
+        for _ in range(2):
+            seen.clear()
+            F.cross_entropy(model(x).reshape(-1, 24), x.reshape(-1)).backward()
+            assert len(seen) == own.calls
+    assert watch.report().layers["h.0.attn"].attention_entropy is not None
+    assert watch.report().layers["h.0.mlp.1"].count == 8 * 15 * 128
 
 
 def test_a_model_without_attention_stops_entering_the_tap():

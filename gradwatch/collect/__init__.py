@@ -66,6 +66,7 @@ class Collector:
         self.taps.on_transform = self._in_transform
         self.gradients = GradientReader(model, options.include, options.exclude, how, self.guard, self._current)
         self.functional = FunctionalTaps(model, how, self.guard, self._current, activations=options.functional)
+        self.taps.apart = self.functional.apart  # a measuring hook's work: outside the function tap
         self.sdpa = SdpaTaps(self.functional, layers, options.include, options.exclude, self.guard, self._current,
                             compiled=lambda: _is_compiled(model))
         self.units = UnitHistory(options.dead_window)

@@ -37,6 +37,12 @@ from .hooks import forward_hook, forward_pre_hook
 from .traced import compiling, inside_compiled_call
 
 _RECT = ActivationSpec(ActivationKind.RECTIFIER)
+# The torch-function mode stack (private API; without it gradwatch's work simply runs under the tap).
+_stack_len = getattr(torch._C, "_len_torch_function_stack", None)
+_stack_at = getattr(torch._C, "_get_function_stack_at", None)
+_stack_pop = getattr(torch._C, "_pop_torch_function_stack", None)
+_stack_push = getattr(torch._C, "_push_on_torch_function_stack", None)
+_STACK = None not in (_stack_len, _stack_at, _stack_pop, _stack_push)
 _SMOOTH = ActivationSpec(ActivationKind.SMOOTH)
 
 
@@ -172,6 +178,20 @@ class FunctionalTaps:
             tap.__exit__(None, None, None)
             for user in self._users:
                 user.left(compiled)
+
+    def apart(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` with the tap off while it runs: gradwatch's own work in a layer's hook (a
+        measured output's sums, sample and records) calls dozens of tensor functions and methods,
+        each of which would otherwise be a Python call of the tap. Only when the tap is the
+        innermost mode (another mode entered inside the model's forward stays as it is)."""
+        tap = self._tap
+        if tap is None or not _STACK or _stack_len() == 0 or _stack_at(_stack_len() - 1) is not tap:
+            return fn(*args)
+        _stack_pop()
+        try:
+            return fn(*args)
+        finally:
+            _stack_push(tap)
 
     def owner(self) -> nn.Module:
         """The module whose ``forward`` is running (the model itself outside any child)."""

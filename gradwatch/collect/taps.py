@@ -60,6 +60,11 @@ def channels_first(module: nn.Module) -> Optional[bool]:
     return None
 
 
+def _unit_max(x: Tensor, channels_first: Optional[bool]) -> Optional[Tensor]:
+    with torch.no_grad():
+        return stats.unit_max(x, channels_first, keepdim=True)
+
+
 @dataclass
 class _SlopeProbe:
     """A generic module's input gradient, paired with its output and the gradient at it."""
@@ -95,6 +100,9 @@ class LayerTaps:
         self._before: Dict[str, Tensor] = {}
         self.traced = TracedTaps()  # what the hooks record when torch.compile traces them
         self.on_transform: Callable[[], None] = lambda: None  # a layer ran inside a torch.func transform
+        # Runs a measuring hook's work (``apart(fn, *args)``): outside the function tap while one is
+        # entered (``FunctionalTaps.apart``).
+        self.apart: Callable[..., Any] = lambda fn, *args: fn(*args)
 
     def attach(self) -> None:
         """One permanent forward hook per layer (and a pre-hook per generic activation and per
@@ -171,7 +179,7 @@ class LayerTaps:
 
         def pre_hook(module: nn.Module, args: Any) -> None:
             if not compiling() and self.current() is not None:  # compiled: no slope probes (see traced)
-                measure(module, args)
+                self.apart(measure, module, args)
         return pre_hook
 
     def _before_hook(self, layer: Layer) -> Callable[..., None]:
@@ -185,8 +193,7 @@ class LayerTaps:
             if buf is None or name in self.guard.broken or in_backward() or transformed() or \
                     not isinstance(x, Tensor) or not x.is_floating_point():
                 return
-            with torch.no_grad():
-                high = stats.unit_max(x, follows_layout(buf.layout, x.shape), keepdim=True)
+            high = self.apart(_unit_max, x, follows_layout(buf.layout, x.shape))
             if high is not None:
                 self._before[name] = high
         measure = eager(measure)
@@ -212,7 +219,7 @@ class LayerTaps:
             if transformed():  # batched or wrapped tensors (vmap inside the model's forward): not measured
                 self.on_transform()
                 return
-            self.guard(name, self._on_output, layer, buf, output, args if reads_input else ())
+            self.apart(self.guard, name, self._on_output, layer, buf, output, args if reads_input else ())
         measure = eager(measure)
 
         def hook(module: nn.Module, args: Any, output: Any) -> None:
