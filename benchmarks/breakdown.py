@@ -5,6 +5,7 @@
     python benchmarks/breakdown.py --between [--rounds 300] [--baseline DIR]
     python benchmarks/breakdown.py --fresh [--rounds 10]
     python benchmarks/breakdown.py --replay [--model cnn] [--baseline DIR]
+    python benchmarks/breakdown.py --parts [--model cnn] [--rounds 15]
 
 Trains the Fashion-MNIST seed MLP (batch 256) watched every step, with a timer around each
 part of gradwatch's work (the timers add a little of their own), and prints microseconds per
@@ -38,6 +39,17 @@ times in a row, best of three: the code warm, so that two versions of the bookke
 within a few per cent where a training step's own spread hides them. ``--baseline DIR`` replays the
 same step of another checkout's gradwatch after this one's.
 
+``--parts``: what each part costs inside the training step, where the timers above miss what a part's
+reads cost the model's own kernels afterwards (caches) and their own cold start: copies of the model
+watched every step, each with one part of gradwatch's work switched off (its function replaced by
+one that returns placeholder numbers), timed in interleaved blocks as ``overhead.py`` times its
+variants. A part's cost is the full watch's extra time minus the copy's without it. The parts: the
+samples' statistics, the parameter gradients' and weights' arithmetic, the output gradients' norms,
+everything after the step (summary, rules and sinks; then the rules alone and the sinks alone), and
+all four switched off at once (what remains: the hooks themselves, the outputs' sums and per-unit
+sums, the per-layer records). Placeholder numbers are never judged as findings: they are zeros, and
+the runs print nothing.
+
 ``--fresh``: what the first 100 steps of a new watch cost at the defaults (the dense start
 measures the first 10 steps, then every 20th until the budget can act at step 100), as a new
 user would time it: per round, a fresh copy of the MLP trained 100 steps with SGD unwatched and
@@ -54,13 +66,15 @@ import statistics
 import tempfile
 import time
 import warnings
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from gradwatch import GradWatch, stats
-from gradwatch.collect import buffers, summary
+from gradwatch.collect import Collector, buffers, summary
+from gradwatch.rules import Judge
+from gradwatch.sinks.fanout import Fanout
 try:
     from benchmarks.overhead import bench, fashion_mlp, load_baseline, mnist_cnn
 except ImportError:  # run as python benchmarks/breakdown.py
@@ -176,6 +190,78 @@ def between_steps(rounds: int, x: torch.Tensor, y: torch.Tensor, baseline: Optio
         print(f"  {v:40s} {(statistics.median(ratios) - 1) * plain * 1e3:7.0f}")
 
 
+def _placeholder_row(self: buffers.SampleRows, t: torch.Tensor, limits: Any = None, scale: Any = None,
+                     a: Any = None) -> Optional[buffers.Row]:
+    m = stats.sample_size(t, self.max_elements)
+    return buffers.Row(m, values=[0.0] * (4 if limits is not None else 3)) if m else None
+
+
+def _no_step_end(self: Collector, step: int) -> None:
+    self._buf = None
+
+
+PARTS: Dict[str, Tuple[Any, str, Any]] = {
+    # part: (owner, attribute, what replaces it)
+    "samples' statistics": (buffers.SampleRows, "add", _placeholder_row),
+    "gradient and weight arithmetic": (stats, "_grad_rows_cpu",
+                                       lambda grads, weights: torch.zeros(3, len(grads), dtype=torch.float64)),
+    "output gradients' norms": (stats, "l2_norm_now", lambda g: 0.0),
+    "summary, rules and sinks": (Collector, "end", _no_step_end),
+    "rules": (Judge, "new_findings", lambda self, data, final=False: []),
+    "sinks": (Fanout, "on_step", lambda self, data, new: None),
+}
+ALL_OFF = ("samples' statistics", "gradient and weight arithmetic", "output gradients' norms",
+           "summary, rules and sinks")
+
+
+class WithoutParts:
+    """gradwatch every step on ``model``, with the ``parts`` of :data:`PARTS` replaced while this copy
+    trains: switched at the start of each of its forwards (a pre-hook placed before gradwatch's, which
+    is where the previous step's summary runs) and back after each of its steps."""
+
+    original = {part: getattr(owner, name) for part, (owner, name, _) in PARTS.items()}
+
+    def __init__(self, model: torch.nn.Module, parts: Tuple[str, ...]) -> None:
+        self.parts = parts
+        self.handle = model.register_forward_pre_hook(lambda *args: self.switch(self.parts), prepend=True)
+        self.watch = GradWatch(model, every=1, histogram_every=None, quiet=True).attach()
+
+    @classmethod
+    def switch(cls, off: Tuple[str, ...]) -> None:
+        for part, (owner, name, replacement) in PARTS.items():
+            setattr(owner, name, replacement if part in off else cls.original[part])
+
+    def after_step(self, loss: torch.Tensor) -> None:
+        self.switch(())
+
+    def detach(self) -> None:
+        self.switch(())
+        self.watch.detach()
+        self.handle.remove()
+
+
+def parts_in_step(make: Callable[[], torch.nn.Module], x: torch.Tensor, y: torch.Tensor, rounds: int,
+                  block: int, name: str) -> None:
+    variants: Dict[str, Callable[..., Any]] = {
+        "unwatched": lambda m: None,
+        "gradwatch every step": lambda m: WithoutParts(m, ()),
+    }
+    for part in PARTS:
+        variants[f"without {part}"] = (lambda off: lambda m: WithoutParts(m, off))((part,))
+    variants["without all four (the rest)"] = lambda m: WithoutParts(m, ALL_OFF)
+    detail: Dict[str, Any] = {}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {name}, watched every step, "
+          f"one part switched off per copy")
+    bench(name, make, x, y, rounds, block, variants, detail)
+    plain = detail["ms_per_step"]["unwatched"] * 1e3
+    extra = {v: (statistics.median(r) - 1) * plain for v, r in detail["ratios"].items()}
+    full = extra["gradwatch every step"]
+    print(f"extra per step over unwatched, and what each part costs inside the step (us; {plain:.0f} us plain)")
+    for v, e in extra.items():
+        part = f"   part: {full - e:7.0f}" if v.startswith("without") and not v.endswith("(the rest)") else ""
+        print(f"  {v:45s} {e:7.0f}{part}")
+
+
 def fresh_watches(rounds: int, x: torch.Tensor, y: torch.Tensor) -> None:
     torch.manual_seed(0)
     base = fashion_mlp()
@@ -248,9 +334,10 @@ def main() -> None:
     p.add_argument("--histograms", action="store_true", help="histograms every step, into a log_dir")
     p.add_argument("--cold", action="store_true", help="the same call twice inside the step (see above)")
     p.add_argument("--between", action="store_true", help="what a step that is not measured costs (see above)")
-    p.add_argument("--rounds", type=int, help="rounds of --between (default 300) or --fresh (default 10)")
+    p.add_argument("--rounds", type=int, help="rounds of --between (default 300), --fresh (default 10) or --parts (default 15)")
     p.add_argument("--fresh", action="store_true", help="the first 100 steps of a fresh watch (see above)")
     p.add_argument("--replay", action="store_true", help="the step summary replayed warm (see above)")
+    p.add_argument("--parts", action="store_true", help="each part's cost inside the step (see above)")
     p.add_argument("--baseline", metavar="DIR", help="with --between or --replay: another checkout's gradwatch "
                                                      "beside this one (git worktree add DIR REF)")
     p.add_argument("--model", choices=("mlp", "cnn"), default="mlp",
@@ -278,6 +365,10 @@ def main() -> None:
     if args.model == "cnn":
         base = mnist_cnn()
         x, y = torch.rand(64, 1, 28, 28, generator=g), torch.randint(0, 10, (64,), generator=g)
+    if args.parts:
+        parts_in_step(mnist_cnn if args.model == "cnn" else fashion_mlp, x, y, args.rounds or 15,
+                      5 if args.model == "cnn" else 20, f"seed {args.model.upper()}")
+        return
     if args.replay:
         replay_summary(mnist_cnn if args.model == "cnn" else fashion_mlp, x, y, args.baseline)
         return

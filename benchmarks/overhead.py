@@ -17,7 +17,9 @@ log_dir (TensorBoard) <= 1.5 on the MLP and <= 1.25 on the CNN.
 Beside gradwatch: the naive hooks people write by hand (three ``.item()`` reads per layer), and
 per-layer statistics from bare hooks: the same statistics computed layer by layer, each output's
 summary from ``gradwatch.stats.activation_summary``, with none of gradwatch's bookkeeping and none
-of its batching (gradwatch every step should cost less).
+of its batching (gradwatch every step should cost less); and every tensor a measured step reads, read
+once by one sum and nothing computed: what the bytes alone cost, the reference below which no way of
+computing the same statistics can go.
 """
 
 from __future__ import annotations
@@ -113,6 +115,37 @@ class PerLayerStatistics:
             h.remove()
 
 
+class OneReadPerTensor:
+    """What reading alone costs: every tensor gradwatch reads on a measured step (each layer's output,
+    the gradient at it, every parameter's gradient and weight), read once by one PyTorch sum, with one
+    host read per step and nothing else. No statistic is computed: the reference for how much of a
+    measured step is the bytes and how much the passes, kernels and Python around them."""
+
+    def __init__(self, model: nn.Module) -> None:
+        leaves = [m for m in model.modules() if not list(m.children())]
+        self.handles = [m.register_forward_hook(self.hook) for m in leaves]
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.sums: List[torch.Tensor] = []
+
+    def hook(self, module: nn.Module, args: Any, out: Any) -> None:
+        if isinstance(out, torch.Tensor) and out.is_floating_point():
+            self.sums.append(out.detach().sum())
+            if out.requires_grad:
+                out.register_hook(lambda g: self.sums.append(g.sum()) and None)
+
+    def after_step(self, loss: torch.Tensor) -> None:
+        for p in self.params:
+            if p.grad is not None:
+                self.sums += [p.grad.sum(), p.detach().sum()]
+        if self.sums:
+            torch.stack(self.sums).tolist()
+        self.sums = []
+
+    def detach(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
 VARIANTS: Dict[str, Callable[[nn.Module, torch.optim.Optimizer], object]] = {
     "unwatched": lambda m, opt: None,
     "defaults": lambda m, opt: GradWatch(m, quiet=True).attach(),
@@ -124,6 +157,7 @@ VARIANTS: Dict[str, Callable[[nn.Module, torch.optim.Optimizer], object]] = {
                                                                 log_dir=tempfile.mkdtemp(prefix="gw-bench-")).attach(),
     "naive .item() hooks": NaiveHooks,
     "per-layer statistics from bare hooks": PerLayerStatistics,
+    "every tensor read once (no statistics)": OneReadPerTensor,
 }
 
 

@@ -76,6 +76,26 @@ def test_overhead_runs_another_checkouts_gradwatch_beside_this_one(tmp_path):
         overhead.load_baseline(str(tmp_path))
 
 
+def test_the_one_read_reference_reads_each_output_its_gradient_and_each_parameter_once():
+    from benchmarks import overhead
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    outputs = []
+    for m in model:
+        m.register_forward_hook(lambda mod, args, out: outputs.append(out.detach().clone()))
+    reader = overhead.OneReadPerTensor(model)
+    model(torch.randn(5, 4)).sum().backward()
+    assert len(reader.sums) == 2 * len(outputs)  # each output, then (in backward) the gradient at it
+    assert [s.item() for s in reader.sums[:3]] == pytest.approx([o.sum().item() for o in outputs])
+    assert reader.sums[3].item() == pytest.approx(3 * 5)  # d(sum)/d(last output) is all ones
+    reader.after_step(None)
+    assert reader.sums == []
+    reader.detach()
+    model(torch.randn(5, 4))
+    assert reader.sums == []
+
+
 def test_reductions_compares_numpy_and_pytorch_at_each_size():
     from benchmarks import reductions
 
@@ -103,3 +123,28 @@ def test_breakdown_replays_one_measured_steps_summary_here_and_in_a_baseline(cap
     assert len(lines) == 2 and "this checkout" in lines[0] and "baseline" in lines[1]
     assert all("(3 layers, 4 parameters)" in line for line in lines)
     assert all(float(line.split("us per step")[0].split()[-1]) > 0 for line in lines)
+
+
+def test_breakdown_parts_switches_each_part_off_in_its_own_copy_and_back(capsys):
+    from benchmarks import breakdown
+
+    from gradwatch import stats
+    from gradwatch.collect import Collector
+
+    before = {part: getattr(owner, name) for part, (owner, name, _) in breakdown.PARTS.items()}
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    watch = breakdown.WithoutParts(model, ("summary, rules and sinks",))
+    model(torch.randn(4, 6)).sum().backward()
+    assert Collector.end is not before["summary, rules and sinks"]  # switched while this copy trains
+    assert stats.l2_norm_now is before["output gradients' norms"]
+    watch.after_step(None)
+    assert Collector.end is before["summary, rules and sinks"]
+    watch.detach()
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+    breakdown.parts_in_step(lambda: torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3)),
+                            x, y, rounds=1, block=2, name="tiny MLP")
+    out = capsys.readouterr().out
+    assert all(f"without {part}" in out for part in breakdown.PARTS) and "without all four (the rest)" in out
+    assert {part: getattr(owner, name) for part, (owner, name, _) in breakdown.PARTS.items()} == before
