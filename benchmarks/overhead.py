@@ -9,6 +9,7 @@ machine's speed hits them all alike. Reported: the median over rounds of
     python benchmarks/overhead.py --quick    # a smoke run
     python benchmarks/overhead.py --baseline DIR   # also another checkout's gradwatch, in the same run
                                                    # (git worktree add DIR REF): before/after a change
+    python benchmarks/overhead.py --attention      # a small nanoGPT with SDPA attention instead
 
 Targets (CPU, 2 threads): defaults <= 1.03, every-step scalars <= 1.15 (with ``optimizer=`` too,
 which adds the update-to-weight ratios on measured steps), every-step histograms written into a
@@ -161,6 +162,24 @@ VARIANTS: Dict[str, Callable[[nn.Module, torch.optim.Optimizer], object]] = {
 }
 
 
+class SmallGPT(nn.Module):
+    """nanoGPT (``gpu_models.GPT``: SDPA attention, pre-norm blocks, tied embeddings) at a size a CPU
+    trains in tens of milliseconds a step: 4 layers, 4 heads, width 128, 256 tokens, 64 positions.
+    Returns the logits flattened to (tokens, vocabulary), as the loss takes them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        try:
+            from benchmarks.gpu_models import GPT, GPTConfig
+        except ImportError:  # run as python benchmarks/overhead.py
+            from gpu_models import GPT, GPTConfig  # type: ignore[no-redef]
+        self.gpt = GPT(GPTConfig(vocab_size=256, block_size=64, n_layer=4, n_head=4, n_embd=128))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        logits, _ = self.gpt(idx)
+        return logits.reshape(-1, logits.shape[-1])
+
+
 def load_baseline(root: str) -> Any:
     """The gradwatch package of another checkout at ``root``, imported as ``gradwatch_baseline``
     (its relative imports stay inside it), so that old and new code take turns in one run."""
@@ -260,6 +279,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="few rounds, for a smoke test")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--baseline", metavar="DIR", help="a checkout whose gradwatch runs beside this one")
+    parser.add_argument("--attention", action="store_true",
+                        help="instead of the seed models: a small nanoGPT with SDPA attention (SmallGPT), batch 8 x 64 "
+                             "tokens, unwatched, at the defaults and every step (and the baseline's)")
     args = parser.parse_args()
     variants = with_baseline(args.baseline) if args.baseline else None
     torch.set_num_threads(args.threads)
@@ -267,6 +289,12 @@ def main() -> None:
     rounds = 3 if args.quick else 15
     g = torch.Generator().manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.attention:
+        keep = ("unwatched", "defaults", "every-step scalars", "defaults (baseline)", "every-step scalars (baseline)")
+        tokens = torch.randint(0, 256, (8, 65), generator=g)
+        bench("nanoGPT 4 layers, width 128, SDPA attention, batch 8 x 64 tokens", SmallGPT, tokens[:, :-1],
+              tokens[:, 1:].reshape(-1), rounds, 10, {k: v for k, v in (variants or VARIANTS).items() if k in keep})
+        return
     bench("Fashion-MNIST MLP 784-512-256-256-128-10, batch 256", fashion_mlp,
           torch.rand(256, 784, generator=g) * 2 - 1, torch.randint(0, 10, (256,), generator=g),
           rounds, 40, variants)

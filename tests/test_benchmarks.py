@@ -148,3 +148,14 @@ def test_breakdown_parts_switches_each_part_off_in_its_own_copy_and_back(capsys)
     out = capsys.readouterr().out
     assert all(f"without {part}" in out for part in breakdown.PARTS) and "without all four (the rest)" in out
     assert {part: getattr(owner, name) for part, (owner, name, _) in breakdown.PARTS.items()} == before
+
+
+def test_overheads_small_gpt_calls_sdpa_and_gives_flat_logits(monkeypatch):
+    from benchmarks import overhead
+
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    logits = overhead.SmallGPT()(torch.randint(0, 256, (2, 10)))
+    assert logits.shape == (20, 256) and len(calls) == 4  # one attention call per layer
