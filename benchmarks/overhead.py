@@ -62,11 +62,27 @@ def mnist_cnn() -> nn.Module:
         nn.Flatten(), nn.Linear(7 * 7 * 64, 1024), nn.ReLU(), nn.Dropout(0.5), nn.Linear(1024, 10))
 
 
-class NaiveHooks:
+class _EveryLeaf:
+    """:meth:`hook` as a forward hook on every leaf module; the trainable parameters."""
+
+    def __init__(self, model: nn.Module) -> None:
+        leaves = [m for m in model.modules() if not list(m.children())]
+        self.handles = [m.register_forward_hook(self.hook) for m in leaves]
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def hook(self, module: nn.Module, args: Any, out: Any) -> None:
+        raise NotImplementedError
+
+    def detach(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+class NaiveHooks(_EveryLeaf):
     """What people write by hand: a forward hook per layer calling .item() per stat."""
 
     def __init__(self, model: nn.Module, opt: object = None) -> None:
-        self.handles = [m.register_forward_hook(self.hook) for m in model.modules() if not list(m.children())]
+        super().__init__(model)
         self.log: List[float] = []
 
     def hook(self, module: nn.Module, args, out) -> None:
@@ -75,12 +91,8 @@ class NaiveHooks:
             self.log += [o.mean().item(), o.std().item(), (o == 0).float().mean().item()]
             self.log.clear()
 
-    def detach(self) -> None:
-        for h in self.handles:
-            h.remove()
 
-
-class PerLayerStatistics:
+class PerLayerStatistics(_EveryLeaf):
     """Per-layer statistics from bare hooks: the statistics gradwatch measures every step, computed
     one layer at a time with ``gradwatch.stats``' per-tensor functions (each output's
     ``activation_summary``, a rectifier's per-unit sums, each output gradient's norm, the parameter
@@ -89,9 +101,7 @@ class PerLayerStatistics:
     of its batching across layers."""
 
     def __init__(self, model: nn.Module) -> None:
-        leaves = [m for m in model.modules() if not list(m.children())]
-        self.handles = [m.register_forward_hook(self.hook) for m in leaves]
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        super().__init__(model)
         self.small: List[torch.Tensor] = []
 
     def hook(self, module: nn.Module, args: Any, out: Any) -> None:
@@ -111,21 +121,15 @@ class PerLayerStatistics:
         stats.to_host(self.small)
         self.small = []
 
-    def detach(self) -> None:
-        for h in self.handles:
-            h.remove()
 
-
-class OneReadPerTensor:
+class OneReadPerTensor(_EveryLeaf):
     """What reading alone costs: every tensor gradwatch reads on a measured step (each layer's output,
     the gradient at it, every parameter's gradient and weight), read once by one PyTorch sum, with one
     host read per step and nothing else. No statistic is computed: the reference for how much of a
     measured step is the bytes and how much the passes, kernels and Python around them."""
 
     def __init__(self, model: nn.Module) -> None:
-        leaves = [m for m in model.modules() if not list(m.children())]
-        self.handles = [m.register_forward_hook(self.hook) for m in leaves]
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        super().__init__(model)
         self.sums: List[torch.Tensor] = []
 
     def hook(self, module: nn.Module, args: Any, out: Any) -> None:
@@ -141,10 +145,6 @@ class OneReadPerTensor:
         if self.sums:
             torch.stack(self.sums).tolist()
         self.sums = []
-
-    def detach(self) -> None:
-        for h in self.handles:
-            h.remove()
 
 
 VARIANTS: Dict[str, Callable[[nn.Module, torch.optim.Optimizer], object]] = {

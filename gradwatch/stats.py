@@ -92,6 +92,14 @@ def host_array(t: Tensor) -> Optional[np.ndarray]:
         return None
 
 
+def read_number(t: Tensor) -> float:
+    """The value of a one-element CPU tensor that gradwatch just computed (a ``dot``, an extreme),
+    read through its memory (:func:`host_array`: no PyTorch op, where ``item()`` records two);
+    ``item()`` where NumPy cannot read it."""
+    a = host_array(t)
+    return float(a.reshape(-1)[0]) if a is not None else t.item()
+
+
 def host_flat(a: np.ndarray) -> np.ndarray:
     """Every element of ``a`` as a 1-dimensional array in the order of its memory (a view where
     its memory is dense, as for a permuted layout; a copy in logical order for one with gaps or
@@ -116,6 +124,15 @@ the project's 2-core machine, ``benchmarks/reductions.py``); below it, NumPy's c
 PyTorch's dispatch. Extremes stay NumPy's (``aminmax`` is slower up to about 400,000 elements)."""
 
 
+AMINMAX_ELEMENTS = 1 << 20
+"""From this many elements, a dense CPU gradient's largest |value| is PyTorch's ``aminmax`` (one pass
+over memory, on PyTorch's threads) instead of NumPy's ``max`` and ``min`` (two passes on the calling
+thread). A tensor this large (4 MiB in float32) is read from main memory inside a training step,
+where every pass costs its full size (the seed CNN's fc1 gradient, 3.2 million elements: see
+docs/performance.md); warm, at 401,408 elements, the two take the same time
+(``benchmarks/reductions.py``)."""
+
+
 def _dense(t: Optional[Tensor], size: int) -> Optional[Tensor]:
     """``t``'s elements as a 1-dimensional PyTorch view when it is large (:data:`DOT_ELEMENTS`) and
     contiguous, else None (NumPy reduces it). Detached only where autograd would record the view."""
@@ -130,7 +147,7 @@ def host_norm(a: np.ndarray, t: Optional[Tensor] = None) -> float:
     memory ``a`` reads, if the caller has it: a large one goes to PyTorch's ``dot`` instead."""
     flat = _dense(t, a.size)
     if flat is not None:
-        return math.sqrt(torch.dot(flat, flat).item())
+        return math.sqrt(read_number(torch.dot(flat, flat)))
     return math.sqrt(sum_squares(host_flat(a)))
 
 
@@ -711,16 +728,20 @@ def _host_grad_row(a: np.ndarray, b: np.ndarray, g: Optional[Tensor] = None,
     (``g`` and ``w``: the tensors themselves, whose large ones' sums of squares PyTorch computes, see
     :data:`DOT_ELEMENTS`).
     The norms are :func:`sum_squares`; max |g| is one pass that allocates up to 16,384 elements,
-    two that do not above (the faster of the two at each size). Where the float32 sum of squares
+    two that do not above (the faster of the two at each size), and PyTorch's ``aminmax`` from
+    :data:`AMINMAX_ELEMENTS` (dense tensors). Where the float32 sum of squares
     overflows, the norm is computed again in float64 on the tensor scaled by its max |g|."""
     dense = _dense(g, a.size)
     flat = host_flat(a)
     with np.errstate(all="ignore"):  # NaN/Inf and overflows give no RuntimeWarning (see sample_row_host)
-        norm = math.sqrt(torch.dot(dense, dense).item() if dense is not None else sum_squares(flat))
+        norm = math.sqrt(read_number(torch.dot(dense, dense)) if dense is not None else sum_squares(flat))
         if not flat.size:
             top = 0.0
         elif flat.size <= 1 << 14:
             top = float(np.abs(flat).max())
+        elif dense is not None and flat.size >= AMINMAX_ELEMENTS:
+            low, high = torch.aminmax(dense)  # one pass, on PyTorch's threads
+            top = max(read_number(high), -read_number(low))  # NaN when either is (both are)
         else:
             top = max(float(flat.max()), -float(flat.min()))  # NaN when either is (both are)
         if math.isinf(norm) and math.isfinite(top) and top > 0:

@@ -436,8 +436,9 @@ def test_grad_summaries_match_numpy_on_every_layout(layout):
                                       rel=1e-6)
 
 
-# max |g| in one pass (small), two passes (large), PyTorch's dot and aminmax (from stats.DOT_ELEMENTS)
-@pytest.mark.parametrize("n", [8, 1 << 16, stats.DOT_ELEMENTS + 3])
+# max |g| in one pass (small), two passes (large), PyTorch's dot (from stats.DOT_ELEMENTS) and aminmax (from
+# stats.AMINMAX_ELEMENTS)
+@pytest.mark.parametrize("n", [8, 1 << 16, stats.DOT_ELEMENTS + 3, stats.AMINMAX_ELEMENTS + 5])
 def test_grad_summaries_of_overflowing_and_nonfinite_gradients(n):
     big = torch.full((n,), 1e19)
     big[3] = -3e19  # the largest magnitude is negative
@@ -452,6 +453,20 @@ def test_grad_summaries_of_overflowing_and_nonfinite_gradients(n):
     assert math.isnan(got[0, 1]) and math.isnan(got[1, 1])
     assert math.isinf(got[0, 2]) and got[1, 2] == math.inf
     assert got[2].tolist() == pytest.approx([n ** 0.5] * 3)
+
+
+def test_grad_summaries_of_a_gradient_read_from_main_memory_match_numpy():
+    g = torch.Generator().manual_seed(13)
+    grads = [torch.randn(1100, 1000, generator=g), torch.randn(1000, 1100, generator=g).t()]  # dense; strided
+    grads[0][700, 3] = -11.0
+    grads[1][5, 900] = 12.0
+    weights = [torch.randn(1100, 1000, generator=g), torch.randn(1000, 1100, generator=g)]
+    got = stats.grad_summaries(grads, weights).numpy()
+    assert got[1].tolist() == [11.0, 12.0]
+    for i, (gr, w) in enumerate(zip(grads, weights)):
+        assert got[0, i] == pytest.approx(np.linalg.norm(gr.double().numpy()), rel=1e-5)
+        # (the device path sums a weight's squares in float32: over a million elements, 1e-5 apart)
+        assert got[2, i] == pytest.approx(np.linalg.norm(w.double().numpy()), rel=1e-4)
 
 
 def test_grad_summaries_mix_tensors_numpy_reads_with_ones_it_does_not():
