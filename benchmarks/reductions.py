@@ -6,10 +6,9 @@ On the CPU, gradwatch reduces float32/float64 tensors in NumPy, through their me
 (``stats.host_array``), as long as NumPy's single-threaded call costs less than PyTorch's
 dispatch; from ``stats.DOT_ELEMENTS`` elements a dense gradient's or weight's sum of squares
 is ``torch.dot`` (PyTorch's own threads). Extremes are NumPy's (``max`` and ``min``, two passes)
-up to ``stats.AMINMAX_ELEMENTS``, from there ``torch.aminmax`` (one pass): warm, as timed here, the
-two are close at those sizes; inside a training step such a tensor is read from main memory, and
-the pass saved is worth its size. This prints both ways at several sizes (median µs per call, the
-tensor warm in the caches), so that the thresholds can be checked on another machine.
+up to ``stats.AMINMAX_ELEMENTS``, from there a dense gradient's are ``torch.aminmax`` (one pass, on
+PyTorch's threads). This prints both ways at several sizes (median µs per call, the tensor warm in
+the caches), so that the thresholds can be checked on another machine.
 """
 
 from __future__ import annotations

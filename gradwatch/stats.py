@@ -121,16 +121,14 @@ DOT_ELEMENTS = 1 << 17
 """From this many elements, a dense CPU tensor's sum of squares is PyTorch's ``dot`` (BLAS, on
 PyTorch's own threads: about half of NumPy's single-threaded ``einsum`` from 131,072 float32 up on
 the project's 2-core machine, ``benchmarks/reductions.py``); below it, NumPy's call costs less than
-PyTorch's dispatch. Extremes stay NumPy's (``aminmax`` is slower up to about 400,000 elements)."""
+PyTorch's dispatch. Extremes stay NumPy's up to :data:`AMINMAX_ELEMENTS`."""
 
 
 AMINMAX_ELEMENTS = 1 << 20
 """From this many elements, a dense CPU gradient's largest |value| is PyTorch's ``aminmax`` (one pass
-over memory, on PyTorch's threads) instead of NumPy's ``max`` and ``min`` (two passes on the calling
-thread). A tensor this large (4 MiB in float32) is read from main memory inside a training step,
-where every pass costs its full size (the seed CNN's fc1 gradient, 3.2 million elements: see
-docs/performance.md); warm, at 401,408 elements, the two take the same time
-(``benchmarks/reductions.py``)."""
+over its memory, on PyTorch's threads) instead of NumPy's ``max`` and ``min`` (two passes on the
+calling thread): 223 against 275 µs on the seed CNN's fc1 gradient of 3.2 million elements, about
+equal at 401,408 (warm, ``benchmarks/reductions.py``, the project's 2-core machine)."""
 
 
 def _dense(t: Optional[Tensor], size: int) -> Optional[Tensor]:
