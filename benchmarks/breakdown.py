@@ -5,7 +5,7 @@
     python benchmarks/breakdown.py --between [--rounds 300] [--baseline DIR]
     python benchmarks/breakdown.py --fresh [--rounds 10]
     python benchmarks/breakdown.py --replay [--model cnn] [--baseline DIR]
-    python benchmarks/breakdown.py --parts [--model cnn] [--rounds 15]
+    python benchmarks/breakdown.py --parts [--model cnn] [--rounds N]
 
 Trains the Fashion-MNIST seed MLP (batch 256) watched every step, with a timer around each
 part of gradwatch's work (the timers add a little of their own), and prints microseconds per
@@ -334,7 +334,7 @@ def main() -> None:
     p.add_argument("--histograms", action="store_true", help="histograms every step, into a log_dir")
     p.add_argument("--cold", action="store_true", help="the same call twice inside the step (see above)")
     p.add_argument("--between", action="store_true", help="what a step that is not measured costs (see above)")
-    p.add_argument("--rounds", type=int, help="rounds of --between (default 300), --fresh (default 10) or --parts (default 15)")
+    p.add_argument("--rounds", type=int, help="rounds of --between (default 300), --fresh (default 10) or --parts (default 15; 40 for the CNN)")
     p.add_argument("--fresh", action="store_true", help="the first 100 steps of a fresh watch (see above)")
     p.add_argument("--replay", action="store_true", help="the step summary replayed warm (see above)")
     p.add_argument("--parts", action="store_true", help="each part's cost inside the step (see above)")
@@ -366,7 +366,7 @@ def main() -> None:
         base = mnist_cnn()
         x, y = torch.rand(64, 1, 28, 28, generator=g), torch.randint(0, 10, (64,), generator=g)
     if args.parts:
-        parts_in_step(mnist_cnn if args.model == "cnn" else fashion_mlp, x, y, args.rounds or 15,
+        parts_in_step(mnist_cnn if args.model == "cnn" else fashion_mlp, x, y, args.rounds or (40 if args.model == "cnn" else 15),
                       5 if args.model == "cnn" else 20, f"seed {args.model.upper()}")
         return
     if args.replay:
