@@ -366,8 +366,9 @@ def main() -> None:
         base = mnist_cnn()
         x, y = torch.rand(64, 1, 28, 28, generator=g), torch.randint(0, 10, (64,), generator=g)
     if args.parts:
-        parts_in_step(mnist_cnn if args.model == "cnn" else fashion_mlp, x, y, args.rounds or (40 if args.model == "cnn" else 15),
-                      5 if args.model == "cnn" else 20, f"seed {args.model.upper()}")
+        cnn = args.model == "cnn"
+        parts_in_step(mnist_cnn if cnn else fashion_mlp, x, y, args.rounds or (40 if cnn else 15), 5 if cnn else 20,
+                      f"seed {args.model.upper()}")
         return
     if args.replay:
         replay_summary(mnist_cnn if args.model == "cnn" else fashion_mlp, x, y, args.baseline)
