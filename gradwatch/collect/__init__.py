@@ -76,6 +76,7 @@ class Collector:
                                  several=options.steps is not StepMode.FORWARD, world=ranks.world)
         self.update_window = RatioWindow(options.thresholds.update_window)
         self.attention = AttentionTaps(layers, self.guard, self._current)
+        self.attention.apart = self.functional.apart
         self.combiner = ranks.RankCombiner()
         self.blind = BlindSpot(model, len(layers), say, layers_seen=lambda: self.taps.seen)
         self._on_root_forward = on_root_forward

@@ -67,6 +67,9 @@ class AttentionTaps:
         self.guard = guard
         self.current = current
         self.handles: List[RemovableHandle] = []
+        # Runs the hook's work (``apart(fn, *args)``): outside the function tap while one is entered
+        # (``FunctionalTaps.apart``; an attention module's own call of SDPA enters it).
+        self.apart: Callable[..., Any] = lambda fn, *args: fn(*args)
 
     def register(self) -> None:
         if self.handles:
@@ -86,7 +89,7 @@ class AttentionTaps:
             buf = self.current()
             if buf is None or name in self.guard.broken or in_backward():
                 return
-            self.guard(name, self._record, module, buf, name, args, kwargs)
+            self.apart(self.guard, name, self._record, module, buf, name, args, kwargs)
         return eager(pre_hook)
 
     @staticmethod
