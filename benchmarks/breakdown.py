@@ -47,8 +47,9 @@ variants. A part's cost is the full watch's extra time minus the copy's without 
 samples' statistics, the parameter gradients' and weights' arithmetic, the output gradients' norms,
 everything after the step (summary, rules and sinks; then the rules alone and the sinks alone), and
 all four switched off at once (what remains: the hooks themselves, the outputs' sums and per-unit
-sums, the per-layer records). Placeholder numbers are never judged as findings: they are zeros, and
-the runs print nothing.
+sums, the per-layer records). The placeholder numbers are zeros, which the rules may judge (zero
+gradients vanish): a copy's rules may then do a little more or less than the full watch's. Warnings
+are silenced, so the runs print nothing but the table.
 
 ``--fresh``: what the first 100 steps of a new watch cost at the defaults (the dense start
 measures the first 10 steps, then every 20th until the budget can act at step 100), as a new
@@ -334,7 +335,8 @@ def main() -> None:
     p.add_argument("--histograms", action="store_true", help="histograms every step, into a log_dir")
     p.add_argument("--cold", action="store_true", help="the same call twice inside the step (see above)")
     p.add_argument("--between", action="store_true", help="what a step that is not measured costs (see above)")
-    p.add_argument("--rounds", type=int, help="rounds of --between (default 300), --fresh (default 10) or --parts (default 15; 40 for the CNN)")
+    p.add_argument("--rounds", type=int, help="rounds of --between (default 300), --fresh (default 10) or --parts "
+                                              "(default 15; 40 for the CNN)")
     p.add_argument("--fresh", action="store_true", help="the first 100 steps of a fresh watch (see above)")
     p.add_argument("--replay", action="store_true", help="the step summary replayed warm (see above)")
     p.add_argument("--parts", action="store_true", help="each part's cost inside the step (see above)")
