@@ -15,7 +15,8 @@ kernel launches the same step would cost on a GPU. Two paths are counted: the CP
 (``stats.HOST_ARRAYS``: NumPy reads float32/float64 tensors through their memory without a PyTorch
 op, ``stats.host_array``, and reduces outputs, output gradients, parameter gradients and weights
 there layer by layer; what is left in PyTorch is a sum over a large output, or per unit where dead
-units are tracked, and one tensor made of the parameters' rows) and the device path (the one GPUs
+units are tracked, the sum of squares (``dot``) of a large tensor and the extremes (``aminmax``) of a
+very large gradient, and one tensor made of the parameters' rows) and the device path (the one GPUs
 take: samples of all layers reduced together, fused multi-tensor kernels for parameters), forced
 on the CPU with ``stats.HOST_ARRAYS = False``.
 
