@@ -1132,3 +1132,100 @@ def test_outputs_and_gradients_are_bit_identical_with_and_without_gradwatch(patt
         assert a.dtype == b.dtype and a.shape == b.shape
         assert torch.equal(a, b) or (a.is_floating_point() and torch.equal(a.isnan(), b.isnan())
                                      and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0)))
+
+
+# ---------------------------------------------------------------- counting steps once the witness alone is trusted
+def _plain_steps(model: nn.Module, opt: torch.optim.Optimizer, n: int) -> None:
+    for _ in range(n):
+        loss = F.cross_entropy(model(X), Y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def _two_forwards_one_backward(model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    loss = (model(X) - model(X.flip(0))).pow(2).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
+def _retained_graph(model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    out = model(X)
+    opt.zero_grad()
+    F.cross_entropy(out, Y).backward(retain_graph=True)
+    out.pow(2).mean().backward()
+    opt.step()
+
+
+def _penalty(model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    x = X.clone().requires_grad_(True)
+    out = model(x)
+    (gx,) = torch.autograd.grad(out.logsumexp(-1).sum(), x, create_graph=True)
+    loss = F.cross_entropy(out, Y) + gx.pow(2).sum(-1).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
+def _dropped(model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    model(X).argmax(-1)
+
+
+def _kept_unused(model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    _kept_unused.outputs.append(model(X))  # type: ignore[attr-defined]
+
+
+def _micro_batches(model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    loss = sum(F.cross_entropy(model(X[c::4]), Y[c::4]) for c in range(4)) / 4
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
+@pytest.mark.parametrize("then", [_two_forwards_one_backward, _retained_graph, _penalty, _dropped, _kept_unused,
+                                  _micro_batches])
+def test_steps_are_counted_the_same_once_the_witness_alone_is_trusted(then, monkeypatch):
+    """After a run of plain steps gradwatch stops hooking each forward's backward (see
+    collect/forwards.py); whatever the loop does next, it counts the same steps as with the hook
+    kept throughout."""
+    from gradwatch.collect import forwards
+
+    counts, lean, plain = [], [], forwards.LEAN_AFTER + 4
+    for after in (forwards.LEAN_AFTER, 10 ** 9):  # the witness trusted after a few steps; never
+        monkeypatch.setattr(forwards, "LEAN_AFTER", after)
+        _kept_unused.outputs = []  # type: ignore[attr-defined]
+        model = seeded(models.small_mlp)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with watching(model, True, every=5) as run:
+            _plain_steps(model, opt, plain)
+            lean.append(run.watch._collector.forwards.lean)
+            seen = [run.watch.steps]
+            for _ in range(3):
+                then(model, opt)
+                seen.append(run.watch.steps)
+            _plain_steps(model, opt, 3)
+            seen.append(run.watch.steps)
+        counts.append(seen)
+    assert lean == [True, False]  # (so the first run did count with the witness alone)
+    assert counts[0] == counts[1]
+
+
+def test_a_frozen_first_layer_costs_at_most_one_step_of_the_count_then_the_hook_returns(monkeypatch):
+    """The one pattern the witness cannot tell: a backward that stops short of the first layer while
+    the graph is still referenced. The first such step joins the next one; from then on every
+    forward's backward is hooked again."""
+    from gradwatch.collect import forwards
+
+    counts, plain = [], forwards.LEAN_AFTER + 4
+    for after in (forwards.LEAN_AFTER, 10 ** 9):
+        monkeypatch.setattr(forwards, "LEAN_AFTER", after)
+        model = seeded(models.small_mlp)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with watching(model, True, every=10 ** 6) as run:
+            _plain_steps(model, opt, plain)
+            model[0].requires_grad_(False)
+            _plain_steps(model, opt, 6)
+            counts.append(run.watch.steps)
+            assert not run.watch._collector.forwards.lean
+    assert counts[1] - 1 <= counts[0] <= counts[1]
