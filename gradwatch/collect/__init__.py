@@ -130,13 +130,11 @@ class Collector:
         self._param_handles.clear()
         params = self.gradients.params()
         self._placed_for = self.gradients.generation
-        # One hook after the gradient of a small parameter near the input counts backward passes (the
-        # blind spot's and the step's) and checks that gradient: one Python call per backward, not three.
+        # One hook after the gradient of a small parameter near the input both counts backward passes
+        # (the blind spot's) and checks that gradient: one Python call per backward, not two.
         near_input = smallest_near_input(params)
-        witness = near_input is not None and hasattr(near_input, "register_post_accumulate_grad_hook")
-        if witness:
+        if near_input is not None and hasattr(near_input, "register_post_accumulate_grad_hook"):
             self._param_handles.append(near_input.register_post_accumulate_grad_hook(WeakHook(self._after_grad)))
-        self.forwards.set_witness(witness)  # the same hook tells that a backward came (see forwards)
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer,
                          on_step: Optional[Callable[[], None]] = None) -> None:
@@ -335,7 +333,6 @@ class Collector:
             self.taps.replay(self._buf, kept)
 
     def _after_grad(self, param: torch.Tensor) -> None:
-        self.forwards.witnessed()
         self.blind._trained(param)
         if self._buf is None and self.enabled and self.checking and param.grad is not None:
             self.guard("finiteness check", self._check_grad_now, param)

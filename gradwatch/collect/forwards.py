@@ -12,17 +12,9 @@ that step is *complete*:
   advances, one step per forward whose output it lets go;
 - it has had :data:`MAX_FORWARDS` forwards (outputs kept alive and never backpropagated).
 
-How it is seen: one small object per forward, held by the autograd nodes of its outputs, so
-it lives exactly as long as a backward through those outputs can still come (a weak reference
-tells). At first it is a pre-hook on those nodes, which notes when a backward reaches them.
-Running that hook in every backward costs more than anything else gradwatch does on a step it
-does not measure (40-70 us of a 5-6 ms CPU step), so once the backward has been seen the same way
-by a cheaper witness on :data:`LEAN_AFTER` steps in a row -- the gradient of the first layer's
-small parameter, which gradwatch's finiteness check hooks anyway (:meth:`ForwardGroup.witnessed`)
--- the object is only parked in the nodes' ``metadata`` and the witness alone tells that a
-backward came. The first forward that finds the running step neither ended by the witness nor by
-its graph's death (several forwards in a step, or a backward that stops short of the first
-layer) brings the pre-hook back for good.
+How it is seen: one small pre-hook object per forward, on the autograd nodes of its outputs.
+The nodes hold it, so it lives exactly as long as a backward through those outputs can still
+come (a weak reference tells), and it notes when one does: a few microseconds a forward.
 
 Forwards inside a ``torch.func`` transform are no training forwards (:func:`transformed`).
 """
@@ -41,10 +33,6 @@ MAX_FORWARDS = 256
 """Forwards in one step at most when none of them gets a backward while their outputs live."""
 MAX_OUTPUTS = 16
 """Output tensors of one forward whose autograd nodes are hooked (the first ones)."""
-LEAN_AFTER = 8
-"""Steps in a row, each of one forward, whose backward both the pre-hook and the witness saw,
-before the witness alone is trusted (see above)."""
-_KEY = "gradwatch"
 
 
 _interpreters = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
@@ -59,13 +47,11 @@ def transformed() -> bool:
 class _Group:
     """The running step's forwards."""
 
-    __slots__ = ("forwards", "backward", "witnessed", "lean", "dropped", "outputs")
+    __slots__ = ("forwards", "backward", "dropped", "outputs")
 
     def __init__(self) -> None:
         self.forwards = 0
-        self.backward = False  # a backward pass reached one of their outputs (the pre-hook)
-        self.witnessed = False  # a backward reached the first layer's small parameter (the witness)
-        self.lean = False  # a forward of the group was seen by the witness alone (no pre-hook)
+        self.backward = False  # a backward pass reached one of their outputs
         self.dropped = False  # one of them had no output a backward could start from
         self.outputs: List["weakref.ref[_Reached]"] = []  # one per forward: dead once no backward can come
 
@@ -87,41 +73,17 @@ class ForwardGroup:
 
     def __init__(self) -> None:
         self._group = _Group()
-        self.witness = False  # a hook on the first layer's small parameter calls :meth:`witnessed`
-        self.lean = False  # forwards are seen by the witness alone (see the module's text)
-        self._agreed = 0  # steps in a row on which the pre-hook and the witness agreed
-        self._fused = False  # the witness missed once: the pre-hook stays
 
     def start(self) -> None:
         """A step opens: it has no forward yet."""
         self._group = _Group()
 
-    def set_witness(self, placed: bool) -> None:
-        """Whether the witness's hook is in place (it moves when parameters are replaced)."""
-        self.witness = placed
-        if not placed:
-            self.lean = False
-
-    def witnessed(self) -> None:
-        """A backward pass reached the first layer's small parameter."""
-        self._group.witnessed = True
-
     @property
     def complete(self) -> bool:
         """The running step takes no further forward: a backward reached it, or one of its
-        forwards can get none, or it is full. (Read once per training forward.)"""
+        forwards can get none, or it is full."""
         g = self._group
-        reached = g.backward or (g.lean and g.witnessed)
-        done = reached or g.dropped or g.forwards >= MAX_FORWARDS or any(r() is None for r in g.outputs)
-        if self.lean:
-            if not done:  # several forwards in a step, or a backward that stops short of the first layer
-                self.lean, self._fused = False, True
-        elif g.forwards == 1 and done and g.backward == g.witnessed and not self._fused:
-            self._agreed += 1
-            self.lean = self.witness and self._agreed >= LEAN_AFTER
-        else:
-            self._agreed = 0
-        return done
+        return g.backward or g.dropped or g.forwards >= MAX_FORWARDS or any(r() is None for r in g.outputs)
 
     def add(self, output: Any) -> None:
         """A forward of the running step returned ``output``."""
@@ -141,11 +103,6 @@ class ForwardGroup:
             g.dropped = True
             return
         reached = _Reached(g)
-        if self.lean:
-            g.lean = True
-            for node in nodes:
-                node.metadata[_KEY] = reached  # held as long as the node, never called
-        else:
-            for node in nodes:
-                node.register_prehook(reached)
+        for node in nodes:
+            node.register_prehook(reached)
         g.outputs.append(weakref.ref(reached))
