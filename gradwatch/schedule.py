@@ -25,7 +25,7 @@ DEFAULT_BUDGET = 0.005
 between cost gradwatch's light per-step work too (the finiteness check, one call per layer):
 about 0.2 ms on a 2-core CPU, 4 % of the seed MLP's 5 ms step (``benchmarks/breakdown.py
 --between``), which leaves the measured steps little of the 3 % the defaults aim at there: at
-0.5 % the seed MLP settles on every 100 steps (docs/performance.md)."""
+0.5 % the seed MLP settles on every 80 or 100 steps (docs/performance.md)."""
 DEFAULT_HISTOGRAM_EVERY = 200
 """Histogram interval in steps."""
 CEILING = 100
