@@ -1,4 +1,5 @@
-"""ATen ops a measured step adds: what measuring costs in dispatches, counted rather than timed.
+"""ATen ops and Python calls a step adds: what watching costs in dispatches and in interpreted code,
+counted rather than timed.
 
     python benchmarks/ops.py            # the seed MLP, the seed CNN and a 50-layer ResNet-style model
     python benchmarks/ops.py --quick    # tiny sizes (what tests/test_benchmarks.py runs)
@@ -20,6 +21,15 @@ very large gradient, and one tensor made of the parameters' rows) and the device
 take: samples of all layers reduced together, fused multi-tensor kernels for parameters), forced
 on the CPU with ``stats.HOST_ARRAYS = False``.
 
+Python calls: every Python function call (``sys.setprofile``'s ``call`` events: frames of Python
+functions, gradwatch's and the libraries' it calls; calls of builtins and C functions not
+counted) during one step, watched minus plain, for a measured step (``every=1``) and for a step
+that is not measured (``every=10**6``, after the first). On the CPU most of what a measured step
+costs in time is interpreted code that runs cold between the model's kernels, about a
+microsecond a call there; the count is its deterministic stand-in, as the ATen count is a GPU's
+launches'. Targets: :data:`MEASURED_CALLS_PER_LAYER` and :data:`UNMEASURED_CALLS_PER_LAYER` per
+watched layer output plus a fixed part (:data:`MEASURED_CALLS_FIXED`, :data:`UNMEASURED_CALLS_FIXED`).
+
 The counts are deterministic for a given torch version and thread count (one thread here: with
 more, a full reduction over a large tensor may split into partial ones that record more events).
 
@@ -34,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Tuple
@@ -64,6 +75,17 @@ CPU_OPS_FIXED = 3
 """All ops on the CPU's own path per measured step whatever the depth: the parameters' rows made a
 tensor, once per gradient read (at the end of backward; with ``optimizer=`` also at its step) and
 once for the update ratios."""
+
+MEASURED_CALLS_PER_LAYER = 200
+"""Python calls a measured step adds per watched layer output, at most (CPU path, torch 2.13)."""
+MEASURED_CALLS_FIXED = 400
+"""Python calls a measured step adds whatever the depth, at most (the summary's, rules' and clock's)."""
+UNMEASURED_CALLS_PER_LAYER = 8
+"""Python calls a step that is not measured adds per watched layer, at most: the layer's hook (and
+the module's hook-running path in PyTorch that any forward hook opens)."""
+UNMEASURED_CALLS_FIXED = 80
+"""Python calls a step that is not measured adds whatever the depth, at most: the root module's
+hooks, the step's count, the finiteness check."""
 
 VIEWS = {"aten::as_strided", "aten::view", "aten::reshape", "aten::_reshape_alias", "aten::expand", "aten::slice",
          "aten::select", "aten::narrow", "aten::unsqueeze", "aten::squeeze", "aten::t", "aten::transpose",
@@ -164,6 +186,54 @@ def count_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, watch: Dict[s
             w.detach()
 
 
+def count_calls(model: nn.Module, x: torch.Tensor, y: torch.Tensor, watch: Dict[str, Any] | None,
+                warmup: int = 12, steps: int = 2) -> float:
+    """Python function calls per training step of ``model`` (Adam), watched with ``watch`` or not."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    w = GradWatch(model, quiet=True, **watch).attach() if watch is not None else None
+    calls = 0
+
+    def count(frame: Any, event: str, arg: Any) -> None:
+        nonlocal calls
+        if event == "call":
+            calls += 1
+
+    def step() -> None:
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    try:
+        for _ in range(warmup):
+            step()
+        sys.setprofile(count)
+        try:
+            for _ in range(steps):
+                step()
+        finally:
+            sys.setprofile(None)
+        return calls / steps
+    finally:
+        if w is not None:
+            w.detach()
+
+
+def python_calls(models: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """One row per model: Python calls of a plain step, and those a measured step and a step that is
+    not measured add to it; the watched layer outputs of a measured step."""
+    rows = []
+    for name, (make, data) in models.items():
+        torch.manual_seed(0)
+        base = make()
+        x, y = data(torch.Generator().manual_seed(0))
+        plain = count_calls(copy.deepcopy(base), x, y, None)
+        _, layers, _ = count_step(copy.deepcopy(base), x, y, VARIANTS["every step"], warmup=2, steps=1)
+        rows.append({"model": name, "plain": plain, "layers": layers,
+                     "measured": count_calls(copy.deepcopy(base), x, y, VARIANTS["every step"]) - plain,
+                     "unmeasured": count_calls(copy.deepcopy(base), x, y, dict(every=10 ** 6)) - plain})
+    return rows
+
+
 MODELS: Dict[str, Tuple[Callable[[], nn.Module], Callable[[torch.Generator], Tuple[torch.Tensor, torch.Tensor]]]] = {
     "seed MLP (Fashion-MNIST 784-512-256-256-128-10, batch 256)":
         (fashion_mlp, lambda g: (torch.rand(256, 784, generator=g), torch.randint(0, 10, (256,), generator=g))),
@@ -221,6 +291,12 @@ def main() -> None:
             print(f"  {r['model']:62s} {r['variant']:24s} plain {r['plain']:5.0f}  added {a.all:5.0f} / {a.top:4.0f} / "
                   f"{a.kernels:4.0f}  ({r['layers']} layer outputs, {r['params']} parameters; "
                   f"target {target}; per layer {a.all / max(r['layers'], 1):.1f} / {a.kernels / max(r['layers'], 1):.1f})")
+    print("\nPython calls a step adds over a plain one (function calls, builtins not counted; the CPU's own path)")
+    for r in python_calls(QUICK if args.quick else MODELS):
+        n = r["layers"]
+        print(f"  {r['model']:62s} plain {r['plain']:5.0f}  measured +{r['measured']:5.0f} (target "
+              f"{MEASURED_CALLS_PER_LAYER * n + MEASURED_CALLS_FIXED})  not measured +{r['unmeasured']:4.0f} (target "
+              f"{UNMEASURED_CALLS_PER_LAYER * n + UNMEASURED_CALLS_FIXED})  ({n} layer outputs)")
 
 
 if __name__ == "__main__":

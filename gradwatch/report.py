@@ -152,7 +152,7 @@ class StepStats:
     def total_grad_norm(self) -> Optional[float]:
         if not self.params:
             return None
-        return math.sqrt(sum(p.grad_norm ** 2 for p in self.params.values()))
+        return math.sqrt(sum([p.grad_norm ** 2 for p in self.params.values()]))
 
     @property
     def total_applied_grad_norm(self) -> Optional[float]:

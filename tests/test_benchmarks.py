@@ -57,6 +57,27 @@ def test_the_cpu_path_adds_at_most_a_sum_per_layer_output(cpu_rows):
         assert 0 < r["added"].all <= ops.CPU_OPS_PER_LAYER * r["layers"] + ops.CPU_OPS_FIXED, r
 
 
+def test_python_calls_a_step_adds_stay_within_a_fixed_part_and_a_few_per_layer():
+    """The interpreted code a step adds, counted: a step that is not measured adds a few calls per
+    layer over a fixed part, a measured one more; a deeper model adds at most the per-layer calls."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rows = ops.python_calls(ops.QUICK)
+    finally:
+        torch.set_num_threads(threads)
+    assert [r["model"] for r in rows] == list(ops.QUICK)
+    for r in rows:
+        n = r["layers"]
+        assert n > 0 and r["plain"] > 0, r
+        assert 0 < r["unmeasured"] <= ops.UNMEASURED_CALLS_PER_LAYER * n + ops.UNMEASURED_CALLS_FIXED, r
+        assert r["unmeasured"] < r["measured"] <= ops.MEASURED_CALLS_PER_LAYER * n + ops.MEASURED_CALLS_FIXED, r
+    small, large = sorted(rows, key=lambda r: r["layers"])
+    more = large["layers"] - small["layers"]
+    assert large["unmeasured"] - small["unmeasured"] <= ops.UNMEASURED_CALLS_PER_LAYER * more
+    assert large["measured"] - small["measured"] <= ops.MEASURED_CALLS_PER_LAYER * more
+
+
 def test_overhead_runs_another_checkouts_gradwatch_beside_this_one(tmp_path):
     from pathlib import Path
 

@@ -95,11 +95,29 @@ class WeakHook:
         return (Unhooked, ())
 
 
+_dynamo_callback = getattr(getattr(getattr(torch._C, "_dynamo", None), "eval_frame", None), "get_eval_frame_callback",
+                           None)
+
+
 def eager(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Keep torch.compile from tracing into ``fn``: gradwatch's eager code (step boundaries,
-    records of a step) runs at the compiled graph's edges only, never inside it."""
+    records of a step) runs at the compiled graph's edges only, never inside it.
+
+    ``torch.compiler.disable``'s wrapper costs about eight Python calls per call (it switches
+    Dynamo's frame callback off and on). Where no compiled code is running, that callback is unset
+    and ``fn`` is called directly; the one frame that decides is itself never compiled (``skip``),
+    and a traced caller breaks its graph at the call, as at a disabled function."""
     disable = getattr(getattr(torch, "compiler", None), "disable", None)
-    return disable(fn) if disable is not None else fn
+    if disable is None:
+        return fn
+    disabled = disable(fn)  # (imports torch._dynamo: at attach, not when gradwatch is imported)
+    skip = getattr(getattr(getattr(torch, "_dynamo", None), "decorators", None), "skip", None)
+    if _dynamo_callback is None or skip is None:
+        return disabled
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs) if _dynamo_callback() is None else disabled(*args, **kwargs)
+    return skip(functools.wraps(fn)(run))
 
 
 class EagerHook(Hook):

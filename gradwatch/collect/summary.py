@@ -113,7 +113,7 @@ class _Gathered:
             self.host[i] = values
 
     def get(self, kind: str, name: str) -> List[List[float]]:
-        return [self.host[i] for i in self.index.get((kind, name), [])]
+        return list(map(self.host.__getitem__, self.index.get((kind, name), ())))
 
     def row(self, ref: Optional[Row]) -> Optional[List[float]]:
         """The values of one sample's row (``stats.sample_rows`` or ``stats.histogram_rows``), without
@@ -255,16 +255,21 @@ def _site_totals(g: _Gathered, name: str, site: SiteBuffer, generic: bool) -> Si
             n, mean, var = stats.merge_moments([(c, m["mean"], m["var"]) for c, m in parts])
         t.count, t.total = float(n), n * mean if n else 0.0
         t.m2, t.mean_sq = (n * var if n else 0.0), (n * mean * mean if n else 0.0)
-        t.zeros = sum(m["zeros"] for _, m in parts)
-        t.saturated = sum(m["saturated"] for _, m in parts)
+        zeros = saturated = 0  # (one loop, no generators: each is a Python call per element)
+        nonfinite = False
+        for _, m in parts:
+            zeros += m["zeros"]
+            saturated += m["saturated"]
+            nonfinite = nonfinite or bool(m["nonfinite"])
+        t.zeros, t.saturated = zeros, saturated
         t.saturation_valid = float(n)
-        t.nonfinite = float(any(m["nonfinite"] for _, m in parts))
+        t.nonfinite = float(nonfinite)
     slope = g.get("slope", name) if generic else []
     if slope:
         t.saturated, t.saturation_valid = sum(s[1] for s in slope), sum(s[0] for s in slope)
     grads = g.get("grad", name)
     if grads:
-        t.out_grad_sq, t.out_grad_seen = sum(v * v for g_ in grads for v in g_), 1.0
+        t.out_grad_sq, t.out_grad_seen = sum([v * v for g_ in grads for v in g_]), 1.0
     return t
 
 
