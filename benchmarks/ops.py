@@ -43,11 +43,12 @@ device path, and :data:`CPU_OPS_PER_LAYER` ops (all events) per watched layer ou
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import sys
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -156,12 +157,11 @@ def _computes(event: Any) -> bool:
     return event.name.startswith("aten::") and event.name not in VIEWS or any(_computes(c) for c in event.cpu_children)
 
 
-def count_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, watch: Dict[str, Any] | None,
-               warmup: int = 12, steps: int = 2) -> Tuple[Count, int, int]:
-    """Ops per training step of ``model`` (Adam), watched with ``watch`` (GradWatch keywords) or
-    not; also the number of watched layer outputs and parameters of a measured step."""
-    from torch.profiler import ProfilerActivity, profile
-
+@contextlib.contextmanager
+def _training(model: nn.Module, x: torch.Tensor, y: torch.Tensor, watch: Dict[str, Any] | None,
+              warmup: int) -> Iterator[Tuple[Callable[[], None], Optional[GradWatch]]]:
+    """``model`` trained ``warmup`` steps with Adam, watched with ``watch`` (GradWatch keywords) or not;
+    gives its step and its watch, detached on leaving."""
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     w = GradWatch(model, quiet=True, **watch).attach() if watch is not None else None
 
@@ -173,6 +173,19 @@ def count_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, watch: Dict[s
     try:
         for _ in range(warmup):
             step()
+        yield step, w
+    finally:
+        if w is not None:
+            w.detach()
+
+
+def count_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, watch: Dict[str, Any] | None,
+               warmup: int = 12, steps: int = 2) -> Tuple[Count, int, int]:
+    """Ops per training step of ``model`` (Adam), watched with ``watch`` (GradWatch keywords) or
+    not; also the number of watched layer outputs and parameters of a measured step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with _training(model, x, y, watch, warmup) as (step, w):
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(steps):
                 step()
@@ -181,16 +194,11 @@ def count_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, watch: Dict[s
             report = w.report()
             layers, params = sum(ls.calls for ls in report.layers.values()), len(report.params)
         return _count(prof, steps), layers, params
-    finally:
-        if w is not None:
-            w.detach()
 
 
 def count_calls(model: nn.Module, x: torch.Tensor, y: torch.Tensor, watch: Dict[str, Any] | None,
                 warmup: int = 12, steps: int = 2) -> float:
     """Python function calls per training step of ``model`` (Adam), watched with ``watch`` or not."""
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    w = GradWatch(model, quiet=True, **watch).attach() if watch is not None else None
     calls = 0
 
     def count(frame: Any, event: str, arg: Any) -> None:
@@ -198,24 +206,14 @@ def count_calls(model: nn.Module, x: torch.Tensor, y: torch.Tensor, watch: Dict[
         if event == "call":
             calls += 1
 
-    def step() -> None:
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    try:
-        for _ in range(warmup):
-            step()
+    with _training(model, x, y, watch, warmup) as (step, _):
         sys.setprofile(count)
         try:
             for _ in range(steps):
                 step()
         finally:
             sys.setprofile(None)
-        return calls / steps
-    finally:
-        if w is not None:
-            w.detach()
+    return calls / steps
 
 
 def python_calls(models: Dict[str, Any]) -> List[Dict[str, Any]]:
