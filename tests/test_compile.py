@@ -381,3 +381,37 @@ def test_an_eval_pass_before_the_first_measured_step_compiles_nothing_when_it_co
         rep = watch.report()
     assert _compile_counts() == after_each_mode  # the second eval pass reuses the first one's graph
     assert rep.layers and all(ls.count > 0 for ls in rep.layers.values())
+
+
+def test_eager_code_runs_directly_outside_compiled_code_and_with_dynamo_off_inside_it():
+    """gradwatch's eager code (``hooks.eager``) costs one Python frame where nothing compiled runs,
+    not torch.compiler.disable's wrapper; called from a compiled function it runs with Dynamo's
+    frame callback off, so none of its frames is compiled."""
+    from torch._C._dynamo.eval_frame import get_eval_frame_callback
+
+    from gradwatch.collect.hooks import eager
+
+    seen = []
+
+    def body() -> None:
+        seen.append(get_eval_frame_callback())
+    run = eager(body)
+    calls = 0
+
+    def count(frame, event, arg):
+        nonlocal calls
+        calls += event == "call"
+    sys.setprofile(count)
+    try:
+        run()
+    finally:
+        sys.setprofile(None)
+    assert calls == 2 and seen == [None]  # the deciding frame and the body
+
+    @torch.compile(backend="eager")
+    def step(x: torch.Tensor) -> torch.Tensor:
+        run()  # the graph breaks here; the body runs eagerly, Dynamo off
+        return x + 1
+
+    assert torch.equal(step(torch.ones(2)), torch.full((2,), 2.0))
+    assert seen == [None, None]
