@@ -3,6 +3,7 @@
     python benchmarks/breakdown.py [--steps 300] [--histograms] [--model cnn]
     python benchmarks/breakdown.py --cold [--steps 300]
     python benchmarks/breakdown.py --between [--rounds 300] [--baseline DIR]
+    python benchmarks/breakdown.py --between --same-model [--rounds 300] [--baseline DIR]
     python benchmarks/breakdown.py --fresh [--rounds 10]
     python benchmarks/breakdown.py --replay [--model cnn] [--baseline DIR]
     python benchmarks/breakdown.py --parts [--model cnn] [--rounds N]
@@ -32,6 +33,12 @@ gradwatch itself with no step measured after its first (``every=10**6``). A seco
 is the A/A control. Blocks of 10 steps, 300 rounds: a single block's ratio varies by several per
 cent on a shared machine, and the median of hundreds resolves the 2 % target. ``--baseline DIR``
 adds another checkout's gradwatch (no step measured) to the same run.
+
+``--between --same-model``: the same cost on one model, without the spread between copies (two
+copies of one model differ by up to a few per cent in one run, more than a 2 % target): each round,
+in shuffled order, a block of 10 steps unwatched and a block per gradwatch (attached with
+``every=10**6``, three untimed steps, the timed block, detached). Printed: the median over rounds
+of (watched block - unwatched block) per step, with the middle half of the rounds in brackets.
 
 ``--replay``: the step summary (``Collector._summarise``: one host read, per-site totals, the
 records) of one measured step, captured after a few steps watched every step and replayed 2,000
@@ -63,6 +70,7 @@ import argparse
 import collections
 import copy
 import math
+import random
 import statistics
 import tempfile
 import time
@@ -189,6 +197,54 @@ def between_steps(rounds: int, x: torch.Tensor, y: torch.Tensor, baseline: Optio
     print("extra per step over unwatched (median of rounds, us)")
     for v, ratios in detail["ratios"].items():
         print(f"  {v:40s} {(statistics.median(ratios) - 1) * plain * 1e3:7.0f}")
+
+
+def between_same_model(rounds: int, x: torch.Tensor, y: torch.Tensor, baseline: Optional[str] = None) -> None:
+    watches: Dict[str, Any] = {"gradwatch, no step measured": GradWatch}
+    if baseline is not None:
+        watches["the baseline's gradwatch, no step measured"] = load_baseline(baseline).GradWatch
+    torch.manual_seed(0)
+    model = fashion_mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def block(steps: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return (time.perf_counter() - t0) / max(steps, 1)
+    block(50)
+    rng = random.Random(0)
+    extra: Dict[str, list] = {name: [] for name in watches}
+    plain = []
+    for _ in range(rounds):
+        order = ["unwatched"] + list(watches)
+        rng.shuffle(order)
+        times = {}
+        for name in order:
+            if name == "unwatched":
+                block(3)
+                times[name] = block(10)
+                continue
+            watch = watches[name](model, every=10 ** 6, quiet=True).attach()
+            try:
+                block(3)  # the first step is measured; the next two settle
+                times[name] = block(10)
+            finally:
+                watch.detach()
+        plain.append(times["unwatched"])
+        for name in watches:
+            extra[name].append(times[name] - times["unwatched"])
+    ms = statistics.median(plain) * 1e3
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; seed MLP (Adam, batch 256), one model "
+          f"watched and unwatched in turns, {rounds} rounds of 10 steps; unwatched {ms:.2f} ms/step")
+    for name, values in extra.items():
+        q = sorted(values)
+        mid = statistics.median(q)
+        print(f"  {name:42s} {mid * 1e6:6.0f} us per step ({mid / ms * 1e5:.2f} %), middle half of the rounds "
+              f"{q[len(q) // 4] * 1e6:.0f} to {q[(3 * len(q)) // 4] * 1e6:.0f} us")
 
 
 def _placeholder_row(self: buffers.SampleRows, t: torch.Tensor, limits: Any = None, scale: Any = None,
@@ -335,6 +391,8 @@ def main() -> None:
     p.add_argument("--histograms", action="store_true", help="histograms every step, into a log_dir")
     p.add_argument("--cold", action="store_true", help="the same call twice inside the step (see above)")
     p.add_argument("--between", action="store_true", help="what a step that is not measured costs (see above)")
+    p.add_argument("--same-model", action="store_true", help="with --between: one model, watched and unwatched "
+                                                              "in turns (see above)")
     p.add_argument("--rounds", type=int, help="rounds of --between (default 300), --fresh (default 10) or --parts "
                                               "(default 15; 40 for the CNN)")
     p.add_argument("--fresh", action="store_true", help="the first 100 steps of a fresh watch (see above)")
@@ -357,6 +415,9 @@ def main() -> None:
     x, y = torch.rand(256, 784, generator=g) * 2 - 1, torch.randint(0, 10, (256,), generator=g)
     if args.cold:
         cold_calls(args.steps, x, y)
+        return
+    if args.between and args.same_model:
+        between_same_model(args.rounds or 300, x, y, args.baseline)
         return
     if args.between:
         between_steps(args.rounds or 300, x, y, args.baseline)

@@ -102,7 +102,8 @@ class Schedule:
         self.choices = intervals(self.every)
 
     def measures(self, step: int) -> bool:
-        return step < self.dense or step % self.every == 0 or self.histograms(step)
+        return step < self.dense or step % self.every == 0 or (
+            self.histogram_every is not None and step % self.histogram_every == 0)  # (histograms, inline)
 
     def histograms(self, step: int) -> bool:
         return self.histogram_every is not None and step % self.histogram_every == 0

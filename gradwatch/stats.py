@@ -31,7 +31,13 @@ ROW_FIELDS = ("sample_sum", "sample_spread", "sample_nonzero", "sample_saturated
 PEAK_FIELD = "sample_peak"
 """The last value :func:`sample_rows` returns per sample when asked for it: the sample's largest |value|."""
 
-_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
+dynamo_compiling = getattr(torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling)
+"""Whether Dynamo traces the calling code (it reads the call as True): one Python frame in eager
+code, where ``torch.compiler.is_compiling`` opens two (it asks TorchScript first). ``or`` the
+global flag ``is_compiling`` returns (:data:`EXPORTING`, set by ``torch.export`` without Dynamo),
+it says what ``is_compiling`` says."""
+EXPORTING = "_is_compiling_flag"
+"""The attribute of ``torch.compiler`` that ``torch.export`` sets while it traces without Dynamo."""
 _HALF = (torch.float16, torch.bfloat16)
 
 HOST_ARRAYS = True
@@ -70,7 +76,7 @@ def host_array(t: Tensor) -> Optional[np.ndarray]:
     if kind is None or not t.is_cpu or t.layout is not torch.strided:
         return None
     if type(t) in _PLAIN:
-        if t.is_neg() or t.is_conj() or _compiling():
+        if t.is_neg() or t.is_conj() or dynamo_compiling():  # (export's tensors are subclasses)
             return None
         try:
             ptr = t.data_ptr()
@@ -85,7 +91,7 @@ def host_array(t: Tensor) -> Optional[np.ndarray]:
             "strides": None if t.is_contiguous() else tuple([s * kind[1] for s in t.stride()])}
         return np.asarray(memory)
     x = t.detach()
-    if type(x) is not Tensor or _compiling():
+    if type(x) is not Tensor or dynamo_compiling():
         return None  # tensor subclasses (FakeTensor, DTensor, functorch wrappers)
     try:
         return x.numpy()
@@ -99,6 +105,16 @@ def read_number(t: Tensor) -> float:
     ``item()`` where NumPy cannot read it."""
     a = host_array(t)
     return float(a.reshape(-1)[0]) if a is not None else t.item()
+
+
+def host_sum(a: np.ndarray) -> float:
+    """The sum of every element of ``a`` (NumPy's pairwise sum, in its dtype); a NaN, an Inf or an
+    overflow to Inf gives no RuntimeWarning (``-W error`` would raise it in the user's step)."""
+    token = _fp_ignore()
+    try:
+        return float(_sum(a, axis=None))
+    finally:
+        _fp_restore(token)
 
 
 def host_flat(a: np.ndarray) -> np.ndarray:
@@ -129,6 +145,37 @@ def _c_einsum() -> Callable[..., Any]:
 
 
 _einsum = _c_einsum()
+
+
+def _numpy_core(name: str) -> Any:
+    for module in ("numpy._core.", "numpy.core."):  # NumPy 2, 1
+        try:
+            return importlib.import_module(module + name)
+        except ImportError:
+            continue
+    return None  # pragma: no cover - every NumPy since 1.x has them
+
+
+# NumPy's reductions as the compiled calls that ``ndarray.sum``/``max``/``min`` and ``np.count_nonzero``
+# make after a Python frame of their own (two for ``count_nonzero``): the same results, no frame.
+_sum = np.add.reduce
+_max = np.maximum.reduce
+_min = np.minimum.reduce
+_count_nonzero = getattr(_numpy_core("multiarray"), "count_nonzero", np.count_nonzero)
+
+# Floating-point errors (an overflowing sum, a NaN) ignored rather than warned about (``-W error``
+# would raise the warning in the user's step): ``np.errstate(all="ignore")`` is three Python calls a
+# use; NumPy 2 keeps that state in a context variable, set here directly (``token = _fp_ignore()``,
+# then ``_fp_restore(token)`` in a ``finally``). NumPy 1: ``np.seterr`` and back.
+_ufunc_config = _numpy_core("_ufunc_config")
+_umath = _numpy_core("umath")
+if hasattr(_ufunc_config, "_extobj_contextvar") and hasattr(_umath, "_make_extobj"):
+    _fp_ignore: Callable[[], Any] = functools.partial(_ufunc_config._extobj_contextvar.set,
+                                                      _umath._make_extobj(all="ignore"))
+    _fp_restore: Callable[[Any], Any] = _ufunc_config._extobj_contextvar.reset
+else:  # pragma: no cover - NumPy 1
+    _fp_ignore = functools.partial(np.seterr, all="ignore")
+    _fp_restore = lambda old: np.seterr(**old)  # noqa: E731
 
 
 DOT_ELEMENTS = 1 << 17
@@ -395,7 +442,8 @@ def sample_view(t: Tensor, max_elements: int) -> Tensor:
     >>> sample_view(torch.arange(100_000).reshape(1000, 100), 32768).numel()  # stride 3, not 4
     33334
     """
-    if _compiling():  # traced: shape arithmetic only (no guard on strides), in the logical order
+    if dynamo_compiling() or getattr(torch.compiler, EXPORTING, False):  # traced: shape arithmetic only
+        # (no guard on strides), in the logical order
         n = t.numel()
         s, dense = _stride(n, t.shape[-1] if t.dim() else 1, max_elements), False
     else:
@@ -417,7 +465,7 @@ def strided_sample(t: Tensor, max_elements: int) -> Tensor:
 
 def sample_size(t: Tensor, max_elements: int) -> int:
     """Number of elements :func:`sample_view` takes from ``t`` (host arithmetic, no sync)."""
-    if _compiling():
+    if dynamo_compiling() or getattr(torch.compiler, EXPORTING, False):
         n = t.numel()
         return -(-n // _stride(n, t.shape[-1] if t.dim() else 1, max_elements))
     n, s, _ = _plan(t.shape, t.stride(), t.is_contiguous(), max_elements)
@@ -537,18 +585,20 @@ def sample_row_host(t: Tensor, a: np.ndarray, max_elements: int, limits: Optiona
     s = _host_sample(t, a, max_elements)
     if s.size == 0:
         return [0.0, 0.0, 0.0, 0.0]
-    # NaN/Inf and overflowing sums give no RuntimeWarning (``-W error`` would raise it in the user's step)
-    with np.errstate(all="ignore"):
+    token = _fp_ignore()  # NaN/Inf and overflowing sums give no RuntimeWarning (-W error would raise it)
+    try:
         # One copy into contiguous memory of our own (every later pass is several times faster, and
         # the deviations are then computed in place).
         s = s * scale if scale is not None else s.copy()
-        total = float(s.sum())
-        nonzero = np.count_nonzero(s != 0)  # (on floats, count_nonzero alone is 5x slower)
+        total = float(_sum(s))
+        nonzero = _count_nonzero(s != 0)  # (on floats, count_nonzero alone is 5x slower)
         if not math.isfinite(total):  # maybe a NaN in the sample: it counts as zero, as torch.sign makes it
-            nonzero -= np.count_nonzero(s != s)
-        saturated = np.count_nonzero((s > limits[1]) | (s < limits[0])) if limits is not None else None
+            nonzero -= _count_nonzero(s != s)
+        saturated = _count_nonzero((s > limits[1]) | (s < limits[0])) if limits is not None else None
         s -= total / s.size
         row = [total, math.sqrt(sum_squares(s)), math.sqrt(nonzero)]
+    finally:
+        _fp_restore(token)
     if saturated is not None:  # a NaN is never saturated (comparisons are False)
         row.append(math.sqrt(saturated))
     return row
@@ -723,12 +773,16 @@ def _grad_rows_cpu(grads: List[Tensor], weights: List[Tensor]) -> Tensor:
     PyTorch op: :func:`_host_grad_row`), any other one in per-tensor kernels (:func:`_torch_grad_rows`)."""
     rows = np.empty((3, len(grads)))
     others: List[int] = []
-    for i, (g, w) in enumerate(zip(grads, weights)):
-        a, b = host_array(g), host_array(w)
-        if a is None or b is None:
-            others.append(i)
-        else:
-            rows[:, i] = _host_grad_row(a, b, g, w)
+    token = _fp_ignore()  # NaN/Inf and overflows give no RuntimeWarning (see sample_row_host)
+    try:
+        for i, (g, w) in enumerate(zip(grads, weights)):
+            a, b = host_array(g), host_array(w)
+            if a is None or b is None:
+                others.append(i)
+            else:
+                rows[:, i] = _host_grad_row(a, b, g, w)
+    finally:
+        _fp_restore(token)
     if others:
         rows[:, others] = _torch_grad_rows([grads[i] for i in others], [weights[i] for i in others])
     return torch.from_numpy(rows)
@@ -742,23 +796,23 @@ def _host_grad_row(a: np.ndarray, b: np.ndarray, g: Optional[Tensor] = None,
     The norms are :func:`sum_squares`; max |g| is one pass that allocates up to 16,384 elements,
     two that do not above (the faster of the two at each size), and PyTorch's ``aminmax`` from
     :data:`AMINMAX_ELEMENTS` (dense tensors). Where the float32 sum of squares
-    overflows, the norm is computed again in float64 on the tensor scaled by its max |g|."""
+    overflows, the norm is computed again in float64 on the tensor scaled by its max |g|. Floating-point
+    errors (a NaN, an overflow) are ignored around it by the caller (:func:`_grad_rows_cpu`)."""
     dense = _dense(g, a.size)
     flat = host_flat(a)
-    with np.errstate(all="ignore"):  # NaN/Inf and overflows give no RuntimeWarning (see sample_row_host)
-        norm = math.sqrt(read_number(torch.dot(dense, dense)) if dense is not None else sum_squares(flat))
-        if not flat.size:
-            top = 0.0
-        elif flat.size <= 1 << 14:
-            top = float(np.abs(flat).max())
-        elif dense is not None and flat.size >= AMINMAX_ELEMENTS:
-            low, high = torch.aminmax(dense)  # one pass, on PyTorch's threads
-            top = max(read_number(high), -read_number(low))  # NaN when either is (both are)
-        else:
-            top = max(float(flat.max()), -float(flat.min()))  # NaN when either is (both are)
-        if math.isinf(norm) and math.isfinite(top) and top > 0:
-            scaled = flat.astype(np.float64) / top
-            norm = top * math.sqrt(sum_squares(scaled))
+    norm = math.sqrt(read_number(torch.dot(dense, dense)) if dense is not None else sum_squares(flat))
+    if not flat.size:
+        top = 0.0
+    elif flat.size <= 1 << 14:
+        top = float(_max(np.abs(flat)))
+    elif dense is not None and flat.size >= AMINMAX_ELEMENTS:
+        low, high = torch.aminmax(dense)  # one pass, on PyTorch's threads
+        top = max(read_number(high), -read_number(low))  # NaN when either is (both are)
+    else:
+        top = max(float(_max(flat)), -float(_min(flat)))  # NaN when either is (both are)
+    if math.isinf(norm) and math.isfinite(top) and top > 0:
+        scaled = flat.astype(np.float64) / top
+        norm = top * math.sqrt(sum_squares(scaled))
     return norm, top, host_norm(b, w)
 
 

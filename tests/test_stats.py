@@ -455,6 +455,26 @@ def test_grad_summaries_of_overflowing_and_nonfinite_gradients(n):
     assert got[2].tolist() == pytest.approx([n ** 0.5] * 3)
 
 
+@pytest.mark.parametrize("values", [[3e38, 3e38, 1.0], [float("inf"), float("-inf"), 2.0], [float("nan"), 1.0, 0.0]])
+def test_numpy_reductions_of_nonfinite_or_overflowing_values_warn_of_nothing_and_leave_numpys_error_state(values):
+    # Under -W error a NumPy RuntimeWarning would raise in the user's training step; the error state
+    # gradwatch sets for its own reductions is NumPy's again afterwards.
+    t = torch.tensor(values * 20)
+    before = np.geterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rows = stats.grad_summaries([t, t[:7]], [t, t[:7]]).numpy()
+        row = stats.sample_row_host(t, t.numpy(), 32768, limits=(-1.0, 1.0))
+        total = stats.host_sum(t.numpy().reshape(6, 10))
+    assert np.geterr() == before
+    exact = t.double().numpy()
+    assert rows[0, 0] == pytest.approx(np.linalg.norm(exact), rel=1e-6, nan_ok=True)  # scaled where it overflowed
+    assert rows[1, 0] == pytest.approx(np.abs(exact).max(), nan_ok=True)
+    assert not math.isfinite(total) and not math.isfinite(row[0])  # float32 sums: overflowed, or NaN
+    with pytest.warns(RuntimeWarning):  # NumPy's own state, as the user left it, still warns
+        np.add.reduce(np.array([3e38, 3e38], dtype=np.float32))
+
+
 def test_grad_summaries_of_a_gradient_read_from_main_memory_match_numpy():
     g = torch.Generator().manual_seed(13)
     grads = [torch.randn(1100, 1000, generator=g), torch.randn(1000, 1100, generator=g).t()]  # dense; strided

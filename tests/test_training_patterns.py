@@ -885,7 +885,7 @@ def test_on_an_accelerator_the_step_is_named_a_step_later(monkeypatch):
 
     def deferred(self: Any, value: Any, step: Optional[int], what: str) -> Optional[bool]:
         if real(self, value, step, what) is False:
-            self._pending.append((step, what, torch.tensor(True), Finished()))
+            self.pending.append((step, what, torch.tensor(True), Finished()))
         return None
 
     monkeypatch.setattr(finite.Sentinel, "check", deferred)

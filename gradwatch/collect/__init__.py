@@ -30,7 +30,7 @@ from ..report import StepData
 from . import ranks, summary
 from .attention import AttentionTaps
 from .blind import BlindSpot, scripted
-from .buffers import Reduction, SampleLayout, StepBuffers, UnitHistory, in_backward
+from .buffers import Reduction, SampleLayout, StepBuffers, UnitHistory, graph_task
 from .finite import Sentinel, smallest_near_input
 from .forwards import ForwardGroup, transformed
 from .functional import FunctionalTaps
@@ -238,7 +238,7 @@ class Collector:
     def _root_pre_hook(self, module: nn.Module, args: Any, kwargs: Any) -> None:
         self._depth += 1
         self.blind.forwards += 1
-        if self._depth > 1 or in_backward():  # a recursive call, or a checkpointed recompute
+        if self._depth > 1 or graph_task() != -1:  # a recursive call, or a checkpointed recompute
             return
         self._ignoring = False
         try:
@@ -254,19 +254,20 @@ class Collector:
         late = self.guard("finiteness check", self.sentinel.poll) if self.sentinel.pending else None
         if late is not None:
             self._found_late(*late)
-        self.taps.keeping = self._buf is None and self.enabled and self.checking
-        if self._buf is not None:
-            self.guard("gradient noise scale", self.noise.forward, self._buf, args, kwargs)
+        buf = self._current()
+        self.taps.keeping = buf is None and self.enabled and self.checking
+        if buf is not None:
+            self.guard("gradient noise scale", self.noise.forward, buf, args, kwargs)
         # A compiled forward measures in its graph exactly when the eager hooks would record
         # (never in forwards gradwatch ignores, such as eval passes): one graph per grad mode
         # that does not measure, whatever the step, and one per grad mode that does.
-        self.taps.traced.on = self._current() is not None
-        if self.functional is not None and self._current() is not None:
+        self.taps.traced.on = buf is not None
+        if self.functional is not None and buf is not None:
             self.functional.enter()
 
     def _root_hook(self, module: nn.Module, args: Any, output: Any) -> None:
         self._depth = max(self._depth - 1, 0)
-        if self._depth or in_backward():
+        if self._depth or graph_task() != -1:
             return
         if self._ignoring:
             self._ignoring = False
@@ -277,8 +278,9 @@ class Collector:
         traced = self.taps.traced.take() if self.taps.traced.records else []
         if traced and self._current() is not None:  # a compiled forward: its layers' reductions
             self.taps.replay_traced(self._buf, traced)
-        if self._buf is None and self.enabled and self.checking:
-            self.guard("finiteness check", self._check_output, output, kept)
+        if self._buf is None and self.enabled and self.checking and \
+                self.guard("finiteness check", self.sentinel.check, output, self.step, "the model's output") is False:
+            self._measure_now(kept)
         if self.functional is not None:
             self.functional.leave(compiled=bool(traced))
         buf = self._current()
@@ -323,26 +325,24 @@ class Collector:
             self._place_param_hooks()
 
     # ------------------------------------------------------------------ non-finite values between measured steps
-    def _check_output(self, output: Any, kept: List[Any]) -> None:
-        if self.sentinel.check(output, self.step, "the model's output") is False:
-            # This step becomes a measured one now: its layers' outputs (kept until here) in
-            # forward order, and its gradients at the end of its backward.
-            self._buf = self._new_buffers(False)
-            self._step_hooks = True
-            self.gradients.register()
-            self.taps.replay(self._buf, kept)
+    def _measure_now(self, kept: List[Any]) -> None:
+        """The model's output is not finite: this step becomes a measured one now, its layers'
+        outputs (kept until here) in forward order, and its gradients at the end of its backward."""
+        self.guard("finiteness check", self._start_now)
+        self.guard("finiteness check", self.taps.replay, self._buf, kept)
+
+    def _start_now(self) -> None:
+        self._buf = self._new_buffers(False)
+        self._step_hooks = True
+        self.gradients.register()
 
     def _after_grad(self, param: torch.Tensor) -> None:
         self.blind._trained(param)
-        if self._buf is None and self.enabled and self.checking and param.grad is not None:
-            self.guard("finiteness check", self._check_grad_now, param)
-
-    def _check_grad_now(self, param: torch.Tensor) -> None:
-        if self.sentinel.check(param.grad, self.step, "a gradient near the input") is False:
-            self._buf = self._new_buffers(False)  # read every gradient at the end of this backward
-            self._step_hooks = True
-            self.gradients.register()
-            self.gradients.accumulated(param)
+        if self._buf is None and self.enabled and self.checking and param.grad is not None and \
+                self.guard("finiteness check", self.sentinel.check, param.grad, self.step,
+                           "a gradient near the input") is False:
+            self.guard("finiteness check", self._start_now)  # every gradient is read at the end of this backward
+            self.guard("finiteness check", self.gradients.accumulated, param)
 
     def _found_late(self, step: int, what: str) -> None:
         """A device flag of an earlier step tripped: said once; the running step is measured."""
@@ -365,9 +365,11 @@ def _not_a_step(module: nn.Module, args: Any, include_eval: bool) -> Optional[st
     activation checkpointing of the whole model) is one."""
     if transformed():
         return "transform"
-    first = next((a for a in args if isinstance(a, Tensor)), None)
-    if first is not None and first.is_meta:
-        return "meta"
+    for a in args:  # (the first tensor: a loop, where a generator is a Python call per item)
+        if isinstance(a, Tensor):
+            if a.is_meta:
+                return "meta"
+            break
     if include_eval:
         return None
     if not module.training:

@@ -41,6 +41,10 @@ def in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+graph_task = torch._C._current_graph_task_id
+"""What :func:`in_backward` reads (-1 outside a backward pass), for the hooks of every step: no Python call."""
+
+
 def site_name(name: str, call: int) -> str:
     """The record name of a module's ``call``-th call in one forward: the first keeps the
     module's name (renamed ``#1`` in the summary once a second site exists)."""
@@ -256,8 +260,7 @@ def reduce_output(t: Tensor, spec: ActivationSpec, how: Reduction, samples: Samp
     a = stats.host_array(t)
     if total is None:
         if a is not None and a.size <= stats.HOST_SUM_ELEMENTS:  # a small CPU tensor: NumPy's sum, read at once
-            with np.errstate(all="ignore"):
-                total = float(a.sum())
+            total = stats.host_sum(a)
         else:
             total = stats.full_sum(t)
     row = samples.add(t, limits_of(spec, how.margin), a=a)

@@ -40,7 +40,7 @@ class Sentinel:
     """Per-step finiteness flags of the model's output and of one gradient."""
 
     def __init__(self) -> None:
-        self._pending: List[Tuple[int, str, Tensor, Any]] = []  # (step, what, host flag, event)
+        self.pending: List[Tuple[int, str, Tensor, Any]] = []  # (step, what, host flag, event) in flight
         self._ring: List[Tensor] = []
         self._next = 0
         self.said = False  # the late finding was said (once)
@@ -64,20 +64,16 @@ class Sentinel:
         host.copy_(bad, non_blocking=True)
         event = getattr(torch, device.type).Event()
         event.record()
-        self._pending.append((step, what, host, event))
-        del self._pending[:-_RING]  # never more flags in flight than pinned slots
+        self.pending.append((step, what, host, event))
+        del self.pending[:-_RING]  # never more flags in flight than pinned slots
         return None
-
-    @property
-    def pending(self) -> bool:
-        return bool(self._pending)
 
     def poll(self) -> Optional[Tuple[int, str]]:
         """(step, what) of the earliest flag that the device has finished and found non-finite."""
-        while self._pending and self._pending[0][3].query():
-            step, what, host, _ = self._pending.pop(0)
+        while self.pending and self.pending[0][3].query():
+            step, what, host, _ = self.pending.pop(0)
             if bool(host):
-                self._pending.clear()
+                self.pending.clear()
                 return step, what
         return None
 

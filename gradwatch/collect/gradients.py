@@ -53,6 +53,10 @@ def _version(g: Optional[Tensor]) -> Optional[Tuple[int, int]]:
     return None if g is None else (id(g), getattr(g, "_version", 0))
 
 
+def _device_and_dtype(entry: Tuple[str, str, nn.Parameter]) -> Tuple[str, str]:
+    return str(entry[2].device), str(entry[2].dtype)
+
+
 class GradientReader:
     """Reads the watched parameters' gradients into the step's buffers."""
 
@@ -210,13 +214,17 @@ class GradientReader:
         grads: List[Tensor] = []
         weights: List[Tensor] = []
         groups: List[Any] = []
-        # Grouped by device and dtype, each group is one run of fused kernels and one slice.
-        for pname, _, p in sorted(params, key=lambda e: (str(e[2].device), str(e[2].dtype))):
+        # Grouped by device and dtype, each group is one run of fused kernels and one slice (sorted
+        # only where there are several: the key is a Python call per parameter).
+        kinds = {(p.device, p.dtype) for _, _, p in params}
+        for pname, _, p in params if len(kinds) < 2 else sorted(params, key=_device_and_dtype):
             g = p.grad
             if g is None:
                 continue
-            g, group = local_shard(g)
-            w, _ = local_shard(p)
+            w, group = p, None
+            if type(g).__name__ == "DTensor" or type(p).__name__ == "DTensor":  # FSDP's shards (else none)
+                g, group = local_shard(g)
+                w, _ = local_shard(p)
             names.append(pname)
             grads.append(g.coalesce()._values() if g.is_sparse else g)
             weights.append(w)

@@ -80,16 +80,19 @@ class Hook(functools.partial):
 class WeakHook:
     """Calls a bound method while its object lives. For hooks on parameters: PyTorch's garbage
     collector cannot see through a parameter's hook dictionary, so a strong reference from it
-    back to the watch (which holds the model) would keep a forgotten model alive for ever."""
+    back to the watch (which holds the model) would keep a forgotten model alive for ever.
+    (A weak reference to the object and the method's name: ``weakref.WeakMethod`` is a Python
+    call of its own, on every backward pass.)"""
 
-    __slots__ = ("method",)
+    __slots__ = ("owner", "name")
 
     def __init__(self, method: Callable[..., Any]) -> None:
-        self.method = weakref.WeakMethod(method)  # type: ignore[arg-type]
+        self.owner = weakref.ref(method.__self__)  # type: ignore[attr-defined]
+        self.name = method.__name__
 
     def __call__(self, *args: Any) -> Any:
-        fn = self.method()
-        return None if fn is None else fn(*args)
+        owner = self.owner()
+        return None if owner is None else getattr(owner, self.name)(*args)
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         return (Unhooked, ())

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from .. import stats
+from ..stats import EXPORTING, dynamo_compiling
 from ..layers import ActivationKind, Layer
 from .buffers import Reduction, StepBuffers, follows_layout, in_backward, site_name
 from .forwards import transformed
@@ -223,7 +224,7 @@ class LayerTaps:
         measure = eager(measure)
 
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if compiling():  # traced into the compiled graph, without a graph break
+            if dynamo_compiling() or getattr(torch.compiler, EXPORTING, False):  # traced into the compiled graph
                 taps = getattr(LIVE, key)  # one path to the taps for every layer (see traced.LIVE)
                 if taps.on:  # (read here: an unmeasured graph traces one call less per layer)
                     taps.record(traced, output, args if reads_input else ())
