@@ -38,7 +38,10 @@ adds another checkout's gradwatch (no step measured) to the same run.
 copies of one model differ by up to a few per cent in one run, more than a 2 % target): each round,
 in shuffled order, a block of 10 steps unwatched and a block per gradwatch (attached with
 ``every=10**6``, three untimed steps, the timed block, detached). Printed: the median over rounds
-of (watched block - unwatched block) per step, with the middle half of the rounds in brackets.
+of (watched block - unwatched block) per step, with the middle half of the rounds in brackets. Two
+more blocks take parts away, to weigh them: gradwatch without the finiteness check (no sums read
+and no output kept, as under several processes), and gradwatch without the layers' hooks (no call
+per layer and no output kept; the root's hooks, step counting and the check stay).
 
 ``--replay``: the step summary (``Collector._summarise``: one host read, per-site totals, the
 records) of one measured step, captured after a few steps watched every step and replayed 2,000
@@ -199,12 +202,25 @@ def between_steps(rounds: int, x: torch.Tensor, y: torch.Tensor, baseline: Optio
         print(f"  {v:40s} {(statistics.median(ratios) - 1) * plain * 1e3:7.0f}")
 
 
-def between_same_model(rounds: int, x: torch.Tensor, y: torch.Tensor, baseline: Optional[str] = None) -> None:
-    watches: Dict[str, Any] = {"gradwatch, no step measured": GradWatch}
+def _without_check(watch: GradWatch) -> None:
+    watch._collector.checking = False  # no sums read, no outputs kept (what several processes run)
+
+
+def _without_layer_hooks(watch: GradWatch) -> None:
+    watch._collector.taps.detach()  # no call per layer, no outputs kept
+
+
+def between_same_model(rounds: int, x: torch.Tensor, y: torch.Tensor, baseline: Optional[str] = None,
+                       make: Callable[[], torch.nn.Module] = fashion_mlp) -> None:
+    watches: Dict[str, Tuple[Any, Callable[[Any], None]]] = {
+        "gradwatch, no step measured": (GradWatch, lambda w: None),
+        "  without the finiteness check": (GradWatch, _without_check),
+        "  without the layers' hooks": (GradWatch, _without_layer_hooks),
+    }
     if baseline is not None:
-        watches["the baseline's gradwatch, no step measured"] = load_baseline(baseline).GradWatch
+        watches["the baseline's gradwatch, no step measured"] = (load_baseline(baseline).GradWatch, lambda w: None)
     torch.manual_seed(0)
-    model = fashion_mlp()
+    model = make()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
 
     def block(steps: int) -> float:
@@ -228,9 +244,12 @@ def between_same_model(rounds: int, x: torch.Tensor, y: torch.Tensor, baseline: 
                 block(3)
                 times[name] = block(10)
                 continue
-            watch = watches[name](model, every=10 ** 6, quiet=True).attach()
+            make, change = watches[name]
+            watch = make(model, every=10 ** 6, quiet=True).attach()
             try:
-                block(3)  # the first step is measured; the next two settle
+                block(1)  # the first step is measured
+                change(watch)
+                block(2)
                 times[name] = block(10)
             finally:
                 watch.detach()

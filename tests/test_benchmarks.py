@@ -146,6 +146,26 @@ def test_breakdown_replays_one_measured_steps_summary_here_and_in_a_baseline(cap
     assert all(float(line.split("us per step")[0].split()[-1]) > 0 for line in lines)
 
 
+def test_breakdown_times_steps_not_measured_on_one_model_watched_and_unwatched_in_turns(capsys):
+    from pathlib import Path
+
+    from benchmarks import breakdown
+
+    import gradwatch
+
+    root = Path(gradwatch.__file__).resolve().parent.parent
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+    breakdown.between_same_model(2, x, y, baseline=str(root), make=lambda: model)
+    lines = [line for line in capsys.readouterr().out.splitlines() if "us per step" in line]
+    assert [line.split(" us per step")[0].rsplit(None, 1)[0].strip() for line in lines] == [
+        "gradwatch, no step measured", "without the finiteness check", "without the layers' hooks",
+        "the baseline's gradwatch, no step measured"]
+    assert not model._forward_hooks and not model._forward_pre_hooks  # every watch detached
+    assert all(not m._forward_hooks for m in model.modules())
+
+
 def test_breakdown_parts_switches_each_part_off_in_its_own_copy_and_back(capsys):
     from benchmarks import breakdown
 
