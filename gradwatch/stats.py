@@ -32,10 +32,10 @@ PEAK_FIELD = "sample_peak"
 """The last value :func:`sample_rows` returns per sample when asked for it: the sample's largest |value|."""
 
 dynamo_compiling = getattr(torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling)
-"""Whether Dynamo traces the calling code (it reads the call as True): one Python frame in eager
-code, where ``torch.compiler.is_compiling`` opens two (it asks TorchScript first). ``or`` the
-global flag ``is_compiling`` returns (:data:`EXPORTING`, set by ``torch.export`` without Dynamo),
-it says what ``is_compiling`` says."""
+"""Whether Dynamo traces the calling code (Dynamo reads the call as True): one Python frame in
+eager code, where ``torch.compiler.is_compiling`` opens two (it asks TorchScript first). Where
+``torch.export`` can trace without Dynamo, callers add ``getattr(torch.compiler, EXPORTING, False)``:
+together they say what ``is_compiling`` says."""
 EXPORTING = "_is_compiling_flag"
 """The attribute of ``torch.compiler`` that ``torch.export`` sets while it traces without Dynamo."""
 _HALF = (torch.float16, torch.bfloat16)
