@@ -120,12 +120,14 @@ def test_the_one_read_reference_reads_each_output_its_gradient_and_each_paramete
 def test_reductions_compares_numpy_and_pytorch_at_each_size():
     from benchmarks import reductions
 
-    rows = reductions.measure([64, 4096], repeat=3)
-    assert [r["elements"] for r in rows] == [64, 4096]
-    for r in rows:
-        assert set(r) == {"elements", "numpy sum of squares (einsum)", "torch.dot", "numpy max and min",
-                          "torch.aminmax"}
-        assert all(v > 0 for k, v in r.items() if k != "elements")
+    for in_step in (False, True):
+        rows = reductions.measure([256, 4096], repeat=3, in_step=in_step)
+        assert [r["elements"] for r in rows] == [256, 4096]
+        for r in rows:
+            assert set(r) == {"elements", "numpy sum (einsum)", "torch sum", "numpy per-unit sums",
+                              "torch per-unit sums", "numpy sum of squares (einsum)", "torch.dot",
+                              "numpy max and min", "torch.aminmax"}
+            assert all(v > 0 for k, v in r.items() if k != "elements")
 
 
 def test_breakdown_replays_one_measured_steps_summary_here_and_in_a_baseline(capsys):

@@ -132,15 +132,26 @@ def test_a_sample_is_a_copy_the_layer_output_is_freed_as_without_gradwatch(monke
     assert ref.chunk.result is not None and ref.chunk.buf is None  # the buffer goes once reduced
 
 
-def test_rectifier_units_give_their_activity_and_the_exact_total():
+@pytest.mark.parametrize("host", [True, False], ids=["numpy", "torch"])
+@pytest.mark.parametrize("channels_first", [True, False])
+def test_rectifier_units_give_their_activity_and_the_exact_total(monkeypatch, host, channels_first):
+    """NumPy's per-unit sums of a CPU tensor (an array, the total read at once) and PyTorch's (a
+    tensor with kept dimensions, summed later) say the same."""
+    monkeypatch.setattr(stats, "HOST_ARRAYS", host)
     spec = buffers.ActivationSpec(buffers.ActivationKind.RECTIFIER)
     t = torch.relu(torch.randn(8, 5, 3, 3))
     t[:, 2] = 0.0
+    t[..., 1] = 0.0
     how = buffers.Reduction(0.01, 64, 8)
     with torch.no_grad():
-        part, alive = buffers.reduce_output(t, spec, how, SampleRows("samples", 64, SampleLayout(1)), True, True)
-    assert alive.shape == (1, 5, 1, 1) and (alive.reshape(-1) > 0).tolist() == [True, True, False, True, True]
-    assert float(part.total.sum()) == pytest.approx(float(t.sum()), rel=1e-6)
+        part, alive = buffers.reduce_output(t, spec, how, SampleRows("samples", 64, SampleLayout(1)), channels_first,
+                                            True)
+    expected = [True, True, False, True, True] if channels_first else [True, False, True]
+    assert isinstance(alive, np.ndarray if host else torch.Tensor)
+    assert (np.asarray(alive).reshape(-1) > 0).tolist() == expected
+    assert isinstance(part.total, float) == host
+    total = part.total if host else float(part.total.sum())
+    assert total == pytest.approx(float(t.double().sum()), rel=1e-6)
 
 
 @pytest.mark.parametrize("module", [nn.SiLU(), nn.GELU(), nn.ELU(), nn.Softplus()], ids=lambda m: type(m).__name__)

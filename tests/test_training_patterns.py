@@ -856,10 +856,54 @@ def test_a_non_finite_activation_is_reported_at_its_own_step_naming_the_first_la
     assert not watch.schedule.measures(12)  # by the schedule
     first = [f for f in watch.findings if f.kind.value == "non_finite"][0]
     assert (first.step, first.layer) == (12, "nan")
-    st = rec.steps[12]  # measured because of the NaN: every layer of that step, in forward order
+    st = rec.steps[12]  # measured because of the NaN: the outputs kept until the forward returned, in forward order
     assert [n for n, s in st.layers.items() if s.nonfinite][0] == "nan"
-    assert not st.layers["fc2"].nonfinite and st.layers["fc1"].count == 32 * 16
+    assert st.layers["act1"].count == 32 * 16 and not st.layers["act1"].nonfinite
+    # The Linears' outputs (and the NaN's), which nothing but gradwatch held once the tanh after each had
+    # consumed them, were let go during the forward as without gradwatch: fc1 and fc2 are not in that step's
+    # record; "nan" is, as non-finite from the tanh it fed (a tanh makes no NaN of finite values).
+    assert "fc1" not in st.layers and "fc2" not in st.layers
+    gone = st.layers["nan"]
+    assert gone.count == 32 * 16 and math.isnan(gone.mean) and math.isnan(gone.zero_fraction)
     assert 11 not in rec.steps  # steps before it stay unmeasured
+
+
+def test_between_measured_steps_the_outputs_only_gradwatch_holds_are_let_go_as_without_it():
+    """What is alive at the end of an unmeasured forward is what is alive without gradwatch: a Linear's
+    output that a ReLU consumed (no backward formula saves it) is freed during the forward, the ReLUs'
+    (saved by the next Linear) live on, and so do outputs the forward itself holds in variables."""
+    class Held(nn.Module):  # keeps its first Linear's output in a variable until it returns
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.act1, self.fc2, self.act2, self.fc3 = (nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16),
+                                                                   nn.ReLU(), nn.Linear(16, 3))
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = self.fc1(x)
+            return self.fc3(self.act2(self.fc2(self.act1(h)))) + 0 * h.sum()
+
+    def alive_at_the_end(model: nn.Module, watched: bool) -> Dict[str, bool]:
+        refs: Dict[str, Any] = {}
+        found: Dict[str, bool] = {}
+        names = [n for n, m in model.named_children()]
+        with GradWatch(model, every=10 ** 6, quiet=True) if watched else contextlib.nullcontext():
+            for step in range(2):  # step 0 is measured, step 1 is not
+                handles = [m.register_forward_hook(lambda m, a, o, n=n: refs.__setitem__(n, weakref.ref(o)))
+                           for n, m in model.named_children()]
+                last = getattr(model, names[-1]).register_forward_hook(
+                    lambda m, a, o: found.update({n: refs[n]() is not None for n in names[:-1]}))
+                out = model(X)
+                for h in handles + [last]:
+                    h.remove()
+                F.cross_entropy(out, Y).backward()
+        return found
+
+    for make in (lambda: nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)),
+                 Held):
+        plain = alive_at_the_end(seeded(make), watched=False)
+        assert alive_at_the_end(seeded(make), watched=True) == plain
+        assert not all(plain.values()) and any(plain.values())  # some freed, some saved: the test tells them apart
+    assert alive_at_the_end(seeded(Held), watched=True)["fc1"]  # held by the forward: kept, and measurable
 
 
 def test_a_non_finite_gradient_is_reported_at_its_own_step_naming_the_first_parameter():

@@ -247,22 +247,24 @@ def reduce_output(t: Tensor, spec: ActivationSpec, how: Reduction, samples: Samp
     the active units (or None)."""
     alive = None
     total = None
+    a = stats.host_array(t)
+    small = a is not None and a.size <= stats.HOST_SUM_ELEMENTS  # a small CPU tensor: NumPy's sums, read at once
     if units and t.numel() and spec.flat is not None:
         source = t if spec.flat.increasing else pre
         if source is not None and source.shape == t.shape:
             alive = stats.unit_max(source, channels_first, keepdim=True)
     elif units and t.numel():
-        total = stats.unit_sums(t, channels_first, keepdim=True)
-        if total is not None:
-            d = stats.unit_dim(t.dim(), channels_first)
-            alive = total if spec.kind is ActivationKind.RECTIFIER else torch.linalg.vector_norm(
-                t, dim=tuple(i for i in range(t.dim()) if i != d), keepdim=True, dtype=total.dtype)
-    a = stats.host_array(t)
-    if total is None:
-        if a is not None and a.size <= stats.HOST_SUM_ELEMENTS:  # a small CPU tensor: NumPy's sum, read at once
-            total = stats.host_sum(a)
+        d = stats.unit_dim(t.dim(), channels_first)
+        if small and d is not None and spec.kind is ActivationKind.RECTIFIER:
+            alive = stats.host_unit_sums(a, d)
+            total = stats.host_sum(alive)
         else:
-            total = stats.full_sum(t)
+            total = stats.unit_sums(t, channels_first, keepdim=True)
+            if total is not None:
+                alive = total if spec.kind is ActivationKind.RECTIFIER else torch.linalg.vector_norm(
+                    t, dim=tuple(i for i in range(t.dim()) if i != d), keepdim=True, dtype=total.dtype)
+    if total is None:
+        total = stats.host_sum(a) if small else stats.full_sum(t)
     row = samples.add(t, limits_of(spec, how.margin), a=a)
     return ActivationPart(t.numel(), row.count if row is not None else 0, total, row,
                           half=t.dtype == torch.float16), alive
@@ -327,6 +329,11 @@ class SiteBuffer:
         self.parts.append(ActivationPart(numel, sampled, summary=summary, half=half))
         if alive is not None:
             self.add_alive(alive, spec, how)
+
+    def add_nonfinite(self, numel: int) -> None:
+        """One call whose output is known non-finite, and nothing else of it (``taps.replay``)."""
+        self.calls += 1
+        self.parts.append(ActivationPart(numel, 0, math.nan))
 
     def add_alive(self, alive: Tensor, spec: Optional[ActivationSpec], how: Optional[Reduction]) -> None:
         """One call's per-unit activity (a smooth rectifier's per-unit maxima, compared with its cut-off)."""
