@@ -859,10 +859,11 @@ def test_a_non_finite_activation_is_reported_at_its_own_step_naming_the_first_la
     st = rec.steps[12]  # measured because of the NaN: the outputs kept until the forward returned, in forward order
     assert [n for n, s in st.layers.items() if s.nonfinite][0] == "nan"
     assert st.layers["act1"].count == 32 * 16 and not st.layers["act1"].nonfinite
-    # The Linears' outputs (and the NaN's), which nothing but gradwatch held once the tanh after each had
-    # consumed them, were let go during the forward as without gradwatch: fc1 and fc2 are not in that step's
-    # record; "nan" is, as non-finite from the tanh it fed (a tanh makes no NaN of finite values).
-    assert "fc1" not in st.layers and "fc2" not in st.layers
+    # fc1's output and the NaN's, which nothing but gradwatch held once the tanh after each had consumed them,
+    # were let go during the forward as without gradwatch: fc1 is not in that step's record, "nan" is, as
+    # non-finite from the tanh it fed (a tanh makes no NaN of finite values). fc2's fed a module of the user's,
+    # which may make a NaN of anything: it was kept, and measured finite.
+    assert "fc1" not in st.layers and not st.layers["fc2"].nonfinite and st.layers["fc2"].count == 32 * 16
     gone = st.layers["nan"]
     assert gone.count == 32 * 16 and math.isnan(gone.mean) and math.isnan(gone.zero_fraction)
     assert 11 not in rec.steps  # steps before it stay unmeasured
@@ -904,6 +905,33 @@ def test_between_measured_steps_the_outputs_only_gradwatch_holds_are_let_go_as_w
         assert alive_at_the_end(seeded(make), watched=True) == plain
         assert not all(plain.values()) and any(plain.values())  # some freed, some saved: the test tells them apart
     assert alive_at_the_end(seeded(Held), watched=True)["fc1"]  # held by the forward: kept, and measurable
+
+
+def test_a_non_finite_output_that_fed_a_residual_sum_is_kept_and_named_at_its_own_step():
+    """An output no backward formula saves but that fed no known activation (a residual branch's, summed with
+    its input) is kept between measured steps: it alone can say where the values arose."""
+    class Residual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.act1, self.fc2 = nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16)
+            self.fc3, self.act3, self.head = nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = self.act1(self.fc1(x))
+            return self.head(self.act3(self.fc3(h + self.fc2(h))))
+
+    model = seeded(Residual)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GradWatchWarning)
+        with GradWatch(model, quiet=True) as watch:  # the default schedule: step 12 is not measured
+            for step in range(14):
+                if step == 12:
+                    with torch.no_grad():
+                        model.fc2.bias[0] = float("nan")
+                F.cross_entropy(model(X), Y).backward()
+    assert not watch.schedule.measures(12)
+    first = [f for f in watch.findings if f.kind.value == "non_finite"][0]
+    assert (first.step, first.layer) == (12, "fc2")
 
 
 def test_a_non_finite_gradient_is_reported_at_its_own_step_naming_the_first_parameter():

@@ -5,7 +5,8 @@ reported at the step it first appears rather than at the next measured step (by 
 optimizer has spread it into the weights, and the first layer with a NaN output is the wrong
 one to blame). Per unmeasured step this costs one reduction of the model's output, one of a
 small gradient near the input (non-finite gradients flow down to it), and one Python call per
-layer that keeps a reference to the layer's output until the forward returns.
+layer that keeps a reference to the layer's output until the forward returns (or lets go of
+one that only gradwatch holds, see ``taps._let_go``).
 
 On the CPU the check is read at once: when it trips, the step becomes a measured one on the
 spot, its layers' outputs (still referenced) are measured in forward order and its gradients

@@ -10,7 +10,9 @@ such as ``nn.ReLU(inplace=True)``.
 Between measured steps, the same hook keeps a reference to the layer's output until the
 model's forward returns (the per-step finiteness check, :mod:`.finite`), so that when the
 model's output turns out non-finite, that step's outputs can still be measured in forward order
-(:meth:`LayerTaps.replay`) and the first non-finite layer named at the step it appeared.
+(:meth:`LayerTaps.replay`) and the first non-finite layer named at the step it appeared. An
+output that only gradwatch still holds and that a known activation consumed is let go as it
+would be freed without gradwatch (:func:`_let_go`); the activation's output answers for it.
 
 A module object called at several places of one forward (one ``nn.ReLU()`` reused through a
 block) gets one record per call site: ``relu#1``, ``relu#2``, ... counted afresh at each forward
@@ -23,7 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from sys import getrefcount
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -40,7 +42,8 @@ from .traced import LIVE, TracedLayer, TracedRecord, TracedTaps, compiling
 
 # The innermost saved-tensor hooks in force (activation checkpointing, offloading), or None.
 _saved_tensor_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", lambda tracing: None)
-_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
+# Holders of a storage (None where this PyTorch cannot tell: nothing is let go there).
+_storage_use_count = getattr(torch._C, "_storage_Use_Count", None) if hasattr(Tensor, "_use_count") else None
 
 
 class _LetGo:
@@ -56,39 +59,43 @@ Kept = Tuple[Layer, Any, int]
 """A layer, its output (or a :class:`_LetGo`) and the ``id`` of its first input, between measured steps."""
 
 
-def _let_go(kept: List[Kept]) -> None:
-    """Let go of the output kept two layer calls ago when nothing but this list holds it any more:
-    no Python reference (the forward's variables, a module's arguments), no other tensor object on
-    its memory (autograd saves a function's result as one: ReLU's), and no saved input (``addmm``
-    saves its input as the tensor itself). Such an output is one that no backward formula needs
-    (a Linear's output that a ReLU consumed): without gradwatch it would already be freed, and
-    keeping it until the forward returns would raise the step's peak memory (by 11 % on the
-    seed MLP with SGD, whose peak is the forward's end). A single tensor is judged; a layer's
-    tuple or dict output is kept as it is. Checked at two calls' distance: one call later, a
-    ``nn.Sequential`` still holds it as the next module's input."""
-    entry = kept[-2]
+def _let_go(kept: List[Kept], safe: Set[str]) -> None:
+    """Let go of the output kept two layer calls ago where keeping it costs memory and letting it go
+    costs no naming: nothing but this list holds it any more (no Python reference: the forward's
+    variables, a module's arguments; no other tensor object on its memory: autograd saves a
+    function's result as one, ReLU's; no saved input: ``addmm`` saves its input as the tensor
+    itself), and the layer called next took it as input and is a known activation without
+    parameters (``safe``: :func:`finite_in_finite_out`). Such an output (a Linear's output that a
+    ReLU consumed) would already be freed without gradwatch, and kept until the forward returned
+    it raised the step's peak memory (by 11 % on the seed MLP and CNN with SGD, whose peak is the
+    forward's end); where it turns non-finite, so does the activation's output, which is kept
+    (:func:`_fed_nonfinite`). Any other output is kept (a residual branch's: the sum it fed is no
+    layer, and naming a later layer would blame the wrong one). Checked at two calls' distance:
+    one call later, a ``nn.Sequential`` still holds it as the next module's input."""
+    entry, after = kept[-2], kept[-1]
     t = entry[1]
     # 3 references: the list's tuple, ``t`` and getrefcount's argument; 2 holders of the memory:
     # the tensor and the storage object untyped_storage() gives.
-    if type(t) is Tensor and getrefcount(t) == 3 and t._use_count() == 1 and _storage_use_count is not None \
-            and _storage_use_count(t.untyped_storage()._cdata) == 2:
+    if after[2] == id(t) and after[0].name in safe and type(t) is Tensor and getrefcount(t) == 3 and \
+            t._use_count() == 1 and _storage_use_count(t.untyped_storage()._cdata) == 2:
         kept[-2] = (entry[0], _LetGo(t), entry[2])
 
 
-def _finite_in_finite_out(layer: Layer) -> bool:
+def finite_in_finite_out(layer: Layer) -> bool:
     """A known activation without parameters (ReLU, tanh, GELU, ...): it turns no finite value into
     a NaN or Inf, so a non-finite output of it means a non-finite input."""
     return layer.spec.kind in (ActivationKind.RECTIFIER, ActivationKind.BOUNDED, ActivationKind.SMOOTH) and \
         next(layer.module.parameters(), None) is None
 
 
-def _fed_nonfinite(gone: _LetGo, later: List[Kept]) -> bool:
-    """Whether the output let go fed a known activation (:func:`_finite_in_finite_out`) whose kept
-    output is non-finite: then it was non-finite itself."""
-    for layer, output, source in later:
-        if source == gone.id and type(output) is Tensor:
-            return _finite_in_finite_out(layer) and not math.isfinite(float(output.detach().sum()))
-    return False
+def _fed_nonfinite(gone: _LetGo, after: Optional[Kept]) -> bool:
+    """Whether the output let go fed the next kept layer (``after``, the known activation that
+    :func:`_let_go` found it fed) and that layer's output is non-finite: then it was non-finite
+    itself. (While it lived, no other object had its ``id``.)"""
+    if after is None or after[2] != gone.id or type(after[1]) is not Tensor:
+        return False
+    return not math.isfinite(float(after[1].detach().sum()))
+
 
 Current = Callable[[], Optional[StepBuffers]]
 """Returns the buffers of the step being measured, or None when nothing is to be recorded."""
@@ -142,6 +149,9 @@ class LayerTaps:
         self.seen = 0  # layer outputs recorded since attach
         self.keeping = False  # True during a root forward of an unmeasured step (finiteness check)
         self.kept: List[Kept] = []
+        # Layers after which an output may be let go (none where PyTorch cannot count its holders).
+        self._safe: Set[str] = {layer.name for layer in layers if finite_in_finite_out(layer)} \
+            if _storage_use_count is not None else set()
         self._calls: Dict[str, int] = {}  # per module, calls in the current forward of the model
         self._calls_of: Optional[StepBuffers] = None  # the step those calls were counted in
         self._layout = {layer.name: channels_first(layer.module) for layer in layers}
@@ -196,7 +206,7 @@ class LayerTaps:
                 continue
             if type(output) is not _LetGo:
                 self.guard(layer.name, self._on_output, layer, buf, output)
-            elif _fed_nonfinite(output, kept[i + 1:]):
+            elif _fed_nonfinite(output, kept[i + 1] if i + 1 < len(kept) else None):
                 self.guard(layer.name, self._on_nonfinite, layer, buf, output.numel)
 
     def _on_nonfinite(self, layer: Layer, buf: StepBuffers, numel: int) -> None:
@@ -298,8 +308,8 @@ class LayerTaps:
                 # has moved on, are let go as they would be without it (see _let_go).
                 if torch.is_grad_enabled() and _saved_tensor_hooks(False) is None:
                     kept = self.kept
-                    if len(kept) > 1:
-                        _let_go(kept)
+                    if len(kept) > 1 and self._safe:
+                        _let_go(kept, self._safe)
                     kept.append((layer, output, id(args[0]) if args else 0))
             elif self.current() is not None:
                 measure(module, args, output)
