@@ -692,28 +692,31 @@ def histogram_host(t: Tensor, a: np.ndarray, bins: int, max_elements: int = HIST
     """:func:`histogram_rows`' row of one CPU tensor ``t``, whose memory ``a`` shares, in NumPy:
     the same fields from the same elements (float64 arithmetic, one call per pass)."""
     s = _host_sample(t, a, max_elements)
-    with np.errstate(all="ignore"):  # overflows (to Inf, as PyTorch's) give no RuntimeWarning
+    token = _fp_ignore()  # overflows (to Inf, as PyTorch's) give no RuntimeWarning
+    try:
         s = s.astype(np.float64)  # (a float32 sample times a scalar stays float32 under NumPy 1's casting)
         if scale is not None:
             s *= scale
-        total = float(s.sum())
+        total = float(_sum(s))
         left_out = 0
         if not math.isfinite(total):  # a NaN/Inf in the sample, or a scaled sum past float64's range
             finite = np.isfinite(s)
-            left_out = s.size - int(np.count_nonzero(finite))
+            left_out = s.size - int(_count_nonzero(finite))
             if left_out:
                 s = s[finite]
-                total = float(s.sum())
+                total = float(_sum(s))
         if not s.size:
             return [math.inf, -math.inf, 0.0, 0.0] + [0.0] * bins + [float(left_out)]
-        low, high = float(s.min()), float(s.max())
+        low, high = float(_min(s)), float(_max(s))
         x = np.subtract(s, low)
         scale_ = bins / (high - low) if high > low else 0.0
         x *= scale_ if math.isfinite(scale_) else 0.0  # (a subnormal range: all in bin 0, as histogram_rows)
         # The largest value lands on ``bins``: counted in one more slot, then taken into the last bin.
         counts = np.bincount(x.astype(np.intp), minlength=bins + 1)
-        counts[bins - 1] += counts[bins:].sum()
+        counts[bins - 1] += _sum(counts[bins:])
         return [low, high, total, sum_squares(s)] + counts[:bins].astype(np.float64).tolist() + [float(left_out)]
+    finally:
+        _fp_restore(token)
 
 
 def histogram_fields(row: Sequence[float]) -> List[float]:
@@ -968,9 +971,12 @@ def update_norms(before: Sequence[Any], after: Sequence[Any], scales: Sequence[f
     arrays = [i for i, b in enumerate(before) if isinstance(b, np.ndarray)]
     if arrays:
         rows = np.empty((2, len(before)))
-        with np.errstate(all="ignore"):  # NaN/Inf and overflows give no RuntimeWarning
+        token = _fp_ignore()  # NaN/Inf and overflows give no RuntimeWarning
+        try:
             for i in arrays:
                 rows[:, i] = host_norm(after[i] - before[i]) * scales[i], host_norm(before[i]) * scales[i]
+        finally:
+            _fp_restore(token)
         others = [i for i, b in enumerate(before) if not isinstance(b, np.ndarray)]
         if others:  # tensors NumPy does not read (half precision)
             rows[:, others] = update_norms([before[i] for i in others], [after[i] for i in others],

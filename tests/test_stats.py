@@ -460,13 +460,19 @@ def test_numpy_reductions_of_nonfinite_or_overflowing_values_warn_of_nothing_and
     # Under -W error a NumPy RuntimeWarning would raise in the user's training step; the error state
     # gradwatch sets for its own reductions is NumPy's again afterwards.
     t = torch.tensor(values * 20)
+    with np.errstate(all="ignore"):
+        doubled = t.numpy() * 2
     before = np.geterr()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         rows = stats.grad_summaries([t, t[:7]], [t, t[:7]]).numpy()
         row = stats.sample_row_host(t, t.numpy(), 32768, limits=(-1.0, 1.0))
         total = stats.host_sum(t.numpy().reshape(6, 10))
+        hist = stats.histogram_host(t, t.numpy(), 16, scale=1e300)  # scaled past float64's range too
+        ratios = stats.update_norms([t.numpy()], [doubled], [1.0])
     assert np.geterr() == before
+    assert len(hist) == 4 + 16 + 1 and hist[-1] > 0  # the non-finite elements are left out, and counted
+    assert ratios.shape == (2, 1)
     exact = t.double().numpy()
     assert rows[0, 0] == pytest.approx(np.linalg.norm(exact), rel=1e-6, nan_ok=True)  # scaled where it overflowed
     assert rows[1, 0] == pytest.approx(np.abs(exact).max(), nan_ok=True)

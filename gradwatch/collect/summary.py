@@ -172,7 +172,7 @@ def _gather(buf: StepBuffers) -> _Gathered:
 
 def _total(values: Any) -> float:
     """The sum of a sum's or per-unit sums' values (an array, or a list read from a device)."""
-    return float(values.sum(dtype=np.float64)) if isinstance(values, np.ndarray) else sum(values)
+    return float(np.add.reduce(values, dtype=np.float64)) if isinstance(values, np.ndarray) else sum(values)
 
 
 def _dead(g: _Gathered, name: str, site: SiteBuffer, units: UnitHistory) -> Optional[Tuple[int, np.ndarray]]:
@@ -303,7 +303,7 @@ def finish(step: int, tot: StepTotals, layer_of: Dict[str, Layer], owner: Dict[s
         if flags is not None and len(flags):
             # (flags are 1.0/0.0 in one process; summed over processes, dead on all where they reach world)
             flags = np.asarray(flags)
-            dead = float(flags.sum()) if world == 1 else int(np.count_nonzero(flags >= world))
+            dead = float(np.add.reduce(flags)) if world == 1 else int(np.count_nonzero(flags >= world))
             ls.dead_fraction = dead / flags.size
             ls.dead_window = tot.dead_window[site]
             ls.dead_cutoff = tot.dead_cutoff.get(site)
