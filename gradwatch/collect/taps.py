@@ -66,10 +66,10 @@ def _let_go(kept: List[Kept], safe: Set[str]) -> None:
     function's result as one, ReLU's; no saved input: ``addmm`` saves its input as the tensor
     itself), and the layer called next took it as input and is a known activation without
     parameters (``safe``: :func:`finite_in_finite_out`). Such an output (a Linear's output that a
-    ReLU consumed) would already be freed without gradwatch, and kept until the forward returned
-    it raised the step's peak memory (by 11 % on the seed MLP and CNN with SGD, whose peak is the
-    forward's end); where it turns non-finite, so does the activation's output, which is kept
-    (:func:`_fed_nonfinite`). Any other output is kept (a residual branch's: the sum it fed is no
+    ReLU consumed) would already be freed without gradwatch; keeping it until the forward returns
+    raises the step's peak memory (by 11 % on the seed MLP and CNN with SGD, whose peak is the
+    forward's end, with nothing let go). Where it turns non-finite, so does the activation's
+    output, which is kept (:func:`_fed_nonfinite`). Any other output is kept (a residual branch's: the sum it fed is no
     layer, and naming a later layer would blame the wrong one). Checked at two calls' distance:
     one call later, a ``nn.Sequential`` still holds it as the next module's input."""
     entry, after = kept[-2], kept[-1]
@@ -304,8 +304,8 @@ class LayerTaps:
                 # Kept only with autograd on and nothing packing saved tensors: its graph holds
                 # most outputs anyway. Under no_grad, checkpointing (reentrant: no_grad;
                 # non-reentrant: it drops saved tensors) or offloading, keeping would undo the
-                # memory they save. The rest, which nothing but gradwatch holds once the forward
-                # has moved on, are let go as they would be without it (see _let_go).
+                # memory they save. Those that nothing but gradwatch holds once a known activation
+                # has consumed them are let go as they would be freed without it (see _let_go).
                 if torch.is_grad_enabled() and _saved_tensor_hooks(False) is None:
                     kept = self.kept
                     if len(kept) > 1 and self._safe:
