@@ -50,7 +50,8 @@ class Sentinel:
         """False when ``value`` (a tensor or a module output) holds a NaN/Inf, True when it does
         not; None when the answer comes later (:meth:`poll`) or there is nothing to check."""
         if type(value) is Tensor and value.is_cpu and value.dtype in _PLAIN:  # the usual case: one sum, read at once
-            return math.isfinite(value.detach().sum().item())
+            # (``.data``, not ``detach()``: the same memory without autograd, and no op of its own)
+            return math.isfinite((value.data if value.requires_grad else value).sum().item())
         tensors = [t for t in iter_tensors(value) if t.is_floating_point() and t.numel()]
         if not tensors:
             return None
