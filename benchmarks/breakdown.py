@@ -98,9 +98,11 @@ clock = time.perf_counter
 
 
 def timed(owner: Any, name: str, label: str) -> None:
-    """Wrap ``owner.name`` (a function or method) in a timer adding to ``spent[label]``."""
+    """Wrap ``owner.name`` (a function or method) in a timer adding to ``spent[label]`` (several
+    functions may add to one label)."""
     fn = getattr(owner, name)
-    labels.append(label)
+    if label not in labels:
+        labels.append(label)
 
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         t0 = clock()
@@ -473,7 +475,9 @@ def main() -> None:
     buffers.StepBuffers._output_grad_hook = output_grad_hook  # type: ignore[method-assign]
     timed(c.taps, "_on_output", "layer outputs (forward)")
     timed(buffers.stats, "full_sum", "  sums of outputs")
+    timed(buffers.stats, "host_sum", "  sums of outputs")  # (NumPy's, on the CPU up to HOST_SUM_ELEMENTS)
     timed(buffers.stats, "unit_sums", "  per-unit sums (dead units)")
+    timed(buffers.stats, "host_unit_sums", "  per-unit sums (dead units)")
     timed(buffers.SampleRows, "add", "  samples: copied, or reduced at once on the CPU")
     timed(buffers.StepBuffers, "flush", "samples of all layers reduced (end of forward)")
     timed(c.gradients, "read", "gradient read (end of backward)")
