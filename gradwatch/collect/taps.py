@@ -69,16 +69,29 @@ def _let_go(kept: List[Kept], safe: Set[str]) -> None:
     ReLU consumed) would already be freed without gradwatch; keeping it until the forward returns
     raises the step's peak memory (by 11 % on the seed MLP and CNN with SGD, whose peak is the
     forward's end, with nothing let go). Where it turns non-finite, so does the activation's
-    output, which is kept (:func:`_fed_nonfinite`). Any other output is kept (a residual branch's: the sum it fed is no
-    layer, and naming a later layer would blame the wrong one). Checked at two calls' distance:
-    one call later, a ``nn.Sequential`` still holds it as the next module's input."""
+    output, which is kept (:func:`_fed_nonfinite`). Any other output is kept (a residual branch's:
+    the sum it fed is no layer, and naming a later layer would blame the wrong one). Checked at two
+    calls' distance: one call later, a ``nn.Sequential`` still holds it as the next module's input."""
     entry, after = kept[-2], kept[-1]
     t = entry[1]
-    # 3 references: the list's tuple, ``t`` and getrefcount's argument; 2 holders of the memory:
-    # the tensor and the storage object untyped_storage() gives.
-    if after[2] == id(t) and after[0].name in safe and type(t) is Tensor and getrefcount(t) == 3 and \
+    # Held by the list alone: as many references as such an object has here (_ALONE), and 2
+    # holders of the memory (the tensor and the storage object untyped_storage() gives).
+    if after[2] == id(t) and after[0].name in safe and type(t) is Tensor and getrefcount(t) == _ALONE and \
             t._use_count() == 1 and _storage_use_count(t.untyped_storage()._cdata) == 2:
         kept[-2] = (entry[0], _LetGo(t), entry[2])
+
+
+def _alone() -> int:
+    """``getrefcount`` of an object only the kept list holds, read as :func:`_let_go` reads it (the
+    tuple's reference, the local's and the argument's: 3 on CPython 3.8-3.13; a Python that
+    borrows references may count fewer, so it is measured here, not assumed)."""
+    kept: List[Any] = [(None, object(), 0), None]
+    entry = kept[-2]
+    t = entry[1]
+    return getrefcount(t)
+
+
+_ALONE = _alone()
 
 
 def finite_in_finite_out(layer: Layer) -> bool:
