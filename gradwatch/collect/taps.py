@@ -65,7 +65,7 @@ def _let_go(kept: List[Kept], safe: Set[str]) -> None:
     variables, a module's arguments; no other tensor object on its memory: autograd saves a
     function's result as one, ReLU's; no saved input: ``addmm`` saves its input as the tensor
     itself), and the layer called next took it as input and is a known activation without
-    parameters (``safe``: :func:`finite_in_finite_out`). Such an output (a Linear's output that a
+    parameters (``safe``: :func:`_finite_in_finite_out`). Such an output (a Linear's output that a
     ReLU consumed) would already be freed without gradwatch; keeping it until the forward returns
     raises the step's peak memory (by 11 % on the seed MLP and CNN with SGD, whose peak is the
     forward's end, with nothing let go). Where it turns non-finite, so does the activation's
@@ -94,7 +94,7 @@ def _alone() -> int:
 _ALONE = _alone()
 
 
-def finite_in_finite_out(layer: Layer) -> bool:
+def _finite_in_finite_out(layer: Layer) -> bool:
     """A known activation without parameters (ReLU, tanh, GELU, ...): it turns no finite value into
     a NaN or Inf, so a non-finite output of it means a non-finite input."""
     return layer.spec.kind in (ActivationKind.RECTIFIER, ActivationKind.BOUNDED, ActivationKind.SMOOTH) and \
@@ -163,7 +163,7 @@ class LayerTaps:
         self.keeping = False  # True during a root forward of an unmeasured step (finiteness check)
         self.kept: List[Kept] = []
         # Layers after which an output may be let go (none where PyTorch cannot count its holders).
-        self._safe: Set[str] = {layer.name for layer in layers if finite_in_finite_out(layer)} \
+        self._safe: Set[str] = {layer.name for layer in layers if _finite_in_finite_out(layer)} \
             if _storage_use_count is not None else set()
         self._calls: Dict[str, int] = {}  # per module, calls in the current forward of the model
         self._calls_of: Optional[StepBuffers] = None  # the step those calls were counted in
