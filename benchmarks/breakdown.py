@@ -105,12 +105,19 @@ def timed(owner: Any, name: str, label: str) -> None:
         labels.append(label)
 
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if label in running:  # inside another function of the same label: counted there
+            return fn(*args, **kwargs)
+        running.add(label)
         t0 = clock()
         try:
             return fn(*args, **kwargs)
         finally:
             spent[label] += clock() - t0
+            running.discard(label)
     setattr(owner, name, wrapper)
+
+
+running: set = set()  # labels whose timer is running
 
 
 def cold_calls(steps: int, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -479,6 +486,7 @@ def main() -> None:
     timed(buffers.stats, "unit_sums", "  per-unit sums (dead units)")
     timed(buffers.stats, "host_unit_sums", "  per-unit sums (dead units)")
     timed(buffers.SampleRows, "add", "  samples: copied, or reduced at once on the CPU")
+    timed(buffers.SampleRows, "add_with_histogram", "  samples: copied, or reduced at once on the CPU")
     timed(buffers.StepBuffers, "flush", "samples of all layers reduced (end of forward)")
     timed(c.gradients, "read", "gradient read (end of backward)")
     timed(c, "end", "step summary (Collector.end)")

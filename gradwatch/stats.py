@@ -439,7 +439,7 @@ def unit_max(y: Tensor, channels_first: Optional[bool] = None, keepdim: bool = F
     return x.amax(dim=tuple(i for i in range(x.dim()) if i != d), keepdim=keepdim)
 
 
-def sample_view(t: Tensor, max_elements: int) -> Tensor:
+def sample_view(t: Tensor, max_elements: int, within: int = 0) -> Tensor:
     """A 1-dimensional view of about ``max_elements`` evenly spaced elements of ``t`` (every element
     when it has fewer), taken in the order of its memory: one ``as_strided`` view, no copy, also for
     channels-last and other permuted layouts. No RNG is used, so sampling never disturbs the user's
@@ -453,40 +453,51 @@ def sample_view(t: Tensor, max_elements: int) -> Tensor:
     [0, 3, 6, 9]
     >>> sample_view(torch.arange(100_000).reshape(1000, 100), 32768).numel()  # stride 3, not 4
     33334
+
+    ``within``: a sample of the sample of at most ``within`` elements (every k-th of its elements, k
+    coprime with the innermost dimension as well, :func:`nested_stride`): an activation's histogram
+    is binned from its statistics' sample, which the CPU has copied already.
+
+    >>> sample_view(torch.arange(100_000).reshape(1000, 100), 8192, within=32768)[:3].tolist()  # 3 * 3
+    [0, 9, 18]
     """
     if dynamo_compiling() or getattr(torch.compiler, EXPORTING, False):  # traced: shape arithmetic only
         # (no guard on strides), in the logical order
         n = t.numel()
-        s, dense = _stride(n, t.shape[-1] if t.dim() else 1, max_elements), False
+        last = t.shape[-1] if t.dim() else 1
+        s, dense = nested_stride(n, last, within, max_elements) if within else _stride(n, last, max_elements), False
     else:
-        n, s, dense = _plan(t.shape, t.stride(), t.is_contiguous(), max_elements)
+        n, s, dense = _plan(t.shape, t.stride(), t.is_contiguous(), max_elements, within)
     if dense:
         return t.as_strided((-(-n // s),), (s,), t.storage_offset())
     flat = t.reshape(-1)
     return flat if s == 1 else flat[::s]
 
 
-def strided_sample(t: Tensor, max_elements: int) -> Tensor:
+def strided_sample(t: Tensor, max_elements: int, within: int = 0) -> Tensor:
     """:func:`sample_view` of ``t`` (detached) as a contiguous tensor.
 
     >>> strided_sample(torch.arange(6).reshape(2, 3).t(), 6).tolist()  # memory order, not the transpose's
     [0, 1, 2, 3, 4, 5]
     """
-    return sample_view(t.detach(), max_elements).contiguous()
+    return sample_view(t.detach(), max_elements, within).contiguous()
 
 
-def sample_size(t: Tensor, max_elements: int) -> int:
+def sample_size(t: Tensor, max_elements: int, within: int = 0) -> int:
     """Number of elements :func:`sample_view` takes from ``t`` (host arithmetic, no sync)."""
     if dynamo_compiling() or getattr(torch.compiler, EXPORTING, False):
         n = t.numel()
-        return -(-n // _stride(n, t.shape[-1] if t.dim() else 1, max_elements))
-    n, s, _ = _plan(t.shape, t.stride(), t.is_contiguous(), max_elements)
+        last = t.shape[-1] if t.dim() else 1
+        return -(-n // (nested_stride(n, last, within, max_elements) if within else _stride(n, last, max_elements)))
+    n, s, _ = _plan(t.shape, t.stride(), t.is_contiguous(), max_elements, within)
     return -(-n // s)
 
 
 @functools.lru_cache(maxsize=4096)  # a model's shapes repeat every step
-def _plan(shape: Tuple[int, ...], strides: Tuple[int, ...], contiguous: bool, max_elements: int) -> Tuple[int, int, bool]:
-    """(elements, stride, whether the memory is dense: no gaps, no overlaps) of a tensor's sample."""
+def _plan(shape: Tuple[int, ...], strides: Tuple[int, ...], contiguous: bool, max_elements: int,
+          within: int = 0) -> Tuple[int, int, bool]:
+    """(elements, stride, whether the memory is dense: no gaps, no overlaps) of a tensor's sample
+    (nested in the one of at most ``within`` elements when given, see :func:`sample_view`)."""
     n = math.prod(shape)
     inner = shape[-1] if shape else 1
     dense = contiguous
@@ -499,7 +510,22 @@ def _plan(shape: Tuple[int, ...], strides: Tuple[int, ...], contiguous: bool, ma
             expected *= sz
         else:
             dense, inner = True, (pairs[0][1] if pairs else 1)
-    return n, _stride(n, inner, max_elements), dense
+    return n, (nested_stride(n, inner, within, max_elements) if within else _stride(n, inner, max_elements)), dense
+
+
+def nested_stride(n: int, last: int, within: int, max_elements: int) -> int:
+    """The stride of a sample of at most about ``max_elements`` of ``n`` elements taken from their
+    sample of at most ``within`` (stride ``s``): ``s * k``, k chosen as ``s`` is (coprime with
+    ``last``, nearest to the inner sample's size over ``max_elements``), so every k-th element of
+    the inner sample is taken and every feature is still visited.
+
+    >>> nested_stride(100_000, 100, 32768, 8192)  # 3 for the inner sample, then every 3rd of it
+    9
+    >>> nested_stride(20_000, 100, 32768, 8192)  # the inner sample is everything
+    3
+    """
+    s = _stride(n, last, within)
+    return s * _stride(-(-n // s), last, max_elements)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -559,9 +585,9 @@ def sample_rows(x: Tensor, counts: Tensor, low: Optional[Tensor] = None, high: O
     return torch.cat([total, spread, nonzero] + saturated + top, 1)
 
 
-def _host_sample(t: Tensor, a: np.ndarray, max_elements: int) -> np.ndarray:
+def _host_sample(t: Tensor, a: np.ndarray, max_elements: int, within: int = 0) -> np.ndarray:
     """The elements :func:`sample_view` takes of ``t`` (whose memory ``a`` shares), as an array."""
-    _, stride, dense = _plan(t.shape, t.stride(), t.is_contiguous(), max_elements)
+    _, stride, dense = _plan(t.shape, t.stride(), t.is_contiguous(), max_elements, within)
     flat = host_flat(a) if dense else a.reshape(-1)  # gaps or repeats: a copy in logical order, as sample_view
     return flat[::stride] if stride > 1 else flat
 
@@ -597,11 +623,31 @@ def sample_row_host(t: Tensor, a: np.ndarray, max_elements: int, limits: Optiona
     s = _host_sample(t, a, max_elements)
     if s.size == 0:
         return [0.0, 0.0, 0.0, 0.0]
+    # One copy into contiguous memory of our own (every later pass is several times faster, and
+    # the deviations are then computed in place).
+    return _row_of_copy(s * scale if scale is not None else s.copy(), limits)
+
+
+def sample_and_histogram_host(t: Tensor, a: np.ndarray, max_elements: int, limits: Optional[Tuple[float, float]],
+                              bins: int, histogram_elements: int) -> Tuple[List[float], List[float]]:
+    """:func:`sample_row_host`'s row and :func:`histogram_host`'s row (of the sample nested in this
+    one, ``within=max_elements``) of one CPU tensor, from one copy of its sample: the histogram's
+    elements are every k-th of a sample just copied, instead of a second gather over the tensor."""
+    s = _host_sample(t, a, max_elements)
+    if s.size == 0:
+        return [0.0, 0.0, 0.0, 0.0], _histogram_of(s, bins)
+    s = s.copy()
+    _, inner, _ = _plan(t.shape, t.stride(), t.is_contiguous(), max_elements)
+    _, outer, _ = _plan(t.shape, t.stride(), t.is_contiguous(), histogram_elements, max_elements)
+    k = outer // inner
+    hist = _histogram_of(s[::k] if k > 1 else s, bins)  # (before the row's pass turns s into deviations)
+    return _row_of_copy(s, limits), hist
+
+
+def _row_of_copy(s: np.ndarray, limits: Optional[Tuple[float, float]]) -> List[float]:
+    """:func:`sample_row_host`'s row of a non-empty sample ``s`` gradwatch owns (left changed)."""
     token = _fp_ignore()  # NaN/Inf and overflowing sums give no RuntimeWarning (-W error would raise it)
     try:
-        # One copy into contiguous memory of our own (every later pass is several times faster, and
-        # the deviations are then computed in place).
-        s = s * scale if scale is not None else s.copy()
         total = float(_sum(s))
         nonzero = _count_nonzero(s != 0)  # (on floats, count_nonzero alone is 5x slower)
         if not math.isfinite(total):  # maybe a NaN in the sample: it counts as zero, as torch.sign makes it
@@ -639,20 +685,20 @@ HISTOGRAM_SAMPLES = 1 << 13
 numbers gradwatch judges by (shares, spreads, norms) come from larger samples or every element."""
 
 
-def histogram(t: Tensor, bins: int, max_elements: int = HISTOGRAM_SAMPLES) -> Tensor:
+def histogram(t: Tensor, bins: int, max_elements: int = HISTOGRAM_SAMPLES, within: int = 0) -> Tensor:
     """Histogram of (a strided sample of) ``t``, float64 ``[min, max, num, sum, sum_squares,
     count_0, ..., count_{bins-1}]`` over equal-width bins spanning [min, max] (the fields
     TensorBoard's ``add_histogram_raw`` takes): one row of :func:`histogram_rows`, or of
-    :func:`histogram_host` for a CPU tensor NumPy reads.
+    :func:`histogram_host` for a CPU tensor NumPy reads. ``within`` as for :func:`sample_view`.
 
     >>> histogram(torch.tensor([0.0, 1.0, 1.0, 4.0]), bins=4).tolist()
     [0.0, 4.0, 4.0, 6.0, 18.0, 1.0, 2.0, 0.0, 1.0]
     """
     a = host_array(t)
     if a is not None:
-        row = histogram_host(t, a, bins, max_elements) if a.size else None
+        row = histogram_host(t, a, bins, max_elements, within=within) if a.size else None
     else:
-        x = strided_sample(t, max_elements).reshape(1, -1)
+        x = strided_sample(t, max_elements, within).reshape(1, -1)
         row = histogram_rows(x, bins)[0].tolist() if x.numel() else None
     if row is None:
         return torch.zeros(5 + bins, dtype=torch.float64, device=t.device)
@@ -688,10 +734,15 @@ def histogram_rows(x: Tensor, bins: int) -> Tensor:
 
 
 def histogram_host(t: Tensor, a: np.ndarray, bins: int, max_elements: int = HISTOGRAM_SAMPLES,
-                   scale: Optional[float] = None) -> List[float]:
+                   scale: Optional[float] = None, within: int = 0) -> List[float]:
     """:func:`histogram_rows`' row of one CPU tensor ``t``, whose memory ``a`` shares, in NumPy:
-    the same fields from the same elements (float64 arithmetic, one call per pass)."""
-    s = _host_sample(t, a, max_elements)
+    the same fields from the same elements (float64 arithmetic, one call per pass); ``within`` as
+    for :func:`sample_view`."""
+    return _histogram_of(_host_sample(t, a, max_elements, within), bins, scale)
+
+
+def _histogram_of(s: np.ndarray, bins: int, scale: Optional[float] = None) -> List[float]:
+    """:func:`histogram_host`'s row of the sample ``s`` (left unchanged)."""
     token = _fp_ignore()  # overflows (to Inf, as PyTorch's) give no RuntimeWarning
     try:
         s = s.astype(np.float64)  # (a float32 sample times a scalar stays float32 under NumPy 1's casting)

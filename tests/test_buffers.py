@@ -119,6 +119,41 @@ def test_batched_histograms_match_numpy_on_each_sample(host, monkeypatch):
         assert np.abs(np.array(h[5:]) - counts).sum() <= 4, name  # edges computed apart may move a value
 
 
+@pytest.mark.parametrize("host", [True, False], ids=["numpy", "batched"])
+def test_an_activations_histogram_is_binned_from_every_kth_element_of_its_statistics_sample(host, monkeypatch):
+    """With both wanted, a tensor's histogram sample is nested in its statistics' sample (on the CPU
+    both come from one copy): the histogram is the reference's of ``within=`` that sample's size,
+    the statistics row is the one ``add`` alone gives, and the nested stride stays coprime with the
+    features."""
+    monkeypatch.setattr(stats, "HOST_ARRAYS", host)
+    layout = SampleLayout(2)
+    samples, alone = SampleRows("samples", 2048, layout), SampleRows("samples", 2048, SampleLayout(2))
+    hists = SampleRows("act_hist", 256, layout, bins=16, within=2048)
+    tensors = {k: v for k, v in _tensors().items() if v.numel() and v.dtype in (torch.float32, torch.float64)}
+    refs = {name: samples.add_with_histogram(t, (0.01, 0.99), hists) for name, t in tensors.items()}
+    plain = {name: alone.add(t, (0.01, 0.99)) for name, t in tensors.items()}
+    for rows in (samples, alone, hists):
+        rows.reduce()
+
+    def values(ref):
+        return ref.values if ref.values is not None else ref.chunk.result[ref.index].tolist()
+
+    for name, t in tensors.items():
+        row, hist = refs[name]
+        assert values(row) == pytest.approx(values(plain[name]), rel=1e-6, nan_ok=True), name
+        want = stats.histogram(t, 16, 256, within=2048).tolist()
+        got = stats.histogram_fields(values(hist))
+        assert got[:5] == pytest.approx(want[:5], rel=1e-6), name
+        assert np.abs(np.array(got[5:]) - np.array(want[5:])).sum() <= 2, name  # edges computed apart
+        nested, outer = stats.strided_sample(t, 256, within=2048), stats.strided_sample(t, 2048)
+        plan = (tuple(t.shape), t.stride(), t.is_contiguous())
+        k = stats._plan(*plan, 256, 2048)[1] // stats._plan(*plan, 2048)[1]
+        assert torch.equal(nested, outer[::k]) and hist.count == nested.numel() <= 256 * 1.5, name
+    for name in ("float32", "large"):  # the nested stride stays coprime with the features: none is skipped
+        t = tensors[name]
+        assert math.gcd(stats.nested_stride(t.numel(), t.shape[-1], 2048, 256), t.shape[-1]) == 1, name
+
+
 def test_a_sample_is_a_copy_the_layer_output_is_freed_as_without_gradwatch(monkeypatch):
     monkeypatch.setattr(stats, "HOST_ARRAYS", False)
     rows = SampleRows("samples", 64, SampleLayout(2))
@@ -144,7 +179,7 @@ def test_rectifier_units_give_their_activity_and_the_exact_total(monkeypatch, ho
     t[..., 1] = 0.0
     how = buffers.Reduction(0.01, 64, 8)
     with torch.no_grad():
-        part, alive = buffers.reduce_output(t, spec, how, SampleRows("samples", 64, SampleLayout(1)), channels_first,
+        part, alive, _ = buffers.reduce_output(t, spec, how, SampleRows("samples", 64, SampleLayout(1)), channels_first,
                                             True)
     expected = [True, True, False, True, True] if channels_first else [True, False, True]
     assert isinstance(alive, np.ndarray if host else torch.Tensor)
@@ -178,7 +213,7 @@ def test_a_smooth_rectifier_read_from_its_input_needs_it():
     """Without the input (an in-place module overwrote it) nothing is said about its units."""
     spec = activation_spec(nn.SiLU())
     with torch.no_grad():
-        _, alive = buffers.reduce_output(torch.zeros(4, 3), spec, buffers.Reduction(0.01, 64, 8),
+        _, alive, _ = buffers.reduce_output(torch.zeros(4, 3), spec, buffers.Reduction(0.01, 64, 8),
                                          SampleRows("samples", 64, SampleLayout(1)), None, True)
     assert alive is None
 

@@ -148,8 +148,9 @@ class SampleRows:
     or ``stats.histogram_rows`` when ``bins``): a fixed number of kernels for all layers instead of a
     few per layer. ``kind`` names the layout hints kept between steps."""
 
-    def __init__(self, kind: str, max_elements: int, layout: SampleLayout, bins: int = 0) -> None:
+    def __init__(self, kind: str, max_elements: int, layout: SampleLayout, bins: int = 0, within: int = 0) -> None:
         self.kind, self.max_elements, self.layout, self.bins = kind, max_elements, layout, bins
+        self.within = within  # samples nested in those of at most this many elements (stats.sample_view)
         self.open: Dict[Any, Chunk] = {}
         self._used: Dict[Any, int] = {}  # rows used since the last reduce per (device, dtype): the next hint
 
@@ -159,14 +160,14 @@ class SampleRows:
         tensor) when given; None when empty. ``a``: ``stats.host_array(t)``, when the caller has it."""
         a = stats.host_array(t) if a is None else a
         if a is not None:
-            m = stats.sample_size(t, self.max_elements)
+            m = stats.sample_size(t, self.max_elements, self.within)
             if m == 0:
                 return None
             factor = None if scale is None else float(scale)
             if self.bins:
-                return Row(m, values=stats.histogram_host(t, a, self.bins, self.max_elements, factor))
+                return Row(m, values=stats.histogram_host(t, a, self.bins, self.max_elements, factor, self.within))
             return Row(m, values=stats.sample_row_host(t, a, self.max_elements, limits, factor))
-        view = stats.sample_view(t, self.max_elements)
+        view = stats.sample_view(t, self.max_elements, self.within)
         m = view.numel()
         if m == 0:
             return None
@@ -183,6 +184,21 @@ class SampleRows:
             chunk = self.open[key] = Chunk(rows, length, dtype, t.device)
         self._used[key] = self._used.get(key, 0) + 1
         return Row(m, chunk, chunk.add(view, limits, scale))
+
+    def add_with_histogram(self, t: Tensor, limits: Limits, histograms: "SampleRows",
+                           a: Optional[np.ndarray] = None) -> Tuple[Optional[Row], Optional[Row]]:
+        """:meth:`add`, and ``histograms.add`` of the same tensor, whose sample is nested in this one's
+        (``histograms.within``): on the CPU both from one copy of the sample
+        (``stats.sample_and_histogram_host``), elsewhere as two samples of the same elements."""
+        a = stats.host_array(t) if a is None else a
+        if a is None or self.bins or histograms.within != self.max_elements:
+            return self.add(t, limits, a=a), histograms.add(t, a=a)
+        m = stats.sample_size(t, self.max_elements)
+        if m == 0:
+            return None, None
+        row, hist = stats.sample_and_histogram_host(t, a, self.max_elements, limits, histograms.bins,
+                                                    histograms.max_elements)
+        return Row(m, values=row), Row(stats.sample_size(t, histograms.max_elements, self.max_elements), values=hist)
 
     def reduce(self) -> None:
         """Reduce every buffer that still holds rows (the model's forward returned, or the step ends)."""
@@ -236,15 +252,16 @@ def alive_threshold(spec: ActivationSpec, how: Reduction) -> float:
 
 
 def reduce_output(t: Tensor, spec: ActivationSpec, how: Reduction, samples: SampleRows,
-                  channels_first: Optional[bool], units: bool,
-                  pre: Optional[Tensor] = None) -> Tuple[ActivationPart, Optional[Tensor]]:
+                  channels_first: Optional[bool], units: bool, pre: Optional[Tensor] = None,
+                  histograms: Optional[SampleRows] = None) -> Tuple[ActivationPart, Optional[Tensor], Optional[Row]]:
     """The per-layer work on one output tensor (under no_grad): its sum, or its per-unit sums when
     ``units`` (an activation that tracks dead units: a rectifier's sums also say which units were
     active, a unit of a non-negative output is active exactly where its sum is positive; a smooth
     rectifier adds per-unit maxima, of its output or of ``pre``, its input, see :func:`alive_threshold`;
-    other activations add per-unit L2 norms), and its sample copied into a row of ``samples``.
-    Returns the part and the per-unit tensor whose entries above the site's ``alive_above`` are
-    the active units (or None)."""
+    other activations add per-unit L2 norms), and its sample copied into a row of ``samples``
+    (and its histogram's into one of ``histograms``, when given). Returns the part, the per-unit
+    tensor whose entries above the site's ``alive_above`` are the active units (or None), and the
+    histogram's row (or None)."""
     alive = None
     total = None
     a = stats.host_array(t)
@@ -265,9 +282,12 @@ def reduce_output(t: Tensor, spec: ActivationSpec, how: Reduction, samples: Samp
                     t, dim=tuple(i for i in range(t.dim()) if i != d), keepdim=True, dtype=total.dtype)
     if total is None:
         total = stats.host_sum(a) if small else stats.full_sum(t)
-    row = samples.add(t, limits_of(spec, how.margin), a=a)
+    if histograms is None:
+        row, hist = samples.add(t, limits_of(spec, how.margin), a=a), None
+    else:
+        row, hist = samples.add_with_histogram(t, limits_of(spec, how.margin), histograms, a=a)
     return ActivationPart(t.numel(), row.count if row is not None else 0, total, row,
-                          half=t.dtype == torch.float16), alive
+                          half=t.dtype == torch.float16), alive, hist
 
 
 def follows_layout(layout: Optional[Tuple[torch.Size, bool]], shape: torch.Size) -> Optional[bool]:
@@ -310,14 +330,15 @@ class SiteBuffer:
                 if dtype not in self.skipped:
                     self.skipped = sorted(self.skipped + [dtype])
         units = len(tensors) == 1 and spec.tracks_dead_units  # per-unit activity of single-tensor outputs
+        wanted = histograms if self.histogram is None else None  # the site's first tensor's histogram
         for t in tensors:
-            part, alive = reduce_output(t, spec, how, samples, follows_layout(layout, t.shape) if units else None, units,
-                                        pre)
+            part, alive, hist = reduce_output(t, spec, how, samples, follows_layout(layout, t.shape) if units else None,
+                                              units, pre, wanted)
             self.parts.append(part)
             if alive is not None:
                 self.add_alive(alive, spec, how)
-        if tensors and histograms is not None and self.histogram is None:
-            self.histogram = histograms.add(tensors[0])
+            if wanted is not None:
+                self.histogram, wanted = hist, None
         return tensors
 
     def add_summary(self, numel: int, sampled: int, summary: Tensor, alive: Optional[Tensor],
@@ -368,7 +389,9 @@ class StepBuffers:
         self.updates: Any = None  # an updates.UpdateRead: update norms across optimizer.step()
         self.noise: Any = None  # a noise.NoiseRead: the step's micro-batches (gradient noise scale)
         self.samples = SampleRows("samples", how.samples, layout)
-        self.act_hist = SampleRows("act_hist", how.histogram_samples, layout, how.bins) if histograms else None
+        # An activation's histogram sample is nested in its statistics' (see SampleRows.add_with_histogram).
+        self.act_hist = SampleRows("act_hist", how.histogram_samples, layout, how.bins, how.samples) \
+            if histograms else None
         self.grad_hist_rows = SampleRows("grad_hist", how.histogram_samples, layout, how.bins) if histograms else None
 
     def record(self, site: str, output: Any, spec: ActivationSpec, how: Reduction,
