@@ -196,12 +196,15 @@ def load_baseline(root: str) -> Any:
 
 
 def with_baseline(root: str) -> Dict[str, Callable[..., Any]]:
-    """VARIANTS, and the defaults and every-step scalars of the baseline at ``root`` beside them."""
+    """VARIANTS, and the defaults, every-step scalars and every-step histograms of the baseline at
+    ``root`` beside them."""
     old = load_baseline(root).GradWatch
     variants = dict(VARIANTS)
     variants["defaults (baseline)"] = lambda m, opt: old(m, quiet=True).attach()
     variants["every-step scalars (baseline)"] = lambda m, opt: old(m, every=1, histogram_every=None,
                                                                   quiet=True).attach()
+    variants["every-step scalars + histograms (baseline)"] = lambda m, opt: old(
+        m, every=1, histogram_every=1, quiet=True, log_dir=tempfile.mkdtemp(prefix="gw-bench-")).attach()
     return variants
 
 
