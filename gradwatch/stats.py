@@ -6,7 +6,7 @@ everything to the host in one transfer per logging step. Per layer only what nee
 tensor runs (:func:`full_sum`, :func:`unit_sums`, :func:`unit_max`, :func:`l2_norm`); what a strided
 sample gives is computed for the samples of all layers at once (:func:`sample_rows`, :func:`histogram_rows`),
 in a number of kernels that does not grow with depth, and, for CPU tensors, in NumPy layer by
-layer (:func:`sample_row_host`, :func:`histogram_host`; norms too), on memory NumPy reads without
+layer (:func:`sample_rows_host`, :func:`histogram_host`; norms too), on memory NumPy reads without
 a PyTorch op (:func:`host_array`). Each is tested against a numpy or per-tensor reference in
 ``tests/test_stats.py`` and ``tests/test_buffers.py``.
 """
@@ -42,7 +42,7 @@ _HALF = (torch.float16, torch.bfloat16)
 
 HOST_ARRAYS = True
 """On the CPU, a float32/float64 tensor's sample statistics and histogram are computed in NumPy,
-right where its hook sees it (:func:`sample_row_host`, :func:`histogram_host`); False: the batched
+right where its hook sees it (:func:`sample_rows_host`, :func:`histogram_host`); False: the batched
 PyTorch path (:func:`sample_rows`, :func:`histogram_rows`) everywhere, as on other devices. On the
 CPU the batched path costs more: its buffer of every layer's samples is reduced once it has left
 the caches, and buffers of megabytes allocated anew at each step page-fault, where each layer's
@@ -616,36 +616,25 @@ def activation_rows(tensors: Sequence[Tensor], max_elements: int,
     return sample_rows(x, counts, low, high)
 
 
-def sample_row_host(t: Tensor, a: np.ndarray, max_elements: int, limits: Optional[Tuple[float, float]] = None,
-                    scale: Optional[float] = None) -> List[float]:
+def sample_rows_host(t: Tensor, a: np.ndarray, max_elements: int, limits: Optional[Tuple[float, float]] = None,
+                     scale: Optional[float] = None, bins: int = 0,
+                     histogram_elements: int = 0) -> Tuple[List[float], Optional[List[float]]]:
     """:func:`sample_rows`' row of one CPU tensor ``t``, whose memory ``a`` shares, in NumPy: the
-    same fields from the same elements, float64. ``scale``: the sample multiplied by it first."""
+    same fields from the same elements, float64. ``scale``: the sample multiplied by it first. With
+    ``bins``, also :func:`histogram_host`'s row of the sample of at most ``histogram_elements``
+    nested in this one (``within=max_elements``): every k-th element of the copy made here, instead
+    of a second gather over the tensor. Returns the row and the histogram's row (or None)."""
     s = _host_sample(t, a, max_elements)
     if s.size == 0:
-        return [0.0, 0.0, 0.0, 0.0]
+        return [0.0, 0.0, 0.0, 0.0], _histogram_of(s, bins) if bins else None
     # One copy into contiguous memory of our own (every later pass is several times faster, and
     # the deviations are then computed in place).
-    return _row_of_copy(s * scale if scale is not None else s.copy(), limits)
-
-
-def sample_and_histogram_host(t: Tensor, a: np.ndarray, max_elements: int, limits: Optional[Tuple[float, float]],
-                              bins: int, histogram_elements: int) -> Tuple[List[float], List[float]]:
-    """:func:`sample_row_host`'s row and :func:`histogram_host`'s row (of the sample nested in this
-    one, ``within=max_elements``) of one CPU tensor, from one copy of its sample: the histogram's
-    elements are every k-th of a sample just copied, instead of a second gather over the tensor."""
-    s = _host_sample(t, a, max_elements)
-    if s.size == 0:
-        return [0.0, 0.0, 0.0, 0.0], _histogram_of(s, bins)
-    s = s.copy()
-    _, inner, _ = _plan(t.shape, t.stride(), t.is_contiguous(), max_elements)
-    _, outer, _ = _plan(t.shape, t.stride(), t.is_contiguous(), histogram_elements, max_elements)
-    k = outer // inner
-    hist = _histogram_of(s[::k] if k > 1 else s, bins)  # (before the row's pass turns s into deviations)
-    return _row_of_copy(s, limits), hist
-
-
-def _row_of_copy(s: np.ndarray, limits: Optional[Tuple[float, float]]) -> List[float]:
-    """:func:`sample_row_host`'s row of a non-empty sample ``s`` gradwatch owns (left changed)."""
+    s = s * scale if scale is not None else s.copy()
+    hist = None
+    if bins:  # (before this row's pass turns s into deviations)
+        plan = (t.shape, t.stride(), t.is_contiguous())
+        k = _plan(*plan, histogram_elements, max_elements)[1] // _plan(*plan, max_elements)[1]
+        hist = _histogram_of(s[::k] if k > 1 else s, bins)
     token = _fp_ignore()  # NaN/Inf and overflowing sums give no RuntimeWarning (-W error would raise it)
     try:
         total = float(_sum(s))
@@ -659,7 +648,7 @@ def _row_of_copy(s: np.ndarray, limits: Optional[Tuple[float, float]]) -> List[f
         _fp_restore(token)
     if saturated is not None:  # a NaN is never saturated (comparisons are False)
         row.append(math.sqrt(saturated))
-    return row
+    return row, hist
 
 
 def row_moments(total: float, n: int, row: Sequence[float], m: int) -> dict:
@@ -842,7 +831,7 @@ def _grad_rows_cpu(grads: List[Tensor], weights: List[Tensor]) -> Tensor:
     PyTorch op: :func:`_host_grad_row`), any other one in per-tensor kernels (:func:`_torch_grad_rows`)."""
     rows = np.empty((3, len(grads)))
     others: List[int] = []
-    token = _fp_ignore()  # NaN/Inf and overflows give no RuntimeWarning (see sample_row_host)
+    token = _fp_ignore()  # NaN/Inf and overflows give no RuntimeWarning (see sample_rows_host)
     try:
         for i, (g, w) in enumerate(zip(grads, weights)):
             a, b = host_array(g), host_array(w)

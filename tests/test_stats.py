@@ -21,12 +21,12 @@ def cpu_path(request, monkeypatch):
 
 
 def row_of(t, lower=None, upper=None, margin=0.01, max_elements=1 << 15) -> list:
-    """The row of ``t``'s sample on the path in force: ``stats.sample_row_host`` for a CPU tensor
+    """The row of ``t``'s sample on the path in force: ``stats.sample_rows_host`` for a CPU tensor
     NumPy reads, else ``stats.sample_rows`` on a one-row buffer padded with NaN."""
     limits = stats.saturation_limits(lower, upper, margin) if lower is not None or upper is not None else None
     a = stats.host_array(t)
     if a is not None:
-        return stats.sample_row_host(t, a, max_elements, limits)
+        return stats.sample_rows_host(t, a, max_elements, limits)[0]
     s = stats.sample_view(t.detach(), max_elements)
     x = torch.cat([s.float().reshape(1, -1), torch.full((1, 3), float("nan"))], 1)
     low, high = (torch.tensor([[limits[0]]]), torch.tensor([[limits[1]]])) if limits else (None, None)
@@ -466,7 +466,7 @@ def test_numpy_reductions_of_nonfinite_or_overflowing_values_warn_of_nothing_and
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         rows = stats.grad_summaries([t, t[:7]], [t, t[:7]]).numpy()
-        row = stats.sample_row_host(t, t.numpy(), 32768, limits=(-1.0, 1.0))
+        row, _ = stats.sample_rows_host(t, t.numpy(), 32768, limits=(-1.0, 1.0))
         total = stats.host_sum(t.numpy().reshape(6, 10))
         hist = stats.histogram_host(t, t.numpy(), 16, scale=1e300)  # scaled past float64's range too
         ratios = stats.update_norms([t.numpy()], [doubled], [1.0])

@@ -182,8 +182,7 @@ def test_an_error_inside_gradwatch_is_reported_once_and_training_continues(monke
     def broken(*args, **kwargs):
         raise ValueError("bug in gradwatch")
 
-    monkeypatch.setattr(stats, "sample_row_host", broken)  # a statistic of every layer's output
-    monkeypatch.setattr(stats, "sample_and_histogram_host", broken)  # (the same with its histogram: step 0)
+    monkeypatch.setattr(stats, "sample_rows_host", broken)  # a statistic of every layer's output
     model = models.small_mlp()
     with pytest.warns(GradWatchWarning, match="internal error in 0.*bug in gradwatch") as record:
         with GradWatch(model, every=1, quiet=True):

@@ -132,7 +132,7 @@ class Chunk:
 
 class Row:
     """Where one sample's statistics are: a row of a reduced :class:`Chunk`, or its values computed
-    on the host at once (``stats.sample_row_host``, ``stats.histogram_host``)."""
+    on the host at once (``stats.sample_rows_host``, ``stats.histogram_host``)."""
 
     __slots__ = ("chunk", "index", "count", "values")
 
@@ -166,7 +166,7 @@ class SampleRows:
             factor = None if scale is None else float(scale)
             if self.bins:
                 return Row(m, values=stats.histogram_host(t, a, self.bins, self.max_elements, factor, self.within))
-            return Row(m, values=stats.sample_row_host(t, a, self.max_elements, limits, factor))
+            return Row(m, values=stats.sample_rows_host(t, a, self.max_elements, limits, factor)[0])
         view = stats.sample_view(t, self.max_elements, self.within)
         m = view.numel()
         if m == 0:
@@ -189,15 +189,15 @@ class SampleRows:
                            a: Optional[np.ndarray] = None) -> Tuple[Optional[Row], Optional[Row]]:
         """:meth:`add`, and ``histograms.add`` of the same tensor, whose sample is nested in this one's
         (``histograms.within``): on the CPU both from one copy of the sample
-        (``stats.sample_and_histogram_host``), elsewhere as two samples of the same elements."""
+        (``stats.sample_rows_host``), elsewhere as two samples of the same elements."""
         a = stats.host_array(t) if a is None else a
         if a is None or self.bins or histograms.within != self.max_elements:
             return self.add(t, limits, a=a), histograms.add(t, a=a)
         m = stats.sample_size(t, self.max_elements)
         if m == 0:
             return None, None
-        row, hist = stats.sample_and_histogram_host(t, a, self.max_elements, limits, histograms.bins,
-                                                    histograms.max_elements)
+        row, hist = stats.sample_rows_host(t, a, self.max_elements, limits, bins=histograms.bins,
+                                           histogram_elements=histograms.max_elements)
         return Row(m, values=row), Row(stats.sample_size(t, histograms.max_elements, self.max_elements), values=hist)
 
     def reduce(self) -> None:
