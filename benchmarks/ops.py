@@ -23,8 +23,9 @@ on the CPU with ``stats.HOST_ARRAYS = False``.
 
 Python calls: every Python function call (``sys.setprofile``'s ``call`` events: frames of Python
 functions, gradwatch's and the libraries' it calls; calls of builtins and C functions not
-counted) during one step, watched minus plain, for a measured step (``every=1``) and for a step
-that is not measured (``every=10**6``, after the first). On the CPU most of what a measured step
+counted) during one step, watched minus plain, for a measured step (``every=1``), for a measured
+step with histograms written into a log_dir (``histogram_every=1``: binning and TensorBoard's
+event included) and for a step that is not measured (``every=10**6``, after the first). On the CPU most of what a measured step
 costs in time is interpreted code that runs cold between the model's kernels, about a
 microsecond a call there; the count is its deterministic stand-in, as the ATen count is a GPU's
 launches'. Targets: :data:`MEASURED_CALLS_PER_LAYER` and :data:`UNMEASURED_CALLS_PER_LAYER` per
@@ -46,6 +47,7 @@ import argparse
 import contextlib
 import copy
 import sys
+import tempfile
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
@@ -217,8 +219,10 @@ def count_calls(model: nn.Module, x: torch.Tensor, y: torch.Tensor, watch: Dict[
 
 
 def python_calls(models: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """One row per model: Python calls of a plain step, and those a measured step and a step that is
-    not measured add to it; the watched layer outputs of a measured step."""
+    """One row per model: Python calls of a plain step, and those a measured step, a measured step with
+    histograms written into a log_dir (TensorBoard's event included; no gradient-flow image, whose
+    first two are drawn in the warm-up) and a step that is not measured add to it; the watched layer
+    outputs of a measured step."""
     rows = []
     for name, (make, data) in models.items():
         torch.manual_seed(0)
@@ -226,8 +230,11 @@ def python_calls(models: Dict[str, Any]) -> List[Dict[str, Any]]:
         x, y = data(torch.Generator().manual_seed(0))
         plain = count_calls(copy.deepcopy(base), x, y, None)
         _, layers, _ = count_step(copy.deepcopy(base), x, y, VARIANTS["every step"], warmup=2, steps=1)
+        with tempfile.TemporaryDirectory(prefix="gw-ops-") as log_dir:
+            histograms = count_calls(copy.deepcopy(base), x, y, dict(every=1, histogram_every=1, log_dir=log_dir))
         rows.append({"model": name, "plain": plain, "layers": layers,
                      "measured": count_calls(copy.deepcopy(base), x, y, VARIANTS["every step"]) - plain,
+                     "histograms": histograms - plain,
                      "unmeasured": count_calls(copy.deepcopy(base), x, y, dict(every=10 ** 6)) - plain})
     return rows
 
@@ -293,7 +300,8 @@ def main() -> None:
     for r in python_calls(QUICK if args.quick else MODELS):
         n = r["layers"]
         print(f"  {r['model']:62s} plain {r['plain']:5.0f}  measured +{r['measured']:5.0f} (target "
-              f"{MEASURED_CALLS_PER_LAYER * n + MEASURED_CALLS_FIXED})  not measured +{r['unmeasured']:4.0f} (target "
+              f"{MEASURED_CALLS_PER_LAYER * n + MEASURED_CALLS_FIXED})  with histograms into a log_dir "
+              f"+{r['histograms']:5.0f}  not measured +{r['unmeasured']:4.0f} (target "
               f"{UNMEASURED_CALLS_PER_LAYER * n + UNMEASURED_CALLS_FIXED})  ({n} layer outputs)")
 
 
