@@ -174,6 +174,7 @@ _sum = np.add.reduce
 _max = np.maximum.reduce
 _min = np.minimum.reduce
 _count_nonzero = getattr(_numpy_core("multiarray"), "count_nonzero", np.count_nonzero)
+_bincount = getattr(_numpy_core("_multiarray_umath"), "bincount", np.bincount)
 
 # Floating-point errors (an overflowing sum, a NaN) ignored rather than warned about (``-W error``
 # would raise the warning in the user's step): ``np.errstate(all="ignore")`` is three Python calls a
@@ -752,9 +753,10 @@ def _histogram_of(s: np.ndarray, bins: int, scale: Optional[float] = None) -> Li
         scale_ = bins / (high - low) if high > low else 0.0
         x *= scale_ if math.isfinite(scale_) else 0.0  # (a subnormal range: all in bin 0, as histogram_rows)
         # The largest value lands on ``bins``: counted in one more slot, then taken into the last bin.
-        counts = np.bincount(x.astype(np.intp), minlength=bins + 1)
+        counts = _bincount(x.astype(np.intp), minlength=bins + 1)
         counts[bins - 1] += _sum(counts[bins:])
-        return [low, high, total, sum_squares(s)] + counts[:bins].astype(np.float64).tolist() + [float(left_out)]
+        squares = float(_einsum("i,i->", s, s))  # (sum_squares, in line)
+        return [low, high, total, squares] + counts[:bins].astype(np.float64).tolist() + [float(left_out)]
     finally:
         _fp_restore(token)
 

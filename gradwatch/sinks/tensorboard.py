@@ -260,32 +260,39 @@ class TensorBoardSink(Sink):
         st = data.stats
         step = st.step
         event = _Event(self.writer)
+        scalars: List[Tuple[str, float, str]] = []  # (tag, value, family): one call for all of them
         for name, ls in st.layers.items():
             for tag, attr in LAYER_SCALARS.items():
                 value = getattr(ls, attr)
                 if attr == "nonfinite":
                     if value:  # a chart per layer only where NaN/Inf appeared, not nine lines at 0
-                        event.scalar(f"{tag}/{name}", 1.0, tag)
+                        scalars.append((f"{tag}/{name}", 1.0, tag))
                 elif value is not None and not (attr in ("mean", "std") and ls.count == 0):
-                    event.scalar(f"{tag}/{name}", float(value), tag)
+                    scalars.append((f"{tag}/{name}", float(value), tag))
         for pname, ps in st.params.items():
             for tag, attr in PARAM_SCALARS.items():
-                if getattr(ps, attr) is not None:  # update_ratio: only with optimizer=
-                    event.scalar(f"{tag}/{pname}", float(getattr(ps, attr)), tag)
-        if st.total_grad_norm is not None:
-            event.scalar("gradient.global_norm", st.total_grad_norm)
-        if st.total_applied_grad_norm is not None:
-            event.scalar("gradient.global_applied_norm", st.total_applied_grad_norm)
+                value = getattr(ps, attr)
+                if value is not None:  # update_ratio: only with optimizer=
+                    scalars.append((f"{tag}/{pname}", float(value), tag))
+        event.scalars(scalars)
+        total = st.total_grad_norm
+        if total is not None:
+            event.scalar("gradient.global_norm", total)
+        applied = st.total_applied_grad_norm
+        if applied is not None:
+            event.scalar("gradient.global_applied_norm", applied)
         if st.noise_scale is not None:
             event.scalar("gradient.noise_scale", st.noise_scale)
-        for kind, n in Counter(f.kind.value for f in new_findings).items():
+        for kind, n in Counter([f.kind.value for f in new_findings]).items():
             event.scalar(f"findings/{kind}", float(n))
         for name, h in data.act_histograms.items():
             event.histogram(f"activation/{name}", h)
         for name, h in data.grad_histograms.items():
             event.histogram(f"gradient/{name}", h)
         for name, ls in st.layers.items():
-            heads = [h["entropy_normalised"] for h in ls.attention_heads or [] if h["entropy_normalised"] is not None]
+            if not ls.attention_heads:
+                continue
+            heads = [h["entropy_normalised"] for h in ls.attention_heads if h["entropy_normalised"] is not None]
             if heads:
                 event.histogram(f"attention.head_entropy/{name}", histogram_of(heads, bins=20))
         if new_findings:  # one text per step holding all of its findings: TensorBoard shows one per step
@@ -371,6 +378,19 @@ class _Event:
         else:
             self.values.append(("scalar", tag, value))
         self.families.add(family or scalar_family(tag))
+
+    def scalars(self, items: List[Tuple[str, float, str]]) -> None:
+        """Many scalars at once: (tag, value, family) each."""
+        families = self.families
+        if self.summary is not None:
+            add = self._add
+            for tag, value, family in items:
+                add(tag=tag, simple_value=value)
+                families.add(family)
+            return
+        for tag, value, family in items:
+            self.values.append(("scalar", tag, value))
+            families.add(family)
 
     def histogram(self, tag: str, h: List[float]) -> None:
         mn, mx, num, total, sumsq = h[:5]
