@@ -628,16 +628,16 @@ def sample_rows_host(t: Tensor, a: np.ndarray, max_elements: int, limits: Option
     s = _host_sample(t, a, max_elements)
     if s.size == 0:
         return [0.0, 0.0, 0.0, 0.0], _histogram_of(s, bins) if bins else None
-    # One copy into contiguous memory of our own (every later pass is several times faster, and
-    # the deviations are then computed in place).
-    s = s * scale if scale is not None else s.copy()
-    hist = None
-    if bins:  # (before this row's pass turns s into deviations)
-        plan = (t.shape, t.stride(), t.is_contiguous())
-        k = _plan(*plan, histogram_elements, max_elements)[1] // _plan(*plan, max_elements)[1]
-        hist = _histogram_of(s[::k] if k > 1 else s, bins)
-    token = _fp_ignore()  # NaN/Inf and overflowing sums give no RuntimeWarning (-W error would raise it)
+    token = _fp_ignore()  # NaN/Inf and overflows give no RuntimeWarning (-W error would raise it)
     try:
+        # One copy into contiguous memory of our own (every later pass is several times faster, and
+        # the deviations are then computed in place).
+        s = s * scale if scale is not None else s.copy()
+        hist = None
+        if bins:  # (before this row's pass turns s into deviations)
+            plan = (t.shape, t.stride(), t.is_contiguous())
+            k = _plan(*plan, histogram_elements, max_elements)[1] // _plan(*plan, max_elements)[1]
+            hist = _histogram_of(s[::k] if k > 1 else s, bins)
         total = float(_sum(s))
         nonzero = _count_nonzero(s != 0)  # (on floats, count_nonzero alone is 5x slower)
         if not math.isfinite(total):  # maybe a NaN in the sample: it counts as zero, as torch.sign makes it

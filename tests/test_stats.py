@@ -467,6 +467,8 @@ def test_numpy_reductions_of_nonfinite_or_overflowing_values_warn_of_nothing_and
         warnings.simplefilter("error")
         rows = stats.grad_summaries([t, t[:7]], [t, t[:7]]).numpy()
         row, _ = stats.sample_rows_host(t, t.numpy(), 32768, limits=(-1.0, 1.0))
+        scaled, nested = stats.sample_rows_host(t, t.numpy(), 32768, scale=1e30)  # the copy's multiply overflows
+        _, nested = stats.sample_rows_host(t, t.numpy(), 32, bins=16, histogram_elements=8)  # with its histogram
         total = stats.host_sum(t.numpy().reshape(6, 10))
         hist = stats.histogram_host(t, t.numpy(), 16, scale=1e300)  # scaled past float64's range too
         ratios = stats.update_norms([t.numpy()], [doubled], [1.0])
@@ -477,6 +479,7 @@ def test_numpy_reductions_of_nonfinite_or_overflowing_values_warn_of_nothing_and
     assert rows[0, 0] == pytest.approx(np.linalg.norm(exact), rel=1e-6, nan_ok=True)  # scaled where it overflowed
     assert rows[1, 0] == pytest.approx(np.abs(exact).max(), nan_ok=True)
     assert not math.isfinite(total) and not math.isfinite(row[0])  # float32 sums: overflowed, or NaN
+    assert not math.isfinite(scaled[0]) and nested is not None and len(nested) == 4 + 16 + 1
     with pytest.warns(RuntimeWarning):  # NumPy's own state, as the user left it, still warns
         np.add.reduce(np.array([3e38, 3e38], dtype=np.float32))
 
