@@ -25,10 +25,10 @@ Python calls: every Python function call (``sys.setprofile``'s ``call`` events: 
 functions, gradwatch's and the libraries' it calls; calls of builtins and C functions not
 counted) during one step, watched minus plain, for a measured step (``every=1``), for a measured
 step with histograms written into a log_dir (``histogram_every=1``: binning and TensorBoard's
-event included) and for a step that is not measured (``every=10**6``, after the first). On the CPU most of what a measured step
-costs in time is interpreted code that runs cold between the model's kernels, about a
-microsecond a call there; the count is its deterministic stand-in, as the ATen count is a GPU's
-launches'. Targets: :data:`MEASURED_CALLS_PER_LAYER` and :data:`UNMEASURED_CALLS_PER_LAYER` per
+event included) and for a step that is not measured (``every=10**6``, after the first). On the
+CPU most of what a measured step costs in time is interpreted code that runs cold between the
+model's kernels, about a microsecond a call there; the count is its deterministic stand-in, as
+the ATen count is a GPU's launches'. Targets: :data:`MEASURED_CALLS_PER_LAYER` and :data:`UNMEASURED_CALLS_PER_LAYER` per
 watched layer output plus a fixed part (:data:`MEASURED_CALLS_FIXED`, :data:`UNMEASURED_CALLS_FIXED`).
 
 The counts are deterministic for a given torch version and thread count (one thread here: with
