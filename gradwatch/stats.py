@@ -466,7 +466,7 @@ def sample_view(t: Tensor, max_elements: int, within: int = 0) -> Tensor:
         # (no guard on strides), in the logical order
         n = t.numel()
         last = t.shape[-1] if t.dim() else 1
-        s, dense = nested_stride(n, last, within, max_elements) if within else _stride(n, last, max_elements), False
+        s, dense = _sample_stride(n, last, max_elements, within), False
     else:
         n, s, dense = _plan(t.shape, t.stride(), t.is_contiguous(), max_elements, within)
     if dense:
@@ -489,7 +489,7 @@ def sample_size(t: Tensor, max_elements: int, within: int = 0) -> int:
     if dynamo_compiling() or getattr(torch.compiler, EXPORTING, False):
         n = t.numel()
         last = t.shape[-1] if t.dim() else 1
-        return -(-n // (nested_stride(n, last, within, max_elements) if within else _stride(n, last, max_elements)))
+        return -(-n // _sample_stride(n, last, max_elements, within))
     n, s, _ = _plan(t.shape, t.stride(), t.is_contiguous(), max_elements, within)
     return -(-n // s)
 
@@ -511,7 +511,12 @@ def _plan(shape: Tuple[int, ...], strides: Tuple[int, ...], contiguous: bool, ma
             expected *= sz
         else:
             dense, inner = True, (pairs[0][1] if pairs else 1)
-    return n, (nested_stride(n, inner, within, max_elements) if within else _stride(n, inner, max_elements)), dense
+    return n, _sample_stride(n, inner, max_elements, within), dense
+
+
+def _sample_stride(n: int, last: int, max_elements: int, within: int = 0) -> int:
+    """The stride of :func:`sample_view`'s sample: :func:`nested_stride` when ``within``, else its own."""
+    return nested_stride(n, last, within, max_elements) if within else _stride(n, last, max_elements)
 
 
 def nested_stride(n: int, last: int, within: int, max_elements: int) -> int:
