@@ -111,6 +111,7 @@ class GradWatch:
         self._latest: Optional[StepStats] = None
         self._findings: List[Finding] = []
         self._notes: List[str] = []  # said once: what cannot be measured, interval changes
+        self._held: Optional[List[str]] = None  # warnings said while a step closes (see _advance)
 
     def attach(self) -> "GradWatch":
         """Register the hooks (what ``with`` does on entry). Returns ``self``."""
@@ -140,6 +141,7 @@ class GradWatch:
         if not self._attached:
             return
         self._attached = False
+        self._held = []
         try:
             self._collector.detach()  # hooks first: nothing below may leave them behind
             registry.release(self)
@@ -147,7 +149,10 @@ class GradWatch:
             if data is not None:
                 self._emit(data, final=True)
         finally:
+            held, self._held = self._held, None
             self.sinks.close(self.report())
+        for text in held:
+            warnings.warn(text, GradWatchWarning, stacklevel=2)
 
     def __enter__(self) -> "GradWatch":
         return self.attach()
@@ -158,7 +163,15 @@ class GradWatch:
     def step(self) -> None:
         """End the running step yourself (e.g. once per optimizer step with gradient
         accumulation): after n calls, :attr:`steps` is n. From the first call on, forwards no
-        longer open steps."""
+        longer open steps. On a watch that is not attached it does nothing (and says so once): it
+        would place hooks that nothing removes."""
+        if not self._attached:
+            text = ("gradwatch: watch.step() was called on a watch that is not attached (before attach() or "
+                    "after the with block): ignored. Call it while the watch is attached.")
+            if text not in self._notes:
+                self._notes.append(text)
+                warnings.warn(text, GradWatchWarning, stacklevel=2)
+            return
         self._manual = True
         self._collector.noise.several = True  # a step may now hold several micro-batches
         self._advance()
@@ -172,10 +185,19 @@ class GradWatch:
     def _on_root_forward(self, opens: bool) -> None:
         """A forward of a step runs; ``opens``: the running step is complete (see collect.forwards)."""
         if opens and not self._manual:
-            self._clock.advance(self._emit)  # (what _advance does, one call fewer on every step)
+            self._advance()
 
     def _advance(self) -> None:  # also the optimizer's step hook with steps="optimizer"
-        self._clock.advance(self._emit)
+        """Close the running step and open the next. What gradwatch warns of meanwhile (a blind spot
+        the closing step showed) is recorded at once and raised as a warning only once the step's data
+        is handed on: a warning turned into an error (``-W error``) then loses no record."""
+        self._held = []
+        try:
+            self._clock.advance(self._emit)
+        finally:
+            held, self._held = self._held, None
+        for text in held:
+            warnings.warn(text, GradWatchWarning, stacklevel=2)
 
     def _note(self, text: str) -> None:
         if text not in self._notes:
@@ -183,10 +205,17 @@ class GradWatch:
             self.sinks.on_note(text)
 
     def _warn(self, text: str) -> None:
-        """Something gradwatch cannot see: a warning, and a note in the report, once."""
-        if text not in self._notes and ranks.rank() == 0:
-            warnings.warn(text, GradWatchWarning, stacklevel=2)
+        """Something gradwatch cannot see: a note in the report and a warning, once (the note first:
+        a warning the user's filters raise as an error must not lose it)."""
+        if text in self._notes:
+            return
         self._note(text)
+        if ranks.rank() != 0:
+            return
+        if self._held is not None:  # a step is being closed: warned once it has been handed on
+            self._held.append(text)
+        else:
+            warnings.warn(text, GradWatchWarning, stacklevel=2)
 
     def _emit(self, data: StepData, final: bool = False) -> None:
         new = self._judge.new_findings(data.stats, final)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import warnings
 
@@ -352,6 +353,37 @@ def test_a_healthy_run_writes_no_nonfinite_charts(tmp_path):
     with GradWatch(model, log_dir=tmp_path, every=1, quiet=True):
         models.train(model, 3)
     assert not [t for t in load(tmp_path).Tags()["scalars"] if t.startswith("activation.nonfinite")]
+
+
+def test_a_healthy_run_writes_no_nan_scalar(tmp_path):
+    """A zero-initialised bias has no gradient-to-weight ratio at its first step, and a layer whose
+    output holds no floating-point element has no sampled shares: nothing is written for them, where
+    a NaN line would read as a non-finite value."""
+    class IntegerOut(torch.nn.Module):  # a watched module whose output is not floating point
+        def forward(self, x):
+            return (x > 0).long()
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.flag = models.small_mlp(), IntegerOut()
+
+        def forward(self, x):
+            self.flag(x)
+            return self.body(x)
+
+    model = Net()
+    with torch.no_grad():
+        model.body[0].bias.zero_()
+    with GradWatch(model, log_dir=tmp_path, every=1, quiet=True, include=["body.*", IntegerOut]) as watch:
+        models.train(model, 3)
+    acc = load(tmp_path)
+    scalars = acc.Tags()["scalars"]
+    nan = [t for t in scalars if any(math.isnan(e.value) for e in acc.Scalars(t))]
+    assert nan == []
+    assert [e.step for e in acc.Scalars("gradient.ratio/body.0.bias")] == [1, 2]  # from its first update on
+    assert "flag" in watch.report().stats.layers and not [t for t in scalars if t.endswith("/flag")
+                                                           and "fraction" in t]
 
 
 def test_a_dead_layers_histogram_is_drawn_around_its_value(tmp_path):

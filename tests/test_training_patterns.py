@@ -943,6 +943,49 @@ def test_a_non_finite_gradient_is_reported_at_its_own_step_naming_the_first_para
     st = rec.steps[13]
     assert st.params["fc1.weight"].nonfinite and not st.params["head.weight"].nonfinite
     assert 12 not in rec.steps
+    # Begun in backward, the step has no layer outputs by design: no blind spot to report.
+    assert not [n for n in watch.report().notes if "watched layers being seen" in n]
+
+
+class NanGradAt(nn.Module):
+    """Identity forward; during backward, the gradient through it is NaN while ``armed``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        return NanGrad.apply(x) if self.armed else x
+
+
+def test_a_non_finite_gradient_between_measured_steps_names_the_parameter_nearest_the_output():
+    """A NaN that arises in backward at fc2's output spreads to fc2's and fc1's gradients, not to the head's:
+    the step (not measured by the schedule) names fc2, nearest the output, as a measured step names the layer
+    whose output gradient turned non-finite first; and under -W error nothing of it is lost."""
+    def run(step_of_nan: int) -> GradWatch:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), NanGradAt(), nn.Tanh(), nn.Linear(16, 3))
+        raised: List[Warning] = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            watch = GradWatch(model, quiet=True, include=[nn.Linear, nn.Tanh]).attach()
+            try:
+                for step in range(16):
+                    model[3].armed = step == step_of_nan
+                    try:
+                        F.cross_entropy(model(X), Y).backward()
+                    except GradWatchWarning as w:
+                        raised.append(w)
+            finally:
+                watch.detach()
+        assert [type(w) for w in raised] == [NonFiniteWarning]  # no blind-spot warning beside it
+        return watch
+
+    for step_of_nan in (13, 5):  # not measured by the schedule, and measured
+        watch = run(step_of_nan)
+        first = [f for f in watch.findings if f.kind.value == "non_finite"][0]
+        assert (first.step, first.layer) == (step_of_nan, "2"), step_of_nan
+    assert not [n for n in watch.report().notes if "watched layers being seen" in n]
 
 
 def test_on_an_accelerator_the_step_is_named_a_step_later(monkeypatch):
@@ -1204,3 +1247,31 @@ def test_outputs_and_gradients_are_bit_identical_with_and_without_gradwatch(patt
         assert a.dtype == b.dtype and a.shape == b.shape
         assert torch.equal(a, b) or (a.is_floating_point() and torch.equal(a.isnan(), b.isnan())
                                      and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0)))
+
+
+def test_layers_called_outside_the_models_forward_are_measured_only_in_training_calls():
+    """A LightningModule-like wrapper whose steps call ``self.net(x)``: the root's forward never runs, and an
+    evaluation call of the layers (eval mode, autograd off) inside a measured step is no part of it."""
+    class Wrapper(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+
+    torch.manual_seed(0)
+    model = Wrapper()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with GradWatch(model, every=1, quiet=True, optimizer=opt, steps="optimizer") as watch:
+        rec = Recorder()
+        watch.sinks.sinks.append(rec)
+        for _ in range(3):
+            F.cross_entropy(model.net(X), Y).backward()
+            model.eval()
+            with torch.no_grad():
+                model.net(X * 100)  # validation: not measured
+            model.train()
+            opt.step()
+            opt.zero_grad()
+    for st in rec.steps.values():
+        assert sorted(st.layers) == ["net.0", "net.1", "net.2"]
+        assert all(ls.count == X.shape[0] * (16 if n != "net.2" else 3) for n, ls in st.layers.items())
+    assert abs(rec.steps[1].layers["net.1"].mean) < 0.9  # no saturated validation batch mixed in

@@ -434,3 +434,18 @@ def test_budget_widens_the_interval_only_at_its_adaptation_step():
     assert any("measuring every" in n for n in tight.report().notes)
     with pytest.raises(ValueError, match="budget"):
         GradWatch(model, budget=2)
+
+
+def test_step_on_a_watch_that_is_not_attached_places_no_hook():
+    model = models.small_mlp()
+    watch = GradWatch(model, quiet=True, steps="manual")
+    with watch:
+        models.train(model, 2)
+        watch.step()
+    before = watch.steps
+    with pytest.warns(GradWatchWarning, match="not attached"):
+        watch.step()
+    watch.step()  # said once
+    assert watch.steps == before
+    assert not any(getattr(p, "_post_accumulate_grad_hooks", None) or p._backward_hooks for p in model.parameters())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())

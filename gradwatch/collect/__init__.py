@@ -64,6 +64,7 @@ class Collector:
         self.sample_layout = SampleLayout(len(layers))  # sample buffers sized from earlier steps
         self.taps = LayerTaps(layers, how, options.thresholds.saturation_slope, self.guard, self._current)
         self.taps.on_transform = self._in_transform
+        self.taps.off_step = self._off_step
         self.gradients = GradientReader(model, options.include, options.exclude, how, self.guard, self._current)
         self.functional = FunctionalTaps(model, how, self.guard, self._current, activations=options.functional)
         self.taps.apart = self.functional.apart  # a measuring hook's work: outside the function tap
@@ -86,6 +87,7 @@ class Collector:
         self._placed_for = -1  # the parameter look-up those were placed for
         self._lazy = False  # some parameter is not materialised yet (nn.LazyLinear before its first forward)
         self._said_transform = False
+        self._said_unkept = False
         self.copies = CleanCopies()
         self._depth = 0  # nesting of the root's forward (a root that calls itself)
         self.sentinel = Sentinel()
@@ -205,7 +207,8 @@ class Collector:
         if buf is None or not (buf.sites or buf.grads is not None):
             return None
         data = self.guard("summary", self._summarise, step, buf)
-        self.blind.check_step(data, _is_compiled(self.model))
+        if not buf.late:  # (a step the check began late has no layer outputs by design)
+            self.blind.check_step(data, _is_compiled(self.model))
         return data
 
     def _summarise(self, step: int, buf: StepBuffers) -> StepData:
@@ -302,6 +305,12 @@ class Collector:
         self._on_root_forward(self.step is None or self.forwards.complete)
         return True
 
+    def _off_step(self, module: nn.Module, args: Any) -> bool:
+        """Whether a layer's call is no training step: called outside the model's own forward (a
+        LightningModule whose ``training_step`` and ``validation_step`` call ``self.net(x)``), it is
+        judged as a forward of the model would be (eval mode, autograd off, see :func:`_not_a_step`)."""
+        return self._depth == 0 and _not_a_step(module, args, self.include_eval) is not None
+
     def _in_transform(self) -> None:
         if not self._said_transform:
             self._said_transform = True
@@ -330,9 +339,17 @@ class Collector:
         outputs (kept until here) in forward order, and its gradients at the end of its backward."""
         self.guard("finiteness check", self._start_now)
         self.guard("finiteness check", self.taps.replay, self._buf, kept)
+        if not kept and self.layers and not self._said_unkept:
+            self._said_unkept = True
+            self.say(f"gradwatch: non-finite values (NaN/Inf) appeared in the output of {type(self.model).__name__} "
+                     f"at step {self.step}, a step not measured, and none of its layers' outputs was kept at that "
+                     f"step (inside a compiled graph, under activation checkpointing or saved-tensor hooks they "
+                     f"are not kept between measured steps): the layer where the values arose cannot be named at "
+                     f"that step; its gradients are read. Measure every step (every=1) to name the layer.")
 
     def _start_now(self) -> None:
         self._buf = self._new_buffers(False)
+        self._buf.late = True
         self._step_hooks = True
         self.gradients.register()
 

@@ -388,6 +388,9 @@ class StepBuffers:
         self.layout: Optional[Tuple[torch.Size, bool]] = None  # the last output of a module with a known layout
         self.updates: Any = None  # an updates.UpdateRead: update norms across optimizer.step()
         self.noise: Any = None  # a noise.NoiseRead: the step's micro-batches (gradient noise scale)
+        # Begun by the finiteness check when the step was under way: its layers' outputs are those
+        # kept until then (none once backward began, nor inside a compiled graph).
+        self.late = False
         self.samples = SampleRows("samples", how.samples, layout)
         # An activation's histogram sample is nested in its statistics' (see SampleRows.add_with_histogram).
         self.act_hist = SampleRows("act_hist", how.histogram_samples, layout, how.bins, how.samples) \

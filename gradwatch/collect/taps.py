@@ -178,6 +178,9 @@ class LayerTaps:
         # Runs a measuring hook's work (``apart(fn, *args)``): outside the function tap while one is
         # entered (``FunctionalTaps.apart``).
         self.apart: Callable[..., Any] = lambda fn, *args: fn(*args)
+        # Whether a layer's call is no training step though a step is measured (the collector's: a
+        # layer called outside the model's own forward, in eval mode or with autograd off).
+        self.off_step: Callable[[nn.Module, Any], bool] = lambda module, args: False
 
     def attach(self) -> None:
         """One permanent forward hook per layer (and a pre-hook per generic activation and per
@@ -250,7 +253,8 @@ class LayerTaps:
 
         def measure(module: nn.Module, args: Any) -> None:  # must return None: a value replaces the input
             buf = self.current()
-            if buf is None or name in self.guard.broken or in_backward() or transformed():
+            if buf is None or name in self.guard.broken or in_backward() or transformed() or \
+                    self.off_step(module, args):
                 return
             probe = None
             x = args[0] if args else None
@@ -277,7 +281,7 @@ class LayerTaps:
             buf = self.current()
             x = args[0] if args else None
             if buf is None or name in self.guard.broken or in_backward() or transformed() or \
-                    not isinstance(x, Tensor) or not x.is_floating_point():
+                    not isinstance(x, Tensor) or not x.is_floating_point() or self.off_step(module, args):
                 return
             high = self.apart(_unit_max, x, follows_layout(buf.layout, x.shape))
             if high is not None:
@@ -304,6 +308,8 @@ class LayerTaps:
                 return
             if transformed():  # batched or wrapped tensors (vmap inside the model's forward): not measured
                 self.on_transform()
+                return
+            if self.off_step(module, args):
                 return
             self.apart(self.guard, name, self._on_output, layer, buf, output, args if reads_input else ())
         measure = eager(measure)

@@ -1,7 +1,7 @@
 """Non-finite values: the first place a NaN or Inf appeared at a step.
 
 Activations in forward order first, then activation gradients in the order backward produced
-them, then parameter gradients. The finding's condition says which: ``forward``, ``weights``
+them, then parameter gradients, nearest the output first (the order backward reaches them). The finding's condition says which: ``forward``, ``weights``
 (the layer's own weights are already non-finite: a bad update was applied at an earlier step)
 or ``backward`` (gradients only).
 """
@@ -38,7 +38,9 @@ def non_finite(stats: StepStats) -> List[Finding]:
             return [Finding(FindingKind.NON_FINITE, name, step, math.nan, 0.0,
                             "Non-finite gradient (NaN/Inf) first appears at this layer's output during backward.",
                             ADVICE, "backward")]
-    for ps in stats.params.values():
+    # Parameter gradients last, nearest the output first: backward reaches the layers in reverse, and a
+    # NaN that arose in one layer's backward spreads to every layer before it, not to those after.
+    for ps in reversed(list(stats.params.values())):
         if ps.nonfinite:
             return [Finding(FindingKind.NON_FINITE, ps.layer, step, ps.grad_norm, 0.0,
                             f"Gradient of {ps.name} is non-finite (norm {ps.grad_norm}).", ADVICE, "backward")]

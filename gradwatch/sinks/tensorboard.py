@@ -46,6 +46,9 @@ LAYER_SCALARS = {
     "attention.saturated_fraction": "attention_saturated_fraction",
     "attention.max_logit": "attention_max_logit",
 }
+_SAMPLED = ("mean", "std", "zero_fraction", "saturated_fraction")
+"""Layer scalars read from the output's sample: none where no floating-point element was measured
+(an attention module whose outputs are not floating point, or not measured)."""
 PARAM_SCALARS = {"gradient.norm": "grad_norm", "gradient.max_abs": "grad_max_abs", "gradient.ratio": "ratio",
                  "update.ratio": "update_ratio"}
 GLOBAL_SCALARS = ("gradient.global_norm", "gradient.global_applied_norm")
@@ -267,12 +270,14 @@ class TensorBoardSink(Sink):
                 if attr == "nonfinite":
                     if value:  # a chart per layer only where NaN/Inf appeared, not nine lines at 0
                         scalars.append((f"{tag}/{name}", 1.0, tag))
-                elif value is not None and not (attr in ("mean", "std") and ls.count == 0):
+                elif value is not None and not (attr in _SAMPLED and ls.count == 0):
                     scalars.append((f"{tag}/{name}", float(value), tag))
         for pname, ps in st.params.items():
             for tag, attr in PARAM_SCALARS.items():
-                value = getattr(ps, attr)
-                if value is not None:  # update_ratio: only with optimizer=
+                # update_ratio: only with optimizer=; the ratio of a weight at zero (a bias at
+                # initialisation) has no value, and a NaN line would read as a non-finite gradient.
+                value = getattr(ps, attr) if attr != "ratio" or ps.weight_norm != 0 else None
+                if value is not None:
                     scalars.append((f"{tag}/{pname}", float(value), tag))
         event.scalars(scalars)
         total = st.total_grad_norm
