@@ -15,7 +15,7 @@ import argparse
 import json
 import math
 import sys
-from typing import List, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 from rich import box
 from rich.console import Console
@@ -143,20 +143,33 @@ def findings_table(run: Run) -> Table:
     return t
 
 
+def _finite(value: Any) -> Any:
+    """``value`` with every NaN or Inf float replaced by None (JSON has no such numbers)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def cmd_report(args: argparse.Namespace, console: Console) -> int:
     runs = [load_run(p, args.run) for p in find_runs([args.folder])]
     fail_on = set(args.fail_on or ())
     if args.json:
         payload = [{"run": str(r.path), "run_id": r.run_id, "run_ids": r.run_ids, "layers": layer_rows(r),
                     "findings": r.findings} for r in runs]
-        console.print_json(json.dumps(payload[0] if len(payload) == 1 else payload))
+        # Strict JSON: NaN and Inf (a non-finite gradient's norm) become null, as in findings.jsonl.
+        console.print_json(json.dumps(_finite(payload[0] if len(payload) == 1 else payload), allow_nan=False))
     else:
         for run in runs:
             console.print(report_table(run))
             console.print(findings_table(run) if run.findings else Text("no findings", style="green"))
     hits = [f for r in runs for f in r.findings if f["kind"] in fail_on]
     if hits:
-        print(f"gradwatch: {len(hits)} finding(s) of kind {', '.join(sorted(fail_on))}", file=sys.stderr)
+        print(f"gradwatch: {len(hits)} finding(s) of kind {', '.join(sorted({f['kind'] for f in hits}))}",
+              file=sys.stderr)
         return 1
     return 0
 

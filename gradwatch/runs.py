@@ -190,11 +190,18 @@ def load_run(path: Path, run_id: Optional[str] = None) -> Run:
     run.histograms = {n: sorted(h, key=lambda e: e[0]) for n, h in histograms.items()}
     findings_path = path / FINDINGS_FILE
     if findings_path.exists():
-        for line in findings_path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
+        lines = findings_path.read_text(encoding="utf-8").splitlines()
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
                 record = json.loads(line)
-                if record.get("run", LEGACY_RUN) == entry.run_id:
-                    run.findings.append(record)
+            except ValueError as exc:
+                if i == len(lines) - 1:  # a last line cut short (the process was killed while writing)
+                    continue
+                raise RunError(f"{findings_path}: line {i + 1} is not JSON ({exc}); remove or mend that line") from None
+            if isinstance(record, dict) and record.get("run", LEGACY_RUN) == entry.run_id:
+                run.findings.append(record)
     return run
 
 
@@ -214,7 +221,13 @@ def _read_meta(path: Path) -> dict:
     meta_path = path / META_FILE
     if not meta_path.exists():
         return {}
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise RunError(f"{meta_path}: not JSON ({exc}): the file is damaged; delete it to read the run from its "
+                       f"event files alone") from None
+    if not isinstance(meta, dict):
+        raise RunError(f"{meta_path}: not a gradwatch run description; delete it to read the run from its event files")
     if int(meta.get("format", 0)) != FORMAT_VERSION:
         raise RunError(f"{path}: written by gradwatch run format {meta.get('format')}; this gradwatch reads "
                        f"format {FORMAT_VERSION}")

@@ -335,8 +335,10 @@ def activation_moments(values: Sequence[float], n: int, m: int) -> dict:
     if not n or not m:
         return {"mean": math.nan, "var": math.nan, "zeros": 0.0, "nonfinite": False, "saturated": 0.0}
     scale = n / m
+    if not math.isfinite(v["sum"]):  # NaN/Inf present: no share of zeros or saturated values is known
+        return {"mean": v["sum"] / n, "var": math.nan, "zeros": math.nan, "nonfinite": True, "saturated": math.nan}
     return {"mean": v["sum"] / n, "var": v["sample_dev_norm"] ** 2 / m,
-            "zeros": (m - v["sample_nonzero"]) * scale, "nonfinite": not math.isfinite(v["sum"]),
+            "zeros": (m - v["sample_nonzero"]) * scale, "nonfinite": False,
             "saturated": v["sample_saturated"] * scale}
 
 

@@ -49,6 +49,42 @@ def test_report_json_has_layers_in_forward_order_and_findings(runs, capsys):
 def test_fail_on_exit_codes(runs, capsys):
     assert main(["report", str(runs / "dead"), "--fail-on", "dead_units"]) == 1
     assert main(["report", str(runs / "healthy"), "--fail-on", "dead_units,vanishing"]) == 0
+    capsys.readouterr()
+    assert main(["report", str(runs / "dead"), "--fail-on", "vanishing,dead_units,saturation"]) == 1
+    assert capsys.readouterr().err.strip().endswith("of kind dead_units")  # the kinds found, not those asked for
+
+
+def test_report_json_is_strict_json_with_null_for_non_finite_values(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = models.small_mlp()
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with GradWatch(model, log_dir=tmp_path / "nan", every=1, quiet=True):
+            models.train(model, 2)
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "nan"), "--json"]) == 0
+    text = capsys.readouterr().out
+    def no_constants(name):
+        raise ValueError(name)
+    out = json.loads(text, parse_constant=no_constants)  # NaN, Infinity: not JSON
+    assert any(r["grad_norm"] is None for r in out["layers"])
+
+
+def test_a_damaged_run_file_is_named_with_exit_code_2(runs, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(runs / "dead", run)
+    lines = (run / "findings.jsonl").read_text().splitlines()
+    (run / "findings.jsonl").write_text("\n".join(lines + ['{"kind": "dead_u']))  # cut short by a kill
+    assert main(["report", str(run), "--json"]) == 0
+    assert {f["kind"] for f in json.loads(capsys.readouterr().out)["findings"]} >= {"dead_units"}
+    (run / "gradwatch.json").write_text("{bad")
+    assert main(["report", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "gradwatch.json" in err and "not JSON" in err
 
 
 def test_an_unknown_fail_on_kind_is_a_usage_error_naming_the_valid_kinds(runs, capsys):

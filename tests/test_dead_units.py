@@ -181,3 +181,21 @@ def test_compiled_models_measure_the_same_dead_units_without_recompiles(act):
     assert compiled.layers["1"].dead_fraction == eager.layers["1"].dead_fraction == pytest.approx(0.8)
     assert compiled.layers["3"].dead_fraction == eager.layers["3"].dead_fraction
     assert compiled.layers["1"].dead_cutoff == eager.layers["1"].dead_cutoff
+
+
+def test_non_finite_outputs_are_neither_zeros_nor_dead_units():
+    """Once a layer's outputs are NaN, how many of them are zero, saturated or dead is not known: the
+    report says so (NaN), never "zeros 100%, dead 100%" (a NaN is not a zero, nor evidence of no activity)."""
+    torch.manual_seed(0)
+    model = models.small_mlp()
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")  # every output of the first layer, and all after it, NaN
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GradWatchWarning)
+        with GradWatch(model, every=1, dead_window=2, quiet=True) as watch:
+            models.train(model, 4)
+    st = watch.report().stats
+    relu = st.layers["1"]
+    assert relu.nonfinite and math.isnan(relu.zero_fraction)
+    assert not relu.dead_fraction  # 0 or unknown, never all units dead
+    assert [f.kind for f in watch.findings] == [FindingKind.NON_FINITE]

@@ -449,3 +449,16 @@ def test_step_on_a_watch_that_is_not_attached_places_no_hook():
     assert watch.steps == before
     assert not any(getattr(p, "_post_accumulate_grad_hooks", None) or p._backward_hooks for p in model.parameters())
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_weights_non_finite_at_the_first_step_are_not_blamed_on_an_earlier_update():
+    model = models.small_mlp()
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GradWatchWarning)
+        with GradWatch(model, every=1, quiet=True) as watch:
+            models.train(model, 1)
+    (first,) = [f for f in watch.findings if f.kind.value == "non_finite"]
+    assert (first.step, first.layer, first.condition) == (0, "0", "weights")
+    assert "before training began" in first.message and "earlier" not in first.message

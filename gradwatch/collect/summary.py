@@ -179,7 +179,9 @@ def _dead(g: _Gathered, name: str, site: SiteBuffer, units: UnitHistory) -> Opti
     """The site's per-unit activity in this step (any call active), folded into its history."""
     alive: Optional[np.ndarray] = None
     for values in g.get("alive", name):
-        active = np.asarray(values) > site.alive_above  # a NaN sum, norm or maximum is not activity
+        # A NaN sum, norm or maximum says nothing of activity: it counts as alive, never as dead evidence
+        # (the non-finite values are the finding).
+        active = ~(np.asarray(values) <= site.alive_above)
         if alive is None:
             alive = active
         elif alive.shape == active.shape:

@@ -24,11 +24,18 @@ def non_finite(stats: StepStats) -> List[Finding]:
     for ls in stats.layers.values():
         if ls.nonfinite:
             if ls.name in bad_weights:
+                if step == 0:  # no update yet: a checkpoint, an initialisation or a hand-set weight
+                    why, advice = ("they were non-finite before training began (a loaded checkpoint, the "
+                                   "initialisation, or weights set by hand).",
+                                   "Check where the weights come from: torch.isfinite(p).all() for each parameter "
+                                   "after loading or initialising them.")
+                else:
+                    why, advice = ("a non-finite update was applied at an earlier step (one not measured, or "
+                                   "an optimizer step that turned finite gradients into non-finite updates).",
+                                   ADVICE + " Measure every step (every=1) to see where it starts.")
                 return [Finding(FindingKind.NON_FINITE, ls.name, step, math.nan, 0.0,
                                 "Non-finite values (NaN/Inf) first appear in this layer's output, in forward "
-                                "order: its weights are already non-finite, so a non-finite update was applied "
-                                "at an earlier, unmeasured step.", ADVICE + " Measure every step (every=1) to "
-                                "see where it starts.", "weights")]
+                                f"order: its weights are already non-finite, so {why}", advice, "weights")]
             return [Finding(FindingKind.NON_FINITE, ls.name, step, math.nan, 0.0,
                             "Non-finite activation values (NaN/Inf) first appear in this layer's output, "
                             "in forward order.", ADVICE, "forward")]
