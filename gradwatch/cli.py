@@ -18,7 +18,7 @@ import sys
 from typing import Any, List, Optional, Sequence
 
 from rich import box
-from rich.console import Console
+from rich.console import Console, ConsoleOptions, RenderResult
 from rich.table import Table
 from rich.text import Text
 
@@ -133,10 +133,36 @@ def report_table(run: Run) -> FittedTable:
                        legend_extra="-: does not apply to this layer or was not measured")
 
 
+class FindingsList:
+    """A run's findings: a table where the terminal has room for one (72 columns and more), else a
+    line per finding (step, kind, layer, value) with its message below: in a table that narrow the
+    message column would be a few letters wide."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        if options.max_width >= 72:
+            yield findings_table(self.run)
+            return
+        yield Text("findings", style="bold")
+        for f in self.run.findings:
+            line = Text.assemble((f"step {f['step']} ", "dim"), (f"{f['kind']} ", "bold"), Text(f["layer"]))
+            value = _fmt(f["value"] if isinstance(f["value"], float) else None)
+            if value != "-":
+                line.append(f"  {value}")
+            line.append("\n  " + f["message"])
+            yield line
+
+
 def findings_table(run: Run) -> Table:
     t = Table(title="findings", box=box.SIMPLE_HEAD, header_style="bold")
-    for col in ("step", "kind", "layer", "value", "message"):
-        t.add_column(col, overflow="fold")
+    # Numbers and kinds stay whole (never "5.5e-" over "10"); the layer and the message take the wrapping.
+    for col in ("step", "kind"):
+        t.add_column(col, no_wrap=True)
+    t.add_column("layer", overflow="fold", ratio=1)
+    t.add_column("value", no_wrap=True)
+    t.add_column("message", overflow="fold", ratio=3)
     for f in run.findings:
         t.add_row(str(f["step"]), f["kind"], Text(f["layer"]),  # never markup: the user's layer names
                   _fmt(f["value"] if isinstance(f["value"], float) else None), Text(f["message"]))
@@ -165,7 +191,7 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
     else:
         for run in runs:
             console.print(report_table(run))
-            console.print(findings_table(run) if run.findings else Text("no findings", style="green"))
+            console.print(FindingsList(run) if run.findings else Text("no findings", style="green"))
     hits = [f for r in runs for f in r.findings if f["kind"] in fail_on]
     if hits:
         print(f"gradwatch: {len(hits)} finding(s) of kind {', '.join(sorted({f['kind'] for f in hits}))}",

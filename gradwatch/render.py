@@ -578,15 +578,31 @@ def finding_reference(f: "Finding") -> Text:
     return Text.assemble((f.kind.category.__name__, f.kind.style), f" · {f.layer} · step {f.step}")
 
 
-def finding_panel(f: "Finding") -> Panel:
-    body = Text()
-    body.append(f.message + "\n")
-    body.append(f"value {_num(f.value)}  threshold {_num(f.threshold)}\n", style="dim")
-    body.append("→ " + f.advice, style="italic")
-    style = f.kind.style
-    # Built from Text, never from markup: a layer name such as ``blocks[0]`` must print as it is.
-    title = Text.assemble((f.kind.category.__name__, style), f" · {f.layer} · step {f.step}")
-    return Panel(body, title=title, title_align="left", border_style=style)
+class FindingPanel:
+    """A finding as a panel: titled ``DeadUnitsWarning · 3 · step 5`` (:func:`finding_reference`), its
+    message, value and advice inside. Where the terminal is too narrow for the title (a long layer
+    name), the title gives the kind alone and the body's first line the layer and step, which rich
+    would otherwise crop from the title."""
+
+    def __init__(self, f: "Finding") -> None:
+        self.finding = f
+        self.title = finding_reference(f)  # built from Text, never markup: ``blocks[0]`` prints as it is
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        f = self.finding
+        body = Text()
+        title = self.title
+        if title.cell_len + 6 > options.max_width:  # "╭─ " + title + " ─╮"
+            title = Text(f.kind.category.__name__, style=f.kind.style)
+            body.append(f"{f.layer} · step {f.step}\n", style="bold")
+        body.append(f.message + "\n")
+        body.append(f"value {_num(f.value)}  threshold {_num(f.threshold)}\n", style="dim")
+        body.append("→ " + f.advice, style="italic")
+        yield Panel(body, title=title, title_align="left", border_style=f.kind.style)
+
+
+def finding_panel(f: "Finding") -> FindingPanel:
+    return FindingPanel(f)
 
 
 def to_text(renderable: object, width: int = 120) -> str:

@@ -218,3 +218,22 @@ def test_a_folder_written_before_run_ids_still_reads(tmp_path, capsys):
     assert new["findings"] == [] and new["run_ids"][0] == "legacy" and len(new["run_ids"]) == 2
     legacy = report_json(capsys, folder, "--run", "legacy")
     assert len(legacy["findings"]) == len(watch.findings) and legacy["layers"][3]["dead_worst"] == 1.0
+
+
+@pytest.mark.parametrize("width", [40, 100])
+def test_findings_keep_numbers_and_kinds_whole_at_any_width(runs, width):
+    import io
+
+    from rich.console import Console
+
+    from gradwatch.cli import FindingsList
+    from gradwatch.runs import find_runs, load_run
+
+    run = load_run(find_runs([str(runs / "dead")])[0])
+    buf = io.StringIO()
+    Console(file=buf, width=width, color_system=None).print(FindingsList(run))
+    out = buf.getvalue()
+    assert all(len(line) <= width for line in out.splitlines())
+    for f in run.findings:
+        assert f["kind"] in out  # never "dead_" over "units"
+    assert "dead_units" in out and ("message" in out) == (width >= 72)

@@ -349,3 +349,18 @@ def test_finding_reference_is_the_panel_title():
     f = Finding(FindingKind.DEAD_UNITS, "blocks[0]", 7, 1.0, 0.5, "m", "a")
     title = finding_panel(f).title
     assert finding_reference(f).plain == title.plain == "DeadUnitsWarning · blocks[0] · step 7"
+
+
+
+@pytest.mark.parametrize("width", [40, 80])
+def test_a_panel_too_narrow_for_its_title_names_the_layer_and_step_inside(width):
+    name = "encoder.block_number_0.activation_function_sigmoid"
+    f = Finding(FindingKind.SATURATION, name, 12, 0.9, 0.5, "m", "a")
+    buf = io.StringIO()
+    Console(file=buf, width=width, color_system=None).print(finding_panel(f))
+    lines = buf.getvalue().splitlines()
+    assert all(len(line) <= width for line in lines)
+    assert lines[0].startswith("╭─ SaturationWarning ")
+    inside = "".join(line.strip("│╭╰─╮╯ ") for line in lines[1:])
+    assert inside.startswith(name[:10])  # the layer first, before the message
+    assert name in inside.replace(" ", "") and "step12" in inside.replace(" ", "")
