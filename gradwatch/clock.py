@@ -23,9 +23,12 @@ class StepClock:
         self.step: Optional[int] = None  # the running step
         self.seen = 0  # steps opened so far
         self._mark: Optional[float] = None  # when the previous step's work was done
+        self._measured = 0  # measured steps closed since the last adaptation
+        self._spent = 0.0  # the collector's own time (``spent``) at the last adaptation
 
     def advance(self, emit: Callable[[StepData], None]) -> None:
         finished, measured = self.step, self.collector.measuring
+        self._measured += measured and finished is not None
         data = self.close() if measured else None
         self._open()
         try:
@@ -62,7 +65,11 @@ class StepClock:
 
     def _adapt(self, step: int) -> None:
         """At a step where the budget may change the interval (``schedule.is_adapt_step``)."""
-        own = self.collector.spent / max(len(self.schedule.measured_times), 1)
+        # gradwatch's own time per measured step since the last adaptation (used where no unmeasured step
+        # was timed to compare with: every=1)
+        spent, self._spent = self.collector.spent - self._spent, self.collector.spent
+        own = spent / max(self._measured, 1)
+        self._measured = 0
         proposal = self.schedule.adapt(step, own)
         # Every rank must measure the same steps: all reach this step together and take the widest.
         every = ranks.agree_max(proposal or self.schedule.every) if ranks.world() > 1 else proposal

@@ -123,8 +123,9 @@ class Schedule:
         if len(self.plain) >= 3:
             plain = statistics.median(self.plain)
             extra = max(measured - plain, 0.0)
-        else:
-            extra, plain = own_seconds, max(measured - own_seconds, 1e-9)
+        else:  # (gradwatch's own time is part of the measured step: at most most of it)
+            extra = min(own_seconds, 0.9 * measured)
+            plain = measured - extra
         every = choose_interval(self.choices, extra, plain, self.budget)
         share = extra / every / max(plain, 1e-9)
         self.over_budget = share if share > self.budget else None

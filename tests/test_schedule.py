@@ -41,3 +41,20 @@ def test_interval_choices():
     assert intervals(20) == (20, 40, 80, 100)
     assert choose_interval((20, 40, 80, 100), 1e-3, 10e-3, 0.02) == 20  # 0.5 % at 20
     assert choose_interval((20, 40, 80, 100), 5e-3, 10e-3, 0.02) == 40  # 2.5 % at 20, 1.25 % at 40
+
+
+def test_every_step_with_a_budget_weighs_gradwatchs_time_per_measured_step_not_since_attach():
+    """With every=1 no plain step is timed: the budget weighs gradwatch's own time per measured step
+    since the last adaptation, which is part of the step, never more than it."""
+    import torch
+
+    from gradwatch import GradWatch
+    from tests import models
+
+    torch.manual_seed(0)
+    model = models.small_mlp()
+    with GradWatch(model, every=1, budget=0.5, quiet=True) as watch:
+        models.train(model, 101)
+    assert watch.every < 100
+    shares = [n for n in watch.report().notes if "of the step time even at" in n]
+    assert not shares, shares
