@@ -200,6 +200,15 @@ class Options:
             raise ValueError(f"budget must be a fraction of step time between 0 and 1 (e.g. 0.01), got {budget!r}")
         if log_dir is not None and writer is not None:
             raise ValueError("pass either log_dir= or writer=, not both (writer= writes where the writer writes)")
+        if log_dir is not None and (not isinstance(log_dir, (str, os.PathLike)) or not os.fspath(log_dir)
+                                    or isinstance(os.fspath(log_dir), bytes)):
+            raise TypeError(f"log_dir must be a folder's path (a str or pathlib.Path, not empty), got {log_dir!r}")
+        if writer is not None and not callable(getattr(writer, "add_scalar", None)):
+            raise TypeError(f"writer must be a TensorBoard SummaryWriter (torch.utils.tensorboard or tensorboardX), "
+                            f"got {type(writer).__name__} ({writer!r:.60}); or pass log_dir= instead")
+        if isinstance(bins, int) and not isinstance(bins, bool) and bins > MAX_BINS:
+            raise ValueError(f"bins must be at most {MAX_BINS} (a histogram is drawn from a sample of at most "
+                             f"{MAX_BINS} elements), got {bins!r}")
         if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
             raise TypeError(f"scaler must be the torch.amp.GradScaler that scales your loss, got "
                             f"{type(scaler).__name__} ({scaler!r:.60})")
@@ -214,6 +223,11 @@ class Options:
                    log_dir=check_log_dir(log_dir) if log_dir is not None and rank == 0 else
                    (None if log_dir is None else Path(log_dir)),
                    writer=writer, scaler=scaler)
+
+
+MAX_BINS = 1 << 13
+"""The most histogram bins: a histogram's sample holds at most this many elements
+(``stats.HISTOGRAM_SAMPLES``)."""
 
 
 def positive_int(name: str, value: object) -> int:

@@ -85,6 +85,9 @@ class GradWatch:
                  optimizer: Optional[torch.optim.Optimizer] = None, budget: Optional[float] = None,
                  functional: bool = False, strict: bool = False, scaler: Any = None) -> None:
         self.model = check_model(model)
+        if console is not None and not isinstance(console, Console):
+            raise TypeError(f"console must be a rich.console.Console, got {type(console).__name__} ({console!r:.60}); "
+                            f"for a file or stream: console=Console(file=stream)")
         self.options = o = Options.build(
             every=every, histogram_every=histogram_every, dead_window=dead_window, bins=bins, samples=samples,
             thresholds=thresholds, include=include, exclude=exclude, include_eval=include_eval, quiet=quiet,

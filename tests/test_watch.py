@@ -333,6 +333,11 @@ def test_measures_only_every_nth_step():
     ({"include": [3]}, TypeError, "include"),
     ({"steps": "backward"}, ValueError, "steps"),
     ({"include": "nothing.matches"}, ValueError, "nothing.matches"),
+    ({"log_dir": 123}, TypeError, "log_dir must be a folder's path.*123"),
+    ({"log_dir": ""}, TypeError, "log_dir"),
+    ({"writer": "runs/x"}, TypeError, "writer must be a TensorBoard SummaryWriter.*str"),
+    ({"console": "stdout"}, TypeError, "console must be a rich.console.Console.*str"),
+    ({"bins": 10 ** 9}, ValueError, "bins must be at most 8192.*1000000000"),
 ])
 def test_bad_arguments_fail_at_construction(kwargs, exc, needle):
     with pytest.raises(exc, match=needle):
