@@ -197,5 +197,5 @@ def test_non_finite_outputs_are_neither_zeros_nor_dead_units():
     st = watch.report().stats
     relu = st.layers["1"]
     assert relu.nonfinite and math.isnan(relu.zero_fraction)
-    assert not relu.dead_fraction  # 0 or unknown, never all units dead
+    assert relu.dead_fraction is None  # unknown, never "all units dead"
     assert [f.kind for f in watch.findings] == [FindingKind.NON_FINITE]

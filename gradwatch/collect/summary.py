@@ -302,7 +302,7 @@ def finish(step: int, tot: StepTotals, layer_of: Dict[str, Layer], owner: Dict[s
                           (spec.kind is ActivationKind.RECTIFIER and spec.upper is not None)):
             ls.saturated_fraction, ls.saturation_method = t.saturated / t.count, "bounds"
         flags = tot.dead.get(site)
-        if flags is not None and len(flags):
+        if flags is not None and len(flags) and not ls.nonfinite:  # (non-finite outputs: not known)
             # (flags are 1.0/0.0 in one process; summed over processes, dead on all where they reach world)
             flags = np.asarray(flags)
             dead = float(np.add.reduce(flags)) if world == 1 else int(np.count_nonzero(flags >= world))
