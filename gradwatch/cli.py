@@ -24,7 +24,7 @@ from rich.text import Text
 
 from .render import Column, FittedTable
 from .report import FindingKind
-from .runs import Run, RunError, find_runs, load_run, run_entries
+from .runs import Run, RunError, find_runs, load_run, load_runs, run_entries
 
 KINDS = [k.value for k in FindingKind]
 
@@ -99,7 +99,7 @@ def _flow_column(run: Run) -> Column:
     ref = flow_reference(run)
     series = run.series("gradient.layer_norm", ref) if ref else []
     at = f"step {series[-1][0]}, the last logged" if series else "the last logged step"
-    if not run.param_numel:
+    if not run.sized:
         return Column("∇W / last", f"∇W over layer {ref}'s, at {at} (raw norms: this run folder has no "
                                    f"parameter sizes to compare gradients per weight)")
     return Column(_FLOW, f"the layer's gradient per weight (RMS: ∇W / √elements) over layer {ref}'s, at {at}; "
@@ -119,7 +119,7 @@ def _run_line(run: Run) -> str:
 
 def report_table(run: Run) -> FittedTable:
     flagged = {f["layer"] for f in run.findings}
-    ratio = "grad_rms_ratio_to_last" if run.param_numel else "grad_ratio_to_last"
+    ratio = "grad_rms_ratio_to_last" if run.sized else "grad_ratio_to_last"
     rows = []
     for r in layer_rows(run):
         rows.append([Text(r["layer"], style="bold red" if r["layer"] in flagged else ""), Text(r["type"]),
@@ -180,8 +180,14 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def _skipped(skipped: List[str]) -> None:
+    for why in skipped:
+        print(f"gradwatch: skipped {why}", file=sys.stderr)
+
+
 def cmd_report(args: argparse.Namespace, console: Console) -> int:
-    runs = [load_run(p, args.run) for p in find_runs([args.folder])]
+    runs, skipped = load_runs([args.folder], args.run)
+    _skipped(skipped)
     fail_on = set(args.fail_on or ())
     if args.json:
         payload = [{"run": str(r.path), "run_id": r.run_id, "run_ids": r.run_ids, "layers": layer_rows(r),
@@ -201,10 +207,11 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
 
 
 def _compare_runs(folders: List[str], run_ids: Optional[List[str]]) -> List[Run]:
-    paths = find_runs(folders)
     if not run_ids:
-        runs = [load_run(p) for p in paths]
+        runs, skipped = load_runs(folders)
+        _skipped(skipped)
     else:
+        paths = find_runs(folders)
         runs, found = [], set()
         for p in paths:
             here = {e.run_id for e in run_entries(p)}

@@ -74,7 +74,7 @@ def gradient_flow(runs: List[Run], path: Any, *, dpi: int = 120) -> Any:
     run, log scale: vanishing gradients fall towards the input. Layers whose gradient is
     exactly 0 are drawn along the bottom with a cross. ``path``: a file name or a binary
     file object. Returns the matplotlib figure."""
-    per_element = all(run.param_numel for run in runs)
+    per_element = all(run.sized for run in runs)
     layers: List[str] = []
     for run in runs:
         layers += [n for n in run.weighted_layers() if n not in layers]

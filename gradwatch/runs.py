@@ -59,6 +59,13 @@ class Run:
         values = [v for _, v in self.series(stat, layer) if math.isfinite(v)]
         return max(values) if values else None
 
+    @property
+    def sized(self) -> bool:
+        """Whether gradients can be compared per weight: the run folder records parameter sizes, or
+        it has no parameter gradient at all (no backward ran: nothing to compare). Only folders
+        written before sizes were kept have gradients without them."""
+        return bool(self.param_numel) or not (self.param_scalars or self.layer_scalars.get("gradient.layer_norm"))
+
     def weighted_layers(self) -> List[str]:
         """Layers with parameter gradients, in forward order."""
         with_grads = set(self.layer_scalars.get("gradient.layer_norm", {}))
@@ -104,6 +111,30 @@ def find_runs(paths: List[str]) -> List[Path]:
                            f"point at a folder passed to GradWatch(log_dir=...)")
         out.extend(children)
     return out
+
+
+def load_runs(paths: List[str], run_id: Optional[str] = None) -> Tuple[List["Run"], List[str]]:
+    """The runs of :func:`find_runs`' folders, and why each sub-folder that holds no gradwatch run
+    was passed over: found under a parent folder, another program's TensorBoard run (a Hugging Face
+    Trainer's beside gradwatch's) is skipped; a folder named itself must be a run."""
+    runs: List[Run] = []
+    skipped: List[str] = []
+    for arg in paths:
+        p = Path(arg)
+        if not p.exists() or has_events(p):
+            runs += [load_run(f, run_id) for f in find_runs([arg])]
+            continue
+        found: List[Run] = []
+        for child in find_runs([arg]):
+            try:
+                found.append(load_run(child, run_id))
+            except RunError as exc:
+                skipped.append(str(exc))
+        if not found:
+            raise RunError(skipped[0] if len(skipped) == 1 else
+                           f"{arg}: no gradwatch run in its sub-folders ({'; '.join(skipped)})")
+        runs += found
+    return runs, skipped
 
 
 def run_entries(path: Path) -> List[RunEntry]:

@@ -237,3 +237,22 @@ def test_findings_keep_numbers_and_kinds_whole_at_any_width(runs, width):
     for f in run.findings:
         assert f["kind"] in out  # never "dead_" over "units"
     assert "dead_units" in out and ("message" in out) == (width >= 72)
+
+
+def test_another_programs_run_beside_gradwatchs_is_skipped_under_a_parent_folder(runs, tmp_path, capsys):
+    """The Hugging Face Trainer's layout: its own TensorBoard run beside gradwatch's, both under runs/."""
+    import shutil
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    parent = tmp_path / "runs"
+    shutil.copytree(runs / "dead", parent / "gradwatch")
+    with SummaryWriter(parent / "Dec07_trainer") as w:
+        w.add_scalar("train/loss", 1.0, 1)
+    capsys.readouterr()
+    assert main(["report", str(parent), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["run"].endswith("gradwatch")
+    assert "skipped" in captured.err and "Dec07_trainer" in captured.err
+    assert main(["compare", str(parent)]) == 0
+    assert main(["report", str(parent / "Dec07_trainer")]) == 2  # named itself, it must be a run

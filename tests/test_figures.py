@@ -138,3 +138,13 @@ def test_a_dead_layers_histogram_is_drawn_around_its_value_in_old_and_new_run_fo
     assert fig.axes[3].get_title() == "3"
     for ax in (fig.axes[3], fig.axes[columns + 3]):  # layer 3 of each run: its value axis around 0
         assert ax.get_ylim() == pytest.approx((-0.5, 0.5))
+
+
+def test_a_run_without_gradients_leaves_the_others_drawn_per_element(tmp_path):
+    """A run whose steps had no backward records no parameter sizes: it has nothing to compare, and the
+    runs beside it are still drawn per element (not as an "older gradwatch" folder's raw norms)."""
+    forward_only = fake_run("forward-only")
+    forward_only.param_numel, forward_only.layer_scalars = {}, {}
+    fig = gradient_flow([fake_run("trained"), forward_only], str(tmp_path / "flow.png"))
+    assert "per parameter element" in fig.axes[0].get_ylabel()
+    assert "not recorded" not in " ".join(t.get_text() for t in fig.texts)
