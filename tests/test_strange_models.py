@@ -59,7 +59,7 @@ def test_lstm_and_gru_with_nested_hidden_state_tuples():
 
     watch = run(Rnn(), lambda: torch.randn(4, 5, 8))
     rep = watch.report()
-    assert rep.layers["lstm"].count == 4 * 5 * 16 + 2 * 16 * 4  # output, h_n and c_n
+    assert rep.layers["lstm"].count == 4 * 5 * 16  # the output sequence, not h_n and c_n beside it
     assert rep.params["lstm.weight_hh_l0"].grad_norm > 0
 
 
@@ -693,3 +693,25 @@ def test_the_transformers_callback_with_a_pruned_plain_module(tmp_path):
     assert watch.steps == 3
     report = watch.report()
     assert report.layers["net.1"].calls == 2 and report.params["net.0.weight_orig"].grad_norm > 0
+
+
+def test_multihead_attention_is_measured_by_its_output_not_its_weights():
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn, self.head = mha, nn.Linear(8, 3)
+
+        def forward(self, x):
+            out, weights = self.attn(x, x, x)  # need_weights=True: the averaged weights come back too
+            return self.head(out[:, -1])
+
+    x = torch.randn(4, 5, 8)
+    with torch.no_grad():
+        expected = mha(x, x, x)[0]  # before the one step's update
+    watch = run(Net(), lambda: x, steps=1)
+    layer = watch.report().layers["attn"]
+    assert layer.count == expected.numel()
+    assert layer.mean == pytest.approx(expected.mean().item(), rel=1e-4, abs=1e-6)

@@ -121,6 +121,11 @@ _CHANNELS_LAST = (nn.Linear, nn.Bilinear, nn.LayerNorm, nn.Embedding, nn.Embeddi
                   nn.MultiheadAttention) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 
 
+_FIRST_IS_OUTPUT = (nn.RNNBase, nn.MultiheadAttention)
+"""Modules that return their output first and state beside it (a recurrent layer's final hidden and
+cell states, duplicating or unlike its output; attention weights): only the output is measured."""
+
+
 def channels_first(module: nn.Module) -> Optional[bool]:
     """Whether ``module``'s output has its units at dim 1 (convolutions, batch/instance/group
     norms, pooling), at the last dim (Linear, LayerNorm, embeddings, recurrent layers), or
@@ -350,6 +355,8 @@ class LayerTaps:
         # it: the maxima its pre-hook took instead).
         pre = args[0] if args and isinstance(args[0], Tensor) and args[0] is not output else None
         before = self._before.pop(layer.name, None)
+        if isinstance(layer.module, _FIRST_IS_OUTPUT) and isinstance(output, tuple) and output:
+            output = output[0]  # the sequence out, not the final states or the attention weights beside it
         tensors = buf.record(site, output, layer.spec, self.how, self._layout.get(layer.name), pre)
         if before is not None and pre is None and len(tensors) == 1 and tensors[0].dim() == before.dim():
             buf.site(site).add_alive(before, layer.spec, self.how)
