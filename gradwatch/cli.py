@@ -87,7 +87,7 @@ _REPORT_COLUMNS = [
     Column("layer", justify="left", flexible=True),
     Column("type", justify="left"),
     Column("satur. now", "share of saturated outputs at the last logged step"),
-    Column("satur. worst", "the same, highest over the run"),
+    Column("satur. worst", "highest share of saturated outputs over the run"),
     Column("dead worst", "highest share of dead units over the run"),
     Column("∇W", "L2 norm of the gradient of the layer's parameters, last logged step"),
 ]

@@ -216,8 +216,9 @@ class FittedTable:
         for header in self.drop_order:
             if needed() <= width:
                 break
-            keep = [i for i in keep if self.columns[i].header != header]
-            dropped.append(header)
+            if any(self.columns[i].header == header for i in keep):  # (an empty column is gone already)
+                keep = [i for i in keep if self.columns[i].header != header]
+                dropped.append(header)
         return keep, dropped
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:

@@ -364,3 +364,15 @@ def test_a_panel_too_narrow_for_its_title_names_the_layer_and_step_inside(width)
     inside = "".join(line.strip("│╭╰─╮╯ ") for line in lines[1:])
     assert inside.startswith(name[:10])  # the layer first, before the message
     assert name in inside.replace(" ", "") and "step12" in inside.replace(" ", "")
+
+
+def test_a_column_with_no_value_is_not_also_listed_as_left_out_for_width():
+    from rich.text import Text
+
+    from gradwatch.render import Column, FittedTable
+
+    cols = [Column("layer", justify="left", flexible=True), Column("a", "first"), Column("b", "second")]
+    rows = [[Text("some.rather.long.layer.name." * 2), Text("1.5"), Text("-")]]
+    table = FittedTable(cols, rows, drop_order=("b", "a"))
+    keep, dropped = table.fit(30)
+    assert "b" not in dropped  # empty: said once, as having no value
