@@ -96,9 +96,15 @@ class GradWatch:
         self.schedule = Schedule(o.every, o.histogram_every, o.budget)
         self.layers = select_layers(model, o.include, o.exclude)
         self.params = select_parameters(model, o.include, o.exclude)
-        if o.include and not self.layers and not self.params:
-            raise ValueError(f"include={include!r} matches no module of {type(model).__name__}; "
-                             f"names look like {[n for n, _ in model.named_modules()][1:6]}")
+        if (o.include or o.exclude) and not self.layers and not self.params:
+            names = [n for n, _ in model.named_modules()][1:6]
+            if select_layers(model, o.include, ()) or select_parameters(model, o.include, ()):
+                raise ValueError(f"exclude={exclude!r} leaves no module of {type(model).__name__} to watch"
+                                 + (f" of those include={include!r} matches" if o.include else "")
+                                 + f"; names look like {names}")
+            if o.include:
+                raise ValueError(f"include={include!r} matches no module of {type(model).__name__}; "
+                                 f"names look like {names}")
         registry.check_free(model, self)
         self.sinks = Fanout(build_sinks(o, console, note=self._note), strict=o.strict)
         self._collector = Collector(model, self.layers, o, self._on_root_forward, say=self._warn)

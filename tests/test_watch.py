@@ -333,6 +333,8 @@ def test_measures_only_every_nth_step():
     ({"include": [3]}, TypeError, "include"),
     ({"steps": "backward"}, ValueError, "steps"),
     ({"include": "nothing.matches"}, ValueError, "nothing.matches"),
+    ({"exclude": "*"}, ValueError, "exclude='\\*' leaves no module of Sequential to watch"),
+    ({"include": "0", "exclude": "0"}, ValueError, "exclude='0' leaves no module.*include='0' matches"),
     ({"log_dir": 123}, TypeError, "log_dir must be a folder's path.*123"),
     ({"log_dir": ""}, TypeError, "log_dir"),
     ({"writer": "runs/x"}, TypeError, "writer must be a TensorBoard SummaryWriter.*str"),
