@@ -244,15 +244,15 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
             continue
         t = Table(title=title, box=box.SIMPLE_HEAD, header_style="bold")
         t.add_column("layer")
-        for r in runs:
-            t.add_column(r.name, justify="right")
+        for r in runs:  # (a long name wraps rather than lose its end: runs often differ only there)
+            t.add_column(r.name, justify="right", overflow="fold")
         for n in rows:
             t.add_row(Text(n), *[_fmt(getattr(r, how)(stat, n), pct) for r in runs])
         console.print(t)
     t = Table(title="findings per run", box=box.SIMPLE_HEAD, header_style="bold")
-    t.add_column("run")
+    t.add_column("run", overflow="fold")
     for k in FindingKind:
-        t.add_column(k.value, justify="right")
+        t.add_column(k.value, justify="right", overflow="fold")
     for r in runs:
         t.add_row(r.name, *[str(sum(f["kind"] == k.value for f in r.findings)) for k in FindingKind])
     console.print(t)

@@ -102,6 +102,8 @@ def find_runs(paths: List[str]) -> List[Path]:
         p = Path(arg)
         if not p.exists():
             raise RunError(f"{arg}: no such folder")
+        if not p.is_dir():
+            raise RunError(f"{arg}: a file, not a folder; point at the folder passed to GradWatch(log_dir=...)")
         if has_events(p):
             out.append(p)
             continue
@@ -215,7 +217,9 @@ def load_run(path: Path, run_id: Optional[str] = None) -> Run:
         which = f"run {entry.run_id}" if len(entries) > 1 else "TensorBoard events"
         others = f"; other runs here: {', '.join(e.run_id for e in entries if e is not entry)}" \
             if len(entries) > 1 else ""
-        raise RunError(f"{path}: {which}: no gradwatch tags in its event files{others}")
+        why = ("no measured step was recorded (the run ended before its first measured step was handed on)"
+               if entry.meta else "no gradwatch tags in its event files (another program's run, or unreadable files)")
+        raise RunError(f"{path}: {which}: {why}{others}")
     order = [n for n in (meta.get("layers") or hint.get("layers", [])) if n in seen_layers]
     run.layers = order + sorted(seen_layers - set(order))
     run.histograms = {n: sorted(h, key=lambda e: e[0]) for n, h in histograms.items()}

@@ -256,3 +256,14 @@ def test_another_programs_run_beside_gradwatchs_is_skipped_under_a_parent_folder
     assert "skipped" in captured.err and "Dec07_trainer" in captured.err
     assert main(["compare", str(parent)]) == 0
     assert main(["report", str(parent / "Dec07_trainer")]) == 2  # named itself, it must be a run
+
+
+def test_a_file_and_a_run_without_a_measured_step_are_named_for_what_they_are(runs, tmp_path, capsys):
+    event_file = next((runs / "healthy").glob("events.out.tfevents*"))
+    assert main(["report", str(event_file)]) == 2
+    assert "a file, not a folder" in capsys.readouterr().err
+    model = models.small_mlp()
+    with GradWatch(model, log_dir=tmp_path / "empty", quiet=True):
+        pass  # attached and detached: no step ran
+    assert main(["report", str(tmp_path / "empty")]) == 2  # (its event file holds no gradwatch tag)
+    assert "no measured step was recorded" in capsys.readouterr().err
