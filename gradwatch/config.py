@@ -20,6 +20,7 @@ from torch import nn
 
 from .exceptions import LogDirError
 from .layers import Selector, check_selectors
+from .stats import HISTOGRAM_SAMPLES as MAX_BINS  # a histogram's sample: more bins than elements say nothing
 
 
 class StepMode(str, enum.Enum):
@@ -223,11 +224,6 @@ class Options:
                    log_dir=check_log_dir(log_dir) if log_dir is not None and rank == 0 else
                    (None if log_dir is None else Path(log_dir)),
                    writer=writer, scaler=scaler)
-
-
-MAX_BINS = 1 << 13
-"""The most histogram bins: a histogram's sample holds at most this many elements
-(``stats.HISTOGRAM_SAMPLES``)."""
 
 
 def positive_int(name: str, value: object) -> int:
