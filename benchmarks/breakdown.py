@@ -64,7 +64,8 @@ are silenced, so the runs print nothing but the table.
 ``--fresh``: what the first 100 steps of a new watch cost at the defaults (the dense start
 measures the first 10 steps, then every 20th until the budget can act at step 100), as a new
 user would time it: per round, a fresh copy of the MLP trained 100 steps with SGD unwatched and
-a fresh copy watched from its first step, in alternating order; the median ratio over rounds.
+a fresh copy watched from its first step, in alternating order; the median ratio over rounds, and
+where it goes: each step's extra time (the median over rounds), summed by kind of step.
 """
 
 from __future__ import annotations
@@ -347,34 +348,50 @@ def parts_in_step(make: Callable[[], torch.nn.Module], x: torch.Tensor, y: torch
         print(f"  {v:45s} {e:7.0f}{part}")
 
 
-def fresh_watches(rounds: int, x: torch.Tensor, y: torch.Tensor) -> None:
+def fresh_watches(rounds: int, x: torch.Tensor, y: torch.Tensor,
+                  make: Callable[[], torch.nn.Module] = lambda: fashion_mlp()) -> None:
     torch.manual_seed(0)
-    base = fashion_mlp()
+    base = make()
 
-    def hundred(watched: bool) -> float:
+    def hundred(watched: bool) -> list:
+        """Seconds of: attach, each of the 100 steps, detach."""
         model = copy.deepcopy(base)
         opt = torch.optim.SGD(model.parameters(), lr=1e-3)
         t0 = clock()
         watch = GradWatch(model, quiet=True).attach() if watched else None
+        times = [clock() - t0]
         for _ in range(100):
+            t0 = clock()
             loss = F.cross_entropy(model(x), y)
             opt.zero_grad()
             loss.backward()
             opt.step()
+            times.append(clock() - t0)
+        t0 = clock()
         if watch is not None:
             watch.detach()
-        return clock() - t0
+        return times + [clock() - t0]
     hundred(False), hundred(True)  # warm-up: imports, first-call costs of both
-    ratios, plain = [], []
+    runs: Dict[bool, list] = {False: [], True: []}
     for r in range(rounds):
-        order = [False, True] if r % 2 == 0 else [True, False]
-        times = {w: hundred(w) for w in order}
-        ratios.append(times[True] / times[False])
-        plain.append(times[False])
+        for w in ([False, True] if r % 2 == 0 else [True, False]):
+            runs[w].append(hundred(w))
+    ratios = [sum(a) / sum(b) for a, b in zip(runs[True], runs[False])]
+    plain = [sum(b) for b in runs[False]]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; seed MLP, SGD: the first 100 steps of a "
           f"fresh watch at the defaults (attach and detach included)")
     print(f"  unwatched {statistics.median(plain) * 10:.2f} ms/step; watched / unwatched: median "
           f"{statistics.median(ratios):.3f}x over {rounds} rounds (min {min(ratios):.3f}, max {max(ratios):.3f})")
+    # Where it goes: the median of each step's extra time over the rounds, summed by kind of step.
+    extra = [statistics.median(t[i] for t in runs[True]) - statistics.median(t[i] for t in runs[False])
+             for i in range(102)]
+    total = sum(statistics.median(t[i] for t in runs[False]) for i in range(1, 101))
+    kinds = {"attach": [0], "step 0": [1], "steps 1-9 (the dense start)": list(range(2, 11)),
+             "steps 20, 40, 60, 80 (measured)": [21, 41, 61, 81],
+             "the 86 steps not measured": [i for i in range(11, 101) if (i - 1) % 20], "detach": [101]}
+    print("  extra time by kind of step, as a share of the 100 unwatched steps (medians per step):")
+    for kind, idx in kinds.items():
+        print(f"    {kind:34s} {sum(extra[i] for i in idx) / total * 100:5.2f} %")
 
 
 def replay_summary(make: Callable[[], torch.nn.Module], x: torch.Tensor, y: torch.Tensor,

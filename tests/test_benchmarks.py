@@ -169,6 +169,20 @@ def test_breakdown_times_steps_not_measured_on_one_model_watched_and_unwatched_i
     assert all(not m._forward_hooks for m in model.modules())
 
 
+def test_breakdown_fresh_splits_a_fresh_watchs_extra_time_by_kind_of_step(capsys):
+    from benchmarks import breakdown
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+    breakdown.fresh_watches(1, x, y, make=lambda: torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(),
+                                                                      torch.nn.Linear(5, 3)))
+    out = capsys.readouterr().out
+    assert "watched / unwatched: median" in out
+    kinds = [line.strip().split("  ")[0] for line in out.splitlines() if line.rstrip().endswith("%")]
+    assert kinds == ["attach", "step 0", "steps 1-9 (the dense start)", "steps 20, 40, 60, 80 (measured)",
+                     "the 86 steps not measured", "detach"]
+
+
 def test_breakdown_parts_switches_each_part_off_in_its_own_copy_and_back(capsys):
     from benchmarks import breakdown
 
