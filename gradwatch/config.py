@@ -219,11 +219,20 @@ class Options:
                    dead_window=positive_int("dead_window", dead_window), bins=positive_int("bins", bins),
                    samples=positive_int("samples", samples), thresholds=as_thresholds(thresholds),
                    include=check_selectors("include", include), exclude=check_selectors("exclude", exclude),
-                   include_eval=bool(include_eval), quiet=bool(quiet), steps=mode, optimizer=optimizer,
-                   budget=budget, functional=bool(functional), strict=bool(strict),
+                   include_eval=flag("include_eval", include_eval), quiet=flag("quiet", quiet), steps=mode,
+                   optimizer=optimizer, budget=budget, functional=flag("functional", functional),
+                   strict=flag("strict", strict),
                    log_dir=check_log_dir(log_dir) if log_dir is not None and rank == 0 else
                    (None if log_dir is None else Path(log_dir)),
                    writer=writer, scaler=scaler)
+
+
+def flag(name: str, value: object) -> bool:
+    """Return ``value`` as a bool if it is one (or 0 or 1), else raise a TypeError naming ``name``: a
+    string such as ``"no"`` would otherwise count as True."""
+    if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
 
 
 def positive_int(name: str, value: object) -> int:

@@ -340,6 +340,8 @@ def test_measures_only_every_nth_step():
     ({"writer": "runs/x"}, TypeError, "writer must be a TensorBoard SummaryWriter.*str"),
     ({"console": "stdout"}, TypeError, "console must be a rich.console.Console.*str"),
     ({"bins": 10 ** 9}, ValueError, "bins must be at most 8192.*1000000000"),
+    ({"quiet": "no"}, TypeError, "quiet must be True or False, got 'no'"),
+    ({"include_eval": "yes"}, TypeError, "include_eval must be True or False"),
 ])
 def test_bad_arguments_fail_at_construction(kwargs, exc, needle):
     with pytest.raises(exc, match=needle):
