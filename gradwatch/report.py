@@ -147,6 +147,9 @@ class StepStats:
     noise_scale: Optional[float] = None
     noise_scale_steps: int = 0
     batch_size: Optional[int] = None
+    # The model's output held NaN/Inf and no layer's output here does: the finiteness check found it
+    # at a step not measured, where the layers' outputs were not kept (a compiled graph, checkpointing).
+    output_nonfinite: bool = False
 
     @property
     def total_grad_norm(self) -> Optional[float]:

@@ -1275,3 +1275,31 @@ def test_layers_called_outside_the_models_forward_are_measured_only_in_training_
         assert sorted(st.layers) == ["net.0", "net.1", "net.2"]
         assert all(ls.count == X.shape[0] * (16 if n != "net.2" else 3) for n, ls in st.layers.items())
     assert abs(rec.steps[1].layers["net.1"].mean) < 0.9  # no saturated validation batch mixed in
+
+
+def test_a_non_finite_output_whose_layers_kept_nothing_is_named_at_the_models_output():
+    """Under activation checkpointing (as inside a compiled graph) no layer output is kept between measured
+    steps: a NaN found in the model's output at such a step is reported there, at the model's output, and
+    not as the gradients it spreads to."""
+    class Checkpointed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+
+        def forward(self, x: Tensor) -> Tensor:
+            return checkpoint(self.body, x, use_reentrant=False)
+
+    model = seeded(Checkpointed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GradWatchWarning)
+        with GradWatch(model, quiet=True) as watch:  # the default schedule: step 13 is not measured
+            for step in range(15):
+                if step == 13:
+                    with torch.no_grad():
+                        model.body[2].weight[0, 0] = float("nan")
+                F.cross_entropy(model(X), Y).backward()
+    assert not watch.schedule.measures(13)
+    first = [f for f in watch.findings if f.kind.value == "non_finite"][0]
+    assert (first.step, first.layer, first.condition) == (13, "(model)", "forward")
+    assert "not known" in first.message
+    assert not [n for n in watch.report().notes if "watched layers being seen" in n]

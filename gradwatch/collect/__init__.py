@@ -87,7 +87,6 @@ class Collector:
         self._placed_for = -1  # the parameter look-up those were placed for
         self._lazy = False  # some parameter is not materialised yet (nn.LazyLinear before its first forward)
         self._said_transform = False
-        self._said_unkept = False
         self.copies = CleanCopies()
         self._depth = 0  # nesting of the root's forward (a root that calls itself)
         self.sentinel = Sentinel()
@@ -228,6 +227,7 @@ class Collector:
                               {n: str(p.dtype).replace("torch.", "") for n, _, p in params})
         self.update_window.fold(data.stats, tot.updates)
         self.noise.fold(data.stats, tot.noise, world)
+        data.stats.output_nonfinite = buf.output_nonfinite and not any(ls.nonfinite for ls in data.stats.layers.values())
         return data
 
     def layer_index(self) -> Dict[str, Layer]:
@@ -338,14 +338,9 @@ class Collector:
         """The model's output is not finite: this step becomes a measured one now, its layers'
         outputs (kept until here) in forward order, and its gradients at the end of its backward."""
         self.guard("finiteness check", self._start_now)
+        if self._buf is not None and not kept and self.layers:  # (the finding says so, at the model's output)
+            self._buf.output_nonfinite = True
         self.guard("finiteness check", self.taps.replay, self._buf, kept)
-        if not kept and self.layers and not self._said_unkept:
-            self._said_unkept = True
-            self.say(f"gradwatch: non-finite values (NaN/Inf) appeared in the output of {type(self.model).__name__} "
-                     f"at step {self.step}, a step not measured, and none of its layers' outputs was kept at that "
-                     f"step (inside a compiled graph, under activation checkpointing or saved-tensor hooks they "
-                     f"are not kept between measured steps): the layer where the values arose cannot be named at "
-                     f"that step; its gradients are read. Measure every step (every=1) to name the layer.")
 
     def _start_now(self) -> None:
         self._buf = self._new_buffers(False)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import List
 
+from ..layers import ROOT_NAME
 from ..report import Finding, FindingKind, StepStats
 
 ADVICE = ("Look at what feeds this layer: log/sqrt/division of non-positive values, a learning rate "
@@ -39,6 +40,13 @@ def non_finite(stats: StepStats) -> List[Finding]:
             return [Finding(FindingKind.NON_FINITE, ls.name, step, math.nan, 0.0,
                             "Non-finite activation values (NaN/Inf) first appear in this layer's output, "
                             "in forward order.", ADVICE, "forward")]
+    if stats.output_nonfinite:  # found in the model's output, with no layer output kept to say where
+        return [Finding(FindingKind.NON_FINITE, ROOT_NAME, step, math.nan, 0.0,
+                        "Non-finite values (NaN/Inf) appeared in the model's output at this step, which was not "
+                        "measured; the layers' outputs were not kept at it (a compiled graph, activation "
+                        "checkpointing or saved-tensor hooks), so the layer where they arose is not known.",
+                        ADVICE + " Measure every step (every=1) to name the layer at the step it happens.",
+                        "forward")]
     for name in stats.backward_order:
         ls = stats.layers.get(name)
         if ls is not None and ls.output_grad_nonfinite:
