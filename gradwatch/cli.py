@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from typing import Any, List, Optional, Sequence
 
@@ -279,6 +280,10 @@ def _kinds(value: str) -> List[str]:
     return kinds
 
 
+def _pipe_closed() -> None:
+    raise BrokenPipeError
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="gradwatch", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -297,11 +302,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cmp_.add_argument("--heatmap", help="write activation-histogram-over-time heat maps per run and layer")
     args = parser.parse_args(argv)
     console = Console()
+    console.on_broken_pipe = _pipe_closed  # type: ignore[method-assign]
     try:
         return cmd_report(args, console) if args.command == "report" else cmd_compare(args, console)
     except RunError as exc:
         print(f"gradwatch: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader left (`gradwatch report runs/x | head`): no traceback, and not
+        # exit 1, which says a --fail-on finding was present (rich's own handler exits with 1)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python flushes stdout at exit)
+        return 141  # 128 + SIGPIPE, as a shell reports a process a closed pipe ended
 
 
 if __name__ == "__main__":

@@ -267,3 +267,21 @@ def test_a_file_and_a_run_without_a_measured_step_are_named_for_what_they_are(ru
         pass  # attached and detached: no step ran
     assert main(["report", str(tmp_path / "empty")]) == 2  # (its event file holds no gradwatch tag)
     assert "no measured step was recorded" in capsys.readouterr().err
+
+
+
+def test_a_reader_that_leaves_early_is_no_failure_and_no_traceback(runs, monkeypatch, capsys):
+    """`gradwatch report RUN | head -1`: exit 141 (a closed pipe, as a shell reports it), never 1 (a
+    --fail-on finding present), and no traceback. Here the pipe's reader is gone before the first write."""
+    import os
+
+    read, write = os.pipe()
+    os.close(read)
+    out = os.fdopen(write, "w")
+    monkeypatch.setattr(sys, "stdout", out)
+    try:
+        assert main(["report", str(runs / "dead")]) == 141
+    finally:
+        monkeypatch.undo()
+        out.close()
+    assert "Traceback" not in capsys.readouterr().err
