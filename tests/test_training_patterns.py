@@ -907,6 +907,20 @@ def test_between_measured_steps_the_outputs_only_gradwatch_holds_are_let_go_as_w
     assert alive_at_the_end(seeded(Held), watched=True)["fc1"]  # held by the forward: kept, and measurable
 
 
+def planted_nan(model: nn.Module, step_of_nan: int, plant: Callable[[], None]) -> GradWatch:
+    """``model`` watched at the defaults for two steps past ``step_of_nan``, where ``plant()`` puts a NaN
+    into a weight (under no_grad) before the step's forward."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GradWatchWarning)
+        with GradWatch(model, quiet=True) as watch:
+            for step in range(step_of_nan + 2):
+                if step == step_of_nan:
+                    with torch.no_grad():
+                        plant()
+                F.cross_entropy(model(X), Y).backward()
+    return watch
+
+
 def test_a_non_finite_output_that_fed_a_residual_sum_is_kept_and_named_at_its_own_step():
     """An output no backward formula saves but that fed no known activation (a residual branch's, summed with
     its input) is kept between measured steps: it alone can say where the values arose."""
@@ -921,14 +935,7 @@ def test_a_non_finite_output_that_fed_a_residual_sum_is_kept_and_named_at_its_ow
             return self.head(self.act3(self.fc3(h + self.fc2(h))))
 
     model = seeded(Residual)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", GradWatchWarning)
-        with GradWatch(model, quiet=True) as watch:  # the default schedule: step 12 is not measured
-            for step in range(14):
-                if step == 12:
-                    with torch.no_grad():
-                        model.fc2.bias[0] = float("nan")
-                F.cross_entropy(model(X), Y).backward()
+    watch = planted_nan(model, 12, lambda: model.fc2.bias.__setitem__(0, float("nan")))
     assert not watch.schedule.measures(12)
     first = [f for f in watch.findings if f.kind.value == "non_finite"][0]
     assert (first.step, first.layer) == (12, "fc2")
@@ -1290,14 +1297,7 @@ def test_a_non_finite_output_whose_layers_kept_nothing_is_named_at_the_models_ou
             return checkpoint(self.body, x, use_reentrant=False)
 
     model = seeded(Checkpointed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", GradWatchWarning)
-        with GradWatch(model, quiet=True) as watch:  # the default schedule: step 13 is not measured
-            for step in range(15):
-                if step == 13:
-                    with torch.no_grad():
-                        model.body[2].weight[0, 0] = float("nan")
-                F.cross_entropy(model(X), Y).backward()
+    watch = planted_nan(model, 13, lambda: model.body[2].weight.__setitem__((0, 0), float("nan")))
     assert not watch.schedule.measures(13)
     first = [f for f in watch.findings if f.kind.value == "non_finite"][0]
     assert (first.step, first.layer, first.condition) == (13, "(model)", "forward")
