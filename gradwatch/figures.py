@@ -69,6 +69,17 @@ def layer_scales(run: Run, *, per_element: bool) -> Dict[str, float]:
     return out
 
 
+def nonfinite_steps(run: Run) -> Tuple[int, int]:
+    """How many logged steps had a NaN/Inf gradient norm in some weighted layer, of how many logged."""
+    bad, logged = set(), set()
+    for name in run.weighted_layers():
+        for step, v in run.series("gradient.layer_norm", name):
+            logged.add(step)
+            if not math.isfinite(v):
+                bad.add(step)
+    return len(bad), len(logged)
+
+
 def gradient_flow(runs: List[Run], path: Any, *, dpi: int = 120) -> Any:
     """Per-element gradient scale (RMS) of each weighted layer against depth, one line per
     run, log scale: vanishing gradients fall towards the input. Layers whose gradient is
@@ -121,6 +132,12 @@ def gradient_flow(runs: List[Run], path: Any, *, dpi: int = 120) -> Any:
                    "sit higher.")
     if any_zero:
         caption += " ×: the layer received no gradient at all (median exactly 0), drawn along the bottom."
+    for run in runs:  # steps left out of the medians are said, and a run left with nothing to draw
+        bad, logged = nonfinite_steps(run)
+        if bad and bad == logged:
+            caption += f" {run.name}: every logged step's gradient is NaN/Inf, nothing to draw."
+        elif bad:
+            caption += f" {run.name}: {bad} of {logged} logged steps had NaN/Inf gradients, left out."
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.text(0.01, 0.012, _wrap(caption, int(width * 15)), fontsize=8, va="bottom", ha="left")
     fig.savefig(path, dpi=dpi)

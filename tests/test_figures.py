@@ -148,3 +148,14 @@ def test_a_run_without_gradients_leaves_the_others_drawn_per_element(tmp_path):
     fig = gradient_flow([fake_run("trained"), forward_only], str(tmp_path / "flow.png"))
     assert "per parameter element" in fig.axes[0].get_ylabel()
     assert "not recorded" not in " ".join(t.get_text() for t in fig.texts)
+
+
+def test_steps_with_non_finite_gradients_left_out_of_the_flow_are_said(tmp_path):
+    late = fake_run("late")
+    for series in late.layer_scalars["gradient.layer_norm"].values():
+        series[-1] = (series[-1][0], math.nan)  # the last of three logged steps went NaN
+    gone = fake_run("gone", norms={f"layer{i}": math.nan for i in range(4)})
+    fig = gradient_flow([late, gone], str(tmp_path / "flow.png"))
+    caption = " ".join(t.get_text() for t in fig.texts).replace("\n", " ")
+    assert "late: 1 of 3 logged steps had NaN/Inf gradients, left out." in caption
+    assert "gone: every logged step's gradient is NaN/Inf, nothing to draw." in caption
