@@ -206,6 +206,39 @@ def test_a_nanogpt_loop_compiles_one_graph_more_than_unwatched_and_nothing_after
     assert all(ls.count > 0 and ls.mean is not None for ls in rep.layers.values())
 
 
+def test_a_training_step_compiled_with_its_backward_and_optimizer_step_never_traces_gradwatch():
+    """torch.compile(train_step) where the step calls loss.backward() and opt.step(): Dynamo's frame
+    callback stays set while the graph-broken backward runs, so gradwatch's backward-side hooks (tensor
+    and gradient hooks, the end-of-backward callback, the finiteness check, optimizer hooks) would be
+    compiled frame by frame. None of them may be: no graph break and no recompile in gradwatch's code."""
+    import gradwatch
+
+    torch.manual_seed(0)
+    model = models.small_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = models.batch()
+    watch = GradWatch(model, quiet=True, strict=True, optimizer=opt).attach()  # the defaults: some steps measured
+
+    def train_step() -> torch.Tensor:
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss
+
+    step = torch.compile(train_step, backend="eager")
+    with dynamo_log() as log:
+        for _ in range(24):
+            step()
+    watch.detach()
+    here = os.path.dirname(gradwatch.__file__)
+    assert not breaks_in(log.lines, here)
+    # (the model's forward compiles once more where the steps start or stop measuring: not gradwatch's code)
+    assert not [line for line in log.lines if line.startswith("Recompiling function") and here in line.split("\n")[0]]
+    assert watch.report().step == 20  # measured as the schedule says: 0-9, then 20
+    assert watch.report().layers and watch.report().params
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["torch.compile(model)", "compiled training step", "model.compile()", "nn.Sequential"])
 def test_graphs_break_only_at_the_root_modules_hooks_never_inside_gradwatch(how):

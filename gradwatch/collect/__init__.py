@@ -36,7 +36,7 @@ from .forwards import ForwardGroup, transformed
 from .functional import FunctionalTaps
 from .gradients import GradientReader
 from .guard import Guard
-from .hooks import CleanCopies, WeakHook, eager_forward_hook, eager_forward_pre_hook
+from .hooks import CleanCopies, WeakHook, eager_forward_hook, eager_forward_pre_hook, untraced
 from .noise import NoiseReader
 from .sdpa import SdpaTaps
 from .taps import LayerTaps
@@ -135,7 +135,7 @@ class Collector:
         # (the blind spot's) and checks that gradient: one Python call per backward, not two.
         near_input = smallest_near_input(params)
         if near_input is not None and hasattr(near_input, "register_post_accumulate_grad_hook"):
-            self._param_handles.append(near_input.register_post_accumulate_grad_hook(WeakHook(self._after_grad)))
+            self._param_handles.append(near_input.register_post_accumulate_grad_hook(untraced(WeakHook(self._after_grad))))
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer,
                          on_step: Optional[Callable[[], None]] = None) -> None:
@@ -144,7 +144,7 @@ class Collector:
         self._root_handles.append(self.gradients.attach_optimizer(optimizer))
         self._root_handles += self.updates.attach(optimizer)  # its post-hook before on_step's: same step
         if on_step is not None:
-            self._root_handles.append(optimizer.register_step_post_hook(lambda opt, args, kwargs: on_step()))
+            self._root_handles.append(optimizer.register_step_post_hook(untraced(lambda opt, args, kwargs: on_step())))
 
     def detach(self) -> None:
         """Remove every hook. Safe to call twice."""

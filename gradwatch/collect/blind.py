@@ -19,7 +19,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ..layers import Layer, display_name
 from ..report import StepData
-from .hooks import WeakHook
+from .hooks import WeakHook, untraced
 
 UNSEEN_AFTER = 3
 """Backward passes without any forward seen before gradwatch says it is blind."""
@@ -78,7 +78,7 @@ class BlindSpot:
         the parameters change)."""
         self.detach()
         if first_param is not None and hasattr(first_param, "register_post_accumulate_grad_hook"):
-            self._handle = first_param.register_post_accumulate_grad_hook(WeakHook(self._trained))
+            self._handle = first_param.register_post_accumulate_grad_hook(untraced(WeakHook(self._trained)))
 
     def detach(self) -> None:
         if self._handle is not None:

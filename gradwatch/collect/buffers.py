@@ -28,6 +28,7 @@ from torch import Tensor
 
 from .. import stats
 from ..layers import ActivationKind, ActivationSpec
+from .hooks import untraced
 from .outputs import iter_tensors
 
 CHUNK_ELEMENTS = 1 << 22
@@ -415,7 +416,7 @@ class StepBuffers:
         if grad:
             for t in tensors:
                 if t.requires_grad:
-                    t.register_hook(self._output_grad_hook(site))
+                    t.register_hook(untraced(self._output_grad_hook(site)))
         return tensors
 
     def _output_grad_hook(self, site: str) -> Callable[[Tensor], None]:

@@ -34,7 +34,7 @@ from .. import stats
 from ..layers import Selector, select_parameters
 from .buffers import GradientRead, Reduction, StepBuffers
 from .guard import Guard
-from .hooks import WeakHook
+from .hooks import WeakHook, untraced
 from .outputs import iter_tensors
 from .ranks import local_shard, reduce_shards
 
@@ -46,7 +46,7 @@ def queue_after_backward(callback: Callable[[], None]) -> None:
     The first callback queues the real one behind everything queued meanwhile (DDP's
     finalisation, which waits for the all-reduce): the engine runs callbacks until none is left."""
     engine = torch.autograd.Variable._execution_engine
-    engine.queue_callback(lambda: engine.queue_callback(callback))
+    engine.queue_callback(untraced(lambda: engine.queue_callback(untraced(callback))))
 
 
 def _version(g: Optional[Tensor]) -> Optional[Tuple[int, int]]:
@@ -132,7 +132,7 @@ class GradientReader:
         self._hooked = params
         for _, _, p in params:
             if hasattr(p, "register_post_accumulate_grad_hook"):
-                self.handles.append(p.register_post_accumulate_grad_hook(WeakHook(self._accumulated)))
+                self.handles.append(p.register_post_accumulate_grad_hook(untraced(WeakHook(self._accumulated))))
 
     def remove(self) -> None:
         for h in self.handles:
@@ -145,16 +145,16 @@ class GradientReader:
             return
         for t in iter_tensors(output):
             if isinstance(t, Tensor) and t.requires_grad:
-                t.register_hook(self._backward_started)
+                t.register_hook(untraced(self._backward_started))
                 # Half-precision outputs (autocast, .half()): the loss may be scaled by a GradScaler.
                 self.half_precision |= t.dtype in (torch.float16, torch.bfloat16)
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
         # A step given a closure (L-BFGS, Lightning) computes its gradients inside, after this hook.
         # (args holds the optimizer first, then step()'s own arguments.)
-        return optimizer.register_step_pre_hook(
+        return optimizer.register_step_pre_hook(untraced(
             lambda opt, args, kwargs: None if kwargs.get("closure", args[1] if len(args) > 1 else None) is not None
-            else self.guard("optimizer step", self._before_optimizer_step))
+            else self.guard("optimizer step", self._before_optimizer_step)))
 
     def _backward_started(self, grad: Tensor) -> None:
         if not self._queued:

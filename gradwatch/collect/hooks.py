@@ -27,7 +27,7 @@ from __future__ import annotations
 import functools
 import weakref
 from collections import OrderedDict
-from typing import Any, Callable, Dict, List, Set
+from typing import Any, Callable, Dict, List, Optional, Set
 
 import torch
 from torch import nn
@@ -121,6 +121,40 @@ def eager(fn: Callable[..., Any]) -> Callable[..., Any]:
     def run(*args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs) if _dynamo_callback() is None else disabled(*args, **kwargs)
     return skip(functools.wraps(fn)(run))
+
+
+def _call(fn: Callable[..., Any], *args: Any) -> Any:
+    return fn(*args)
+
+
+def _dispatcher() -> Callable[..., Any]:
+    """``call(fn, *args)``: ``fn(*args)``, with Dynamo switched off around it where compiled code is
+    running (:func:`eager`'s frame, taking the hook as its first argument: one Python frame a call)."""
+    disabled = eager(_call)  # (where Dynamo cannot be reached, eager gives what calls directly)
+    skip = getattr(getattr(getattr(torch, "_dynamo", None), "decorators", None), "skip", None)
+    if _dynamo_callback is None or skip is None:
+        return disabled
+
+    def call(fn: Callable[..., Any], *args: Any) -> Any:
+        return fn(*args) if _dynamo_callback() is None else disabled(fn, *args)
+    return skip(call)
+
+
+_untraced_call: Optional[Callable[..., Any]] = None  # _dispatcher(), made at the first use (imports Dynamo)
+
+
+def untraced(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` for a hook that runs during backward or ``optimizer.step()`` (a tensor or gradient
+    hook, a callback at the end of backward, an optimizer hook), never traced by torch.compile.
+    A training step compiled whole (``torch.compile(train_step)`` calling ``loss.backward()``)
+    leaves Dynamo's frame callback set while its backward runs, and every Python frame of such a
+    hook would be compiled: graph breaks at its reads, recompiles on its arguments' types. One
+    eager dispatcher (:func:`eager`) serves every such hook, through a ``functools.partial`` (C
+    code): where no compiled code runs, ``fn`` is called directly, one Python call later."""
+    global _untraced_call
+    if _untraced_call is None:
+        _untraced_call = _dispatcher()
+    return functools.partial(_untraced_call, fn)
 
 
 class EagerHook(Hook):

@@ -38,7 +38,7 @@ from ..noise_scale import NoiseScale, estimate, observations
 from ..report import StepStats
 from .buffers import StepBuffers
 from .guard import Guard
-from .hooks import Unhooked, WeakHook
+from .hooks import Unhooked, WeakHook, untraced
 from .outputs import iter_tensors
 
 Params = Callable[[], List[Tuple[str, str, nn.Parameter]]]
@@ -167,9 +167,9 @@ class NoiseReader:
         self.remove()
         self._hooked = params
         for _, _, p in params:
-            self.handles.append(p.register_hook(_Incoming(self, p)))
+            self.handles.append(p.register_hook(untraced(_Incoming(self, p))))
             if hasattr(p, "register_post_accumulate_grad_hook"):
-                self.handles.append(p.register_post_accumulate_grad_hook(WeakHook(self._on_accumulated)))
+                self.handles.append(p.register_post_accumulate_grad_hook(untraced(WeakHook(self._on_accumulated))))
 
     def remove(self) -> None:
         if self.handles or self._pending:  # (called as each step that is not measured begins)

@@ -37,7 +37,7 @@ from ..layers import ActivationKind, Layer
 from .buffers import Reduction, StepBuffers, follows_layout, in_backward, site_name
 from .forwards import transformed
 from .guard import Guard
-from .hooks import eager, forward_hook, forward_pre_hook
+from .hooks import eager, forward_hook, forward_pre_hook, untraced
 from .traced import LIVE, TracedLayer, TracedRecord, TracedTaps, compiling
 
 # The innermost saved-tensor hooks in force (activation checkpointing, offloading), or None.
@@ -268,7 +268,7 @@ class LayerTaps:
                 # the gradient with respect to its *input* (autograd keeps hooks with the
                 # tensor version they were registered on).
                 probe = _SlopeProbe(x.shape)
-                x.register_hook(self._input_grad_hook(name, probe))
+                x.register_hook(untraced(self._input_grad_hook(name, probe)))
             self._probes.setdefault(name, []).append(probe)
         measure = eager(measure)
 
@@ -365,7 +365,7 @@ class LayerTaps:
         first = tensors[0]
         if probe is not None and len(tensors) == 1 and first.shape == probe.x_shape and first.requires_grad:
             probe.y, probe.site, probe.buf = first.detach(), site, buf
-            first.register_hook(lambda g: setattr(probe, "g_out", g))
+            first.register_hook(untraced(lambda g: setattr(probe, "g_out", g)))
 
     def _input_grad_hook(self, name: str, probe: _SlopeProbe) -> Callable[[Tensor], None]:
         def hook(grad_in: Tensor) -> None:

@@ -40,6 +40,7 @@ from .. import stats
 from ..report import LayerStats, ParamStats, StepStats
 from .buffers import StepBuffers
 from .guard import Guard
+from .hooks import untraced
 from .ranks import local_shard, reduce_shards
 
 UPDATE_SAMPLE = 4096
@@ -84,9 +85,9 @@ class UpdateReader:
         """Register the two hooks. The post-hook must run before any other post-hook that ends the
         step (``steps="optimizer"``), so the caller registers this first."""
         pre = optimizer.register_step_pre_hook(
-            lambda opt, args, kwargs: self.guard("update ratios", self._before, opt))
+            untraced(lambda opt, args, kwargs: self.guard("update ratios", self._before, opt)))
         post = optimizer.register_step_post_hook(
-            lambda opt, args, kwargs: self.guard("update ratios", self._after))
+            untraced(lambda opt, args, kwargs: self.guard("update ratios", self._after)))
         return [pre, post]
 
     def _before(self, optimizer: torch.optim.Optimizer) -> None:
