@@ -229,3 +229,23 @@ def test_a_graph_summary_ends_with_the_largest_magnitude_when_asked():
     assert graph_summary(x, peak=True).tolist()[-1] == 3.0 and len(graph_summary(x)) == 3
     assert len(graph_summary(x, 0.0, 1.0, peak=True)) == 5  # after the saturated count
     assert len(graph_summary(torch.empty(0, dtype=torch.float16), peak=True)) == 4
+
+
+def test_with_a_loss_scaler_the_gradients_at_layer_outputs_are_read_unscaled():
+    """scaler=: the gradient at a layer's output is divided by the loss scale, as the parameters' are."""
+    def output_grad_norms(scale: float) -> dict:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+        x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+        scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+        with GradWatch(model, every=1, quiet=True, scaler=scaler) as watch:
+            loss = nn.functional.cross_entropy(model(x), y)
+            scaler.scale(loss).backward()
+        st = watch.report()
+        return {n: ls.output_grad_norm for n, ls in st.layers.items()}, {n: p.grad_norm for n, p in st.params.items()}
+
+    plain, scaled = output_grad_norms(1.0), output_grad_norms(2.0 ** 16)
+    for measured, unscaled in zip(scaled, plain):
+        assert measured.keys() == unscaled.keys()
+        for name in measured:
+            assert measured[name] == pytest.approx(unscaled[name], rel=1e-5), name

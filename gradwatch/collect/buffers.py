@@ -393,6 +393,7 @@ class StepBuffers:
         # kept until then (none once backward began, nor inside a compiled graph).
         self.late = False
         self.output_nonfinite = False  # the late step's cause: the model's output held NaN/Inf
+        self.loss_scale: Any = None  # a GradScaler's scale the backward's gradients were multiplied by
         self.samples = SampleRows("samples", how.samples, layout)
         # An activation's histogram sample is nested in its statistics' (see SampleRows.add_with_histogram).
         self.act_hist = SampleRows("act_hist", how.histogram_samples, layout, how.bins, how.samples) \

@@ -184,7 +184,8 @@ class GradientReader:
             wrote = len(snapshot) != len(params) or any(
                 _version(p.grad) != v for (_, _, p), v in zip(params, snapshot))
         if wrote:  # an autograd.grad call (a gradient penalty's inner pass) writes no .grad
-            read = self.read(params, histograms=buf.histograms, buf=buf, scale=self._scale())
+            buf.loss_scale = self._scale()  # (the gradients at layer outputs are divided by it too)
+            read = self.read(params, histograms=buf.histograms, buf=buf, scale=buf.loss_scale)
             if read is not None:
                 buf.grads = read
 

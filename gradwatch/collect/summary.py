@@ -156,6 +156,8 @@ def _gather(buf: StepBuffers) -> _Gathered:
         g.put_row(site.histogram)
         for row in site.attention:
             g.put(("attn", name), row)
+    if buf.loss_scale is not None:
+        g.put(("scale", ""), buf.loss_scale)
     for ref in buf.grad_hist.values():
         g.put_row(ref)
     if buf.grads is not None:
@@ -199,6 +201,10 @@ def totals(buf: StepBuffers, units: UnitHistory, kinds: Dict[str, ActivationKind
         folded = _dead(g, name, site, units)
         if folded is not None:
             windows[name], dead[name] = folded
+    scale = g.get("scale", "")
+    if scale and scale[0] and scale[0][0] > 0:  # a loss scaler's: the gradients at outputs, unscaled
+        for t in sites.values():
+            t.out_grad_sq /= scale[0][0] ** 2
     grads = None
     if buf.grads is not None:
         flat, k = g.get("params", "")[0], len(buf.grads.names)
