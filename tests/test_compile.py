@@ -448,3 +448,22 @@ def test_eager_code_runs_directly_outside_compiled_code_and_with_dynamo_off_insi
 
     assert torch.equal(step(torch.ones(2)), torch.full((2,), 2.0))
     assert seen == [None, None]
+
+
+def test_functional_taps_left_out_of_a_compiled_graph_are_said_once():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc2(torch.relu(self.fc1(x)))
+
+    model = Net()
+    x, y = models.batch()
+    with pytest.warns(GradWatchWarning, match="functional=True.*not measured") as seen:
+        with GradWatch(model, every=1, quiet=True, functional=True):
+            run = torch.compile(model, backend="eager")
+            for _ in range(3):
+                nn.functional.cross_entropy(run(x), y).backward()
+    assert sum("functional=True" in str(w.message) for w in seen) == 1

@@ -87,6 +87,7 @@ class Collector:
         self._placed_for = -1  # the parameter look-up those were placed for
         self._lazy = False  # some parameter is not materialised yet (nn.LazyLinear before its first forward)
         self._said_transform = False
+        self._said_compiled_functions = False
         self.copies = CleanCopies()
         self._depth = 0  # nesting of the root's forward (a root that calls itself)
         self.sentinel = Sentinel()
@@ -286,6 +287,11 @@ class Collector:
             self._measure_now(kept)
         if self.functional is not None:
             self.functional.leave(compiled=bool(traced))
+            if traced and self.functional.activations and not self._said_compiled_functions:
+                self._said_compiled_functions = True
+                self.say(f"gradwatch: {type(self.model).__name__} runs compiled (torch.compile): activations called "
+                         f"as functions (functional=True) and F.scaled_dot_product_attention inside the compiled "
+                         f"graph are not measured, its modules are. Leave the model eager to measure them.")
         buf = self._current()
         if buf is not None:  # a measured step: the layers' samples, reduced together
             self.guard("layer outputs", buf.flush)
