@@ -439,6 +439,20 @@ def test_the_gradient_flow_figure_is_an_image_on_histogram_steps(tmp_path, monke
     assert drawn[1].layer_numel("0") == model[0].weight.numel() + model[0].bias.numel()
 
 
+def test_the_gradient_norms_kept_for_the_next_image_stay_bounded(tmp_path, monkeypatch):
+    """Histograms off (no image is ever drawn), every step measured: the norms kept for an image are the
+    latest FLOW_STEPS per layer, not one more each step for ever."""
+    from gradwatch.sinks import flow_image
+
+    monkeypatch.setattr(flow_image, "FLOW_STEPS", 4)
+    model = models.small_mlp()
+    with GradWatch(model, log_dir=tmp_path, every=1, histogram_every=None, quiet=True) as watch:
+        models.train(model, 12)
+        (sink,) = [s for s in watch.sinks.sinks if getattr(s, "_flow", None) is not None]
+        kept = {name: [step for step, _ in series] for name, series in sink._flow.norms.items()}
+    assert kept and all(steps == [7, 8, 9, 10] for steps in kept.values())  # (step 11 is handed on at detach)
+
+
 def test_images_keep_within_their_share_of_the_training_time(monkeypatch):
     from gradwatch.sinks import flow_image
 

@@ -4,7 +4,7 @@ TensorBoard's Images tab.
 A layer's gradient scale spans orders of magnitude across depth; on a scalar chart's linear
 axis a vanishing layer is a flat line at zero. The figure draws each layer's parameter
 gradient as RMS per element on a log axis, the median over the measured steps since the
-previous image, one point per layer from input to output.
+previous image (the latest :data:`FLOW_STEPS` of them), one point per layer from input to output.
 
 Drawing costs matplotlib 0.3-0.6 s on a 2-core CPU (``benchmarks/tensorboard_image.py``), so
 it happens only on histogram steps, and only as often as keeps it within
@@ -17,14 +17,18 @@ from __future__ import annotations
 
 import io
 import time
+from collections import deque
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Deque, Dict, List, Optional, Tuple
 
 if TYPE_CHECKING:
     from ..report import StepStats
 
 IMAGE_TAG = "gradient.flow"
 IMAGE_DPI = 100
+FLOW_STEPS = 512
+"""The most measured steps per layer an image's medians are taken over: the latest ones since the
+previous image (memory stays bounded where images are rare, or never drawn: histograms off)."""
 IMAGE_BUDGET: Optional[float] = 0.005
 """Largest share of the training time spent drawing images (``None``: an image on every
 histogram step). With a drawing time ``d``, the next image waits until ``d / IMAGE_BUDGET``
@@ -42,7 +46,8 @@ class FlowImage:
         self.name = name
         self.note = note
         self.available: Optional[bool] = None  # None: matplotlib not looked for yet
-        self.norms: Dict[str, List[Tuple[int, float]]] = {}  # layer -> (step, gradient norm) since the last image
+        # layer -> (step, gradient norm) since the last image, the latest FLOW_STEPS of them
+        self.norms: Dict[str, Deque[Tuple[int, float]]] = {}
         self.numel: Dict[str, int] = {}  # parameter -> number of elements
         self.owner: Dict[str, str] = {}  # parameter -> layer
         self.layers: List[str] = []  # forward order
@@ -51,9 +56,14 @@ class FlowImage:
 
     def add(self, stats: "StepStats") -> None:
         """Keep a measured step's per-layer gradient norms (a few floats per layer)."""
+        if self.available is False:  # nothing will be drawn (no matplotlib, or drawing failed)
+            return
         for name, ls in stats.layers.items():
             if ls.grad_norm is not None:
-                self.norms.setdefault(name, []).append((stats.step, ls.grad_norm))
+                series = self.norms.get(name)
+                if series is None:
+                    series = self.norms[name] = deque(maxlen=FLOW_STEPS)
+                series.append((stats.step, ls.grad_norm))
         if len(self.layers) != len(stats.layers):
             self.layers = list(stats.layers)
         for pname, ps in stats.params.items():
@@ -80,7 +90,7 @@ class FlowImage:
         run = Run(path=Path(self.name), layers=[n for n in self.layers if n in self.norms] or list(self.norms),
                   layer_types={}, param_layer=dict(self.owner), param_numel=dict(self.numel),
                   label=f"{self.name}, {span}")
-        run.layer_scalars["gradient.layer_norm"] = self.norms
+        run.layer_scalars["gradient.layer_norm"] = {n: list(series) for n, series in self.norms.items()}
         buf = io.BytesIO()
         gradient_flow([run], buf, dpi=IMAGE_DPI)
         self.norms = {}
