@@ -64,11 +64,33 @@ def parser(description: Optional[str], *, data: bool = True, variants: Optional[
                             "processes (e.g. side by side on one GPU) into one results.json and one set of figures")
     p.add_argument("--runs", default="runs", help="TensorBoard root; each variant writes runs/<example>/<variant>")
     p.add_argument("--out", default=None, help="folder for results.json and PNG figures (default: the runs folder)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", default=None, type=device_name, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch")
     p.set_defaults(_steps=steps, _variants=list(variants) if variants is not None else None)  # for start()
     return p
+
+
+def positive_int(value: str) -> int:
+    """An argparse type: a whole number of 1 or more (argparse names the option in its error)."""
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: must be 1 or more")
+    return n
+
+
+def device_name(value: str) -> str:
+    """An argparse type: a device torch knows and this machine has (argparse names the option)."""
+    try:
+        dev = torch.device(value)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a device (cpu, cuda, cuda:1, mps, ...)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{value!r}: no CUDA device here (this torch: {torch.__version__})")
+    return value
 
 
 def device(name: Optional[str]) -> torch.device:

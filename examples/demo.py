@@ -25,6 +25,8 @@ from torch import nn
 
 from gradwatch import GradWatch
 
+from examples.common import positive_int
+
 
 def mlp(act: Callable[[], nn.Module], dims: List[int]) -> nn.Sequential:
     layers: List[nn.Module] = []
@@ -44,9 +46,9 @@ def make_data(n: int = 4096, d: int = 64, classes: int = 10, seed: int = 0):
 
 def main(argv: Optional[List[str]] = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=positive_int, default=300)
     p.add_argument("--runs", default="runs/demo")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=positive_int, default=1,
                    help="CPU threads for torch (default 1: these networks are tiny, and more threads only "
                         "wait on each other, badly so on cores shared with other jobs)")
     args = p.parse_args(argv)

@@ -98,10 +98,18 @@ def test_merge_refuses_parts_that_do_not_belong_together(tmp_path, recwarn):
 
 
 def test_arguments_are_checked_up_front(tmp_path, capsys):
-    for bad, message in ((["--activations", "relu,swish"], "unknown activation"), (["--steps", "0"], "at least 1")):
+    for bad, message in ((["--activations", "relu,swish"], "unknown activation"), (["--steps", "0"], "at least 1"),
+                         (["--threads", "0"], "argument --threads: '0': must be 1 or more"),
+                         (["--device", "foo"], "argument --device: 'foo' is not a device")):
         with pytest.raises(SystemExit):
             mnist_activations.main(["--runs", str(tmp_path), *bad])
         assert message in capsys.readouterr().err
+    from examples import demo
+
+    for bad in (["--steps", "0"], ["--threads", "-1"]):
+        with pytest.raises(SystemExit):
+            demo.main(["--runs", str(tmp_path), *bad])
+        assert f"argument {bad[0]}" in capsys.readouterr().err
 
 
 def test_results_files_are_strict_json_with_numbers_on_one_line(tmp_path):
