@@ -157,6 +157,11 @@ class GradWatch:
             data = self._clock.close()
             if data is not None:
                 self._emit(data, final=True)
+            elif self._latest is not None:  # the last step was not measured: the last measured one was final
+                new = self._judge.at_end()
+                if new:
+                    self._findings.extend(new)
+                    self.sinks.on_step(StepData(StepStats(step=max(f.step for f in new))), new)
         finally:
             held, self._held = self._held, None
             self.sinks.close(self.report())

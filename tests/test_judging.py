@@ -405,3 +405,28 @@ def test_an_unrolled_cell_raises_one_warning_per_module_not_per_call_site():
     assert sorted(w.message.finding.layer for w in saturation) == ["cell.cand", "cell.gate"]
     gate = next(w.message.finding for w in saturation if w.message.finding.layer == "cell.gate")
     assert gate.message.startswith("30 of 30 call sites, ")
+
+
+def test_a_run_that_ends_after_an_unmeasured_step_is_still_judged_at_its_end():
+    """Too few measured steps for flow_window: a persistent condition that held on all of them is judged
+    at the run's end, whether or not the last step was measured."""
+    def vanishing_found(steps: int) -> list:
+        torch.manual_seed(0)
+        layers: list = []
+        for _ in range(6):
+            layers += [nn.Linear(32, 32), nn.Sigmoid()]
+        model = nn.Sequential(nn.Linear(20, 32), nn.Sigmoid(), *layers, nn.Linear(32, 4))
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with GradWatch(model, every=5, quiet=True) as watch:
+                for _ in range(steps):
+                    loss = nn.functional.cross_entropy(model(torch.randn(16, 20)), torch.randint(0, 4, (16,)))
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+        return [(f.kind.value, f.step) for f in watch.findings]
+
+    assert vanishing_found(1) == [("vanishing", 0)]  # the last step measured
+    assert vanishing_found(3) == [("vanishing", 0)]  # steps 1 and 2 not measured
+    assert vanishing_found(7) == [("vanishing", 5)]  # two measured steps, both with it

@@ -174,6 +174,15 @@ class Judge:
             conditions = [c for c in conditions if c.kind not in _FOLLOW_ONS]
         return self._debounce(stats.step, conditions, held)
 
+    def at_end(self) -> List[Finding]:
+        """The run ended after its last measured step (the step running at the end was not
+        measured): a persistent condition that held on every measured step with gradients, too few
+        of them to make ``flow_window``, is judged on them all, as a final measured step judges it."""
+        due = [c for k, c in self._pending.items() if self._streak.get(k) == self._gradient_steps]
+        if not due:
+            return []
+        return self._debounce(max(c.step for c in due), due, set(self._active))
+
     # ------------------------------------------------------------ root causes
     def _blowup(self, stats: StepStats) -> Optional[List[Finding]]:
         """The blow-up condition at this step; None where it cannot be judged (no gradient data,
