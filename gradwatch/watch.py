@@ -60,8 +60,10 @@ class GradWatch:
         include_eval: also measure forwards in eval mode or with autograd off (``torch.no_grad()``).
         quiet: no table at the end; warnings still appear. ``console``: the rich Console.
         bins: histogram bins.
-        samples: the largest strided sample of a tensor for its spread and shares (32768: a share
-            within +-0.3%; histograms take at most 8192); means, NaN/Inf, dead units, norms: all.
+        samples: the size of a tensor's strided sample for its spread and shares (about 32768:
+            a share within +-0.3%; the stride is rounded to one coprime with the innermost
+            dimension, so a sample may hold more; histograms take about 8192); means, NaN/Inf,
+            dead units, norms: every element.
         steps: ``"forward"`` (default), ``"optimizer"`` or ``"manual"``, see above.
         optimizer: your optimizer: gradients are then also read at ``optimizer.step()``
             (after accumulation, all-reduce and clipping) as ``applied_grad_norm``, and each
