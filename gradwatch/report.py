@@ -199,7 +199,8 @@ class Report:
         return self.stats.params if self.stats else {}
 
     def to_dict(self) -> Dict[str, Any]:
-        """JSON-serialisable: ``{"step", "noise_scale", "layers": {name: {...}}, "params": {...},
+        """Strict JSON (NaN as None, Inf as "inf"): ``{"step", "steps_seen", "every", "notes",
+        "noise_scale", "noise_scale_steps", "batch_size", "layers": {name: {...}}, "params": {...},
         "findings": [...]}``."""
         params = {n: {"layer": p.layer, "numel": p.numel, "grad_norm": _json_float(p.grad_norm),
                       "grad_max_abs": _json_float(p.grad_max_abs), "weight_norm": _json_float(p.weight_norm),
