@@ -248,7 +248,9 @@ def _idx_file(dataset: str, name: str, folder: Path, download: bool, verify: boo
     if raw.exists():
         return raw  # no published MD5 for un-gzipped files; read_idx still checks the header and length
     if not download:
-        raise DatasetError(f"missing {gz} (or {raw.name}): put the official file in {folder}, or allow downloading")
+        raise DatasetError(f"missing {gz} (or {raw.name}): put the official file in {folder}, point --data-dir "
+                           f"(or GRADWATCH_DATA) at the folder holding {folder.name}/, or allow downloading (drop "
+                           f"--no-download)")
     return _download(dataset, name, folder, verify)
 
 
@@ -385,8 +387,9 @@ def _ensure_cifar_folder(root: Path, download: bool, verify: bool) -> Path:
     elif download:
         archive = _download("cifar-10", CIFAR_ARCHIVE, root, verify)
     else:
-        raise DatasetError(f"missing {folder} (and {archive}): put the CIFAR-10 python version in {root}, "
-                           f"or allow downloading")
+        raise DatasetError(f"missing {folder} (and {archive}): put the CIFAR-10 python version in {root}, point "
+                           f"--data-dir (or GRADWATCH_DATA) at the folder holding it, or allow downloading (drop "
+                           f"--no-download)")
     _safe_extract(archive, root)
     return folder
 

@@ -228,6 +228,7 @@ def test_missing_files_without_download_name_the_file_and_folder(tmp_path):
         datasets.load_mnist(tmp_path, download=False)
     assert str(tmp_path / "mnist" / "train-images-idx3-ubyte.gz") in str(err.value)
     assert "put the official file in" in str(err.value)
+    assert "--data-dir" in str(err.value) and "--no-download" in str(err.value)  # the options that decide it
 
 
 # ----------------------------------------------------------------------------- checksums
