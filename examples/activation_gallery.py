@@ -183,8 +183,8 @@ def _fmt(v: Optional[float], spec: str = "{:.1%}") -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> dict:
-    p = common.parser(__doc__, data=False)
-    run = common.start(p, EXAMPLE, argv)  # CPU whatever --device says: the tensors are small; no TensorBoard
+    p = common.parser(__doc__, data=False, devices=False)  # on the CPU: the tensors are small
+    run = common.start(p, EXAMPLE, argv)  # (no TensorBoard)
     console = common.console
     rows = ROWS_QUICK if run.quick else ROWS_FULL
     x = torch.randn(rows, UNITS, generator=torch.Generator().manual_seed(run.args.seed))

@@ -40,10 +40,11 @@ T = TypeVar("T")
 
 # ----------------------------------------------------------------------------- arguments
 def parser(description: Optional[str], *, data: bool = True, variants: Optional[Iterable[str]] = None,
-           merge: bool = True, steps: Optional[Tuple[int, int]] = None) -> argparse.ArgumentParser:
+           merge: bool = True, steps: Optional[Tuple[int, int]] = None, devices: bool = True) -> argparse.ArgumentParser:
     """The arguments every example takes.
 
-    ``data``: the dataset options (``--data-dir``, ``--no-verify``, ``--no-download``);
+    ``data``: the dataset options (``--data-dir``, ``--no-verify``, ``--no-download``); ``devices``:
+    ``--device`` (an example that runs on the CPU whatever the machine has takes none);
     ``variants``: the names ``--activations`` chooses from; ``merge``: with variants, also
     ``--merge``; ``steps``: (full, quick) default step counts for ``--steps``."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -64,7 +65,10 @@ def parser(description: Optional[str], *, data: bool = True, variants: Optional[
                             "processes (e.g. side by side on one GPU) into one results.json and one set of figures")
     p.add_argument("--runs", default="runs", help="TensorBoard root; each variant writes runs/<example>/<variant>")
     p.add_argument("--out", default=None, help="folder for results.json and PNG figures (default: the runs folder)")
-    p.add_argument("--device", default=None, type=device_name, help="cpu or cuda (default: cuda when available)")
+    if devices:
+        p.add_argument("--device", default=None, type=device_name, help="cpu or cuda (default: cuda when available)")
+    else:
+        p.set_defaults(device="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch")
     p.set_defaults(_steps=steps, _variants=list(variants) if variants is not None else None)  # for start()
