@@ -232,19 +232,24 @@ def test_a_graph_summary_ends_with_the_largest_magnitude_when_asked():
 
 
 def test_with_a_loss_scaler_the_gradients_at_layer_outputs_are_read_unscaled():
-    """scaler=: the gradient at a layer's output is divided by the loss scale, as the parameters' are."""
-    def output_grad_norms(scale: float) -> dict:
+    """scaler=: the gradient at a layer's output is divided by the loss scale its backward ran with, as the
+    parameters' are (also when update() changes the scale in place before the step's numbers are read)."""
+    def norms(scale):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
         x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
-        scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+        scaler = torch.amp.GradScaler("cpu", init_scale=scale) if scale is not None else None
         with GradWatch(model, every=1, quiet=True, scaler=scaler) as watch:
             loss = nn.functional.cross_entropy(model(x), y)
-            scaler.scale(loss).backward()
+            if scaler is None:
+                loss.backward()
+            else:
+                scaler.scale(loss).backward()
+                scaler._scale.mul_(0.5)  # as update() after a skipped step: in place, before the numbers are read
         st = watch.report()
         return {n: ls.output_grad_norm for n, ls in st.layers.items()}, {n: p.grad_norm for n, p in st.params.items()}
 
-    plain, scaled = output_grad_norms(1.0), output_grad_norms(2.0 ** 16)
+    plain, scaled = norms(None), norms(2.0 ** 16)
     for measured, unscaled in zip(scaled, plain):
         assert measured.keys() == unscaled.keys()
         for name in measured:

@@ -184,8 +184,11 @@ class GradientReader:
             wrote = len(snapshot) != len(params) or any(
                 _version(p.grad) != v for (_, _, p), v in zip(params, snapshot))
         if wrote:  # an autograd.grad call (a gradient penalty's inner pass) writes no .grad
-            buf.loss_scale = self._scale()  # (the gradients at layer outputs are divided by it too)
-            read = self.read(params, histograms=buf.histograms, buf=buf, scale=buf.loss_scale)
+            scale = self._scale()
+            # Copied: GradScaler.update() changes its scale in place before the step's numbers are read,
+            # and the gradients at layer outputs are divided by the scale this backward ran with.
+            buf.loss_scale = None if scale is None else scale.detach().clone()
+            read = self.read(params, histograms=buf.histograms, buf=buf, scale=scale)
             if read is not None:
                 buf.grads = read
 
